@@ -1,0 +1,191 @@
+"""The thin netlink layer over pyroute2, shared by the daemon's backends and the CNI side.
+
+pyroute2's asyncio API does not work under uvloop, so everything here is
+synchronous: async callers run it with ``asyncio.to_thread``. One ``Netlink``
+object wraps one rtnetlink socket bound to one network namespace; a socket
+made for another namespace stays in it, so nothing here ever calls ``setns``
+on the event-loop thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+__all__ = ["InterfaceInfo", "Netlink", "NetlinkError", "RouteSpec"]
+
+RTPROT_FLANNEL = 252  # our routes carry this protocol number, so we know which are ours
+RTNH_F_ONLINK = 4
+
+
+@dataclass(frozen=True, slots=True)
+class InterfaceInfo:
+    name: str
+    index: int
+    address: IPv4Address
+    prefixlen: int
+    mtu: int
+
+
+@dataclass(frozen=True, slots=True)
+class RouteSpec:
+    """One IPv4 route as a backend wants it in the kernel."""
+
+    dst: IPv4Network
+    ifindex: int
+    gateway: IPv4Address | None = None
+    onlink: bool = False
+
+
+class Netlink:
+    """Synchronous rtnetlink access for one namespace (the current one by default)."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        self._ipr = IPRoute(netns=netns) if netns else IPRoute()
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._ipr.close()
+
+    def __enter__(self) -> Netlink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run one pyroute2 call under this socket's lock (calls come from worker threads)."""
+        with self._lock:
+            return getattr(self._ipr, method)(*args, **kwargs)
+
+    # --- links -------------------------------------------------------------
+
+    def link_index(self, name: str) -> int | None:
+        found = self.call("link_lookup", ifname=name)
+        return found[0] if found else None
+
+    def require_index(self, name: str) -> int:
+        index = self.link_index(name)
+        if index is None:
+            raise LookupError(f"interface {name!r} does not exist")
+        return index
+
+    def link_attrs(self, index: int) -> dict[str, Any]:
+        (link,) = self.call("get_links", index)
+        return {"name": link.get_attr("IFLA_IFNAME"), "mtu": link.get_attr("IFLA_MTU"),
+                "flags": link["flags"], "address": link.get_attr("IFLA_ADDRESS")}
+
+    def set_link(self, index: int, **attrs: Any) -> None:
+        self.call("link", "set", index=index, **attrs)
+
+    def delete_link(self, name: str) -> bool:
+        """Delete a link by name; False if it was already gone."""
+        index = self.link_index(name)
+        if index is None:
+            return False
+        try:
+            self.call("link", "del", index=index)
+        except NetlinkError as exc:
+            if exc.code != errno.ENODEV:
+                raise
+            return False
+        return True
+
+    # --- addresses ---------------------------------------------------------
+
+    def ipv4_addresses(self, index: int) -> list[IPv4Interface]:
+        out = []
+        for msg in self.call("get_addr", family=2, index=index):
+            out.append(IPv4Interface(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}"))
+        return out
+
+    def ensure_address(self, index: int, address: IPv4Interface, exclusive: bool = True) -> None:
+        """Make ``address`` present; with ``exclusive`` remove other IPv4 addresses."""
+        present = self.ipv4_addresses(index)
+        if exclusive:
+            for other in present:
+                if other != address:
+                    self.call("addr", "del", index=index, address=str(other.ip), prefixlen=other.network.prefixlen)
+        if address not in present:
+            try:
+                self.call("addr", "add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise
+
+    # --- routes ------------------------------------------------------------
+
+    def replace_route(self, route: RouteSpec, proto: int = RTPROT_FLANNEL) -> None:
+        kwargs: dict[str, Any] = {
+            "dst": str(route.dst.network_address),
+            "dst_len": route.dst.prefixlen,
+            "oif": route.ifindex,
+            "proto": proto,
+        }
+        if route.gateway is not None:
+            kwargs["gateway"] = str(route.gateway)
+        if route.onlink:
+            kwargs["flags"] = RTNH_F_ONLINK
+        self.call("route", "replace", **kwargs)
+
+    def delete_route(self, dst: IPv4Network) -> bool:
+        try:
+            self.call("route", "del", dst=str(dst.network_address), dst_len=dst.prefixlen)
+        except NetlinkError as exc:
+            if exc.code in (errno.ESRCH, errno.ENOENT):
+                return False
+            raise
+        return True
+
+    def routes(self, proto: int | None = None) -> list[RouteSpec]:
+        """The main table's IPv4 unicast routes (optionally only one protocol's)."""
+        out = []
+        query: dict[str, Any] = {"family": 2, "table": 254}
+        if proto is not None:
+            query["proto"] = proto
+        for msg in self.call("get_routes", **query):
+            dst = msg.get_attr("RTA_DST") or "0.0.0.0"
+            gateway = msg.get_attr("RTA_GATEWAY")
+            out.append(RouteSpec(
+                dst=IPv4Network(f"{dst}/{msg['dst_len']}"),
+                ifindex=msg.get_attr("RTA_OIF") or 0,
+                gateway=IPv4Address(gateway) if gateway else None,
+                onlink=bool(msg["flags"] & RTNH_F_ONLINK),
+            ))
+        return out
+
+    # --- interface choice --------------------------------------------------
+
+    def interface_info(self, name_or_address: str | None) -> InterfaceInfo:
+        """The underlay interface: by name, by one of its addresses, or the default route's."""
+        if not name_or_address:
+            index = self._default_route_index()
+        else:
+            index = self.link_index(name_or_address) or self._index_of_address(name_or_address)
+        if index is None:
+            raise LookupError(f"no interface named or addressed {name_or_address!r}")
+        attrs = self.link_attrs(index)
+        addresses = self.ipv4_addresses(index)
+        if not addresses:
+            raise LookupError(f"interface {attrs['name']} has no IPv4 address")
+        wanted = [a for a in addresses if str(a.ip) == name_or_address]
+        chosen = (wanted or addresses)[0]
+        return InterfaceInfo(attrs["name"], index, chosen.ip, chosen.network.prefixlen, attrs["mtu"])
+
+    def _index_of_address(self, text: str) -> int | None:
+        for msg in self.call("get_addr", family=2):
+            if msg.get_attr("IFA_ADDRESS") == text:
+                return int(msg["index"])
+        return None
+
+    def _default_route_index(self) -> int | None:
+        for msg in self.call("get_routes", family=2, table=254):
+            if msg["dst_len"] == 0 and msg.get_attr("RTA_OIF"):
+                return int(msg.get_attr("RTA_OIF"))
+        return None
