@@ -1,7 +1,9 @@
 """The thin netlink layer over pyroute2, shared by the daemon's backends and the CNI side.
 
 pyroute2's asyncio API does not work under uvloop, so everything here is
-synchronous: async callers run it with ``asyncio.to_thread``. One ``Netlink``
+synchronous: async callers run it with ``asyncio.to_thread``, and must also
+*construct* it there (pyroute2's sync API drives a private event loop, which
+fails on a thread whose loop is running). One ``Netlink``
 object wraps one rtnetlink socket bound to one network namespace; a socket
 made for another namespace stays in it, so nothing here ever calls ``setns``
 on the event-loop thread.

@@ -1,0 +1,318 @@
+"""The daemon: wiring from :class:`DaemonOptions` to running parts, with one exit path.
+
+Start-up order: underlay interface -> etcd and the network config -> backend
+(its lease attributes) -> subnet lease -> datapath -> subnet file -> CNI
+socket -> ready. Then two long-lived tasks: renewing our lease and watching
+everyone's. A stop signal or a fatal error ends both and shuts down in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+
+from .backend.base import Backend, BackendContext
+from .backend.registry import create_backend
+from .core.lease import BadRecord, KeyDeleted, KeyPut, LeaseAttrs, LeaseError, LeaseEvent, LeaseWatcher
+from .core.netconfig import ConfigError, NetworkConfig
+from .core.renewal import Backoff, renewal_delay
+from .core.subnetenv import SubnetEnv
+from .netlink import InterfaceInfo, Netlink
+from .options import DaemonOptions
+from .subnet.manager import LeaseLost, LocalManager, NoFreeSubnet, OwnLease
+from .subnet.registry import EtcdAuthError, EtcdRegistry, EtcdTls, EtcdUnavailable, WatchCompacted, parse_endpoints
+from .subnetfile import previous_subnet, write_subnet_file
+
+__all__ = ["Daemon", "DaemonState", "FatalError"]
+
+log = logging.getLogger("flanneld_py")
+
+
+class FatalError(RuntimeError):
+    """Ends the daemon with exit code 1 and this message."""
+
+
+@dataclass
+class DaemonState:
+    """What the daemon is doing, for readiness, health, status and metrics."""
+
+    phase: str = "starting"
+    config: NetworkConfig | None = None
+    lease: OwnLease | None = None
+    lease_expires_at: float | None = None  # wall clock
+    backend: Backend | None = None
+    ready: bool = False
+    started_at: float = field(default_factory=time.time)
+    peer_events: int = 0
+
+
+class Daemon:
+    def __init__(self, options: DaemonOptions) -> None:
+        self.options = options
+        self.state = DaemonState()
+        self.registry = EtcdRegistry(
+            parse_endpoints(options.etcd_endpoints),
+            prefix=options.etcd_prefix,
+            tls=EtcdTls(options.etcd_cafile, options.etcd_certfile, options.etcd_keyfile),
+            username=options.etcd_username,
+            password=options.etcd_password,
+        )
+        self.manager = LocalManager(self.registry, lease_ttl=max(1, round(options.subnet_lease_ttl)))
+        self.netlink: Netlink | None = None
+        self.watcher: LeaseWatcher | None = None
+        self.stopping = asyncio.Event()
+        self._fatal: BaseException | None = None
+        self._extras: list[object] = []  # started services with an async close()
+        self.on_state_change: list = []  # callables(state) run on every phase change
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._request_stop, signum)
+        try:
+            await self._start()
+            if self.stopping.is_set():
+                return 0
+            await self._serve()
+        except (FatalError, ConfigError, NoFreeSubnet, LeaseLost, EtcdAuthError) as exc:
+            log.error("%s", exc)
+            return 1
+        except asyncio.CancelledError:
+            if not self.stopping.is_set():
+                raise
+        finally:
+            await self._shutdown()
+        if self._fatal is not None:
+            log.error("%s", self._fatal)
+            return 1
+        return 0
+
+    def _request_stop(self, signum: int | None = None) -> None:
+        if signum is not None and not self.stopping.is_set():
+            log.info("received %s, shutting down", signal.Signals(signum).name)
+        self.stopping.set()
+
+    def _set_phase(self, phase: str) -> None:
+        self.state.phase = phase
+        log.debug("phase: %s", phase)
+        for callback in self.on_state_change:
+            callback(self.state)
+
+    async def _start(self) -> None:
+        self.netlink = await asyncio.to_thread(Netlink)
+        iface = await asyncio.to_thread(self.netlink.interface_info, self.options.iface)
+        public_ip = IPv4Address(self.options.public_ip) if self.options.public_ip else iface.address
+        log.info("using interface %s (%s, mtu %d), public IP %s", iface.name, iface.address, iface.mtu, public_ip)
+        self._set_phase("waiting for network config")
+        config = await self._until_stopped(self.manager.wait_for_config(self.stopping))
+        if config is None:
+            return
+        self.state.config = config
+        log.info("network %s, subnets /%d, backend %s", config.network, config.subnet_len, config.backend.type)
+        backend = self._make_backend(config, iface, public_ip)
+        self._set_phase("acquiring lease")
+        own = await self._until_stopped(self._acquire(config, backend.lease_attrs()))
+        if own is None:
+            return
+        self._hold(own)
+        log.info("lease acquired: %s (etcd lease %x, ttl %ds)", own.subnet, own.lease_id, own.ttl)
+        self._set_phase("starting datapath")
+        await backend.start(own.subnet)
+        self.state.backend = backend
+        env = SubnetEnv(config.network, own.subnet, backend.mtu, self.options.ip_masq)
+        write_subnet_file(self.options.subnet_file, env)
+        log.info("wrote %s: subnet %s, mtu %d", self.options.subnet_file, env.gateway, env.mtu)
+        await self._start_services(env)
+        self.state.ready = True
+        self._set_phase("running")
+
+    async def _until_stopped(self, awaitable):  # type: ignore[no-untyped-def]
+        """Await ``awaitable`` unless a stop signal comes first (then None)."""
+        task = asyncio.ensure_future(awaitable)
+        stop = asyncio.ensure_future(self.stopping.wait())
+        done, _ = await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            stop.cancel()
+            return task.result()
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):
+            pass
+        return None
+
+    def _make_backend(self, config: NetworkConfig, iface: InterfaceInfo, public_ip: IPv4Address) -> Backend:
+        assert self.netlink is not None
+        ctx = BackendContext(config, iface, public_ip, self.netlink, offload=self.options.offload)
+        try:
+            return create_backend(ctx)
+        except ValueError as exc:
+            raise FatalError(str(exc)) from None
+
+    async def _acquire(self, config: NetworkConfig, attrs: LeaseAttrs) -> OwnLease:
+        previous = previous_subnet(self.options.subnet_file)
+        backoff = Backoff()
+        while True:
+            try:
+                return await self.manager.acquire(config, attrs, previous)
+            except EtcdUnavailable as exc:
+                delay = backoff.next()
+                log.warning("cannot reach etcd to acquire a lease (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+
+    def _hold(self, own: OwnLease) -> None:
+        self.state.lease = own
+        self.state.lease_expires_at = time.time() + own.ttl
+
+    async def _start_services(self, env: SubnetEnv) -> None:
+        """Optional services around the core (CNI socket, health, masquerade)."""
+        try:
+            from .cni.server import CniServer
+        except ImportError:
+            return
+        server = CniServer(default_subnet_file=self.options.subnet_file)  # type: ignore[call-arg]
+        await server.start(self.options.cni_socket)
+        self._extras.append(server)
+
+    async def _serve(self) -> None:
+        tasks = [
+            asyncio.create_task(self._renew_forever(), name="renew"),
+            asyncio.create_task(self._watch_forever(), name="watch"),
+            asyncio.create_task(self.stopping.wait(), name="stop"),
+        ]
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for task in done:
+            if task.get_name() != "stop" and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+    async def _shutdown(self) -> None:
+        self._set_phase("stopping")
+        for extra in reversed(self._extras):
+            try:
+                await extra.close()  # type: ignore[attr-defined]
+            except Exception as exc:
+                log.warning("closing %s: %s", type(extra).__name__, exc)
+        if self.state.backend is not None:
+            await self.state.backend.stop(cleanup=self.options.cleanup_on_exit)
+        await self.registry.close()
+        if self.netlink is not None:
+            await asyncio.to_thread(self.netlink.close)
+        log.info("stopped (lease kept so that a restart gets the same subnet)")
+
+    # --- renewal -------------------------------------------------------------
+
+    async def _renew_forever(self) -> None:
+        margin = self.options.subnet_lease_renew_margin * 60
+        while True:
+            own = self.state.lease
+            assert own is not None
+            await asyncio.sleep(renewal_delay(own.ttl, margin))
+            await self._renew_once()
+
+    async def _renew_once(self) -> None:
+        backoff = Backoff(first=0.5, ceiling=5.0)
+        while True:
+            own = self.state.lease
+            assert own is not None
+            try:
+                renewed = await self.manager.renew(own)
+            except EtcdUnavailable as exc:
+                delay = backoff.next()
+                log.warning("lease renewal failed (%s); retrying in %.1fs, datapath keeps forwarding", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            if renewed.lease_id != own.lease_id:
+                log.info("lease on %s re-claimed under etcd lease %x", renewed.subnet, renewed.lease_id)
+            else:
+                log.debug("lease on %s renewed (ttl %ds)", renewed.subnet, renewed.ttl)
+            self._hold(renewed)
+            return
+
+    # --- watch ---------------------------------------------------------------
+
+    async def _watch_forever(self) -> None:
+        assert self.state.config is not None and self.state.lease is not None
+        self.watcher = LeaseWatcher(self.state.config, own_subnet=self.state.lease.subnet)
+        backoff = Backoff(first=0.5, ceiling=10.0)
+        revision: int | None = None
+        lost = False
+        while True:
+            try:
+                if revision is None:
+                    revision = await self._relist()
+                if lost:
+                    log.info("etcd is back; resuming the watch at revision %d", revision + 1)
+                    lost = False
+                async for events, event_revision in self.registry.watch_subnets(revision + 1):
+                    await self._handle_events(events)
+                    revision = event_revision
+                    backoff.reset()
+            except WatchCompacted:
+                log.info("watch revision %s was compacted; re-listing all leases", revision)
+                revision = None
+            except EtcdUnavailable as exc:
+                if not lost:
+                    log.warning("lost etcd (%s); keeping current routes and retrying", exc)
+                    lost = True
+                await asyncio.sleep(backoff.next())
+
+    async def _relist(self) -> int:
+        assert self.watcher is not None
+        records, revision = await self.registry.list_subnets()
+        own = self.state.lease
+        if own is not None and not any(r.name == own.name for r in records):
+            await self._reclaim()
+        events = self.watcher.reset(KeyPut(r.name, r.value) for r in records)
+        await self._apply(events)
+        return revision
+
+    async def _handle_events(self, events: list[KeyPut | KeyDeleted]) -> None:
+        assert self.watcher is not None and self.state.lease is not None
+        own = self.state.lease
+        others = []
+        for event in events:
+            if event.name != own.name:
+                others.append(event)
+            elif isinstance(event, KeyDeleted):
+                log.warning("our lease %s was deleted from etcd", own.subnet)
+                await self._reclaim()
+            else:
+                self._check_still_ours(event)
+        await self._apply(self.watcher.update(others))
+
+    def _check_still_ours(self, event: KeyPut) -> None:
+        own = self.state.lease
+        assert own is not None
+        try:
+            holder = LeaseAttrs.from_json(event.value).public_ip
+        except LeaseError:
+            return
+        if holder != own.attrs.public_ip:
+            raise LeaseLost(f"our subnet {own.subnet} was rewritten for {holder}; exiting so that this node gets drained")
+
+    async def _reclaim(self) -> None:
+        own = self.state.lease
+        assert own is not None
+        self._hold(await self.manager.reclaim(own))
+
+    async def _apply(self, events: list[LeaseEvent]) -> None:
+        backend = self.state.backend
+        assert backend is not None
+        real = []
+        for event in events:
+            if isinstance(event, BadRecord):
+                log.warning("skipping lease record %r: %s", event.name, event.reason)
+            else:
+                real.append(event)
+        if real:
+            self.state.peer_events += len(real)
+            await backend.apply(real)

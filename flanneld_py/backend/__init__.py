@@ -1,0 +1,1 @@
+"""Backends: how leases become a datapath (udp, vxlan, host-gw)."""

@@ -1,0 +1,29 @@
+"""The explicit map from ``Backend.Type`` to backend class (no registration by import)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .base import Backend, BackendContext
+
+__all__ = ["create_backend"]
+
+
+def _udp(ctx: BackendContext) -> Backend:
+    from .udp.backend import UdpBackend
+
+    return UdpBackend(ctx)
+
+
+_FACTORIES: dict[str, Callable[[BackendContext], Backend]] = {
+    "udp": _udp,
+}
+
+
+def create_backend(ctx: BackendContext) -> Backend:
+    kind = ctx.config.backend.type
+    try:
+        factory = _FACTORIES[kind]
+    except KeyError:
+        raise ValueError(f"backend type {kind!r} is not available in this build") from None
+    return factory(ctx)

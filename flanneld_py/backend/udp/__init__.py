@@ -1,0 +1,1 @@
+"""The userspace UDP overlay: TUN ``flannel0`` and one UDP socket, flannel's wire format."""

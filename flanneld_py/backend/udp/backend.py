@@ -1,0 +1,117 @@
+"""UdpBackend: flannel's ``udp`` backend, wire-compatible with flannel's C proxy.
+
+Kernel state: TUN ``flannel0`` with MTU = underlay MTU - 28 (IPv4 + UDP
+headers), address ``<subnet>/32`` and the route ``<Network> dev flannel0``.
+Peers live only in the engine's table, never in the kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from ipaddress import IPv4Interface, IPv4Network
+
+from ...core.lease import LeaseAdded, LeaseAttrs, LeaseEvent, LeaseRemoved
+from ...core.packet import Drop
+from ...netlink import RouteSpec
+from ..base import BackendContext, PeerStats
+from .engine import Engine
+from .loop import Pump
+from .tun import TunDevice, open_tun
+from .udpconn import UdpConn, open_udp
+
+__all__ = ["UdpBackend"]
+
+log = logging.getLogger(__name__)
+
+TUN_NAME = "flannel0"
+OVERHEAD = 28  # outer IPv4 (20) + UDP (8)
+TXQUEUELEN = 2000
+
+
+class UdpBackend:
+    type_name = "udp"
+
+    def __init__(self, ctx: BackendContext) -> None:
+        self.ctx = ctx
+        self.port = ctx.config.backend.port
+        self.engine: Engine | None = None
+        self.pump: Pump | None = None
+        self._tun: TunDevice | None = None
+        self._conn: UdpConn | None = None
+
+    @property
+    def mtu(self) -> int:
+        return self.ctx.iface.mtu - OVERHEAD
+
+    def lease_attrs(self) -> LeaseAttrs:
+        return LeaseAttrs(self.ctx.public_ip, self.type_name, None)
+
+    async def start(self, own_subnet: IPv4Network) -> None:
+        self.engine = Engine(self.ctx.config.network, own_subnet, self.port)
+        self._conn = open_udp(str(self.ctx.iface.address), self.port)
+        self._tun = open_tun(TUN_NAME)
+        try:
+            await asyncio.to_thread(self._configure_tun, own_subnet)
+        except Exception:
+            self._close_fds()
+            raise
+        self.pump = Pump(self.engine, self._tun, self._conn)
+        self.pump.start()
+        log.info("udp backend up: %s mtu %d, listening on %s:%d",
+                 TUN_NAME, self.mtu, self.ctx.iface.address, self.port)
+
+    def _configure_tun(self, own_subnet: IPv4Network) -> None:
+        netlink = self.ctx.netlink
+        index = netlink.require_index(TUN_NAME)
+        netlink.set_link(index, mtu=self.mtu, txqlen=TXQUEUELEN)
+        netlink.ensure_address(index, IPv4Interface((own_subnet.network_address, 32)))
+        netlink.set_link(index, state="up")
+        netlink.replace_route(RouteSpec(self.ctx.config.network, index))
+
+    async def apply(self, events: list[LeaseEvent]) -> None:
+        assert self.engine is not None, "apply() before start()"
+        for event in events:
+            if isinstance(event, LeaseAdded):
+                lease = event.lease
+                if lease.attrs.backend_type != self.type_name:
+                    log.warning("peer %s (%s) uses backend %r, not udp; ignoring it",
+                                lease.subnet, lease.attrs.public_ip, lease.attrs.backend_type)
+                    self.engine.remove_peer(lease.subnet)
+                    continue
+                self.engine.set_peer(lease.subnet, str(lease.attrs.public_ip))
+                log.info("peer added: %s via %s", lease.subnet, lease.attrs.public_ip)
+            elif isinstance(event, LeaseRemoved):
+                if self.engine.remove_peer(event.lease.subnet) is not None:
+                    log.info("peer removed: %s (was %s)", event.lease.subnet, event.lease.attrs.public_ip)
+
+    def is_up(self) -> bool:
+        return self.pump is not None
+
+    def peers(self) -> list[PeerStats]:
+        if self.engine is None:
+            return []
+        return [
+            PeerStats(p.subnet, p.public_ip, p.tx_packets, p.tx_bytes, p.rx_packets, p.rx_bytes, p.last_tx, p.last_rx)
+            for p in self.engine.peers.values()
+        ]
+
+    def drop_counts(self) -> dict[str, int]:
+        if self.engine is None:
+            return {}
+        return {reason.label: self.engine.drops[reason] for reason in Drop}
+
+    async def stop(self, cleanup: bool) -> None:
+        if self.pump is not None:
+            self.pump.stop()
+            self.pump = None
+        self._close_fds()
+        # Closing the (non-persistent) TUN fd removes flannel0 and its route: nothing else to clean.
+
+    def _close_fds(self) -> None:
+        if self._tun is not None:
+            self._tun.close()
+            self._tun = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

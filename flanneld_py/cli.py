@@ -1,0 +1,45 @@
+"""``flanneld-py``: the daemon, plus the operator subcommands ``status`` and ``trace``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+SUBCOMMANDS = ("status", "trace")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in SUBCOMMANDS:
+        return _run_subcommand(args[0], args[1:])
+    return _run_daemon(args)
+
+
+def _run_daemon(args: list[str]) -> int:
+    from .options import parse_options
+
+    options = parse_options(args)  # exits 2 on bad usage
+
+    import uvloop
+
+    from .app import Daemon
+    from .logs import setup_logging
+
+    setup_logging(options.verbosity)
+    return uvloop.run(Daemon(options).run())
+
+
+def _run_subcommand(name: str, args: list[str]) -> int:
+    if name == "status":
+        from .ops.status import main as status_main
+
+        return status_main(args)
+    from .ops.trace import main as trace_main
+
+    return trace_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

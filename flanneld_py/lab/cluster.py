@@ -1,0 +1,302 @@
+"""A local cluster in namespaces: an underlay switch, etcd, nodes running the real
+daemon, and pods wired by the real CNI plugin.
+
+Layout (``<tag>`` is unique per run)::
+
+    fp<tag>sw   bridge br0 + etcd on 198.51.100.254:2379
+    fp<tag>n1   eth0 198.51.100.1/24   flanneld-py, cni0, flannel0
+    fp<tag>n1p1 eth0 10.244.x.y        a pod of node 1
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from ipaddress import IPv4Interface, IPv4Network
+
+from ..core.subnetenv import SubnetEnv
+from .etcd import EtcdMember
+from .netns import Netns, run, unique_tag
+
+__all__ = ["Cluster", "Node", "Pod", "cni_plugin_argv"]
+
+UNDERLAY = IPv4Network("198.51.100.0/24")
+ETCD_HOST = "198.51.100.254"
+PREFIX = "/coreos.com/network"
+
+
+def cni_plugin_argv() -> list[str]:
+    """How to run the flannel-py CNI plugin from this checkout or installation."""
+    import flannel_py
+
+    return [sys.executable, "-sS", flannel_py.__file__]
+
+
+@dataclass
+class Pod:
+    name: str
+    node: Node
+    netns: Netns
+    ip: IPv4Interface
+    result: dict  # type: ignore[type-arg]
+    container_id: str
+
+    def sh(self, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return self.netns.sh(*cmd, check=check, timeout=timeout)
+
+    def ping(self, address: str, count: int = 1, timeout: float = 2) -> bool:
+        proc = self.sh("ping", "-c", str(count), "-W", str(int(timeout)), "-i", "0.2", address, check=False)
+        return proc.returncode == 0
+
+
+@dataclass
+class Node:
+    name: str
+    index: int
+    netns: Netns
+    address: str
+    workdir: str
+    daemon: subprocess.Popen[bytes] | None = None
+    pods: list[Pod] = field(default_factory=list)
+
+    @property
+    def subnet_file(self) -> str:
+        return os.path.join(self.workdir, "subnet.env")
+
+    @property
+    def cni_socket(self) -> str:
+        return os.path.join(self.workdir, "cni.sock")
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.workdir, "flanneld.log")
+
+    @property
+    def ipam_dir(self) -> str:
+        return os.path.join(self.workdir, "ipam")
+
+    def subnet_env(self) -> SubnetEnv:
+        with open(self.subnet_file) as handle:
+            return SubnetEnv.parse(handle.read())
+
+    def log_text(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as handle:
+                return handle.read()
+        except FileNotFoundError:
+            return ""
+
+    def routes(self) -> list[dict]:  # type: ignore[type-arg]
+        return json.loads(self.netns.ip("-j", "route", "show").stdout or "[]")
+
+
+class Cluster:
+    """Context manager that builds the lab and tears every piece of it down."""
+
+    def __init__(
+        self,
+        nodes: int = 3,
+        network: str = "10.244.0.0/16",
+        backend: dict | None = None,  # type: ignore[type-arg]
+        config: dict | None = None,  # type: ignore[type-arg]
+        tag: str | None = None,
+        daemon_args: tuple[str, ...] = (),
+        start_etcd: bool = True,
+    ) -> None:
+        self.tag = tag or unique_tag()
+        self.node_count = nodes
+        self.config = config or {"Network": network, "Backend": backend or {"Type": "udp"}}
+        self.daemon_args = daemon_args
+        self.workdir = tempfile.mkdtemp(prefix=f"flanneld-lab-{self.tag}-")
+        self.switch: Netns | None = None
+        self.etcd: EtcdMember | None = None
+        self.nodes: list[Node] = []
+        self._namespaces: list[Netns] = []
+        self._start_etcd = start_etcd
+        self._pod_seq = 0
+
+    # --- build & tear down ---------------------------------------------------
+
+    def __enter__(self) -> Cluster:
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _ns(self, suffix: str) -> Netns:
+        ns = Netns.create(f"fp{self.tag}{suffix}")
+        self._namespaces.append(ns)
+        return ns
+
+    def _build(self) -> None:
+        self.switch = self._ns("sw")
+        self.switch.ip("link", "add", "br0", "type", "bridge")
+        self.switch.ip("addr", "add", f"{ETCD_HOST}/24", "dev", "br0")
+        self.switch.ip("link", "set", "br0", "up")
+        if self._start_etcd:
+            self.etcd = EtcdMember("e0", ETCD_HOST, self.workdir, netns=self.switch)
+            self.etcd.start()
+            self.put_config(self.config)
+        for index in range(1, self.node_count + 1):
+            self.add_node(index)
+
+    def add_node(self, index: int) -> Node:
+        assert self.switch is not None
+        ns = self._ns(f"n{index}")
+        port = f"p{self.tag}n{index}"
+        run(["ip", "link", "add", port, "netns", self.switch.name, "type", "veth", "peer", "name", "eth0", "netns", ns.name])
+        self.switch.ip("link", "set", port, "master", "br0", "up")
+        address = str(UNDERLAY.network_address + index)
+        ns.ip("addr", "add", f"{address}/24", "dev", "eth0")
+        ns.ip("link", "set", "eth0", "up")
+        ns.sh("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        workdir = os.path.join(self.workdir, f"n{index}")
+        os.makedirs(workdir, exist_ok=True)
+        node = Node(f"n{index}", index, ns, address, workdir)
+        self.nodes.append(node)
+        return node
+
+    def close(self) -> None:
+        for node in self.nodes:
+            self.stop_daemon(node, signal.SIGKILL)
+        if self.etcd is not None:
+            self.etcd.stop()
+        for ns in reversed(self._namespaces):
+            ns.delete()
+        self._namespaces.clear()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # --- etcd --------------------------------------------------------------------
+
+    @property
+    def etcd_endpoint(self) -> str:
+        return f"http://{ETCD_HOST}:2379"
+
+    def put_config(self, config: dict) -> None:  # type: ignore[type-arg]
+        assert self.etcd is not None
+        self.etcd.ctl("put", f"{PREFIX}/config", json.dumps(config))
+
+    def leases(self) -> dict[str, dict]:  # type: ignore[type-arg]
+        assert self.etcd is not None
+        out = self.etcd.ctl("get", "--prefix", f"{PREFIX}/subnets/").stdout.splitlines()
+        return {out[i].rsplit("/", 1)[1]: json.loads(out[i + 1]) for i in range(0, len(out) - 1, 2)}
+
+    # --- daemons -------------------------------------------------------------------
+
+    def daemon_argv(self, node: Node, extra: tuple[str, ...] = ()) -> list[str]:
+        return [
+            sys.executable, "-m", "flanneld_py",
+            f"--etcd-endpoints={self.etcd_endpoint}",
+            "--iface=eth0",
+            f"--subnet-file={node.subnet_file}",
+            f"--cni-socket={node.cni_socket}",
+            *self.daemon_args,
+            *extra,
+        ]
+
+    def start_daemon(self, node: Node, *extra: str, wait: bool = True, env: dict[str, str] | None = None) -> None:
+        argv = node.netns.argv(*self.daemon_argv(node, extra))
+        with open(node.log_path, "ab") as log:
+            node.daemon = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, **(env or {})},
+            )
+        if wait:
+            self.wait_ready(node)
+
+    def wait_ready(self, node: Node, timeout: float = 30.0) -> None:
+        """Ready = subnet file written and the CNI socket answering."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if node.daemon is not None and node.daemon.poll() is not None:
+                raise RuntimeError(f"flanneld-py on {node.name} exited {node.daemon.returncode}:\n{node.log_text()[-3000:]}")
+            if os.path.exists(node.subnet_file) and os.path.exists(node.cni_socket):
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"flanneld-py on {node.name} not ready after {timeout}s:\n{node.log_text()[-3000:]}")
+
+    def stop_daemon(self, node: Node, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
+        proc, node.daemon = node.daemon, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        return proc.returncode
+
+    def start_all(self, *extra: str) -> None:
+        for node in self.nodes:
+            self.start_daemon(node, *extra, wait=False)
+        for node in self.nodes:
+            self.wait_ready(node)
+
+    # --- pods ------------------------------------------------------------------------
+
+    def cni_config(self, node: Node) -> dict:  # type: ignore[type-arg]
+        return {
+            "cniVersion": "1.0.0",
+            "name": f"cbr0-{self.tag}-{node.name}",
+            "type": "flannel-py",
+            "bridge": "cni0",
+            "isDefaultGateway": True,
+            "subnetFile": node.subnet_file,
+            "daemonSocket": node.cni_socket,
+            "dataDir": node.ipam_dir,
+        }
+
+    def cni(self, node: Node, command: str, pod_netns: Netns, container_id: str,
+            ifname: str = "eth0", config: dict | None = None) -> subprocess.CompletedProcess[str]:  # type: ignore[type-arg]
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin"),
+            "CNI_COMMAND": command,
+            "CNI_CONTAINERID": container_id,
+            "CNI_NETNS": pod_netns.path,
+            "CNI_IFNAME": ifname,
+            "CNI_PATH": "/usr/lib/cni",
+        }
+        stdin = json.dumps(config or self.cni_config(node))
+        return subprocess.run(node.netns.argv(*cni_plugin_argv()), input=stdin, env=env,
+                              capture_output=True, text=True, timeout=30)
+
+    def add_pod(self, node: Node) -> Pod:
+        self._pod_seq += 1
+        name = f"{node.name}p{self._pod_seq}"
+        ns = self._ns(name)
+        container_id = f"lab-{self.tag}-{name}"
+        proc = self.cni(node, "ADD", ns, container_id)
+        if proc.returncode != 0:
+            raise RuntimeError(f"CNI ADD for {name} failed: {proc.stdout} {proc.stderr}")
+        result = json.loads(proc.stdout)
+        ip = IPv4Interface(result["ips"][0]["address"])
+        pod = Pod(name, node, ns, ip, result, container_id)
+        node.pods.append(pod)
+        return pod
+
+    def delete_pod(self, pod: Pod) -> None:
+        proc = self.cni(pod.node, "DEL", pod.netns, pod.container_id)
+        if proc.returncode != 0:
+            raise RuntimeError(f"CNI DEL for {pod.name} failed: {proc.stdout} {proc.stderr}")
+        pod.node.pods.remove(pod)
+        pod.netns.delete()
+
+    def all_pods(self) -> list[Pod]:
+        return [pod for node in self.nodes for pod in node.pods]

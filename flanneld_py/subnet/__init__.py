@@ -1,0 +1,1 @@
+"""The subnet manager: leases in etcd (registry = storage, manager = policy)."""

@@ -1,0 +1,324 @@
+"""EtcdRegistry: flannel's keys in etcd through the v3 API (aetcd), and nothing else.
+
+Policy (which subnet, when to renew, what a race means) lives in
+:mod:`flanneld_py.subnet.manager`; this module only stores and reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import aetcd
+import aetcd.exceptions as etcd_errors
+import grpc
+from aetcd import rpc
+from aetcd.rtypes import EventKind
+
+from ..core.lease import KeyDeleted, KeyPut
+
+__all__ = [
+    "EtcdAuthError",
+    "EtcdTls",
+    "EtcdUnavailable",
+    "EtcdRegistry",
+    "StoredSubnet",
+    "WatchCompacted",
+]
+
+log = logging.getLogger(__name__)
+
+
+class EtcdUnavailable(ConnectionError):
+    """No etcd endpoint answered in time; the caller retries with backoff."""
+
+
+class EtcdAuthError(PermissionError):
+    """TLS or credentials were refused: retrying will not help, the operator must act."""
+
+
+class WatchCompacted(Exception):
+    """The watch revision was compacted away; the caller must re-list."""
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdTls:
+    cafile: str | None = None
+    certfile: str | None = None
+    keyfile: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: str | None) -> bytes | None:
+            if not path:
+                return None
+            with open(path, "rb") as handle:
+                return handle.read()
+
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.cafile),
+            private_key=read(self.keyfile),
+            certificate_chain=read(self.certfile),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSubnet:
+    """A subnet key as etcd holds it."""
+
+    name: str
+    value: bytes
+    lease_id: int
+    mod_revision: int
+
+
+_AUTH_MARKERS = ("ssl", "handshake", "certificate", "tls", "authenticat", "permission denied")
+_TRANSIENT = (
+    etcd_errors.ConnectionFailedError,
+    etcd_errors.ConnectionTimeoutError,
+    etcd_errors.InternalError,
+    asyncio.TimeoutError,
+)
+
+
+class _Client(aetcd.Client):
+    """aetcd's client with a TLS-capable channel (aetcd itself only dials plaintext)."""
+
+    def __init__(self, target: str, credentials: grpc.ChannelCredentials | None, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self._target = target
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        options = list(self._options.items())
+        if self._credentials is not None:
+            self.channel = rpc.secure_channel(self._target, self._credentials, options=options)
+        else:
+            self.channel = rpc.insecure_channel(self._target, options=options)
+        if self._username is not None:
+            self.auth_stub = rpc.AuthStub(self.channel)
+            try:
+                resp = await self.auth_stub.Authenticate(
+                    rpc.AuthenticateRequest(name=self._username, password=self._password),
+                    timeout=self._timeout,
+                )
+            except grpc.aio.AioRpcError as exc:
+                await self.channel.close()
+                etcd_errors._handle_exception(exc)
+            self.metadata = (("token", resp.token),)
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._watcher = aetcd.watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata)
+        self._connected.set()
+
+
+def parse_endpoints(text: str) -> list[str]:
+    """``http://a:2379,https://b:2379`` -> ``["a:2379", "b:2379"]`` (gRPC targets)."""
+    targets = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        parts = urlsplit(item if "://" in item else f"http://{item}")
+        if not parts.hostname:
+            raise ValueError(f"etcd endpoint {item!r} has no host")
+        targets.append(f"{parts.hostname}:{parts.port or 2379}")
+    if not targets:
+        raise ValueError("no etcd endpoints given")
+    return targets
+
+
+class EtcdRegistry:
+    """flannel's records in etcd: ``<prefix>/config`` and ``<prefix>/subnets/<name>``.
+
+    Fails over between endpoints: a request that cannot reach the current
+    endpoint moves to the next one and raises :class:`EtcdUnavailable`, so the
+    caller's retry lands on a live member.
+    """
+
+    def __init__(
+        self,
+        endpoints: list[str],
+        prefix: str = "/coreos.com/network",
+        tls: EtcdTls | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        timeout: float = 5.0,
+    ) -> None:
+        self.endpoints = endpoints
+        self.prefix = prefix.rstrip("/")
+        self._credentials = tls.credentials() if tls and (tls.cafile or tls.certfile) else None
+        self._username = username
+        self._password = password
+        self._timeout = timeout
+        self._index = 0
+        self._client: _Client | None = None
+        self.errors = 0
+        self.reconnects = 0
+        self.last_success: float | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return self.endpoints[self._index]
+
+    @property
+    def subnets_prefix(self) -> bytes:
+        return f"{self.prefix}/subnets/".encode()
+
+    def subnet_key(self, name: str) -> bytes:
+        return self.subnets_prefix + name.encode()
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            try:
+                await client.close()
+            except Exception:  # closing a dead channel may fail; nothing to keep
+                pass
+
+    async def _connected(self) -> _Client:
+        if self._client is None:
+            client = _Client(
+                self.endpoint,
+                self._credentials,
+                username=self._username,
+                password=self._password,
+                timeout=self._timeout,
+            )
+            await self._call(client.connect())
+            self._client = client
+        return self._client
+
+    async def _failover(self) -> None:
+        await self.close()
+        self._index = (self._index + 1) % len(self.endpoints)
+        self.reconnects += 1
+
+    async def _call(self, awaitable):  # type: ignore[no-untyped-def]
+        """Await one request, mapping aetcd's errors onto ours."""
+        try:
+            result = await asyncio.wait_for(awaitable, self._timeout + 1)
+        except _TRANSIENT as exc:
+            self.errors += 1
+            detail = str(exc) or type(exc).__name__
+            if any(marker in detail.lower() for marker in _AUTH_MARKERS):
+                raise EtcdAuthError(f"etcd at {self.endpoint} refused us: {detail}") from None
+            await self._failover()
+            raise EtcdUnavailable(f"etcd at {self.endpoints} unreachable: {detail}") from None
+        except etcd_errors.UnauthenticatedError as exc:
+            self.errors += 1
+            raise EtcdAuthError(f"etcd at {self.endpoint} refused the credentials: {exc}") from None
+        self.last_success = asyncio.get_running_loop().time()
+        return result
+
+    async def request(self, method: str, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        client = await self._connected()
+        return await self._call(getattr(client, method)(*args, **kwargs))
+
+    # --- config --------------------------------------------------------------
+
+    async def get_config(self) -> bytes | None:
+        found = await self.request("get", f"{self.prefix}/config".encode())
+        return None if found is None else bytes(found.value)
+
+    # --- subnets -------------------------------------------------------------
+
+    async def list_subnets(self) -> tuple[list[StoredSubnet], int]:
+        """All subnet records and the store revision they were read at."""
+        result = await self.request("get_prefix", self.subnets_prefix)
+        start = len(self.subnets_prefix)
+        records = [
+            StoredSubnet(bytes(kv.key)[start:].decode(errors="replace"), bytes(kv.value), kv.lease, kv.mod_revision)
+            for kv in result
+        ]
+        return records, result.header.revision
+
+    async def get_subnet(self, name: str) -> StoredSubnet | None:
+        found = await self.request("get", self.subnet_key(name))
+        if found is None:
+            return None
+        return StoredSubnet(name, bytes(found.value), found.lease, found.mod_revision)
+
+    async def grant(self, ttl: int) -> int:
+        lease = await self.request("lease", ttl)
+        return int(lease.id)
+
+    async def create_subnet(self, name: str, value: bytes, lease_id: int) -> bool:
+        """Create the key only if absent, bound to ``lease_id``; False if it exists."""
+        client = await self._connected()
+        key = self.subnet_key(name)
+        ok, _ = await self._call(client.transaction(
+            compare=[client.transactions.create(key) == 0],
+            success=[client.transactions.put(key, value, lease=lease_id)],
+            failure=[],
+        ))
+        return bool(ok)
+
+    async def update_subnet(self, name: str, value: bytes, lease_id: int, mod_revision: int) -> bool:
+        """Rewrite our own key only if nobody changed it since ``mod_revision``."""
+        client = await self._connected()
+        key = self.subnet_key(name)
+        ok, _ = await self._call(client.transaction(
+            compare=[client.transactions.mod(key) == mod_revision],
+            success=[client.transactions.put(key, value, lease=lease_id)],
+            failure=[],
+        ))
+        return bool(ok)
+
+    async def keepalive(self, lease_id: int) -> int:
+        """Refresh the etcd lease; its new TTL in seconds, 0 if it no longer exists."""
+        reply = await self.request("refresh_lease", lease_id)
+        return 0 if reply is None else int(reply.TTL)
+
+    async def revoke(self, lease_id: int) -> None:
+        try:
+            await self.request("revoke_lease", lease_id)
+        except etcd_errors.ClientError as exc:
+            if "not found" not in str(exc):
+                raise
+
+    async def lease_ttl(self, lease_id: int) -> int:
+        """Remaining TTL of an etcd lease, or -1 if it does not exist."""
+        info = await self.request("get_lease_info", lease_id, keys=False)
+        return int(info.TTL)
+
+    async def watch_subnets(self, start_revision: int) -> AsyncIterator[tuple[list[KeyPut | KeyDeleted], int]]:
+        """Batches of subnet events from ``start_revision`` on, each with its revision.
+
+        Raises :class:`WatchCompacted` when that revision is gone and
+        :class:`EtcdUnavailable` when the stream breaks; the caller resumes
+        from the last revision it saw plus one.
+        """
+        client = await self._connected()
+        start = len(self.subnets_prefix)
+        try:
+            watch = await self._call(client.watch_prefix(self.subnets_prefix, start_revision=start_revision))
+        except etcd_errors.RevisionCompactedError:
+            raise WatchCompacted() from None
+        try:
+            async for event in watch:
+                name = bytes(event.kv.key)[start:].decode(errors="replace")
+                item: KeyPut | KeyDeleted
+                if event.kind == EventKind.PUT:
+                    item = KeyPut(name, bytes(event.kv.value))
+                else:
+                    item = KeyDeleted(name)
+                self.last_success = asyncio.get_running_loop().time()
+                yield [item], int(event.kv.mod_revision)
+        except etcd_errors.RevisionCompactedError:
+            raise WatchCompacted() from None
+        except (*_TRANSIENT, grpc.aio.AioRpcError, etcd_errors.ClientError) as exc:
+            self.errors += 1
+            await self._failover()
+            raise EtcdUnavailable(f"watch on {self.endpoint} broke: {exc}") from None
+        finally:
+            try:
+                await watch.cancel()
+            except Exception:  # the stream may already be gone
+                pass

@@ -1,0 +1,40 @@
+"""Reading and atomically writing the subnet file (temp file + rename)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from ipaddress import IPv4Network
+
+from .core.subnetenv import SubnetEnv, SubnetEnvError
+
+__all__ = ["previous_subnet", "write_subnet_file"]
+
+
+def write_subnet_file(path: str, env: SubnetEnv) -> None:
+    """Write ``env`` so that readers see the old file or the new one, never half of one."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".subnet.env.", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(env.render())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def previous_subnet(path: str) -> IPv4Network | None:
+    """The subnet a previous run wrote, if the file exists and parses."""
+    try:
+        with open(path) as handle:
+            return SubnetEnv.parse(handle.read()).subnet
+    except (FileNotFoundError, SubnetEnvError):
+        return None
