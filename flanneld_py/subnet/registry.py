@@ -7,6 +7,7 @@ Policy (which subnet, when to renew, what a race means) lives in
 from __future__ import annotations
 
 import asyncio
+import time
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -161,7 +162,7 @@ class EtcdRegistry:
         self._client: _Client | None = None
         self.errors = 0
         self.reconnects = 0
-        self.last_success: float | None = None
+        self.last_success: float | None = None  # time.monotonic() of the last answer
 
     @property
     def endpoint(self) -> str:
@@ -214,7 +215,7 @@ class EtcdRegistry:
         except etcd_errors.UnauthenticatedError as exc:
             self.errors += 1
             raise EtcdAuthError(f"etcd at {self.endpoint} refused the credentials: {exc}") from None
-        self.last_success = asyncio.get_running_loop().time()
+        self.last_success = time.monotonic()
         return result
 
     async def request(self, method: str, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
@@ -309,7 +310,7 @@ class EtcdRegistry:
                     item = KeyPut(name, bytes(event.kv.value))
                 else:
                     item = KeyDeleted(name)
-                self.last_success = asyncio.get_running_loop().time()
+                self.last_success = time.monotonic()
                 yield [item], int(event.kv.mod_revision)
         except etcd_errors.RevisionCompactedError:
             raise WatchCompacted() from None
