@@ -1,0 +1,61 @@
+"""Shared fixtures: a real etcd on loopback, and a guard against leftover namespaces."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+from flanneld_py.lab.etcd import EtcdMember
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def etcd() -> Iterator[EtcdMember]:
+    """A fresh single-member etcd on 127.0.0.1 (random ports), removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="flanneld-etcd-") as workdir:
+        member = EtcdMember("t", "127.0.0.1", workdir, client_port=_free_port(), peer_port=_free_port())
+        member.start()
+        try:
+            yield member
+        finally:
+            member.stop()
+
+
+def _lab_namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_namespaces() -> Iterator[None]:
+    """Fail the run if any test left a network namespace behind.
+
+    Compares the machine's namespaces before and after the session, so it can
+    only be trusted when nothing else makes namespaces meanwhile; set
+    FLANNELD_TEST_NS_GUARD=0 to turn it off while another run is going on.
+    """
+    if os.environ.get("FLANNELD_TEST_NS_GUARD") == "0":
+        yield
+        return
+    before = _lab_namespaces()
+    yield
+    left = _lab_namespaces() - before
+    assert not left, f"tests left network namespaces behind: {sorted(left)}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.geteuid() != 0:
+        skip = pytest.mark.skip(reason="needs root for network namespaces")
+        for item in items:
+            if "netns" in item.keywords:
+                item.add_marker(skip)

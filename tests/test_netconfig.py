@@ -1,0 +1,81 @@
+import json
+from ipaddress import IPv4Network
+
+import pytest
+
+from flanneld_py.core.netconfig import ConfigError, parse_network_config
+
+
+def cfg(**doc):
+    return parse_network_config(json.dumps(doc))
+
+
+def test_defaults_for_a_16():
+    c = cfg(Network="10.244.0.0/16")
+    assert c.subnet_len == 24
+    assert c.subnet_min == IPv4Network("10.244.1.0/24")
+    assert c.subnet_max == IPv4Network("10.244.255.0/24")
+    assert c.backend.type == "udp" and c.backend.port == 8285
+    assert c.subnet_count == 255
+
+
+def test_subnet_len_default_for_small_networks_is_prefix_plus_two():
+    assert cfg(Network="10.244.0.0/24").subnet_len == 26
+    assert cfg(Network="10.244.0.0/22").subnet_len == 24
+    assert cfg(Network="10.244.0.0/23").subnet_len == 25
+
+
+def test_explicit_bounds_and_backend():
+    c = cfg(Network="10.244.0.0/16", SubnetLen=25, SubnetMin="10.244.2.0", SubnetMax="10.244.3.128",
+            Backend={"Type": "vxlan", "VNI": 7, "DirectRouting": True})
+    assert c.subnet_min == IPv4Network("10.244.2.0/25")
+    assert c.subnet_max == IPv4Network("10.244.3.128/25")
+    assert c.subnet_count == 4
+    assert c.backend.type == "vxlan" and c.backend.vni == 7 and c.backend.direct_routing
+    assert c.backend.vxlan_port == 8472
+
+
+def test_holds_subnet():
+    c = cfg(Network="10.244.0.0/16", SubnetMin="10.244.10.0", SubnetMax="10.244.20.0")
+    assert c.holds_subnet(IPv4Network("10.244.15.0/24"))
+    assert not c.holds_subnet(IPv4Network("10.244.9.0/24"))
+    assert not c.holds_subnet(IPv4Network("10.244.15.0/25"))
+    assert not c.holds_subnet(IPv4Network("10.245.15.0/24"))
+
+
+@pytest.mark.parametrize(
+    ("doc", "field", "value"),
+    [
+        ({}, "Network", None),
+        ({"Network": 5}, "Network", 5),
+        ({"Network": "banana"}, "Network", "banana"),
+        ({"Network": "fd00::/64"}, "Network", "fd00::/64"),
+        ({"Network": "10.0.0.0/30"}, "Network", "10.0.0.0/30"),
+        ({"Network": "10.244.0.0/16", "SubnetLen": 16}, "SubnetLen", 16),
+        ({"Network": "10.244.0.0/16", "SubnetLen": 31}, "SubnetLen", 31),
+        ({"Network": "10.244.0.0/16", "SubnetLen": "24"}, "SubnetLen", "24"),
+        ({"Network": "10.244.0.0/16", "SubnetMin": "10.245.0.0"}, "SubnetMin", "10.245.0.0"),
+        ({"Network": "10.244.0.0/16", "SubnetMin": "10.244.0.7"}, "SubnetMin", "10.244.0.7"),
+        ({"Network": "10.244.0.0/16", "SubnetMax": "nope"}, "SubnetMax", "nope"),
+        ({"Network": "10.244.0.0/16", "SubnetMin": "10.244.9.0", "SubnetMax": "10.244.3.0"}, "SubnetMin", "10.244.9.0"),
+        ({"Network": "10.244.0.0/16", "Backend": {"Type": "gre"}}, "Backend.Type", "gre"),
+        ({"Network": "10.244.0.0/16", "Backend": {"Type": "udp", "Port": 70000}}, "Backend.Port", 70000),
+        ({"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": 0}}, "Backend.VNI", 0),
+        ({"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "GBP": "yes"}}, "Backend.GBP", "yes"),
+        ({"Network": "10.244.0.0/16", "Backend": "udp"}, "Backend", "udp"),
+        ({"Network": "10.244.0.0/16", "EnableIPv6": True}, "EnableIPv6", True),
+    ],
+)
+def test_every_validation_error_names_field_and_value(doc, field, value):
+    with pytest.raises(ConfigError) as info:
+        parse_network_config(json.dumps(doc))
+    assert info.value.field == field
+    assert info.value.value == value
+    assert field in str(info.value)
+
+
+def test_not_json_and_not_object():
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        parse_network_config(b"{nope")
+    with pytest.raises(ConfigError, match="JSON object"):
+        parse_network_config("[1, 2]")
