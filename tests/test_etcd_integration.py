@@ -1,0 +1,184 @@
+"""The subnet manager and registry against a real etcd server (started per test)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from flanneld_py.core.lease import KeyDeleted, KeyPut, LeaseAttrs
+from flanneld_py.core.netconfig import parse_network_config
+from flanneld_py.subnet.manager import LeaseLost, LocalManager, NoFreeSubnet
+from flanneld_py.subnet.registry import EtcdRegistry, EtcdUnavailable, WatchCompacted
+
+pytestmark = pytest.mark.etcd
+PREFIX = "/coreos.com/network"
+EIGHT = {"Network": "10.244.0.0/16", "SubnetMin": "10.244.1.0", "SubnetMax": "10.244.8.0"}
+
+
+def registry(etcd) -> EtcdRegistry:
+    return EtcdRegistry([f"127.0.0.1:{etcd.client_port}"], prefix=PREFIX, timeout=3)
+
+
+def attrs(n: int) -> LeaseAttrs:
+    return LeaseAttrs(IPv4Address(f"198.51.100.{n}"), "udp", None)
+
+
+def etcd_leases(etcd) -> list[str]:
+    return [line for line in etcd.ctl("lease", "list").stdout.splitlines()[1:] if line.strip()]
+
+
+async def _with(etcd, body):
+    reg = registry(etcd)
+    try:
+        return await body(reg)
+    finally:
+        await reg.close()
+
+
+def test_config_missing_then_present(etcd):
+    async def body(reg):
+        manager = LocalManager(reg)
+        waiter = asyncio.ensure_future(manager.wait_for_config())
+        await asyncio.sleep(1.5)
+        assert not waiter.done()
+        etcd.ctl("put", f"{PREFIX}/config", json.dumps(EIGHT))
+        config = await asyncio.wait_for(waiter, 15)
+        assert config.subnet_count == 8
+
+    asyncio.run(_with(etcd, body))
+
+
+def test_claim_is_flannels_record_and_reused_after_restart(etcd):
+    config = parse_network_config(json.dumps(EIGHT))
+
+    async def body(reg):
+        manager = LocalManager(reg, lease_ttl=3600)
+        first = await manager.acquire(config, attrs(1))
+        again = await LocalManager(reg, lease_ttl=3600).acquire(config, attrs(1))
+        return first, again
+
+    first, again = asyncio.run(_with(etcd, body))
+    assert again.subnet == first.subnet
+    assert again.lease_id == first.lease_id, "a restart must keep the one etcd lease"
+    raw = etcd.ctl("get", f"{PREFIX}/subnets/{first.name}", "--print-value-only").stdout.strip()
+    assert json.loads(raw) == {"PublicIP": "198.51.100.1", "PublicIPv6": None, "BackendType": "udp", "BackendData": None}
+    assert len(etcd_leases(etcd)) == 1
+
+
+def test_previous_subnet_is_reused_when_free(etcd):
+    config = parse_network_config(json.dumps(EIGHT))
+
+    async def body(reg):
+        return await LocalManager(reg).acquire(config, attrs(2), previous=IPv4Network("10.244.6.0/24"))
+
+    assert asyncio.run(_with(etcd, body)).subnet == IPv4Network("10.244.6.0/24")
+
+
+def test_twenty_claimants_race_for_eight_subnets(etcd):
+    config = parse_network_config(json.dumps(EIGHT))
+
+    async def claim(n: int):
+        reg = registry(etcd)
+        try:
+            return await LocalManager(reg, rng=random.Random(n)).acquire(config, attrs(n))
+        except NoFreeSubnet as exc:
+            return exc
+        finally:
+            await reg.close()
+
+    async def race():
+        return await asyncio.gather(*(claim(n) for n in range(1, 21)))
+
+    results = asyncio.run(race())
+    winners = [r for r in results if not isinstance(r, Exception)]
+    losers = [r for r in results if isinstance(r, NoFreeSubnet)]
+    assert len(winners) == 8 and len(losers) == 12
+    assert len({w.subnet for w in winners}) == 8
+    assert all("no free subnet" in str(e) for e in losers)
+    keys = etcd.ctl("get", "--prefix", "--keys-only", f"{PREFIX}/subnets/").stdout.split()
+    assert len(keys) == 8
+    assert len(etcd_leases(etcd)) == 8, "losers must revoke the etcd leases they granted"
+
+
+def test_renewals_keep_one_etcd_lease(etcd):
+    config = parse_network_config(json.dumps(EIGHT))
+
+    async def body(reg):
+        manager = LocalManager(reg, lease_ttl=60)
+        own = await manager.acquire(config, attrs(3))
+        for _ in range(5):
+            own = await manager.renew(own)
+        return own
+
+    own = asyncio.run(_with(etcd, body))
+    assert etcd_leases(etcd) == [f"{own.lease_id:x}"]
+
+
+def test_expired_lease_is_reclaimed_or_lost(etcd):
+    config = parse_network_config(json.dumps(EIGHT))
+
+    async def body(reg):
+        manager = LocalManager(reg, lease_ttl=2)
+        own = await manager.acquire(config, attrs(4))
+        await reg.revoke(own.lease_id)  # as if it expired: the key is gone
+        renewed = await manager.renew(own)
+        assert renewed.subnet == own.subnet and renewed.lease_id != own.lease_id
+        # now another node takes it while we are away
+        await reg.revoke(renewed.lease_id)
+        other = await reg.grant(60)
+        assert await reg.create_subnet(own.name, attrs(99).to_json(), other)
+        with pytest.raises(LeaseLost, match="held by another node"):
+            await manager.renew(renewed)
+
+    asyncio.run(_with(etcd, body))
+
+
+def test_watch_adds_deletes_and_resume_after_restart(etcd):
+    async def body(reg):
+        _, revision = await reg.list_subnets()
+        etcd.ctl("put", f"{PREFIX}/subnets/10.244.3.0-24", attrs(3).to_json().decode())
+        etcd.ctl("del", f"{PREFIX}/subnets/10.244.3.0-24")
+        seen = []
+        async for events, rev in reg.watch_subnets(revision + 1):
+            seen.extend(events)
+            revision = rev
+            if len(seen) == 2:
+                break
+        assert seen == [KeyPut("10.244.3.0-24", attrs(3).to_json()), KeyDeleted("10.244.3.0-24")]
+        # etcd goes away mid-watch: the watch says so, then resumes where it left off
+        etcd.stop()
+        with pytest.raises(EtcdUnavailable):
+            async for _ in reg.watch_subnets(revision + 1):
+                pass
+        etcd.start()
+        etcd.ctl("put", f"{PREFIX}/subnets/10.244.4.0-24", attrs(4).to_json().decode())
+        for _ in range(10):
+            try:
+                async for events, _rev in reg.watch_subnets(revision + 1):
+                    assert events == [KeyPut("10.244.4.0-24", attrs(4).to_json())]
+                    return
+            except EtcdUnavailable:
+                await asyncio.sleep(0.5)
+        raise AssertionError("watch did not resume")
+
+    asyncio.run(asyncio.wait_for(_with(etcd, body), 60))
+
+
+def test_watch_after_compaction_asks_for_relist(etcd):
+    async def body(reg):
+        _, old = await reg.list_subnets()
+        for n in range(3):
+            etcd.ctl("put", f"{PREFIX}/subnets/10.244.{n + 1}.0-24", attrs(n).to_json().decode())
+        _, now = await reg.list_subnets()
+        etcd.ctl("compact", str(now))
+        with pytest.raises(WatchCompacted):
+            async for _ in reg.watch_subnets(old + 1):
+                pass
+        records, _ = await reg.list_subnets()
+        assert len(records) == 3
+
+    asyncio.run(asyncio.wait_for(_with(etcd, body), 30))
