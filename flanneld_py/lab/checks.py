@@ -1,0 +1,82 @@
+"""Traffic checks run across the lab: ping matrices and checksummed TCP transfers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from .cluster import Pod
+
+__all__ = ["TransferResult", "ping_matrix", "tcp_transfer"]
+
+
+def ping_matrix(pods: list[Pod], count: int = 1, timeout: float = 2) -> dict[tuple[str, str], bool]:
+    """Ping every pod from every other pod (in parallel); (from, to) -> reached."""
+    pairs = [(a, b) for a in pods for b in pods if a is not b]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = pool.map(lambda pair: pair[0].ping(str(pair[1].ip.ip), count=count, timeout=timeout), pairs)
+        return {(a.name, b.name): ok for (a, b), ok in zip(pairs, results)}
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    sent: str
+    received: str
+    seconds: float
+
+    @property
+    def intact(self) -> bool:
+        return self.sent == self.received and self.sent != ""
+
+
+def tcp_transfer(src: Pod, dst: Pod, nbytes: int, port: int = 5001, timeout: float = 180) -> TransferResult:
+    """Send ``nbytes`` from ``src`` to ``dst`` over TCP; both ends' sha256 and the duration."""
+    server = subprocess.Popen(
+        dst.netns.argv(sys.executable, "-m", "flanneld_py.lab.tcpcheck", "serve", str(port)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert server.stdout is not None
+        if server.stdout.readline().strip() != "listening":
+            raise RuntimeError(f"tcpcheck server failed: {server.stderr.read() if server.stderr else ''}")
+        start = time.monotonic()
+        sent = src.sh(sys.executable, "-m", "flanneld_py.lab.tcpcheck", "send", str(dst.ip.ip), str(port),
+                      str(nbytes), timeout=timeout).stdout.strip()
+        received, _ = server.communicate(timeout=timeout)
+        return TransferResult(sent, received.strip(), time.monotonic() - start)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def dns_check(server: Pod, client: Pod, name: str = "demo.cluster.local", answer: str = "10.96.0.10") -> str:
+    """Run a DNS server (dnsmasq) in ``server`` and resolve ``name`` from ``client`` with dig.
+
+    Returns what dig printed (the answer address when DNS works across the overlay).
+    """
+    proc = subprocess.Popen(
+        server.netns.argv(
+            "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--conf-file=/dev/null",
+            "--pid-file=", "--user=root", "--bind-interfaces", f"--listen-address={server.ip.ip}",
+            f"--address=/{name}/{answer}",
+        ),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        out = ""
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"dnsmasq failed: {proc.stderr.read() if proc.stderr else ''}")
+            out = client.sh("dig", f"@{server.ip.ip}", name, "+short", "+time=1", "+tries=1", check=False).stdout.strip()
+            if out:
+                return out
+            time.sleep(0.3)
+        return out
+    finally:
+        proc.kill()
+        proc.wait()
