@@ -17,11 +17,14 @@ from ipaddress import IPv4Address
 
 from .backend.base import Backend, BackendContext
 from .backend.registry import create_backend
+from .cni.models import ConfigDefaults
+from .cni.server import CniServer
 from .core.lease import BadRecord, KeyDeleted, KeyPut, LeaseAttrs, LeaseError, LeaseEvent, LeaseWatcher
 from .core.netconfig import ConfigError, NetworkConfig
 from .core.renewal import Backoff, renewal_delay
 from .core.subnetenv import SubnetEnv
 from .netlink import InterfaceInfo, Netlink
+from .ops import attach_operations
 from .options import DaemonOptions
 from .subnet.manager import LeaseLost, LocalManager, NoFreeSubnet, OwnLease
 from .subnet.registry import EtcdAuthError, EtcdRegistry, EtcdTls, EtcdUnavailable, WatchCompacted, parse_endpoints
@@ -63,6 +66,7 @@ class Daemon:
         )
         self.manager = LocalManager(self.registry, lease_ttl=max(1, round(options.subnet_lease_ttl)))
         self.netlink: Netlink | None = None
+        self.subnet_env: SubnetEnv | None = None
         self.watcher: LeaseWatcher | None = None
         self.stopping = asyncio.Event()
         self._fatal: BaseException | None = None
@@ -76,6 +80,7 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._request_stop, signum)
         try:
+            self._extras.extend(await attach_operations(self))
             await self._start()
             if self.stopping.is_set():
                 return 0
@@ -86,6 +91,9 @@ class Daemon:
         except asyncio.CancelledError:
             if not self.stopping.is_set():
                 raise
+        except Exception:
+            log.exception("flanneld-py failed unexpectedly; this is a bug, please report it with this log")
+            return 1
         finally:
             await self._shutdown()
         if self._fatal is not None:
@@ -171,12 +179,13 @@ class Daemon:
         self.state.lease_expires_at = time.time() + own.ttl
 
     async def _start_services(self, env: SubnetEnv) -> None:
-        """Optional services around the core (CNI socket, health, masquerade)."""
-        try:
-            from .cni.server import CniServer
-        except ImportError:
-            return
-        server = CniServer(default_subnet_file=self.options.subnet_file)  # type: ignore[call-arg]
+        """The CNI socket: pods can be wired once the subnet file exists."""
+        self.subnet_env = env
+        server = CniServer(
+            ConfigDefaults(subnet_file=self.options.subnet_file),
+            current_lease=lambda: self.subnet_env,
+            node=self.netlink,
+        )
         await server.start(self.options.cni_socket)
         self._extras.append(server)
 

@@ -15,6 +15,8 @@ from ...core.lease import LeaseAdded, LeaseAttrs, LeaseEvent, LeaseRemoved
 from ...core.packet import Drop
 from ...netlink import RouteSpec
 from ..base import BackendContext, PeerStats
+from ..kernel_state import udp_own_entries
+from ..routed import NetlinkKernel, ReconcileLoop, Reconciler
 from .engine import Engine
 from .loop import Pump
 from .tun import TunDevice, open_tun
@@ -29,6 +31,17 @@ OVERHEAD = 28  # outer IPv4 (20) + UDP (8)
 TXQUEUELEN = 2000
 
 
+def _accept_local_source(ifname: str) -> None:
+    """Let the kernel take our ICMP errors, whose source is flannel0's own address.
+
+    Without this the kernel drops them as martians (a local source arriving
+    on a non-loopback device), and pods would wait for a timeout instead of
+    hearing "net unreachable" (flannel's C proxy has this problem).
+    """
+    with open(f"/proc/sys/net/ipv4/conf/{ifname}/accept_local", "w") as handle:
+        handle.write("1")
+
+
 class UdpBackend:
     type_name = "udp"
 
@@ -39,6 +52,7 @@ class UdpBackend:
         self.pump: Pump | None = None
         self._tun: TunDevice | None = None
         self._conn: UdpConn | None = None
+        self._keeper: ReconcileLoop | None = None
 
     @property
     def mtu(self) -> int:
@@ -52,22 +66,32 @@ class UdpBackend:
         self._conn = open_udp(str(self.ctx.iface.address), self.port)
         self._tun = open_tun(TUN_NAME)
         try:
-            await asyncio.to_thread(self._configure_tun, own_subnet)
+            index = await asyncio.to_thread(self._configure_tun, own_subnet)
         except Exception:
             self._close_fds()
             raise
         self.pump = Pump(self.engine, self._tun, self._conn)
         self.pump.start()
+        self._keep(own_subnet, index)
         log.info("udp backend up: %s mtu %d, listening on %s:%d",
                  TUN_NAME, self.mtu, self.ctx.iface.address, self.port)
 
-    def _configure_tun(self, own_subnet: IPv4Network) -> None:
+    def _keep(self, own_subnet: IPv4Network, index: int) -> None:
+        """Restore flannel0's address and the Network route if they vanish (checked every 5 s)."""
+        wanted = udp_own_entries(self.ctx.config.network, own_subnet, index)
+        self._keeper = ReconcileLoop(Reconciler(NetlinkKernel(self.ctx.netlink), lambda: wanted), "udp",
+                                     names=lambda: {index: TUN_NAME})
+        self._keeper.start()
+
+    def _configure_tun(self, own_subnet: IPv4Network) -> int:
         netlink = self.ctx.netlink
         index = netlink.require_index(TUN_NAME)
         netlink.set_link(index, mtu=self.mtu, txqlen=TXQUEUELEN)
         netlink.ensure_address(index, IPv4Interface((own_subnet.network_address, 32)))
         netlink.set_link(index, state="up")
         netlink.replace_route(RouteSpec(self.ctx.config.network, index))
+        _accept_local_source(TUN_NAME)
+        return index
 
     async def apply(self, events: list[LeaseEvent]) -> None:
         assert self.engine is not None, "apply() before start()"
@@ -102,6 +126,9 @@ class UdpBackend:
         return {reason.label: self.engine.drops[reason] for reason in Drop}
 
     async def stop(self, cleanup: bool) -> None:
+        if self._keeper is not None:
+            await self._keeper.stop()
+            self._keeper = None
         if self.pump is not None:
             self.pump.stop()
             self.pump = None
