@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 from . import __version__
 
-__all__ = ["DaemonOptions", "build_parser", "parse_duration", "parse_options"]
+__all__ = ["DEFAULT_CONTROL_SOCKET", "DaemonOptions", "build_parser", "parse_duration", "parse_options"]
+
+DEFAULT_CONTROL_SOCKET = "/run/flannel/flanneld-py.sock"
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
 _TRUE = {"1", "true", "yes", "on"}
@@ -75,6 +77,7 @@ class DaemonOptions:
     cleanup_on_exit: bool
     offload: bool
     verbosity: int
+    control_socket: str = DEFAULT_CONTROL_SOCKET
 
 
 # (flag, type, default, help); the env var is FLANNELD_ + flag upper-cased with - as _.
@@ -95,6 +98,7 @@ _FLAGS: list[tuple[str, object, object, str]] = [
     ("healthz-ip", str, "0.0.0.0", "address of the health and metrics endpoint"),
     ("healthz-port", int, 0, "port of the health and metrics endpoint (0: off)"),
     ("cni-socket", str, "/run/flannel/cni.sock", "unix socket the flannel-py CNI plugin talks to"),
+    ("control-socket", str, DEFAULT_CONTROL_SOCKET, "unix socket `flanneld-py status` reads (empty: off)"),
     ("cleanup-on-exit", _bool, False, "remove devices and routes on a clean shutdown"),
     ("offload", _bool, True, "use TUN and UDP segmentation offloads in the udp backend"),
 ]

@@ -1,0 +1,244 @@
+"""``--ip-masq``: flannel's masquerade and forward rules, kept in place.
+
+The rule lists are pure functions of the Network and our subnet, identical
+to flannel's (pkg/trafficmngr/iptables), comments included, so a node moving
+between flannel and flanneld-py finds its own rules::
+
+    nat    POSTROUTING     -j FLANNEL-POSTRTG
+    nat    FLANNEL-POSTRTG marked by kube-proxy (0x4000)        RETURN
+                           -s <subnet>  -d <network>            RETURN
+                           -s <network> -d <subnet>             RETURN
+                           ! -s <network> -d <subnet>           RETURN
+                           -s <network> ! -d 224.0.0.0/4        MASQUERADE [--random-fully]
+                           ! -s <network> -d <network>          MASQUERADE [--random-fully]
+    filter FORWARD         -j FLANNEL-FWD
+    filter FLANNEL-FWD     -s <network> ACCEPT; -d <network> ACCEPT
+
+:class:`MasqApplier` checks every rule with ``iptables -C`` every 5 s; if any
+is missing it re-installs the whole set in order in one ``iptables-restore``
+transaction (existing copies deleted first), as flannel does, since the order
+of the RETURN and MASQUERADE rules matters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+from typing import Protocol
+
+__all__ = [
+    "IptablesRunner",
+    "MasqApplier",
+    "Rule",
+    "forward_rules",
+    "masq_rules",
+    "restore_lines",
+    "supports_random_fully",
+]
+
+log = logging.getLogger(__name__)
+
+POSTRTG = "FLANNEL-POSTRTG"
+FWD = "FLANNEL-FWD"
+KUBE_PROXY_MARK = "0x4000/0x4000"
+MULTICAST = "224.0.0.0/4"
+MASQ_COMMENT = "flanneld masq"
+FWD_COMMENT = "flanneld forward"
+RESYNC_SECONDS = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One rule as appended with ``iptables -t <table> -A <chain> <spec...>``."""
+
+    table: str
+    chain: str
+    spec: tuple[str, ...]
+
+
+def _masq(spec: list[str], random_fully: bool) -> tuple[str, ...]:
+    tail = ["-m", "comment", "--comment", MASQ_COMMENT, "-j", "MASQUERADE"]
+    return tuple(spec + tail + (["--random-fully"] if random_fully else []))
+
+
+def _ret(spec: list[str]) -> tuple[str, ...]:
+    return tuple(spec + ["-m", "comment", "--comment", MASQ_COMMENT, "-j", "RETURN"])
+
+
+def masq_rules(network: IPv4Network, subnet: IPv4Network, random_fully: bool) -> list[Rule]:
+    """flannel's nat rules for ``network`` seen from the node leasing ``subnet``."""
+    net, pod = str(network), str(subnet)
+    return [
+        # Jump to our chain, so our rules run before later POSTROUTING rules.
+        Rule("nat", "POSTROUTING", ("-m", "comment", "--comment", MASQ_COMMENT, "-j", POSTRTG)),
+        # kube-proxy marks what it will masquerade itself: no double NAT.
+        Rule("nat", POSTRTG, _ret(["-m", "mark", "--mark", KUBE_PROXY_MARK])),
+        # Traffic inside the overlay keeps pod addresses.
+        Rule("nat", POSTRTG, _ret(["-s", pod, "-d", net])),
+        Rule("nat", POSTRTG, _ret(["-s", net, "-d", pod])),
+        # Outside traffic to our own pods (e.g. via a NodePort) keeps its source.
+        Rule("nat", POSTRTG, _ret(["!", "-s", net, "-d", pod])),
+        # Pods talking to the outside world leave with the node's address; never multicast.
+        Rule("nat", POSTRTG, _masq(["-s", net, "!", "-d", MULTICAST], random_fully)),
+        # Outside traffic into the overlay (host to remote pods) gets the node's address.
+        Rule("nat", POSTRTG, _masq(["!", "-s", net, "-d", net], random_fully)),
+    ]
+
+
+def forward_rules(network: IPv4Network) -> list[Rule]:
+    """Accept forwarding to and from the overlay even under a DROP policy."""
+    net = str(network)
+    comment = ("-m", "comment", "--comment", FWD_COMMENT)
+    return [
+        Rule("filter", "FORWARD", (*comment, "-j", FWD)),
+        Rule("filter", FWD, ("-s", net, *comment, "-j", "ACCEPT")),
+        Rule("filter", FWD, ("-d", net, *comment, "-j", "ACCEPT")),
+    ]
+
+
+_VERSION_RE = re.compile(r"v(\d+)\.(\d+)\.(\d+)")
+
+
+def supports_random_fully(version_text: str) -> bool:
+    """``--random-fully`` came with iptables 1.6.2 (``iptables --version`` output)."""
+    match = _VERSION_RE.search(version_text)
+    return match is not None and tuple(int(x) for x in match.groups()) >= (1, 6, 2)
+
+
+def _quote(arg: str) -> str:
+    return f'"{arg}"' if any(ch.isspace() for ch in arg) or not arg else arg
+
+
+def restore_lines(rules: Sequence[Rule], present: Sequence[bool]) -> dict[str, list[str]]:
+    """Per table, the ``iptables-restore --noflush`` lines that put ``rules`` in order:
+    delete each copy that is ``present``, then append every rule."""
+    out: dict[str, list[str]] = {}
+    for rule, here in zip(rules, present, strict=True):
+        spec = " ".join(_quote(arg) for arg in rule.spec)
+        lines = out.setdefault(rule.table, [])
+        if here:
+            lines.append(f"-D {rule.chain} {spec}")
+        lines.append(f"-A {rule.chain} {spec}")
+    return out
+
+
+class IptablesRunner(Protocol):
+    """What the applier needs of :class:`flanneld_py.firewall.Iptables`."""
+
+    binary: str
+
+    def ensure_chain(self, table: str, chain: str) -> None: ...
+
+    def rule_exists(self, table: str, chain: str, rule: Sequence[str]) -> bool: ...
+
+    def delete_rule(self, table: str, chain: str, rule: Sequence[str]) -> bool: ...
+
+    def delete_chain(self, table: str, chain: str) -> bool: ...
+
+    def restore(self, table: str, lines: Sequence[str]) -> None: ...
+
+
+Desired = Callable[[bool], "list[Rule] | None"]
+
+
+class MasqApplier:
+    """Installs the rules ``desired(random_fully)`` returns (None: not yet known)
+    and re-checks them every ``interval`` seconds.
+
+    ``desired`` is read on every pass, so a new subnet replaces the old rules.
+    ``random_fully`` None means: ask the iptables binary on the first pass.
+    The blocking iptables calls run in a worker thread, never on the event loop.
+    """
+
+    def __init__(self, iptables: IptablesRunner, desired: Desired, interval: float = RESYNC_SECONDS,
+                 random_fully: bool | None = None) -> None:
+        self.iptables = iptables
+        self.desired = desired
+        self.interval = interval
+        self.random_fully = random_fully
+        self.installed: list[Rule] = []
+        self.repairs = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def ensure(self) -> bool:
+        """One pass (blocking); True if rules had to be (re)installed."""
+        if self.random_fully is None:
+            self.random_fully = probe_random_fully(self.iptables.binary)
+        rules = self.desired(self.random_fully)
+        if rules is None:
+            return False
+        if self.installed and rules != self.installed:
+            stale = [rule for rule in self.installed if rule not in rules]
+            self._delete(stale)
+            log.info("ip-masq: lease changed, replaced %d rules", len(stale))
+        present = [self.iptables.rule_exists(r.table, r.chain, r.spec) for r in rules]
+        if all(present):
+            self.installed = rules
+            return False
+        for table, chain in ((r.table, r.chain) for r in rules):
+            if chain in (POSTRTG, FWD):
+                self.iptables.ensure_chain(table, chain)
+        for table, lines in restore_lines(rules, present).items():
+            self.iptables.restore(table, lines)
+        if self.installed:
+            self.repairs += 1
+            log.warning("ip-masq: %d of %d rules were missing; restored them", present.count(False), len(rules))
+        else:
+            log.info("ip-masq: installed %d masquerade and forward rules", len(rules))
+        self.installed = rules
+        return True
+
+    async def run(self) -> None:
+        from ..firewall import IptablesError
+
+        while True:
+            try:
+                await asyncio.to_thread(self.ensure)
+            except IptablesError as exc:
+                log.error("ip-masq: %s", exc)
+            await asyncio.sleep(self.interval)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self.run(), name="ip-masq")
+
+    def _delete(self, rules: Sequence[Rule]) -> None:
+        for rule in reversed(rules):
+            self.iptables.delete_rule(rule.table, rule.chain, rule.spec)
+
+    def remove_all(self) -> None:
+        """Delete our rules and chains (blocking); for ``--cleanup-on-exit``."""
+        self._delete(self.installed)
+        for table, chain in (("nat", POSTRTG), ("filter", FWD)):
+            self.iptables.delete_chain(table, chain)
+        self.installed = []
+
+    async def close(self, cleanup: bool = False) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        if cleanup:
+            from ..firewall import IptablesError
+
+            try:
+                await asyncio.to_thread(self.remove_all)
+            except IptablesError as exc:
+                log.warning("ip-masq: cleanup failed: %s", exc)
+
+
+def probe_random_fully(binary: str = "iptables") -> bool:
+    """Ask the iptables binary for its version (blocking)."""
+    try:
+        proc = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return supports_random_fully(proc.stdout)

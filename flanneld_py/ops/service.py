@@ -1,0 +1,177 @@
+"""Wiring of the operations pieces around one :class:`~flanneld_py.app.Daemon`.
+
+Started at the very beginning of ``Daemon.run()``, before etcd is reached:
+
+* systemd notify: ``STATUS=`` on every phase change, ``READY=1`` exactly when
+  the daemon turns ready (lease held, datapath up, subnet file written),
+  ``STOPPING=1`` on shutdown, ``WATCHDOG=1`` from the event loop;
+* an etcd probe that keeps "etcd answered recently" meaningful when the
+  daemon has nothing else to ask;
+* ``/healthz`` + ``/metrics`` when ``--healthz-port`` is set;
+* the control socket for ``flanneld-py status``;
+* with ``--ip-masq``, the masquerade rules once the lease is known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from .health import HealthServer, etcd_staleness, health_verdict, probe_etcd_forever
+from .notify import Notifier, watchdog_interval, watchdog_loop
+from .snapshot import Snapshot, take_snapshot
+
+if TYPE_CHECKING:
+    from ..app import Daemon, DaemonState
+    from .control import ControlServer
+    from .ipmasq import MasqApplier
+
+__all__ = ["Operations", "status_line"]
+
+log = logging.getLogger("flanneld_py.ops")
+
+MONITOR_SECONDS = 2.0
+
+
+def status_line(snap: Snapshot, code: int, body: Mapping[str, Any]) -> str:
+    """The one-line ``STATUS=`` systemd shows for us."""
+    if snap.phase != "running":
+        return snap.phase
+    peers = len(snap.peers)
+    line = f"running: subnet {snap.subnet}, backend {snap.backend}, {peers} peer{'s' if peers != 1 else ''}"
+    if code != 200:
+        line += f"; unhealthy: {body.get('reason')}"
+    return line
+
+
+class Operations:
+    def __init__(self, daemon: Daemon, environ: Mapping[str, str]) -> None:
+        self.daemon = daemon
+        self.options = daemon.options
+        self.notifier = Notifier.from_environ(environ)
+        self.watchdog = watchdog_interval(environ, os.getpid())
+        self.staleness = etcd_staleness(self.options.subnet_lease_ttl)
+        self.masq: MasqApplier | None = None
+        self.health: HealthServer | None = None
+        self.control: ControlServer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last_reason: str | None = None
+
+    # --- readings -------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        return take_snapshot(self.daemon, self.masq.repairs if self.masq else 0)
+
+    def control_answer(self) -> dict[str, Any]:
+        snap = self.snapshot()
+        code, body = health_verdict(snap, self.staleness)
+        return {**snap.to_json(), "health": {"code": code, **body}}
+
+    # --- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start everything; on failure, stop what was started and raise."""
+        self.daemon.on_state_change.append(self._on_state)
+        try:
+            if self.watchdog is not None:
+                self._spawn(watchdog_loop(self.notifier, self.watchdog), "watchdog")
+            self._spawn(probe_etcd_forever(self.daemon.registry, self.staleness / 3), "etcd-probe")
+            self._spawn(self._monitor(), "monitor")
+            if self.options.healthz_port:
+                await self._start_health()
+            if self.options.control_socket:
+                await self._start_control(self.options.control_socket)
+        except BaseException:
+            await self.close()
+            raise
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        self._tasks.append(asyncio.create_task(coro, name=name))
+
+    async def _start_health(self) -> None:
+        from ..app import FatalError
+        from .metrics import build_registry
+
+        self.health = HealthServer(self.snapshot, build_registry(self.snapshot), self.staleness)
+        try:
+            await self.health.start(self.options.healthz_ip, self.options.healthz_port)
+        except OSError as exc:
+            self.health = None
+            raise FatalError(
+                f"cannot serve /healthz on {self.options.healthz_ip}:{self.options.healthz_port}: {exc.strerror or exc}"
+            ) from None
+
+    async def _start_control(self, path: str) -> None:
+        from .control import ControlServer
+
+        server = ControlServer(self.control_answer)
+        try:
+            if await server.start(path):
+                self.control = server
+        except OSError as exc:
+            log.warning("no control socket at %s: %s", path, exc.strerror or exc)
+
+    def _on_state(self, state: DaemonState) -> None:
+        try:
+            if state.phase == "stopping":
+                self.notifier.stopping()
+                return
+            if state.phase == "running" and state.ready:
+                snap = self.snapshot()
+                self.notifier.ready(status_line(snap, *health_verdict(snap, self.staleness)))
+            else:
+                self.notifier.status(state.phase)
+            if self.options.ip_masq and self.masq is None and state.config is not None and state.lease is not None:
+                self._start_masq()
+        except Exception:  # a callback must never break the daemon's start-up
+            log.exception("operations: handling phase %r failed", state.phase)
+
+    def _start_masq(self) -> None:
+        from ..firewall import Iptables
+        from .ipmasq import MasqApplier, Rule, forward_rules, masq_rules
+
+        def desired(random_fully: bool) -> list[Rule] | None:
+            state = self.daemon.state
+            if state.config is None or state.lease is None:
+                return None
+            network = state.config.network
+            return masq_rules(network, state.lease.subnet, random_fully) + forward_rules(network)
+
+        self.masq = MasqApplier(Iptables(), desired)
+        self.masq.start()
+
+    async def _monitor(self) -> None:
+        """Keep systemd's STATUS current and log health transitions."""
+        while True:
+            await asyncio.sleep(MONITOR_SECONDS)
+            snap = self.snapshot()
+            if snap.phase != "running":
+                continue
+            code, body = health_verdict(snap, self.staleness)
+            self.notifier.status(status_line(snap, code, body))
+            reason = body.get("reason")
+            if reason != self._last_reason and self.health is not None:
+                if reason is None:
+                    log.info("health: ok again")
+                else:
+                    log.warning("health: unhealthy: %s", reason)
+            self._last_reason = reason
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self.masq is not None:
+            await self.masq.close(cleanup=self.options.cleanup_on_exit)
+        for server in (self.health, self.control):
+            if server is not None:
+                with contextlib.suppress(Exception):
+                    await server.close()
+        await self.notifier.close()
+        with contextlib.suppress(ValueError):
+            self.daemon.on_state_change.remove(self._on_state)

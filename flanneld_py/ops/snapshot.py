@@ -1,0 +1,195 @@
+"""One reading of the daemon's state, shared by ``/healthz``, ``/metrics`` and ``status``.
+
+:func:`take_snapshot` is the only place that reads the daemon and the clocks;
+everything downstream (the health verdict, the metrics collector, the status
+table) is a pure function of a :class:`Snapshot`, so tests build snapshots by
+hand. Times are folded into ages at reading time, except the lease expiry,
+which stays a wall-clock timestamp (that is what the metric exports).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from .. import __version__
+
+if TYPE_CHECKING:
+    from ..app import Daemon
+
+__all__ = ["BatchView", "PeerView", "Snapshot", "take_snapshot"]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerView:
+    """A peer and its traffic; ages are seconds since the last packet (None: never)."""
+
+    subnet: str
+    public_ip: str
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    last_tx_age: float | None = None
+    last_rx_age: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchView:
+    """Wakeups of one hot-loop direction by packets moved: ``buckets[i]`` counts
+    wakeups whose packet count has bit length ``i`` (0, 1, 2-3, 4-7, ... 64+)."""
+
+    wakeups: int
+    buckets: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Snapshot:
+    taken_at: float  # wall clock
+    phase: str
+    ready: bool
+    uptime: float = 0.0
+    pid: int = 0
+    version: str = __version__
+    network: str | None = None
+    backend: str | None = None
+    mtu: int | None = None
+    public_ip: str | None = None
+    subnet: str | None = None
+    lease_id: int | None = None
+    lease_expires_at: float | None = None  # wall clock
+    datapath_up: bool = False
+    etcd_endpoint: str = ""
+    etcd_errors: int = 0
+    etcd_reconnects: int = 0
+    etcd_silence: float | None = None  # seconds since etcd last answered; None: never
+    peers: tuple[PeerView, ...] = ()
+    drops: Mapping[str, int] = field(default_factory=dict)
+    batches: Mapping[str, BatchView] = field(default_factory=dict)
+    peer_events: int = 0
+    ip_masq: bool = False
+    ipmasq_repairs: int = 0
+
+    @property
+    def lease_remaining(self) -> float | None:
+        return None if self.lease_expires_at is None else self.lease_expires_at - self.taken_at
+
+    def to_json(self) -> dict[str, Any]:
+        """The control socket's answer (``flanneld-py status --json``)."""
+        return {
+            "version": self.version,
+            "pid": self.pid,
+            "phase": self.phase,
+            "ready": self.ready,
+            "uptime_seconds": _round(self.uptime),
+            "network": self.network,
+            "backend": self.backend,
+            "mtu": self.mtu,
+            "public_ip": self.public_ip,
+            "lease": None if self.subnet is None else {
+                "subnet": self.subnet,
+                "etcd_lease_id": None if self.lease_id is None else f"{self.lease_id:x}",
+                "expires_at": self.lease_expires_at,
+                "expires_in_seconds": _round(self.lease_remaining),
+            },
+            "datapath_up": self.datapath_up,
+            "etcd": {
+                "endpoint": self.etcd_endpoint,
+                "last_answer_seconds_ago": _round(self.etcd_silence),
+                "errors": self.etcd_errors,
+                "reconnects": self.etcd_reconnects,
+            },
+            "peers": [
+                {
+                    "subnet": p.subnet,
+                    "public_ip": p.public_ip,
+                    "tx_packets": p.tx_packets,
+                    "tx_bytes": p.tx_bytes,
+                    "rx_packets": p.rx_packets,
+                    "rx_bytes": p.rx_bytes,
+                    "last_tx_seconds_ago": _round(p.last_tx_age),
+                    "last_rx_seconds_ago": _round(p.last_rx_age),
+                }
+                for p in self.peers
+            ],
+            "drops": dict(self.drops),
+            "batches": {name: {"wakeups": b.wakeups, "buckets": list(b.buckets)} for name, b in self.batches.items()},
+            "peer_events": self.peer_events,
+            "ip_masq": {"enabled": self.ip_masq, "repairs": self.ipmasq_repairs},
+        }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+@runtime_checkable
+class CountsDrops(Protocol):
+    """Optional backend ability: dropped packets by reason label."""
+
+    def drop_counts(self) -> dict[str, int]: ...
+
+
+def _age(now: float, then: float) -> float | None:
+    """Hot-loop timestamps are event-loop times, 0.0 meaning "never"."""
+    return None if then <= 0 else max(0.0, now - then)
+
+
+def _batches(backend: object) -> dict[str, BatchView]:
+    from ..backend.udp.backend import UdpBackend  # the only backend with a hot loop so far
+
+    if not isinstance(backend, UdpBackend) or backend.pump is None:
+        return {}
+    pump = backend.pump
+    return {
+        name: BatchView(stats.wakeups, tuple(stats.buckets))
+        for name, stats in (("tun", pump.tun_batches), ("udp", pump.udp_batches))
+    }
+
+
+def take_snapshot(daemon: Daemon, ipmasq_repairs: int = 0) -> Snapshot:
+    """Read the daemon now. Runs on the event loop (cheap: no I/O, no locks)."""
+    state = daemon.state
+    registry = daemon.registry
+    wall, mono = time.time(), time.monotonic()
+    loop_now = asyncio.get_running_loop().time()
+    config, own, backend = state.config, state.lease, state.backend
+    peers: tuple[PeerView, ...] = ()
+    drops: dict[str, int] = {}
+    if backend is not None:
+        peers = tuple(
+            PeerView(str(p.subnet), p.public_ip, p.tx_packets, p.tx_bytes, p.rx_packets, p.rx_bytes,
+                     _age(loop_now, p.last_tx), _age(loop_now, p.last_rx))
+            for p in backend.peers()
+        )
+        if isinstance(backend, CountsDrops):
+            drops = backend.drop_counts()
+    return Snapshot(
+        taken_at=wall,
+        phase=state.phase,
+        ready=state.ready,
+        uptime=wall - state.started_at,
+        pid=os.getpid(),
+        network=None if config is None else str(config.network),
+        backend=None if config is None else config.backend.type,
+        mtu=None if backend is None else backend.mtu,
+        public_ip=None if own is None else str(own.attrs.public_ip),
+        subnet=None if own is None else str(own.subnet),
+        lease_id=None if own is None else own.lease_id,
+        lease_expires_at=state.lease_expires_at,
+        datapath_up=backend is not None and backend.is_up(),
+        etcd_endpoint=registry.endpoint,
+        etcd_errors=registry.errors,
+        etcd_reconnects=registry.reconnects,
+        etcd_silence=None if registry.last_success is None else max(0.0, mono - registry.last_success),
+        peers=peers,
+        drops=drops,
+        batches=_batches(backend),
+        peer_events=state.peer_events,
+        ip_masq=daemon.options.ip_masq,
+        ipmasq_repairs=ipmasq_repairs,
+    )
