@@ -42,6 +42,10 @@ def _accept_local_source(ifname: str) -> None:
         handle.write("1")
 
 
+def _on_off(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
 class UdpBackend:
     type_name = "udp"
 
@@ -63,8 +67,8 @@ class UdpBackend:
 
     async def start(self, own_subnet: IPv4Network) -> None:
         self.engine = Engine(self.ctx.config.network, own_subnet, self.port)
-        self._conn = open_udp(str(self.ctx.iface.address), self.port)
-        self._tun = open_tun(TUN_NAME)
+        self._conn = open_udp(str(self.ctx.iface.address), self.port, offload=self.ctx.offload)
+        self._tun = open_tun(TUN_NAME, offload=self.ctx.offload)
         try:
             index = await asyncio.to_thread(self._configure_tun, own_subnet)
         except Exception:
@@ -73,8 +77,9 @@ class UdpBackend:
         self.pump = Pump(self.engine, self._tun, self._conn)
         self.pump.start()
         self._keep(own_subnet, index)
-        log.info("udp backend up: %s mtu %d, listening on %s:%d",
-                 TUN_NAME, self.mtu, self.ctx.iface.address, self.port)
+        log.info("udp backend up: %s mtu %d, listening on %s:%d (offloads: tun %s, gso %s, gro %s)",
+                 TUN_NAME, self.mtu, self.ctx.iface.address, self.port,
+                 _on_off(self._tun.offload), _on_off(self._conn.gso), _on_off(self._conn.gro))
 
     def _keep(self, own_subnet: IPv4Network, index: int) -> None:
         """Restore flannel0's address and the Network route if they vanish (checked every 5 s)."""

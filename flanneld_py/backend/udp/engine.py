@@ -19,6 +19,8 @@ import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 
+import numpy as np
+
 from ...core.packet import (
     Drop,
     check_ipv4,
@@ -137,6 +139,44 @@ class Engine:
         peer.rx_packets += 1
         peer.rx_bytes += n
         return peer
+
+    def inbound_batch(self, batch: np.ndarray, count: int, seglen: int, total: int, source_ip: str) -> bool:
+        """Accept a whole GRO batch (``count`` datagrams of ``seglen``, the last shorter) at once.
+
+        The vectorised equivalent of :meth:`inbound` for the common case, a
+        burst of plain IPv4 packets from one peer's subnet to ours. Returns
+        False without touching any counter when any datagram needs a closer
+        look; the caller then runs :meth:`inbound` on each, so drops are
+        counted exactly as on the one-by-one path.
+        """
+        if source_ip not in self._public_ips or seglen < 20 or total - (count - 1) * seglen < 20:
+            return False
+        first_src = _U32.unpack_from(batch, 12)[0]
+        peer = self.peers.get(first_src & self.subnet_mask)
+        if peer is None or peer.public_ip != source_ip:
+            return False
+        full = count - 1
+        rows = batch[: full * seglen].reshape(full, seglen)
+        last = total - full * seglen
+        headers = np.empty((count, 20), dtype=np.uint8)
+        headers[:full] = rows[:, :20]
+        headers[full] = batch[full * seglen : full * seglen + 20]
+        words = headers.view(">u2")
+        if (headers[:, 0] != 0x45).any():
+            return False
+        lengths = words[:, 1]
+        if (lengths[:full] != seglen).any() or int(lengths[full]) != last:
+            return False
+        if (words.sum(axis=1, dtype=np.uint64) % np.uint64(0xFFFF)).any():
+            return False
+        addresses = headers[:, 12:20].copy().view(">u4")
+        if ((addresses[:, 0] & self.subnet_mask) != int(peer.subnet.network_address)).any():
+            return False
+        if ((addresses[:, 1] & self.subnet_mask) != self.own_net).any():
+            return False
+        peer.rx_packets += count
+        peer.rx_bytes += total
+        return True
 
     def take_replies(self) -> list[bytes]:
         """ICMP errors produced since the last call, to be written into flannel0."""

@@ -1,45 +1,75 @@
 """The udp backend's hot loop: the asyncio adapter around :class:`Engine`.
 
-Two reader callbacks on the event loop, one per direction. Each wakeup drains
-at most ``batch`` packets into preallocated buffers (a bounded drain keeps
-timers and the control plane responsive), hands each to the engine, and
-sends or writes the survivors. Nothing is allocated per packet beyond the
-memoryview slice handed to the syscall. Peer changes run as ordinary
-callbacks on the same loop, so they land between batches.
+Two reader callbacks on the event loop, one per direction. Each wakeup
+drains at most ``batch`` reads into preallocated buffers (a bounded drain
+keeps timers and the control plane responsive), hands each packet to the
+engine, and sends or writes the survivors at once: nothing waits for a
+batch to fill, so a lone packet goes out with no added delay.
+
+Two shapes of the same stages:
+
+* plain: one inner packet per read and per ``sendto``/``write``;
+* offload (TUN virtio-net headers, UDP GSO/GRO): a read from flannel0 may
+  be a TCP super-packet, split by :func:`segment_tcp4` and sent with one GSO
+  ``sendmsg``; a GRO read from the socket may hold many datagrams, checked
+  together by :meth:`Engine.inbound_batch` and written back as one
+  coalesced super-packet by :func:`coalesce_tcp4`.
+
+Either way every datagram on the wire is one complete inner IPv4 packet no
+larger than flannel0's MTU, and every packet ends forwarded or counted as a
+drop. Peer changes run as ordinary callbacks on the same loop, so they land
+between batches.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ...core.packet import Drop
 from .engine import Engine
+from .offload import (
+    GSO_NONE,
+    GSO_TCPV4,
+    NEEDS_CSUM,
+    VNET_HDR,
+    VNET_HDR_LEN,
+    ZERO_VNET_HDR,
+    coalesce_tcp4,
+    complete_checksum,
+    segment_tcp4,
+)
 from .tun import TunDevice
-from .udpconn import UdpConn
+from .udpconn import GRO_CMSG_SPACE, MAX_GSO_BYTES, MAX_GSO_SEGMENTS, UdpConn, gro_segment_size, gso_control
 
 __all__ = ["BatchStats", "Pump"]
 
-MAX_PACKET = 65536
+MAX_PACKET = 65536 + VNET_HDR_LEN
+_PROTO_UDP = 17
 
 
 @dataclass
 class BatchStats:
-    """How many packets each wakeup handled: a histogram by power-of-two bucket."""
+    """Packets handled per wakeup, as a histogram by power-of-two bucket (1, 2-3, 4-7, ...)."""
 
     buckets: list[int] = field(default_factory=lambda: [0] * 8)
     wakeups: int = 0
+    packets: int = 0
 
     def record(self, count: int) -> None:
         self.wakeups += 1
+        self.packets += count
         self.buckets[min(count.bit_length(), 7)] += 1
 
 
 class Pump:
     """Moves packets between flannel0 and the UDP socket for one :class:`Engine`."""
 
-    def __init__(self, engine: Engine, tun: TunDevice, conn: UdpConn, batch: int = 64) -> None:
+    def __init__(self, engine: Engine, tun: TunDevice, conn: UdpConn, batch: int = 32) -> None:
         self.engine = engine
         self.tun = tun
         self.conn = conn
@@ -49,14 +79,28 @@ class Pump:
         self._tun_sizes = [0] * batch
         self._udp_buf = bytearray(MAX_PACKET)
         self._udp_view = memoryview(self._udp_buf)
+        self._udp_array = np.frombuffer(self._udp_buf, dtype=np.uint8)
+        # segmentation output: a 64 KB super-packet grows by one header per segment
+        self._seg_out = np.zeros(2 * MAX_PACKET, dtype=np.uint8)
+        self._seg_view = memoryview(self._seg_out).cast("B")
+        self._merge_buf = bytearray(MAX_PACKET)
+        self._merge_view = memoryview(self._merge_buf)
         self.tun_batches = BatchStats()
         self.udp_batches = BatchStats()
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    @property
+    def offload(self) -> bool:
+        return self.tun.offload
+
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self.tun.fd, self._on_tun_readable)
-        self._loop.add_reader(self.conn.fileno(), self._on_udp_readable)
+        if self.tun.offload:
+            self._loop.add_reader(self.tun.fd, self._on_tun_offload)
+            self._loop.add_reader(self.conn.fileno(), self._on_udp_offload)
+        else:
+            self._loop.add_reader(self.tun.fd, self._on_tun_plain)
+            self._loop.add_reader(self.conn.fileno(), self._on_udp_plain)
 
     def stop(self) -> None:
         if self._loop is not None:
@@ -64,56 +108,125 @@ class Pump:
             self._loop.remove_reader(self.conn.fileno())
             self._loop = None
 
-    # --- flannel0 -> UDP -------------------------------------------------------
+    def _now(self) -> float:
+        return self._loop.time() if self._loop is not None else 0.0
 
-    def _on_tun_readable(self) -> None:
+    # --- flannel0 -> UDP ---------------------------------------------------------
+
+    def _on_tun_plain(self) -> None:
         count = self.tun.read_batch(self._tun_bufs, self._tun_sizes)
         self.tun_batches.record(count)
-        if not count:
-            return
         engine = self.engine
         sendto = self.conn.sock.sendto
-        now = self._loop.time() if self._loop else 0.0
-        views, sizes = self._tun_views, self._tun_sizes
+        now = self._now()
         for index in range(count):
-            view, size = views[index], sizes[index]
+            view, size = self._tun_views[index], self._tun_sizes[index]
             peer = engine.outbound(view, size)
             if peer is None:
                 continue
             peer.last_tx = now
             try:
                 sendto(view[:size], peer.addr)
-            except (BlockingIOError, OSError):
+            except OSError:
                 engine.drops[Drop.UDP_SEND_FAILED] += 1
         if engine.replies:
             self._write_replies()
 
+    def _on_tun_offload(self) -> None:
+        count = self.tun.read_batch(self._tun_bufs, self._tun_sizes)
+        self.tun_batches.record(count)
+        now = self._now()
+        for index in range(count):
+            self._egress_offloaded(self._tun_views[index], self._tun_sizes[index], now)
+        if self.engine.replies:
+            self._write_replies()
+
+    def _egress_offloaded(self, view: memoryview, size: int, now: float) -> None:
+        engine = self.engine
+        flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(view, 0)
+        packet = view[VNET_HDR_LEN:size]
+        length = size - VNET_HDR_LEN
+        kind = gso_type & 0x7F
+        if kind == GSO_NONE:
+            if flags & NEEDS_CSUM and length > 9:
+                complete_checksum(packet, length, csum_start, csum_offset, udp=packet[9] == _PROTO_UDP)
+            peer = engine.outbound(packet, length)
+            if peer is not None:
+                peer.last_tx = now
+                self._send_one(packet[:length], peer.addr)
+            return
+        if kind != GSO_TCPV4:
+            engine.drops[Drop.NOT_IPV4] += 1
+            return
+        peer = engine.outbound(packet, length)
+        if peer is None:
+            return
+        peer.last_tx = now
+        total, seglen, segments = segment_tcp4(packet, length, gso_size, self._seg_out)
+        peer.tx_packets += segments - 1
+        peer.tx_bytes += total - length
+        self._send_segments(total, seglen, segments, peer.addr)
+
+    def _send_one(self, data: memoryview, addr: tuple[str, int]) -> None:
+        try:
+            self.conn.sock.sendto(data, addr)
+        except OSError:
+            self.engine.drops[Drop.UDP_SEND_FAILED] += 1
+
+    def _send_segments(self, total: int, seglen: int, segments: int, addr: tuple[str, int]) -> None:
+        """Send ``segments`` back-to-back datagrams: GSO runs when possible, else one by one."""
+        view = self._seg_view
+        per_send = min(MAX_GSO_SEGMENTS, MAX_GSO_BYTES // seglen) if self.conn.gso else 1
+        sock = self.conn.sock
+        start = 0
+        while start < total:
+            end = min(total, start + per_send * seglen)
+            chunk = view[start:end]
+            try:
+                if end - start > seglen:
+                    sock.sendmsg([chunk], gso_control(seglen), 0, addr)
+                else:
+                    sock.sendto(chunk, addr)
+            except (BlockingIOError, InterruptedError):
+                self.engine.drops[Drop.UDP_SEND_FAILED] += -(-(end - start) // seglen)
+            except OSError as exc:
+                if end - start > seglen and exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT):
+                    self.conn.disable_gso(exc)
+                    self._send_segments_plain(start, end, seglen, addr)
+                else:
+                    self.engine.drops[Drop.UDP_SEND_FAILED] += -(-(end - start) // seglen)
+            start = end
+
+    def _send_segments_plain(self, start: int, end: int, seglen: int, addr: tuple[str, int]) -> None:
+        for offset in range(start, end, seglen):
+            self._send_one(self._seg_view[offset : min(end, offset + seglen)], addr)
+
     def _write_replies(self) -> None:
+        prefix = ZERO_VNET_HDR if self.tun.offload else b""
         for reply in self.engine.take_replies():
             try:
-                self.tun.write(reply)
+                os.write(self.tun.fd, prefix + reply)
             except OSError:
                 self.engine.drops[Drop.TUN_WRITE_FAILED] += 1
 
-    # --- UDP -> flannel0 -------------------------------------------------------
+    # --- UDP -> flannel0 ---------------------------------------------------------
 
-    def _on_udp_readable(self) -> None:
+    def _on_udp_plain(self) -> None:
         engine = self.engine
         recvfrom_into = self.conn.sock.recvfrom_into
         fd = self.tun.fd
         write = os.write
         buf, view = self._udp_buf, self._udp_view
-        now = self._loop.time() if self._loop else 0.0
+        now = self._now()
         count = 0
-        for count in range(1, self.batch + 1):
+        for _ in range(self.batch):
             try:
                 size, (source, _port) = recvfrom_into(buf)
             except BlockingIOError:
-                count -= 1
                 break
             except OSError:
-                # e.g. a queued ICMP port-unreachable (ECONNREFUSED) for an earlier send
-                continue
+                continue  # e.g. a queued ICMP port-unreachable (ECONNREFUSED) for an earlier send
+            count += 1
             peer = engine.inbound(buf, size, source)
             if peer is None:
                 continue
@@ -123,3 +236,65 @@ class Pump:
             except OSError:
                 engine.drops[Drop.TUN_WRITE_FAILED] += 1
         self.udp_batches.record(count)
+
+    def _on_udp_offload(self) -> None:
+        """Datagrams land after a zero virtio header kept at the buffer's front, so a
+        single packet goes to flannel0 with one write and no copy."""
+        recvmsg_into = self.conn.sock.recvmsg_into
+        target = [self._udp_view[VNET_HDR_LEN:]]
+        now = self._now()
+        count = 0
+        for _ in range(self.batch):
+            try:
+                nbytes, ancdata, _flags, (source, _port) = recvmsg_into(target, GRO_CMSG_SPACE)
+            except BlockingIOError:
+                break
+            except OSError:
+                continue
+            seglen = gro_segment_size(ancdata, nbytes)
+            if nbytes <= seglen:
+                count += 1
+                self._ingress_one(VNET_HDR_LEN, nbytes, source, now)
+            else:
+                count += self._ingress_batch(nbytes, seglen, source, now)
+        self.udp_batches.record(count)
+
+    def _ingress_one(self, offset: int, size: int, source: str, now: float) -> None:
+        packet = self._udp_view[offset : offset + size]
+        peer = self.engine.inbound(packet, size, source)
+        if peer is None:
+            return
+        peer.last_rx = now
+        if offset == VNET_HDR_LEN:
+            self._tun_write(self._udp_view[: VNET_HDR_LEN + size])
+        else:
+            self._tun_writev(packet)
+
+    def _ingress_batch(self, nbytes: int, seglen: int, source: str, now: float) -> int:
+        segments = -(-nbytes // seglen)
+        batch = self._udp_array[VNET_HDR_LEN : VNET_HDR_LEN + nbytes]
+        if self.engine.inbound_batch(batch, segments, seglen, nbytes, source):
+            peer = self.engine.peers[int.from_bytes(batch[12:16].tobytes(), "big") & self.engine.subnet_mask]
+            peer.last_rx = now
+            merged = coalesce_tcp4(batch, segments, seglen, nbytes, self._merge_buf)
+            if merged:
+                self._tun_write(self._merge_view[:merged])
+            else:
+                for offset in range(VNET_HDR_LEN, VNET_HDR_LEN + nbytes, seglen):
+                    self._tun_writev(self._udp_view[offset : min(offset + seglen, VNET_HDR_LEN + nbytes)])
+            return segments
+        for offset in range(VNET_HDR_LEN, VNET_HDR_LEN + nbytes, seglen):
+            self._ingress_one(offset, min(seglen, VNET_HDR_LEN + nbytes - offset), source, now)
+        return segments
+
+    def _tun_write(self, data: memoryview) -> None:
+        try:
+            os.write(self.tun.fd, data)
+        except OSError:
+            self.engine.drops[Drop.TUN_WRITE_FAILED] += 1
+
+    def _tun_writev(self, packet: memoryview) -> None:
+        try:
+            os.writev(self.tun.fd, (ZERO_VNET_HDR, packet))
+        except OSError:
+            self.engine.drops[Drop.TUN_WRITE_FAILED] += 1

@@ -8,6 +8,7 @@ writes whole IP packets in batches, so that offloads can change what one
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -15,10 +16,17 @@ from dataclasses import dataclass
 __all__ = ["TunDevice", "open_tun"]
 
 TUNSETIFF = 0x400454CA
-TUNSETPERSIST = 0x400454CB
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+VNET_HDR_LEN = 10
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,6 +35,7 @@ class TunDevice:
 
     fd: int
     name: str
+    offload: bool = False  # reads and writes carry a virtio-net header; TSO super-packets
 
     def read_batch(self, bufs: list[bytearray], sizes: list[int]) -> int:
         """Read up to ``len(bufs)`` packets without blocking; how many were read."""
@@ -50,14 +59,31 @@ class TunDevice:
             self.fd = -1
 
 
-def open_tun(name: str) -> TunDevice:
-    """Create (or attach to) TUN device ``name`` without packet info headers."""
+def open_tun(name: str, offload: bool = False) -> TunDevice:
+    """Create TUN device ``name`` without packet info headers.
+
+    With ``offload`` it also asks for virtio-net headers and checksum/TSO
+    offloads; a kernel that refuses gets a plain device (logged), so the
+    caller checks ``device.offload``.
+    """
+    if offload:
+        try:
+            return _open(name, offload=True)
+        except OSError as exc:
+            log.warning("TUN offloads unavailable (%s); using one packet per read", exc)
+    return _open(name, offload=False)
+
+
+def _open(name: str, offload: bool) -> TunDevice:
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        ifreq = struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI)
-        result = fcntl.ioctl(fd, TUNSETIFF, ifreq)
+        flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
+        result = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
+        if offload:
+            fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
+            fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
     except OSError:
         os.close(fd)
         raise
     actual = result[:16].rstrip(b"\x00").decode()
-    return TunDevice(fd, actual)
+    return TunDevice(fd, actual, offload)

@@ -1,0 +1,222 @@
+"""Segmentation and coalescing for the offloaded udp path, without I/O.
+
+With TUN offloads on, flannel0 hands us TCP super-packets (up to 64 KB, one
+virtio-net header in front) and accepts them back. The wire format stays one
+MTU-sized inner IPv4 packet per UDP datagram, so:
+
+* egress: :func:`segment_tcp4` splits a super-packet into MSS-sized packets
+  with correct IP ids, lengths, sequence numbers, flags and checksums, laid
+  out back to back in one buffer, ready for one UDP GSO ``sendmsg``;
+* ingress: :func:`coalesce_tcp4` merges in-order segments of one flow that
+  arrived as one UDP GRO batch into one super-packet for one TUN write.
+
+Both are vectorised with NumPy: checksums use the fact that the ones'-
+complement sum of 16-bit words equals their plain sum mod 65535, so a whole
+segment's checksum is one reduction. The pure-Python per-packet functions in
+:mod:`flanneld_py.core.packet` remain the reference the tests compare with.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "GSO_NONE",
+    "GSO_TCPV4",
+    "NEEDS_CSUM",
+    "VNET_HDR",
+    "VnetHeader",
+    "coalesce_tcp4",
+    "complete_checksum",
+    "segment_tcp4",
+]
+
+VNET_HDR = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+VNET_HDR_LEN = VNET_HDR.size
+NEEDS_CSUM = 1
+GSO_NONE = 0
+GSO_TCPV4 = 1
+GSO_ECN = 0x80
+ZERO_VNET_HDR = bytes(VNET_HDR_LEN)
+
+_TCP_FIN, _TCP_PSH, _TCP_CWR = 0x01, 0x08, 0x80
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+
+
+@dataclass(frozen=True, slots=True)
+class VnetHeader:
+    flags: int
+    gso_type: int
+    hdr_len: int
+    gso_size: int
+    csum_start: int
+    csum_offset: int
+
+    @classmethod
+    def parse(cls, buf: bytearray | memoryview) -> VnetHeader:
+        return cls(*VNET_HDR.unpack_from(buf, 0))
+
+
+def _fold(total: int) -> int:
+    """A ones'-complement sum (any size) folded to 16 bits, via mod 65535."""
+    rest = total % 0xFFFF
+    return rest if rest or not total else 0xFFFF
+
+
+def complete_checksum(packet: bytearray | memoryview, n: int, start: int, offset: int, udp: bool) -> None:
+    """Finish a CHECKSUM_PARTIAL packet: the field holds the pseudo-header sum already."""
+    region = bytes(packet[start:n])
+    if len(region) % 2:
+        region += b"\x00"
+    value = 0xFFFF - _fold(int.from_bytes(region, "big"))
+    if udp and value == 0:
+        value = 0xFFFF
+    _U16.pack_into(packet, start + offset, value)
+
+
+def _row_sums(rows: np.ndarray) -> np.ndarray:
+    """Per-row sums of big-endian 16-bit words of a (k, even width) uint8 array."""
+    words = rows.view(">u2")
+    return words.sum(axis=1, dtype=np.uint64)
+
+
+def _checksums(sums: np.ndarray) -> np.ndarray:
+    rest = sums % np.uint64(0xFFFF)
+    folded = np.where((rest == 0) & (sums != 0), np.uint64(0xFFFF), rest)
+    return (np.uint64(0xFFFF) - folded).astype(">u2")
+
+
+def segment_tcp4(packet: bytearray | memoryview, n: int, mss: int, out: np.ndarray) -> tuple[int, int, int]:
+    """Split the TCP/IPv4 super-packet ``packet[:n]`` into ``mss``-sized segments.
+
+    Segments are written back to back into ``out`` (a uint8 array of at least
+    ``n + nseg * headers`` bytes). Returns ``(total_bytes, segment_len, count)``:
+    every segment but the last is ``segment_len`` long, as UDP GSO requires.
+    """
+    src = np.frombuffer(packet, dtype=np.uint8, count=n)
+    ip_len = (packet[0] & 0x0F) * 4
+    hlen = ip_len + (packet[ip_len + 12] >> 4) * 4
+    payload = n - hlen
+    count = max(1, -(-payload // mss))
+    seglen = hlen + mss
+    last_payload = payload - (count - 1) * mss
+    total = (count - 1) * seglen + hlen + last_payload
+    rows = out[: count * seglen].reshape(count, seglen)
+    rows[:, :hlen] = src[:hlen]
+    full = count - 1
+    if full:
+        rows[:full, hlen:] = src[hlen : hlen + full * mss].reshape(full, mss)
+    rows[full, hlen : hlen + last_payload] = src[hlen + full * mss : n]
+    _patch_segment_headers(rows, packet, ip_len, hlen, mss, count, last_payload)
+    _fill_checksums(rows, out, ip_len, seglen, count, total)
+    return total, seglen, count
+
+
+def _patch_segment_headers(
+    rows: np.ndarray, packet: bytearray | memoryview, ip_len: int, hlen: int, mss: int, count: int, last_payload: int
+) -> None:
+    index = np.arange(count, dtype=np.uint32)
+    ident = (_U16.unpack_from(packet, 4)[0] + index) & 0xFFFF
+    rows[:, 4:6] = ident.astype(">u2").view(np.uint8).reshape(count, 2)
+    seq = (_U32.unpack_from(packet, ip_len + 4)[0] + index.astype(np.uint64) * mss) & 0xFFFFFFFF
+    rows[:, ip_len + 4 : ip_len + 8] = seq.astype(">u4").view(np.uint8).reshape(count, 4)
+    _U16.pack_into(rows[-1].data, 2, hlen + last_payload)
+    flags = packet[ip_len + 13]
+    if count > 1:
+        rows[:-1, ip_len + 13] = flags & ~(_TCP_FIN | _TCP_PSH) & 0xFF
+        rows[1:, ip_len + 13] &= ~_TCP_CWR & 0xFF
+        rows[0, 2:4] = np.frombuffer(_U16.pack(hlen + mss), dtype=np.uint8)
+        rows[1:-1, 2:4] = rows[0, 2:4]
+    rows[:, 10:12] = 0
+    rows[:, ip_len + 16 : ip_len + 18] = 0
+
+
+def _fill_checksums(rows: np.ndarray, out: np.ndarray, ip_len: int, seglen: int, count: int, total: int) -> None:
+    ip_sums = _row_sums(rows[:, :ip_len])
+    rows[:, 10:12] = _checksums(ip_sums).view(np.uint8).reshape(count, 2)
+    header = rows[0]
+    pseudo = int(_row_sums(header[12:20].reshape(1, 8))[0]) + 6
+    full = count - 1
+    if full and (seglen - ip_len) % 2 == 0:
+        tcp_sums = _row_sums(rows[:full, ip_len:seglen]) + np.uint64(pseudo + seglen - ip_len)
+        rows[:full, ip_len + 16 : ip_len + 18] = _checksums(tcp_sums).view(np.uint8).reshape(full, 2)
+    else:
+        for row in range(full):
+            _tcp_checksum_slow(out, row * seglen, seglen, ip_len, pseudo)
+    _tcp_checksum_slow(out, full * seglen, total - full * seglen, ip_len, pseudo)
+
+
+def _tcp_checksum_slow(out: np.ndarray, start: int, length: int, ip_len: int, pseudo: int) -> None:
+    region = out[start + ip_len : start + length].tobytes()
+    if len(region) % 2:
+        region += b"\x00"
+    value = 0xFFFF - _fold(int.from_bytes(region, "big") + pseudo + length - ip_len)
+    out[start + ip_len + 16 : start + ip_len + 18] = np.frombuffer(_U16.pack(value), dtype=np.uint8)
+
+
+# --- ingress ----------------------------------------------------------------------
+
+def coalesce_tcp4(batch: np.ndarray, count: int, seglen: int, total: int, out: bytearray) -> int:
+    """Merge ``count`` GRO'd segments (``batch[:total]``, each ``seglen`` but the last) into
+    one TCP super-packet in ``out`` (virtio header first). Returns its length with the
+    header, or 0 when the segments are not one in-order flow with plain headers.
+    """
+    if count < 2 or seglen < 40:
+        return 0
+    first = batch[:seglen]
+    if first[0] != 0x45 or first[9] != 6 or first[6] & 0x3F or first[7]:
+        return 0  # IP options, not TCP, or fragments: leave as is
+    hlen = 20 + (int(first[32]) >> 4) * 4
+    mss = seglen - hlen
+    if mss <= 0 or total - (count - 1) * seglen <= hlen:
+        return 0
+    rows = batch[: (count - 1) * seglen].reshape(count - 1, seglen)
+    last = batch[(count - 1) * seglen : total]
+    if not _same_flow(rows, last, hlen):
+        return 0
+    seq0 = int.from_bytes(first[24:28].tobytes(), "big")
+    seqs = rows[:, 24:28].copy().view(">u4").ravel().astype(np.uint64)
+    expected = (seq0 + np.arange(count - 1, dtype=np.uint64) * mss) & 0xFFFFFFFF
+    last_seq = int.from_bytes(last[24:28].tobytes(), "big")
+    if not np.array_equal(seqs, expected) or last_seq != (seq0 + (count - 1) * mss) & 0xFFFFFFFF:
+        return 0
+    return _write_super_packet(batch, rows, last, count, seglen, hlen, mss, total, out)
+
+
+def _same_flow(rows: np.ndarray, last: np.ndarray, hlen: int) -> bool:
+    """Same addresses, ports, ack, window, options; flags plain ACK (PSH only at the end)."""
+    fixed = np.r_[0:2, 6:10, 12:24, 28:33, 34:36, 38:hlen]
+    head = rows[0, fixed]
+    if not (rows[:, fixed] == head).all() or not (last[fixed] == head).all():
+        return False
+    if (rows[:, 33] != 0x10).any():
+        return False
+    return int(last[33]) in (0x10, 0x18)
+
+
+def _write_super_packet(
+    batch: np.ndarray, rows: np.ndarray, last: np.ndarray, count: int, seglen: int, hlen: int, mss: int,
+    total: int, out: bytearray,
+) -> int:
+    payload_total = total - count * hlen
+    length = hlen + payload_total
+    view = np.frombuffer(out, dtype=np.uint8)
+    base = VNET_HDR_LEN
+    view[base : base + hlen] = batch[:hlen]
+    dst = view[base + hlen : base + length]
+    if count > 1:
+        dst[: (count - 1) * mss].reshape(count - 1, mss)[:] = rows[:, hlen:]
+    dst[(count - 1) * mss :] = last[hlen:]
+    view[base + 33] = last[33]
+    packet = memoryview(out)[base : base + length]
+    _U16.pack_into(packet, 2, length)
+    _U16.pack_into(packet, 10, 0)
+    _U16.pack_into(packet, 10, 0xFFFF - _fold(int.from_bytes(packet[:20], "big")))
+    pseudo = _fold(int.from_bytes(packet[12:20], "big") + 6 + length - 20)
+    _U16.pack_into(packet, 36, pseudo)
+    VNET_HDR.pack_into(out, 0, NEEDS_CSUM, GSO_TCPV4, hlen, mss, 20, 16)
+    return base + length

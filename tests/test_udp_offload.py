@@ -1,0 +1,161 @@
+"""Segmentation and coalescing of the offloaded udp path, checked against scapy."""
+
+from __future__ import annotations
+
+import random
+from ipaddress import IPv4Network
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.packet import Raw
+
+from flanneld_py.backend.udp.engine import Engine
+from flanneld_py.backend.udp.offload import (
+    GSO_TCPV4,
+    NEEDS_CSUM,
+    VNET_HDR,
+    VNET_HDR_LEN,
+    coalesce_tcp4,
+    complete_checksum,
+    segment_tcp4,
+)
+from flanneld_py.core.packet import check_ipv4
+
+
+def super_packet(payload_len: int, flags: str = "PA", seq: int = 1000, ident: int = 7, options=None) -> bytearray:
+    rng = random.Random(payload_len)
+    tcp = TCP(sport=40000, dport=5201, seq=seq, ack=99, flags=flags, window=500, options=options or [])
+    pkt = IP(src="10.244.7.5", dst="10.244.9.8", id=ident, ttl=63, flags="DF") / tcp / Raw(rng.randbytes(payload_len))
+    return bytearray(bytes(pkt))
+
+
+def assert_valid(segment: bytes) -> IP:
+    assert check_ipv4(bytearray(segment), len(segment)) is None
+    parsed = IP(segment)
+    rebuilt = IP(segment)
+    del rebuilt.chksum
+    del rebuilt[TCP].chksum
+    rebuilt = IP(bytes(rebuilt))
+    assert rebuilt.chksum == parsed.chksum
+    assert rebuilt[TCP].chksum == parsed[TCP].chksum, "TCP checksum wrong"
+    return parsed
+
+
+def split(buf: np.ndarray, total: int, seglen: int) -> list[bytes]:
+    data = buf[:total].tobytes()
+    return [data[i : i + seglen] for i in range(0, total, seglen)]
+
+
+@pytest.mark.parametrize("payload_len, mss", [(64000, 1432), (62920, 1420), (1432 * 3, 1432), (5000, 1432),
+                                              (100, 1432), (7001, 1001), (3000, 1447)])
+def test_segments_are_valid_packets_that_rebuild_the_stream(payload_len, mss):
+    original = super_packet(payload_len, options=[("NOP", None), ("NOP", None), ("Timestamp", (1, 2))])
+    out = np.zeros(200_000, dtype=np.uint8)
+    total, seglen, count = segment_tcp4(original, len(original), mss, out)
+    segments = split(out, total, seglen)
+    assert len(segments) == count == -(-payload_len // mss)
+    parsed = [assert_valid(s) for s in segments]
+    first = IP(bytes(original))
+    assert b"".join(bytes(p[TCP].payload) for p in parsed) == bytes(first[TCP].payload)
+    for index, seg in enumerate(parsed):
+        assert seg[TCP].seq == first[TCP].seq + index * mss
+        assert seg.id == (first.id + index) & 0xFFFF
+        assert seg.ttl == first.ttl and seg[TCP].options == first[TCP].options
+        assert len(bytes(seg)) <= seglen
+        last = index == count - 1
+        assert ("P" in seg[TCP].flags) == last
+    assert all(len(s) == seglen for s in segments[:-1])
+
+
+def test_fin_and_cwr_flags_follow_the_kernel():
+    original = super_packet(4000, flags="FPAC")
+    out = np.zeros(20_000, dtype=np.uint8)
+    total, seglen, count = segment_tcp4(original, len(original), 1432, out)
+    flags = [IP(s)[TCP].flags for s in split(out, total, seglen)]
+    assert "C" in flags[0] and not any("C" in f for f in flags[1:])
+    assert "F" in flags[-1] and not any("F" in f for f in flags[:-1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(payload_len=st.integers(1, 20000), mss=st.integers(500, 1460), seq=st.integers(0, 2**32 - 1),
+       ident=st.integers(0, 65535))
+def test_segmentation_property(payload_len, mss, seq, ident):
+    original = super_packet(payload_len, seq=seq, ident=ident)
+    out = np.zeros(60_000, dtype=np.uint8)
+    total, seglen, count = segment_tcp4(original, len(original), mss, out)
+    segments = split(out, total, seglen)
+    data = b"".join(bytes(assert_valid(s)[TCP].payload) for s in segments)
+    assert data == bytes(IP(bytes(original))[TCP].payload)
+    assert IP(segments[-1])[TCP].seq == (seq + (count - 1) * mss) % 2**32
+
+
+def test_coalesce_rebuilds_one_super_packet():
+    original = super_packet(1432 * 10 + 100)
+    out = np.zeros(40_000, dtype=np.uint8)
+    total, seglen, count = segment_tcp4(original, len(original), 1432, out)
+    merged = bytearray(70_000)
+    length = coalesce_tcp4(out, count, seglen, total, merged)
+    assert length
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(merged, 0)
+    assert (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset) == (NEEDS_CSUM, GSO_TCPV4, 40, 1432, 20, 16)
+    packet = bytes(merged[VNET_HDR_LEN:length])
+    parsed = IP(packet)
+    assert check_ipv4(bytearray(packet), len(packet)) is None
+    assert bytes(parsed[TCP].payload) == bytes(IP(bytes(original))[TCP].payload)
+    assert parsed[TCP].seq == 1000 and "P" in parsed[TCP].flags
+    # checksum field holds the pseudo-header sum for the kernel to finish (CHECKSUM_PARTIAL)
+    pseudo = (int.from_bytes(packet[12:20], "big") + 6 + len(packet) - 20) % 0xFFFF
+    assert parsed[TCP].chksum == (pseudo or 0xFFFF)
+
+
+def test_coalesce_refuses_gaps_and_mixed_flows():
+    original = super_packet(1432 * 4)
+    out = np.zeros(20_000, dtype=np.uint8)
+    total, seglen, count = segment_tcp4(original, len(original), 1432, out)
+    gap = out.copy()
+    gap[seglen + 24 : seglen + 28] = np.frombuffer((5).to_bytes(4, "big"), dtype=np.uint8)
+    assert coalesce_tcp4(gap, count, seglen, total, bytearray(70_000)) == 0
+    other_port = out.copy()
+    other_port[2 * seglen + 22] ^= 1
+    assert coalesce_tcp4(other_port, count, seglen, total, bytearray(70_000)) == 0
+    udp = bytearray(bytes(IP(src="10.244.7.5", dst="10.244.9.8") / UDP() / Raw(b"x" * 100)))
+    batch = np.frombuffer(bytes(udp) * 3, dtype=np.uint8)
+    assert coalesce_tcp4(batch, 3, len(udp), 3 * len(udp), bytearray(70_000)) == 0
+
+
+def test_complete_checksum_of_partial_packets():
+    for layer in (TCP(sport=1, dport=2, flags="A"), UDP(sport=1, dport=2)):
+        good = bytes(IP(src="10.244.7.5", dst="10.244.9.8") / layer / Raw(b"abcdefghij" * 7))
+        partial = bytearray(good)
+        offset = 16 if isinstance(layer, TCP) else 6
+        pseudo = (int.from_bytes(good[12:20], "big") + good[9] + len(good) - 20) % 0xFFFF
+        partial[20 + offset : 22 + offset] = pseudo.to_bytes(2, "big")
+        complete_checksum(partial, len(partial), 20, offset, udp=isinstance(layer, UDP))
+        assert bytes(partial) == good
+
+
+def test_inbound_batch_agrees_with_one_by_one():
+    def engine():
+        e = Engine(IPv4Network("10.244.0.0/16"), IPv4Network("10.244.9.0/24"), 8285)
+        e.set_peer(IPv4Network("10.244.7.0/24"), "198.51.100.7")
+        return e
+
+    original = super_packet(1432 * 5 + 10)
+    out = np.zeros(20_000, dtype=np.uint8)
+    total, seglen, count = segment_tcp4(original, len(original), 1432, out)
+    fast, slow = engine(), engine()
+    assert fast.inbound_batch(out, count, seglen, total, "198.51.100.7")
+    for seg in split(out, total, seglen):
+        assert slow.inbound(bytearray(seg), len(seg), "198.51.100.7") is not None
+    (fp,), (sp,) = fast.peers.values(), slow.peers.values()
+    assert (fp.rx_packets, fp.rx_bytes) == (sp.rx_packets, sp.rx_bytes)
+    # any defect sends the batch to the one-by-one path, with no counter touched
+    broken = out.copy()
+    broken[seglen * 2 + 10] ^= 0xFF
+    third = engine()
+    assert not third.inbound_batch(broken, count, seglen, total, "198.51.100.7")
+    assert sum(third.drops) == 0 and next(iter(third.peers.values())).rx_packets == 0
+    assert not third.inbound_batch(out, count, seglen, total, "198.51.100.99")
