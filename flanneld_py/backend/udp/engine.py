@@ -21,6 +21,7 @@ from ipaddress import IPv4Network
 
 import numpy as np
 
+from .offload import header_rows
 from ...core.packet import (
     Drop,
     check_ipv4,
@@ -155,20 +156,15 @@ class Engine:
         peer = self.peers.get(first_src & self.subnet_mask)
         if peer is None or peer.public_ip != source_ip:
             return False
-        full = count - 1
-        rows = batch[: full * seglen].reshape(full, seglen)
-        last = total - full * seglen
-        headers = np.empty((count, 20), dtype=np.uint8)
-        headers[:full] = rows[:, :20]
-        headers[full] = batch[full * seglen : full * seglen + 20]
-        words = headers.view(">u2")
+        headers = header_rows(batch, count, seglen, 20)
         if (headers[:, 0] != 0x45).any():
             return False
-        lengths = words[:, 1]
-        if (lengths[:full] != seglen).any() or int(lengths[full]) != last:
+        lengths = headers[:, 2:4].copy().view(">u2").ravel()
+        full = count - 1
+        if (lengths[:full] != seglen).any() or int(lengths[full]) != total - full * seglen:
             return False
-        if (words.sum(axis=1, dtype=np.uint64) % np.uint64(0xFFFF)).any():
-            return False
+        if (headers.copy().view("<u2").sum(axis=1, dtype=np.uint32) % 0xFFFF).any():
+            return False  # a valid header sums to 0 mod 65535, in either byte order
         addresses = headers[:, 12:20].copy().view(">u4")
         if ((addresses[:, 0] & self.subnet_mask) != int(peer.subnet.network_address)).any():
             return False
