@@ -15,8 +15,22 @@ def _udp(ctx: BackendContext) -> Backend:
     return UdpBackend(ctx)
 
 
+def _vxlan(ctx: BackendContext) -> Backend:
+    from .vxlan import VxlanBackend
+
+    return VxlanBackend(ctx)
+
+
+def _host_gw(ctx: BackendContext) -> Backend:
+    from .hostgw import HostGwBackend
+
+    return HostGwBackend(ctx)
+
+
 _FACTORIES: dict[str, Callable[[BackendContext], Backend]] = {
     "udp": _udp,
+    "vxlan": _vxlan,
+    "host-gw": _host_gw,
 }
 
 

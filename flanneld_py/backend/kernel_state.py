@@ -1,0 +1,279 @@
+"""The kernel entries each backend wants, as pure functions of our node and a peer lease.
+
+No I/O here: the backends and the reconciler in :mod:`.routed` turn these
+records into netlink calls, and tests check the mappings without a kernel.
+Routes reuse :class:`~flanneld_py.netlink.RouteSpec` (a plain dataclass);
+addresses, neighbours and FDB entries are defined here.
+
+A backend's whole wish is a :class:`Wanted`: the entries it wants plus the
+:class:`Scope` of entries it owns. Only entries inside the scope are ever
+listed, compared or removed, so we never touch what others put in the kernel.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Any
+
+from ..core.lease import Lease
+from ..netlink import RouteSpec
+
+__all__ = [
+    "AddrSpec",
+    "Entry",
+    "FdbSpec",
+    "HostGwLocal",
+    "NeighSpec",
+    "PeerEntries",
+    "Plan",
+    "Scope",
+    "VxlanLocal",
+    "Wanted",
+    "describe",
+    "hostgw_peer_entries",
+    "in_scope",
+    "plan",
+    "random_vtep_mac",
+    "udp_own_entries",
+    "vxlan_backend_data",
+    "vxlan_own_entries",
+    "vxlan_peer_entries",
+]
+
+VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+# --- records ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AddrSpec:
+    """An IPv4 address on one of our devices."""
+
+    ifindex: int
+    address: IPv4Interface
+
+
+@dataclass(frozen=True, slots=True)
+class NeighSpec:
+    """A permanent neighbour (ARP) entry: ``ip`` answers at ``mac`` on device ``ifindex``."""
+
+    ifindex: int
+    ip: IPv4Address
+    mac: str
+
+
+@dataclass(frozen=True, slots=True)
+class FdbSpec:
+    """A permanent VXLAN FDB entry: frames for ``mac`` are sent to the VTEP at ``dst``."""
+
+    ifindex: int
+    mac: str
+    dst: IPv4Address
+
+
+Entry = AddrSpec | RouteSpec | NeighSpec | FdbSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Which kernel entries are ours.
+
+    Routes: protocol 252 (the netlink layer's RTPROT_FLANNEL), a destination
+    inside ``network``, through one of ``route_ifindexes``. Addresses,
+    permanent neighbours and FDB entries: everything on ``device_ifindexes``
+    (devices we created).
+    """
+
+    network: IPv4Network
+    route_ifindexes: frozenset[int]
+    device_ifindexes: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Wanted:
+    scope: Scope
+    entries: frozenset[Entry]
+
+
+@dataclass(frozen=True, slots=True)
+class PeerEntries:
+    """What one peer lease asks of the kernel; ``refused`` says why it asks for nothing."""
+
+    entries: frozenset[Entry] = frozenset()
+    refused: str | None = None
+    summary: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Removals first (in this order), then additions (in this order)."""
+
+    remove: tuple[Entry, ...]
+    add: tuple[Entry, ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.remove or self.add)
+
+
+@dataclass(frozen=True, slots=True)
+class VxlanLocal:
+    """Our side of the vxlan datapath, as the peer mapping needs it."""
+
+    device_index: int
+    underlay_index: int
+    underlay: IPv4Network  # the underlay interface's subnet (for DirectRouting)
+    direct_routing: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HostGwLocal:
+    underlay_index: int
+    underlay: IPv4Network
+    iface_name: str
+
+
+# --- mappings ----------------------------------------------------------------
+
+
+def vxlan_backend_data(vni: int, mac: str) -> dict[str, Any]:
+    """flannel's vxlan ``BackendData``, field order included: ``{"VNI":1,"VtepMAC":"..."}``."""
+    return {"VNI": vni, "VtepMAC": mac}
+
+
+def random_vtep_mac(rng: random.Random) -> str:
+    """A random locally administered unicast MAC (what flannel generates for a new VTEP)."""
+    octets = [rng.randrange(256) for _ in range(6)]
+    octets[0] = (octets[0] & 0xFE) | 0x02
+    return ":".join(f"{o:02x}" for o in octets)
+
+
+def _peer_vtep_mac(data: Any) -> str | None:
+    if not isinstance(data, dict):
+        return None
+    mac = data.get("VtepMAC")
+    if not isinstance(mac, str) or not _MAC_RE.match(mac.lower()):
+        return None
+    return mac.lower()
+
+
+def vxlan_peer_entries(local: VxlanLocal, lease: Lease) -> PeerEntries:
+    """flannel's vxlan peer handling.
+
+    DirectRouting and a peer on our underlay subnet: one plain route via its
+    PublicIP. Otherwise: neighbour (peer subnet address -> VtepMAC), FDB
+    (VtepMAC -> PublicIP), and ``<subnet> via <subnet address> dev flannel.N onlink``.
+    """
+    public_ip = lease.attrs.public_ip
+    if local.direct_routing and public_ip in local.underlay:
+        route = RouteSpec(lease.subnet, local.underlay_index, gateway=public_ip)
+        return PeerEntries(frozenset({route}), summary=f"via {public_ip} (direct route)")
+    mac = _peer_vtep_mac(lease.attrs.backend_data)
+    if mac is None:
+        return PeerEntries(refused=f"its BackendData {lease.attrs.backend_data!r} has no valid VtepMAC")
+    gateway = lease.subnet.network_address
+    entries: frozenset[Entry] = frozenset({
+        NeighSpec(local.device_index, gateway, mac),
+        FdbSpec(local.device_index, mac, public_ip),
+        RouteSpec(lease.subnet, local.device_index, gateway=gateway, onlink=True),
+    })
+    return PeerEntries(entries, summary=f"via {public_ip} (VTEP {mac})")
+
+
+def vxlan_own_entries(device_index: int, own_subnet: IPv4Network) -> frozenset[Entry]:
+    """The VTEP's address: ``<subnet address>/32``, so the kernel adds no subnet route."""
+    return frozenset({AddrSpec(device_index, IPv4Interface((own_subnet.network_address, 32)))})
+
+
+def hostgw_peer_entries(local: HostGwLocal, lease: Lease) -> PeerEntries:
+    """flannel's host-gw ``GetRoute``: ``<subnet> via <PublicIP> dev <iface>``, on-segment peers only."""
+    public_ip = lease.attrs.public_ip
+    if public_ip not in local.underlay:
+        return PeerEntries(refused=(
+            f"its PublicIP {public_ip} is not on {local.iface_name}'s segment {local.underlay}; "
+            "host-gw needs every node on one L2 segment (use vxlan across segments)"
+        ))
+    route = RouteSpec(lease.subnet, local.underlay_index, gateway=public_ip)
+    return PeerEntries(frozenset({route}), summary=f"via {public_ip} dev {local.iface_name}")
+
+
+def udp_own_entries(network: IPv4Network, own_subnet: IPv4Network, tun_index: int) -> Wanted:
+    """The udp backend's kernel state: ``<subnet>/32`` on flannel0 and ``<Network> dev flannel0``."""
+    scope = Scope(network, frozenset({tun_index}), frozenset({tun_index}))
+    entries: frozenset[Entry] = frozenset({
+        AddrSpec(tun_index, IPv4Interface((own_subnet.network_address, 32))),
+        RouteSpec(network, tun_index),
+    })
+    return Wanted(scope, entries)
+
+
+# --- ownership and diff --------------------------------------------------------
+
+
+def in_scope(scope: Scope, entry: Entry) -> bool:
+    """True if ``entry`` (as found in the kernel, or wanted) is one we own."""
+    if isinstance(entry, RouteSpec):
+        return entry.ifindex in scope.route_ifindexes and entry.dst.subnet_of(scope.network)
+    return entry.ifindex in scope.device_ifindexes
+
+
+def _key(entry: Entry) -> tuple[object, ...]:
+    """Identity in the kernel: a second entry with the same key replaces the first.
+
+    Routes are keyed by destination (one route per subnet in the main table)
+    and neighbours by (device, IP), so a changed gateway or MAC is a replace,
+    not a remove plus add. FDB entries are keyed whole: one MAC could have
+    several remotes, and the stale one must be removed.
+    """
+    if isinstance(entry, RouteSpec):
+        return ("route", entry.dst)
+    if isinstance(entry, NeighSpec):
+        return ("neigh", entry.ifindex, entry.ip)
+    if isinstance(entry, FdbSpec):
+        return ("fdb", entry.ifindex, entry.mac, entry.dst)
+    return ("addr", entry.ifindex, entry.address)
+
+
+# flannel adds the neighbour and FDB entry before the route ("the kernel would
+# ARP for the gateway otherwise") and we remove in the reverse order.
+_ADD_ORDER = {AddrSpec: 0, FdbSpec: 1, NeighSpec: 2, RouteSpec: 3}
+
+
+def _order(entry: Entry) -> tuple[int, str]:
+    return (_ADD_ORDER[type(entry)], describe(entry))
+
+
+def plan(wanted: Wanted, actual: Iterable[Entry], prune: bool = True) -> Plan:
+    """What to change so that the kernel holds ``wanted``.
+
+    ``actual`` is what the kernel holds; entries outside the scope are
+    ignored. With ``prune`` off, nothing is removed (used right after start,
+    before the first lease listing, so a restart does not drop live peers).
+    """
+    have = {_key(e): e for e in actual if in_scope(wanted.scope, e)}
+    want = {_key(e): e for e in wanted.entries}
+    add = sorted((e for k, e in want.items() if have.get(k) != e), key=_order)
+    remove = [e for k, e in have.items() if k not in want] if prune else []
+    remove.sort(key=_order, reverse=True)
+    return Plan(tuple(remove), tuple(add))
+
+
+def describe(entry: Entry, names: Mapping[int, str] | None = None) -> str:
+    """An entry the way ``ip``/``bridge`` would print it (for log lines)."""
+    dev = (names or {}).get(entry.ifindex) or f"#{entry.ifindex}"
+    if isinstance(entry, RouteSpec):
+        text = f"route {entry.dst}"
+        if entry.gateway is not None:
+            text += f" via {entry.gateway}"
+        text += f" dev {dev}"
+        return text + (" onlink" if entry.onlink else "")
+    if isinstance(entry, NeighSpec):
+        return f"neigh {entry.ip} lladdr {entry.mac} dev {dev}"
+    if isinstance(entry, FdbSpec):
+        return f"fdb {entry.mac} dst {entry.dst} dev {dev}"
+    return f"address {entry.address} dev {dev}"

@@ -1,0 +1,385 @@
+"""The pure lease -> kernel entry mappings of each backend, and the reconciler's diff, without a kernel."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import random
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+
+import pytest
+
+from flanneld_py.backend.base import BackendContext
+from flanneld_py.backend.hostgw import HostGwBackend
+from flanneld_py.backend.kernel_state import (
+    AddrSpec,
+    Entry,
+    FdbSpec,
+    HostGwLocal,
+    NeighSpec,
+    Scope,
+    VxlanLocal,
+    Wanted,
+    describe,
+    hostgw_peer_entries,
+    in_scope,
+    plan,
+    random_vtep_mac,
+    udp_own_entries,
+    vxlan_backend_data,
+    vxlan_own_entries,
+    vxlan_peer_entries,
+)
+from flanneld_py.backend.routed import ReconcileLoop, Reconciler
+from flanneld_py.core.lease import Lease, LeaseAdded, LeaseAttrs, LeaseRemoved
+from flanneld_py.core.netconfig import parse_network_config
+from flanneld_py.netlink import InterfaceInfo, NetlinkError, RouteSpec
+
+NETWORK = IPv4Network("10.244.0.0/16")
+UNDERLAY = IPv4Network("198.51.100.0/24")
+ETH0, FLANNEL1, CNI0 = 2, 7, 9
+MAC = "aa:bb:cc:dd:ee:02"
+
+
+def lease(subnet: str, public_ip: str, kind: str = "vxlan", data: object = None) -> Lease:
+    return Lease(IPv4Network(subnet), LeaseAttrs(IPv4Address(public_ip), kind, data))
+
+
+def vx_lease(subnet: str = "10.244.2.0/24", public_ip: str = "198.51.100.2", mac: str = MAC) -> Lease:
+    return lease(subnet, public_ip, "vxlan", {"VNI": 1, "VtepMAC": mac})
+
+
+VX = VxlanLocal(device_index=FLANNEL1, underlay_index=ETH0, underlay=UNDERLAY, direct_routing=False)
+VX_DIRECT = VxlanLocal(device_index=FLANNEL1, underlay_index=ETH0, underlay=UNDERLAY, direct_routing=True)
+HG = HostGwLocal(underlay_index=ETH0, underlay=UNDERLAY, iface_name="eth0")
+
+
+# --- vxlan ----------------------------------------------------------------------------
+
+
+def test_vxlan_peer_wants_neighbour_fdb_and_onlink_route() -> None:
+    wants = vxlan_peer_entries(VX, vx_lease())
+    assert wants.refused is None
+    assert wants.entries == {
+        NeighSpec(FLANNEL1, IPv4Address("10.244.2.0"), MAC),
+        FdbSpec(FLANNEL1, MAC, IPv4Address("198.51.100.2")),
+        RouteSpec(IPv4Network("10.244.2.0/24"), FLANNEL1, gateway=IPv4Address("10.244.2.0"), onlink=True),
+    }
+
+
+def test_vxlan_peer_mac_is_normalised_to_lower_case() -> None:
+    wants = vxlan_peer_entries(VX, vx_lease(mac="AA:BB:CC:DD:EE:02"))
+    assert NeighSpec(FLANNEL1, IPv4Address("10.244.2.0"), MAC) in wants.entries
+
+
+def test_vxlan_direct_routing_uses_a_plain_route_on_the_same_subnet() -> None:
+    wants = vxlan_peer_entries(VX_DIRECT, vx_lease())
+    assert wants.entries == {RouteSpec(IPv4Network("10.244.2.0/24"), ETH0, gateway=IPv4Address("198.51.100.2"))}
+
+
+def test_vxlan_direct_routing_still_encapsulates_to_other_subnets() -> None:
+    wants = vxlan_peer_entries(VX_DIRECT, vx_lease(public_ip="203.0.113.9"))
+    assert wants.entries == vxlan_peer_entries(VX, vx_lease(public_ip="203.0.113.9")).entries
+    assert FdbSpec(FLANNEL1, MAC, IPv4Address("203.0.113.9")) in wants.entries
+
+
+@pytest.mark.parametrize("data", [None, {}, {"VNI": 1}, {"VNI": 1, "VtepMAC": "not-a-mac"}, "aa:bb"])
+def test_vxlan_peer_without_a_valid_vtep_mac_is_refused(data: object) -> None:
+    wants = vxlan_peer_entries(VX, lease("10.244.2.0/24", "198.51.100.2", "vxlan", data))
+    assert not wants.entries
+    assert wants.refused is not None and "VtepMAC" in wants.refused
+
+
+def test_vxlan_own_address_is_the_subnet_address_slash_32() -> None:
+    assert vxlan_own_entries(FLANNEL1, IPv4Network("10.244.1.0/24")) == {
+        AddrSpec(FLANNEL1, IPv4Interface("10.244.1.0/32"))
+    }
+
+
+def test_vxlan_lease_json_is_flannels() -> None:
+    attrs = LeaseAttrs(IPv4Address("198.51.100.1"), "vxlan", vxlan_backend_data(1, "aa:bb:cc:dd:ee:ff"))
+    assert attrs.to_json() == (
+        b'{"PublicIP":"198.51.100.1","PublicIPv6":null,"BackendType":"vxlan",'
+        b'"BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}}'
+    )
+    # and flannel's record parses back into entries
+    peer = Lease(IPv4Network("10.244.2.0/24"), LeaseAttrs.from_json(attrs.to_json()))
+    assert vxlan_peer_entries(VX, peer).refused is None
+
+
+def test_random_vtep_mac_is_locally_administered_unicast() -> None:
+    rng = random.Random(1)
+    macs = {random_vtep_mac(rng) for _ in range(50)}
+    assert len(macs) == 50
+    for mac in macs:
+        first = int(mac.split(":")[0], 16)
+        assert first & 0x02 and not first & 0x01
+    assert random_vtep_mac(random.Random(3)) == random_vtep_mac(random.Random(3))
+
+
+# --- host-gw --------------------------------------------------------------------------------
+
+
+def test_hostgw_peer_on_segment_gets_a_route_via_its_public_ip() -> None:
+    wants = hostgw_peer_entries(HG, lease("10.244.3.0/24", "198.51.100.3", "host-gw"))
+    assert wants.entries == {RouteSpec(IPv4Network("10.244.3.0/24"), ETH0, gateway=IPv4Address("198.51.100.3"))}
+    assert "198.51.100.3" in wants.summary
+
+
+def test_hostgw_peer_off_segment_is_refused_with_a_reason() -> None:
+    wants = hostgw_peer_entries(HG, lease("10.244.3.0/24", "203.0.113.3", "host-gw"))
+    assert not wants.entries
+    assert wants.refused is not None
+    assert "203.0.113.3" in wants.refused and "198.51.100.0/24" in wants.refused
+
+
+# --- udp -------------------------------------------------------------------------------------
+
+
+def test_udp_own_state_is_address_and_network_route_on_flannel0() -> None:
+    wanted = udp_own_entries(NETWORK, IPv4Network("10.244.5.0/24"), 11)
+    assert wanted.entries == {AddrSpec(11, IPv4Interface("10.244.5.0/32")), RouteSpec(NETWORK, 11)}
+    assert wanted.scope == Scope(NETWORK, frozenset({11}), frozenset({11}))
+
+
+# --- scope and diff ----------------------------------------------------------------------------
+
+VX_SCOPE = Scope(NETWORK, frozenset({FLANNEL1, ETH0}), frozenset({FLANNEL1}))
+
+
+def peer_set(*leases: Lease) -> frozenset[Entry]:
+    out: set[Entry] = set()
+    for item in leases:
+        out |= vxlan_peer_entries(VX, item).entries
+    return frozenset(out)
+
+
+def test_scope_covers_only_our_devices_and_the_network() -> None:
+    assert in_scope(VX_SCOPE, RouteSpec(IPv4Network("10.244.2.0/24"), FLANNEL1))
+    assert not in_scope(VX_SCOPE, RouteSpec(IPv4Network("10.244.2.0/24"), CNI0))  # the CNI bridge's
+    assert not in_scope(VX_SCOPE, RouteSpec(IPv4Network("0.0.0.0/0"), ETH0))  # outside the Network
+    assert in_scope(VX_SCOPE, NeighSpec(FLANNEL1, IPv4Address("10.244.2.0"), MAC))
+    assert not in_scope(VX_SCOPE, NeighSpec(ETH0, IPv4Address("198.51.100.9"), MAC))
+    assert not in_scope(VX_SCOPE, AddrSpec(ETH0, IPv4Interface("198.51.100.1/24")))
+
+
+def test_plan_adds_missing_entries_fdb_and_neighbour_before_the_route() -> None:
+    wanted = Wanted(VX_SCOPE, peer_set(vx_lease()))
+    result = plan(wanted, [])
+    assert result.remove == ()
+    assert [type(e) for e in result.add] == [FdbSpec, NeighSpec, RouteSpec]
+
+
+def test_plan_is_empty_when_the_kernel_matches() -> None:
+    entries = peer_set(vx_lease(), vx_lease("10.244.3.0/24", "198.51.100.3", "aa:bb:cc:dd:ee:03"))
+    assert not plan(Wanted(VX_SCOPE, entries), entries)
+
+
+def test_plan_removes_unwanted_owned_entries_route_first() -> None:
+    gone = peer_set(vx_lease("10.244.3.0/24", "198.51.100.3", "aa:bb:cc:dd:ee:03"))
+    foreign = [RouteSpec(IPv4Network("10.244.9.0/24"), CNI0), NeighSpec(ETH0, IPv4Address("198.51.100.9"), MAC)]
+    result = plan(Wanted(VX_SCOPE, frozenset()), [*gone, *foreign])
+    assert set(result.remove) == gone
+    assert [type(e) for e in result.remove] == [RouteSpec, NeighSpec, FdbSpec]
+    assert result.add == ()
+
+
+def test_plan_replaces_a_changed_route_and_neighbour_and_moves_the_fdb_entry() -> None:
+    old = peer_set(vx_lease(mac="aa:bb:cc:dd:ee:99", public_ip="198.51.100.20"))
+    new = peer_set(vx_lease())
+    result = plan(Wanted(VX_SCOPE, new), old)
+    # neighbour and route are replaced in place (same key), the stale FDB entry is removed
+    assert result.remove == (FdbSpec(FLANNEL1, "aa:bb:cc:dd:ee:99", IPv4Address("198.51.100.20")),)
+    assert set(result.add) == {
+        NeighSpec(FLANNEL1, IPv4Address("10.244.2.0"), MAC),
+        FdbSpec(FLANNEL1, MAC, IPv4Address("198.51.100.2")),
+    }  # the route itself did not change
+
+
+def test_plan_without_prune_never_removes() -> None:
+    stale = peer_set(vx_lease("10.244.3.0/24", "198.51.100.3"))
+    result = plan(Wanted(VX_SCOPE, peer_set(vx_lease())), stale, prune=False)
+    assert result.remove == ()
+    assert len(result.add) == 3
+
+
+def test_describe_names_devices() -> None:
+    route = RouteSpec(IPv4Network("10.244.2.0/24"), FLANNEL1, IPv4Address("10.244.2.0"), onlink=True)
+    assert describe(route, {FLANNEL1: "flannel.1"}) == "route 10.244.2.0/24 via 10.244.2.0 dev flannel.1 onlink"
+    assert describe(FdbSpec(FLANNEL1, MAC, IPv4Address("198.51.100.2"))) == f"fdb {MAC} dst 198.51.100.2 dev #7"
+
+
+# --- the reconciler over an in-memory kernel ------------------------------------------------------
+
+
+class FakeKernel:
+    """An in-memory kernel: entries keyed like the real one, with injectable failures."""
+
+    def __init__(self, entries: set[Entry] | None = None) -> None:
+        self.entries: set[Entry] = set(entries or ())
+        self.fail: dict[Entry, int] = {}
+        self.calls: list[tuple[str, Entry]] = []
+
+    def dump(self, scope: Scope) -> list[Entry]:
+        return [e for e in self.entries if in_scope(scope, e)]
+
+    def add(self, entry: Entry) -> None:
+        self.calls.append(("add", entry))
+        if entry in self.fail:
+            raise NetlinkError(self.fail[entry])
+        if isinstance(entry, RouteSpec):  # a route replaces the one with the same destination
+            self.entries = {e for e in self.entries if not (isinstance(e, RouteSpec) and e.dst == entry.dst)}
+        if isinstance(entry, NeighSpec):
+            self.entries = {e for e in self.entries
+                            if not (isinstance(e, NeighSpec) and (e.ifindex, e.ip) == (entry.ifindex, entry.ip))}
+        self.entries.add(entry)
+
+    def remove(self, entry: Entry) -> None:
+        self.calls.append(("remove", entry))
+        self.entries.discard(entry)
+
+
+def test_reconciler_converges_and_then_does_nothing() -> None:
+    wanted = Wanted(VX_SCOPE, peer_set(vx_lease()))
+    kernel = FakeKernel({RouteSpec(IPv4Network("10.244.9.0/24"), CNI0)})
+    reconciler = Reconciler(kernel, lambda: wanted)
+    first = reconciler.run_pass()
+    assert set(first.added) == wanted.entries and first.removed == ()
+    assert kernel.entries == wanted.entries | {RouteSpec(IPv4Network("10.244.9.0/24"), CNI0)}
+    kernel.calls.clear()
+    assert reconciler.run_pass() == type(first)()
+    assert kernel.calls == []
+
+
+def test_reconciler_repairs_an_entry_deleted_by_hand() -> None:
+    wanted = Wanted(VX_SCOPE, peer_set(vx_lease()))
+    kernel = FakeKernel(set(wanted.entries))
+    neigh = next(e for e in wanted.entries if isinstance(e, NeighSpec))
+    kernel.entries.discard(neigh)
+    result = Reconciler(kernel, lambda: wanted).run_pass()
+    assert result.added == (neigh,)
+    assert kernel.entries == wanted.entries
+
+
+def test_reconciler_keeps_going_past_a_failing_entry() -> None:
+    good = lease("10.244.2.0/24", "198.51.100.2", "host-gw")
+    bad = lease("10.244.3.0/24", "198.51.100.3", "host-gw")
+    entries = hostgw_peer_entries(HG, good).entries | hostgw_peer_entries(HG, bad).entries
+    kernel = FakeKernel()
+    (bad_route,) = hostgw_peer_entries(HG, bad).entries
+    kernel.fail[bad_route] = errno.ENETUNREACH
+    result = Reconciler(kernel, lambda: Wanted(Scope(NETWORK, frozenset({ETH0})), entries)).run_pass()
+    assert [e for e, _ in result.failed] == [bad_route]
+    assert kernel.entries == hostgw_peer_entries(HG, good).entries
+
+
+def test_reconciler_close_removes_what_we_own_and_stops_later_passes() -> None:
+    wanted = Wanted(VX_SCOPE, peer_set(vx_lease()) | vxlan_own_entries(FLANNEL1, IPv4Network("10.244.1.0/24")))
+    foreign = RouteSpec(IPv4Network("10.244.1.0/24"), CNI0)
+    kernel = FakeKernel({foreign})
+    reconciler = Reconciler(kernel, lambda: wanted)
+    reconciler.run_pass()
+    closed = reconciler.close(VX_SCOPE)
+    assert set(closed.removed) == wanted.entries
+    assert kernel.entries == {foreign}
+    assert reconciler.run_pass().added == ()
+    assert kernel.entries == {foreign}
+
+
+def test_reconcile_loop_repairs_drift_on_its_timer_and_logs_it(caplog: pytest.LogCaptureFixture) -> None:
+    wanted = udp_own_entries(NETWORK, IPv4Network("10.244.5.0/24"), 11)
+    kernel = FakeKernel(set(wanted.entries))
+    route = RouteSpec(NETWORK, 11)
+
+    async def scenario() -> None:
+        loop = ReconcileLoop(Reconciler(kernel, lambda: wanted), "udp", names=lambda: {11: "flannel0"},
+                             interval=0.02)
+        loop.start()
+        kernel.entries.discard(route)
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if "drift repaired" in caplog.text:
+                break
+        await loop.stop()
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(scenario())
+    assert route in kernel.entries
+    assert "drift repaired: restored route 10.244.0.0/16 dev flannel0" in caplog.text
+
+
+# --- the shared peer handling, through host-gw ------------------------------------------------------
+
+
+def hostgw_backend(kernel: FakeKernel) -> HostGwBackend:
+    config = parse_network_config('{"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}')
+    iface = InterfaceInfo("eth0", ETH0, IPv4Address("198.51.100.1"), 24, 1500)
+    ctx = BackendContext(config, iface, IPv4Address("198.51.100.1"), netlink=None)  # type: ignore[arg-type]
+    return HostGwBackend(ctx, kernel=kernel, interval=3600)
+
+
+def route_to(subnet: str, via: str) -> RouteSpec:
+    return RouteSpec(IPv4Network(subnet), ETH0, gateway=IPv4Address(via))
+
+
+def test_routed_backend_adds_ignores_refuses_and_removes_peers(caplog: pytest.LogCaptureFixture) -> None:
+    kernel = FakeKernel()
+    backend = hostgw_backend(kernel)
+    a = lease("10.244.2.0/24", "198.51.100.2", "host-gw")
+    other_type = lease("10.244.3.0/24", "198.51.100.3", "vxlan", {"VNI": 1, "VtepMAC": MAC})
+    off_segment = lease("10.244.4.0/24", "203.0.113.4", "host-gw")
+
+    async def scenario() -> None:
+        await backend.start(IPv4Network("10.244.1.0/24"))
+        await backend.apply([LeaseAdded(a), LeaseAdded(other_type), LeaseAdded(off_segment)])
+        assert kernel.entries == {route_to("10.244.2.0/24", "198.51.100.2")}
+        assert [p.subnet for p in backend.peers()] == [a.subnet]
+        moved = lease("10.244.2.0/24", "198.51.100.22", "host-gw")
+        await backend.apply([LeaseAdded(moved)])
+        assert kernel.entries == {route_to("10.244.2.0/24", "198.51.100.22")}
+        await backend.apply([LeaseRemoved(moved)])
+        assert kernel.entries == set()
+        await backend.stop(cleanup=False)
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(scenario())
+    assert "peer added: 10.244.2.0/24 via 198.51.100.2 dev eth0" in caplog.text
+    assert "peer updated: 10.244.2.0/24 via 198.51.100.22" in caplog.text
+    assert "uses backend 'vxlan', not host-gw; ignoring it" in caplog.text
+    assert "peer 10.244.4.0/24 (203.0.113.4) refused" in caplog.text
+    assert "peer removed: 10.244.2.0/24" in caplog.text
+
+
+def test_routed_backend_keeps_live_routes_until_it_knows_the_peers() -> None:
+    """After a restart, routes from the previous run stay until the first lease listing."""
+    live, stale = route_to("10.244.2.0/24", "198.51.100.2"), route_to("10.244.3.0/24", "198.51.100.3")
+    kernel = FakeKernel({live, stale})
+    backend = hostgw_backend(kernel)
+
+    async def scenario() -> None:
+        await backend.start(IPv4Network("10.244.1.0/24"))
+        assert kernel.entries == {live, stale}
+        await backend.apply([LeaseAdded(lease("10.244.2.0/24", "198.51.100.2", "host-gw"))])
+        assert kernel.entries == {live}
+        await backend.stop(cleanup=False)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("cleanup", [True, False])
+def test_routed_backend_stop_removes_routes_only_with_cleanup(cleanup: bool) -> None:
+    foreign = RouteSpec(IPv4Network("10.244.1.0/24"), CNI0)
+    kernel = FakeKernel({foreign})
+    backend = hostgw_backend(kernel)
+
+    async def scenario() -> None:
+        await backend.start(IPv4Network("10.244.1.0/24"))
+        await backend.apply([LeaseAdded(lease("10.244.2.0/24", "198.51.100.2", "host-gw"))])
+        assert backend.is_up()
+        await backend.stop(cleanup=cleanup)
+        assert not backend.is_up()
+
+    asyncio.run(scenario())
+    expected = {foreign} if cleanup else {foreign, route_to("10.244.2.0/24", "198.51.100.2")}
+    assert kernel.entries == expected
