@@ -76,6 +76,7 @@ class UdpBackend:
             raise
         self.pump = Pump(self.engine, self._tun, self._conn)
         self.pump.start()
+        self._tun.set_persistent(True)
         self._keep(own_subnet, index)
         log.info("udp backend up: %s mtu %d, listening on %s:%d (offloads: tun %s, gso %s, gro %s)",
                  TUN_NAME, self.mtu, self.ctx.iface.address, self.port,
@@ -137,8 +138,10 @@ class UdpBackend:
         if self.pump is not None:
             self.pump.stop()
             self.pump = None
+        if cleanup and self._tun is not None:
+            # without persistence, closing the fd removes flannel0 and with it its address and route
+            self._tun.set_persistent(False)
         self._close_fds()
-        # Closing the (non-persistent) TUN fd removes flannel0 and its route: nothing else to clean.
 
     def _close_fds(self) -> None:
         if self._tun is not None:

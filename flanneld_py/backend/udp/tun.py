@@ -16,6 +16,7 @@ from dataclasses import dataclass
 __all__ = ["TunDevice", "open_tun"]
 
 TUNSETIFF = 0x400454CA
+TUNSETPERSIST = 0x400454CB
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
 IFF_TUN = 0x0001
@@ -53,6 +54,11 @@ class TunDevice:
     def write(self, packet: bytes | bytearray | memoryview) -> None:
         os.write(self.fd, packet)
 
+    def set_persistent(self, persistent: bool) -> None:
+        """A persistent device outlives our fd: a restarting daemon keeps flannel0 and its
+        route, so pods only lose the packets sent while no process is attached."""
+        fcntl.ioctl(self.fd, TUNSETPERSIST, int(persistent))
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -60,7 +66,7 @@ class TunDevice:
 
 
 def open_tun(name: str, offload: bool = False) -> TunDevice:
-    """Create TUN device ``name`` without packet info headers.
+    """Create TUN device ``name`` (or attach to a persistent one) without packet info headers.
 
     With ``offload`` it also asks for virtio-net headers and checksum/TSO
     offloads; a kernel that refuses gets a plain device (logged), so the
