@@ -1,0 +1,235 @@
+#!/usr/bin/env -S python3 -I -S
+"""flannel-py: the CNI plugin a container runtime executes for every pod it starts and stops.
+
+This is only a shim. It checks what it can check cheaply (CNI_* variables,
+the JSON on stdin, cniVersion), answers VERSION itself, and hands the rest
+to flanneld-py over a unix socket (config key ``daemonSocket``, default
+/run/flannel/cni.sock): the daemon has the netlink layer loaded and owns the
+address store, so a pod costs it a few milliseconds. It prints the
+daemon's answer and exits with its status; with no daemon it answers
+error 11 (try again later) and the runtime retries.
+
+Startup time is the whole budget here, so this file is stdlib-only and
+imports almost nothing (measured, Python 3.11: ``json`` pulls in ``re`` and
+``enum`` for ~7 ms, ``socket`` ~2 ms more; their C halves ``_json`` and
+``_socket`` cost 0.5 ms) and the shebang passes ``-I -S`` (no site
+packages to scan, ~3 ms with Debian's python3, ~25 ms under pyenv).
+Install: ``install -m 755 cni/flannel_py.py /opt/cni/bin/flannel-py``.
+"""
+
+import sys
+
+# posix, not os: os costs ~1 ms more of imports, and this only needs the environment.
+from posix import environ as _environb
+
+try:
+    import _socket as _sock
+except ImportError:  # pragma: no cover - a Python without the C module
+    import socket as _sock  # type: ignore[no-redef]
+
+try:
+    from _json import encode_basestring_ascii as _quote
+    from _json import make_encoder as _make_encoder
+    from _json import make_scanner as _make_scanner
+except ImportError:  # pragma: no cover - a Python without the C accelerator
+    _make_scanner = None
+
+SUPPORTED_VERSIONS = ("0.3.1", "0.4.0", "1.0.0", "1.1.0")
+DEFAULT_SOCKET = "/run/flannel/cni.sock"
+ANSWER_TIMEOUT = 120.0  # seconds; the kubelet gives up on its own schedule anyway
+
+# What each command cannot do without (SPEC.md, "Parameters").
+REQUIRED_ENV = {
+    "ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"),
+    "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"),
+    "DEL": ("CNI_CONTAINERID", "CNI_IFNAME"),
+    "STATUS": (),
+    "GC": (),
+    "VERSION": (),
+}
+
+# SPEC.md error codes (and one of ours).
+INCOMPATIBLE_VERSION = 1
+INVALID_ENVIRONMENT = 4
+DECODE_FAILURE = 6
+INVALID_CONFIG = 7
+TRY_AGAIN_LATER = 11
+NOT_AVAILABLE = 50
+BAD_ANSWER = 110
+
+_JSON_WHITESPACE = " \t\n\r"
+
+
+class CniFailure(Exception):
+    def __init__(self, code, msg, details=""):
+        super().__init__(msg)
+        self.code, self.msg, self.details = code, msg, details
+
+
+# --- JSON without the json package -----------------------------------------
+
+
+class _ScanContext:
+    """The attributes _json's scanner reads from a json.JSONDecoder: plain JSON, nothing more."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+
+    @staticmethod
+    def parse_constant(name):
+        raise ValueError(name + " is not valid JSON")
+
+
+def loads(text):
+    """``json.loads`` for a str; raises ValueError."""
+    if _make_scanner is None:  # pragma: no cover
+        import json
+        return json.loads(text, parse_constant=_ScanContext.parse_constant)
+    start = len(text) - len(text.lstrip(_JSON_WHITESPACE))
+    try:
+        value, end = _make_scanner(_ScanContext)(text, start)
+        if not text[end:].strip(_JSON_WHITESPACE):
+            return value
+    except (StopIteration, ValueError, SystemError):
+        # _json reports most errors through json.decoder, and only once that is
+        # imported (a SystemError before). Bad input is rare: let json explain it.
+        pass
+    import json
+    return json.loads(text, parse_constant=_ScanContext.parse_constant)
+
+
+def _unencodable(obj):
+    raise TypeError("cannot encode %r as JSON" % (obj,))
+
+
+def dumps(obj):
+    """Compact ``json.dumps``."""
+    if _make_scanner is None:  # pragma: no cover
+        import json
+        return json.dumps(obj, separators=(",", ":"))
+    encode = _make_encoder(None, _unencodable, _quote, None, ":", ",", False, False, False)
+    return "".join(encode(obj, 0))
+
+
+# --- the plugin ----------------------------------------------------------------
+
+
+def answer_version(config):
+    version = config.get("cniVersion") if isinstance(config, dict) else None
+    return version if version in SUPPORTED_VERSIONS else SUPPORTED_VERSIONS[-1]
+
+
+def read_config(command, stdin_bytes):
+    """The network config from stdin, checked as far as the shim checks it."""
+    if not command:
+        raise CniFailure(INVALID_ENVIRONMENT, "CNI_COMMAND is not set")
+    if command not in REQUIRED_ENV:
+        raise CniFailure(INVALID_ENVIRONMENT,
+                         "CNI_COMMAND %r is not one of %s" % (command, ", ".join(REQUIRED_ENV)))
+    try:
+        config = loads(stdin_bytes.decode("utf-8"))
+    except ValueError as exc:  # UnicodeDecodeError is one too
+        if command == "VERSION":  # VERSION answers whatever came in, in our latest version
+            return {}
+        raise CniFailure(DECODE_FAILURE, "cannot decode the network config on stdin", str(exc)) from None
+    if command == "VERSION":
+        return config if isinstance(config, dict) else {}
+    if not isinstance(config, dict):
+        raise CniFailure(INVALID_CONFIG, "the network config on stdin must be a JSON object")
+    version = config.get("cniVersion")
+    if not isinstance(version, str) or not version:
+        raise CniFailure(INVALID_CONFIG, "the network config has no cniVersion")
+    if version not in SUPPORTED_VERSIONS:
+        raise CniFailure(INCOMPATIBLE_VERSION, "cniVersion %s is not supported" % version,
+                         "supported versions: " + ", ".join(SUPPORTED_VERSIONS))
+    return config
+
+
+def check_environment(command, environ):
+    missing = [name for name in REQUIRED_ENV[command] if not environ.get(name)]
+    if missing:
+        raise CniFailure(INVALID_ENVIRONMENT, "%s needs %s to be set" % (command, ", ".join(missing)))
+
+
+def ask_daemon(path, request):
+    """Send one request, return the decoded ``{"exit", "output"}`` answer."""
+    sock = _sock.socket(_sock.AF_UNIX, _sock.SOCK_STREAM)
+    try:
+        sock.settimeout(ANSWER_TIMEOUT)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise CniFailure(TRY_AGAIN_LATER,
+                             "flanneld-py is not running on this node (no answer on %s); "
+                             "the runtime will retry" % path, str(exc)) from None
+        try:
+            sock.sendall(request)
+            sock.shutdown(_sock.SHUT_WR)
+            chunks = []
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except TimeoutError:
+            raise CniFailure(TRY_AGAIN_LATER, "flanneld-py did not answer on %s within %d s; the runtime "
+                             "will retry" % (path, ANSWER_TIMEOUT)) from None
+        except OSError as exc:
+            raise CniFailure(TRY_AGAIN_LATER, "lost the connection to flanneld-py on %s" % path,
+                             str(exc)) from None
+    finally:
+        sock.close()
+    try:
+        answer = loads(b"".join(chunks).decode("utf-8"))
+        if not isinstance(answer, dict) or answer.get("exit") not in (0, 1):
+            raise ValueError("no exit status in %r" % (answer,))
+    except ValueError as exc:
+        raise CniFailure(BAD_ANSWER, "flanneld-py sent an answer the plugin cannot read; "
+                         "are the plugin and the daemon the same version?", str(exc)) from None
+    return answer
+
+
+def run(environ, stdin_bytes):
+    """The exit status and the object to print (None: print nothing)."""
+    command = environ.get("CNI_COMMAND", "")
+    config = None
+    try:
+        config = read_config(command, stdin_bytes)
+        if command == "VERSION":
+            return 0, {"cniVersion": answer_version(config), "supportedVersions": list(SUPPORTED_VERSIONS)}
+        check_environment(command, environ)
+        cni_env = {name: value for name, value in environ.items() if name.startswith("CNI_")}
+        request = dumps({"command": command, "env": cni_env, "config": config}).encode("utf-8")
+        try:
+            answer = ask_daemon(config.get("daemonSocket") or DEFAULT_SOCKET, request)
+        except CniFailure as failure:
+            if command == "STATUS" and failure.code == TRY_AGAIN_LATER:
+                failure.code = NOT_AVAILABLE  # STATUS's own word for it
+            raise
+    except CniFailure as failure:
+        error = {"cniVersion": answer_version(config), "code": failure.code, "msg": failure.msg}
+        if failure.details:
+            error["details"] = failure.details
+        return 1, error
+    return answer["exit"], answer.get("output")
+
+
+def _cni_environment():
+    """The environment as str (posix gives bytes), non-UTF-8 bytes kept as surrogates."""
+    return {key.decode("utf-8", "surrogateescape"): value.decode("utf-8", "surrogateescape")
+            for key, value in _environb.items() if key.startswith(b"CNI_")}
+
+
+def main():
+    status, output = run(_cni_environment(), sys.stdin.buffer.read())
+    if output is not None:
+        sys.stdout.write(dumps(output) + "\n")
+        sys.stdout.flush()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""A CNI lab: a node namespace running the CNI server, and the shim driven as a runtime drives it.
+
+The runtime's part is played exactly: the plugin file is executed (its
+shebang and all) inside the node namespace, with CNI_* in the environment
+and the network config on stdin. Nothing here touches the host's namespace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import Any
+
+from flanneld_py.cni.models import Attachment
+from flanneld_py.cni.wiring import host_veth_name
+from flanneld_py.core.subnetenv import SubnetEnv
+from flanneld_py.lab.netns import Netns, unique_tag
+
+REPO = Path(__file__).resolve().parents[1]
+SHIM = REPO / "cni" / "flannel_py.py"
+CLUSTER = IPv4Network("10.244.0.0/16")
+REFERENCE_PLUGINS = Path("/usr/lib/cni")
+
+
+@dataclass
+class PluginRun:
+    """One plugin execution as the runtime saw it."""
+
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def output(self) -> Any:
+        return json.loads(self.stdout) if self.stdout.strip() else None
+
+    def ok(self) -> Any:
+        assert self.code == 0, f"plugin failed ({self.code}): {self.stdout} {self.stderr}"
+        return self.output
+
+    def error(self) -> dict[str, Any]:
+        assert self.code != 0, f"plugin unexpectedly succeeded: {self.stdout}"
+        out = self.output
+        assert isinstance(out, dict) and isinstance(out.get("code"), int) and isinstance(out.get("msg"), str), out
+        return out
+
+
+def run_plugin(node: Netns, argv: list[str], env: Mapping[str, str], stdin: str | bytes,
+               timeout: float = 60) -> PluginRun:
+    """Execute a CNI plugin in ``node`` the way a runtime does: env vars plus config on stdin."""
+    data = stdin.encode() if isinstance(stdin, str) else stdin
+    full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env}
+    proc = subprocess.run(node.argv(*argv), input=data, capture_output=True, env=full_env, timeout=timeout)
+    return PluginRun(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+
+
+class CniServerProcess:
+    """``python3 -m flanneld_py.cni.server`` inside the node namespace."""
+
+    def __init__(self, node: Netns, socket_path: str, workdir: Path) -> None:
+        self.node = node
+        self.socket_path = socket_path
+        self.log_path = workdir / "server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 15) -> None:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log:
+            self.proc = self.node.popen("python3", "-m", "flanneld_py.cni.server", "--socket", self.socket_path,
+                                        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"CNI server exited: {self.log_path.read_text()}")
+            if "listening on" in self.log_path.read_text()[offset:]:
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"CNI server did not start: {self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+
+@dataclass
+class CniNode:
+    """A node namespace with the CNI server in it, shared by the tests of one module."""
+
+    tag: str
+    node: Netns
+    workdir: Path
+    server: CniServerProcess
+
+    @classmethod
+    def create(cls) -> CniNode:
+        tag = unique_tag()
+        workdir = Path(tempfile.mkdtemp(prefix=f"cnit-{tag}-"))
+        node = Netns.create(f"cnit-{tag}-node")
+        lab = cls(tag, node, workdir, CniServerProcess(node, str(workdir / "cni.sock"), workdir))
+        try:
+            lab.server.start()
+        except BaseException:
+            lab.close()
+            raise
+        return lab
+
+    def close(self) -> None:
+        try:
+            self.server.stop()
+        finally:
+            self.node.delete()
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@dataclass
+class CniNetwork:
+    """One test's network on the node: its own bridge, subnet file, address store and pods."""
+
+    lab: CniNode
+    index: int
+    subnet: IPv4Network
+    mtu: int = 1472
+    ipmasq: bool = True
+    pods: list[Netns] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"net{self.index}"
+
+    @property
+    def bridge(self) -> str:
+        return f"cnib{self.index}"
+
+    @property
+    def dir(self) -> Path:
+        return self.lab.workdir / self.name
+
+    @property
+    def subnet_file(self) -> Path:
+        return self.dir / "subnet.env"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.dir / "ipam"
+
+    def write_subnet_file(self) -> SubnetEnv:
+        env = SubnetEnv(CLUSTER, self.subnet, self.mtu, self.ipmasq)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.subnet_file.write_text(env.render())
+        return env
+
+    def conf(self, version: str = "1.0.0", **extra: Any) -> dict[str, Any]:
+        conf: dict[str, Any] = {
+            "cniVersion": version,
+            "name": self.name,
+            "type": "flannel-py",
+            "bridge": self.bridge,
+            "isDefaultGateway": True,
+            "hairpinMode": True,
+            "subnetFile": str(self.subnet_file),
+            "dataDir": str(self.data_dir),
+            "daemonSocket": self.lab.server.socket_path,
+        }
+        conf.update(extra)
+        return conf
+
+    def pod(self, label: str) -> Netns:
+        ns = Netns.create(f"cnit-{self.lab.tag}-{self.index}{label}")
+        self.pods.append(ns)
+        return ns
+
+    def invoke(self, command: str, conf: dict[str, Any] | str | bytes, *, container: str = "",
+               netns: Netns | str | None = None, ifname: str = "eth0",
+               env: Mapping[str, str] | None = None) -> PluginRun:
+        """Run the shim for ``command``; ``env`` entries override (an empty value drops the variable)."""
+        variables = {"CNI_COMMAND": command, "CNI_CONTAINERID": container, "CNI_IFNAME": ifname,
+                     "CNI_PATH": str(REFERENCE_PLUGINS),
+                     "CNI_NETNS": netns.path if isinstance(netns, Netns) else (netns or "")}
+        variables.update(env or {})
+        variables = {k: v for k, v in variables.items() if v}
+        stdin = conf if isinstance(conf, (str, bytes)) else json.dumps(conf)
+        return run_plugin(self.lab.node, [str(SHIM)], variables, stdin)
+
+    def add(self, pod: Netns, container: str, version: str = "1.0.0", **extra: Any) -> dict[str, Any]:
+        result = self.invoke("ADD", self.conf(version, **extra), container=container, netns=pod).ok()
+        assert isinstance(result, dict)
+        return result
+
+    def delete(self, pod: Netns | str | None, container: str, **extra: Any) -> None:
+        """DEL, then wait until the pod is really gone: the server removes it after answering."""
+        out = self.invoke("DEL", self.conf(**extra), container=container, netns=pod).ok()
+        assert out is None
+        self.wait_removed(container)
+
+    def wait_removed(self, container: str, ifname: str = "eth0", timeout: float = 10) -> None:
+        host = host_veth_name(Attachment(container, ifname))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            owners = [content.split("\n")[0] for content in self.reservations().values()]
+            if container not in owners and host not in self.host_veths():
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"{container} still has {host} or an address {timeout} s after DEL")
+
+    def reservations(self) -> dict[str, str]:
+        """Address files in the store (name -> content)."""
+        d = self.data_dir / self.name
+        if not d.is_dir():
+            return {}
+        out = {}
+        for path in d.iterdir():
+            if path.name[0].isdigit():
+                try:
+                    out[path.name] = path.read_text()
+                except FileNotFoundError:  # released meanwhile
+                    pass
+        return out
+
+    def host_veths(self) -> list[str]:
+        links = json.loads(self.lab.node.ip("-j", "link", "show", "type", "veth").stdout or "[]")
+        return [link["ifname"] for link in links]
+
+    def close(self) -> None:
+        for pod in self.pods:
+            pod.delete()
+        self.lab.node.ip("link", "del", self.bridge, check=False)
+
+
+def pod_state(pod: Netns, ifname: str = "eth0") -> dict[str, Any]:
+    """The interface, its IPv4 addresses and the main table's routes, as ``ip -j`` reports them."""
+    links = json.loads(pod.ip("-j", "addr", "show", "dev", ifname).stdout)
+    routes = json.loads(pod.ip("-j", "-4", "route", "show").stdout)
+    (link,) = links
+    return {
+        "mtu": link["mtu"],
+        "mac": link["address"],
+        "up": "UP" in link["flags"],
+        "index": link["ifindex"],
+        "addresses": [f"{a['local']}/{a['prefixlen']}" for a in link["addr_info"] if a["family"] == "inet"],
+        "routes": {(r["dst"], r.get("gateway")) for r in routes},
+    }
+
+
+def with_prev_result(conf: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    return {**conf, "prevResult": result}
