@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import functools
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
 __all__ = [
     "GSO_NONE",
@@ -108,8 +107,12 @@ def _checksums(sums: np.ndarray) -> np.ndarray:
 
 
 def header_rows(batch: np.ndarray, count: int, seglen: int, width: int) -> np.ndarray:
-    """A (count, width) read-only view of the first ``width`` bytes of each segment, no copy."""
-    return as_strided(batch, shape=(count, width), strides=(seglen, 1), writeable=False)
+    """A (count, width) view of the first ``width`` bytes of each segment, no copy.
+
+    Built with the ndarray constructor: ``as_strided`` costs ~10 us per call.
+    The caller guarantees the last segment holds at least ``width`` bytes.
+    """
+    return np.ndarray((count, width), dtype=np.uint8, buffer=batch, strides=(seglen, 1))
 
 
 def segment_tcp4(packet: bytearray | memoryview, n: int, mss: int, out: np.ndarray) -> tuple[int, int, int]:
