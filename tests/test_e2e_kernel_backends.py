@@ -249,9 +249,21 @@ def test_entries_deleted_by_hand_come_back(lab: tuple[str, Cluster]) -> None:
     if kind == "vxlan":
         node.netns.ip("neigh", "del", peer.gateway, "dev", VXLAN_DEV)
         run(["bridge", "-n", node.netns.name, "fdb", "del", str(peer.mac), "dev", VXLAN_DEV, "dst", peer.public_ip])
-    assert missing_entries(kind, node, [peer]) != []
     assert wait_until(lambda: missing_entries(kind, node, [peer]) == [], 10), missing_entries(kind, node, [peer])
     assert "drift repaired: restored route " + peer.subnet in node.log_text()
+
+
+def test_vxlan_device_deleted_by_hand_comes_back_with_its_mac(lab: tuple[str, Cluster]) -> None:
+    kind, cluster = lab
+    if kind != "vxlan":
+        pytest.skip("host-gw makes no device")
+    node = cluster.nodes[2]
+    mac = device_mac(node)
+    node.netns.ip("link", "del", VXLAN_DEV)
+    assert wait_until(lambda: device_exists(node), 10), node.log_text()[-2000:]
+    assert device_mac(node) == mac
+    assert converged(kind, cluster, timeout=3) == []
+    assert f"{VXLAN_DEV} was deleted; recreated it with VTEP MAC {mac}" in node.log_text()
 
 
 def test_unusable_peer_is_refused_with_one_log_line(lab: tuple[str, Cluster]) -> None:
@@ -329,6 +341,21 @@ def test_removed_peer_disappears_from_the_others(lab: tuple[str, Cluster]) -> No
     assert all(f"peer removed: {subnet}" in n.log_text() for n in rest)
 
 
+def test_vxlan_direct_routing_uses_plain_routes_on_one_segment() -> None:
+    with Cluster(nodes=2, backend={"Type": "vxlan", "DirectRouting": True}) as cluster:
+        start(cluster, *cluster.nodes)
+        a, b = cluster.nodes
+
+        def direct() -> bool:
+            route = our_routes(a).get(str(b.subnet_env().subnet))
+            return route is not None and route.get("gateway") == b.address and route.get("dev") == "eth0"
+
+        assert wait_until(direct, 5), our_routes(a)
+        assert permanent_neighbours(a) == {} and fdb(a) == set()
+        assert a.netns.sh("ping", "-c1", "-W2", "-I", str(a.subnet_env().subnet.network_address),
+                          str(b.subnet_env().subnet.network_address), check=False).returncode == 0
+
+
 # --- udp ---------------------------------------------------------------------------------------------
 
 
@@ -336,13 +363,17 @@ def test_udp_backend_restores_its_network_route() -> None:
     with Cluster(nodes=1, backend={"Type": "udp"}) as cluster:
         node = cluster.nodes[0]
         start(cluster, node)
-        route = {"dst": "10.244.0.0/16", "dev": "flannel0"}
+        address = f"{node.subnet_env().subnet.network_address}/32"
 
-        def present() -> bool:
-            return any(all(r.get(k) == v for k, v in route.items()) for r in node.routes())
+        def present() -> tuple[bool, bool]:
+            routed = any(r.get("dst") == "10.244.0.0/16" and r.get("dev") == "flannel0" for r in node.routes())
+            addrs = ip_json(node, "addr", "show", "dev", "flannel0")[0]["addr_info"]
+            return routed, any(f"{a['local']}/{a['prefixlen']}" == address for a in addrs)
 
-        assert present()
+        assert present() == (True, True)
         node.netns.ip("route", "del", "10.244.0.0/16", "dev", "flannel0")
-        assert not present()
-        assert wait_until(present, 10), node.routes()
-        assert "drift repaired: restored route 10.244.0.0/16 dev flannel0" in node.log_text()
+        node.netns.ip("addr", "del", address, "dev", "flannel0")
+        assert wait_until(lambda: present() == (True, True), 10), (node.routes(), node.log_text()[-2000:])
+        log = node.log_text()
+        assert "drift repaired: restored route 10.244.0.0/16 dev flannel0" in log
+        assert f"drift repaired: restored address {address} dev flannel0" in log

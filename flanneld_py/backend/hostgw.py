@@ -9,7 +9,8 @@ encapsulation: pods get the full interface MTU.
 
 from __future__ import annotations
 
-from ipaddress import IPv4Interface
+import logging
+from ipaddress import IPv4Interface, IPv4Network
 
 from ..core.lease import Lease, LeaseAttrs
 from .base import BackendContext
@@ -17,6 +18,8 @@ from .kernel_state import HostGwLocal, PeerEntries, Scope, hostgw_peer_entries
 from .routed import RECONCILE_INTERVAL, Kernel, RoutedBackend
 
 __all__ = ["HostGwBackend"]
+
+log = logging.getLogger(__name__)
 
 
 class HostGwBackend(RoutedBackend):
@@ -35,6 +38,10 @@ class HostGwBackend(RoutedBackend):
 
     def lease_attrs(self) -> LeaseAttrs:
         return LeaseAttrs(self.ctx.public_ip, self.type_name, None)
+
+    def _setup(self, own_subnet: IPv4Network) -> None:
+        log.info("host-gw backend up: routes to peers via their PublicIP on %s (%s), mtu %d",
+                 self.ctx.iface.name, self._local.underlay, self.mtu)
 
     def _scope(self) -> Scope:
         return Scope(self.ctx.config.network, frozenset({self.ctx.iface.index}))

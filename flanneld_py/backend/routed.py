@@ -30,7 +30,7 @@ from ipaddress import IPv4Network
 from typing import Protocol
 
 from ..core.lease import Lease, LeaseAdded, LeaseAttrs, LeaseEvent, LeaseRemoved
-from ..netlink import Netlink, NetlinkError, RouteSpec
+from ..netlink import RTPROT_FLANNEL, Netlink, NetlinkError, RouteSpec
 from ..netlink import vxlan as nlvx
 from .base import BackendContext, PeerStats
 from .kernel_state import AddrSpec, Entry, FdbSpec, NeighSpec, PeerEntries, Scope, Wanted, describe, in_scope, plan
@@ -95,13 +95,22 @@ class NetlinkKernel:
 
     def remove(self, entry: Entry) -> None:
         if isinstance(entry, RouteSpec):
-            self.netlink.delete_route(entry.dst)
+            self._remove_route(entry)
         elif isinstance(entry, NeighSpec):
             nlvx.delete_neigh(self.netlink, entry.ifindex, entry.ip)
         elif isinstance(entry, FdbSpec):
             nlvx.delete_fdb(self.netlink, entry.ifindex, entry.mac, entry.dst)
         else:
             self._remove_address(entry)
+
+    def _remove_route(self, route: RouteSpec) -> None:
+        """Delete exactly our route (protocol and device given), never another route to the same subnet."""
+        try:
+            self.netlink.call("route", "del", dst=str(route.dst.network_address), dst_len=route.dst.prefixlen,
+                              oif=route.ifindex, proto=RTPROT_FLANNEL)
+        except NetlinkError as exc:
+            if exc.code not in (errno.ESRCH, errno.ENOENT, errno.ENODEV):
+                raise
 
     def _remove_address(self, entry: AddrSpec) -> None:
         try:
