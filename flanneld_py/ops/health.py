@@ -26,7 +26,7 @@ from .snapshot import Snapshot
 if TYPE_CHECKING:
     from ..subnet.registry import EtcdRegistry
 
-__all__ = ["HealthServer", "etcd_staleness", "health_verdict", "probe_etcd_forever"]
+__all__ = ["EtcdProbe", "HealthServer", "etcd_staleness", "health_verdict"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def etcd_staleness(lease_ttl: float) -> float:
 
 
 def health_verdict(snap: Snapshot, max_etcd_silence: float) -> tuple[int, dict[str, Any]]:
-    """``(200, body)`` when healthy, else ``(503, body)`` with ``body["reason"]``."""
+    """``(200, body)`` when healthy, else ``(503, body)`` naming the failed check and the reason."""
     remaining = snap.lease_remaining
     body: dict[str, Any] = {
         "phase": snap.phase,
@@ -55,48 +55,67 @@ def health_verdict(snap: Snapshot, max_etcd_silence: float) -> tuple[int, dict[s
         "lease_expires_in_seconds": None if remaining is None else round(remaining, 1),
         "etcd_last_answer_seconds_ago": None if snap.etcd_silence is None else round(snap.etcd_silence, 1),
     }
-    reason = _unhealthy_reason(snap, max_etcd_silence)
-    if reason is None:
+    failed = _failed_check(snap, max_etcd_silence)
+    if failed is None:
         return 200, {"status": "ok", **body}
-    return 503, {"status": "unhealthy", "reason": reason, **body}
+    check, reason = failed
+    return 503, {"status": "unhealthy", "failed": check, "reason": reason, **body}
 
 
-def _unhealthy_reason(snap: Snapshot, max_etcd_silence: float) -> str | None:
+def _failed_check(snap: Snapshot, max_etcd_silence: float) -> tuple[str, str] | None:
+    """The first failing check (``phase``, ``lease``, ``datapath``, ``etcd``) and why."""
     if not snap.ready or snap.phase != "running":
-        return f"not running: {snap.phase}"
+        return "phase", f"not running: {snap.phase}"
     remaining = snap.lease_remaining
     if snap.subnet is None or remaining is None:
-        return "no subnet lease"
+        return "lease", "no subnet lease"
     if remaining <= 0:
-        return f"subnet lease {snap.subnet} expired {-remaining:.0f}s ago"
+        return "lease", f"subnet lease {snap.subnet} expired {-remaining:.0f}s ago"
     if not snap.datapath_up:
-        return "datapath is down"
+        return "datapath", "datapath is down"
     if snap.etcd_silence is None:
-        return "etcd has not answered yet"
+        return "etcd", "etcd has not answered yet"
     if snap.etcd_silence > max_etcd_silence:
-        return f"etcd has not answered for {snap.etcd_silence:.0f}s (limit {max_etcd_silence:.0f}s)"
+        return "etcd", f"etcd has not answered for {snap.etcd_silence:.0f}s (limit {max_etcd_silence:.0f}s)"
     return None
 
 
-async def probe_etcd_forever(registry: EtcdRegistry, interval: float) -> None:
-    """Keep ``registry.last_success`` current with a cheap read whenever etcd has
-    been quiet for ``interval`` (renewals and watch events count as answers),
-    so that silence means etcd is unreachable, not merely that nothing happened."""
-    from ..subnet.registry import EtcdAuthError, EtcdUnavailable
+class EtcdProbe:
+    """Asks etcd for the network config every ``interval`` seconds; ``answered_at``
+    is the ``clock()`` time of the last answer (None: none yet).
 
-    warned = False
-    while True:
-        last = registry.last_success
-        if last is None or time.monotonic() - last >= interval:
+    Health judges etcd by these probes alone: an idle daemon asks etcd nothing
+    for hours, and opening a watch stream succeeds without reaching etcd, so
+    neither says whether etcd answers *now*. Failures go through the daemon's
+    registry, so they count in its error and reconnect counters.
+    """
+
+    def __init__(self, registry: EtcdRegistry, interval: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.registry = registry
+        self.interval = interval
+        self.clock = clock
+        self.answered_at: float | None = None
+
+    def silence(self) -> float | None:
+        """Seconds since etcd last answered a probe."""
+        return None if self.answered_at is None else max(0.0, self.clock() - self.answered_at)
+
+    async def run(self) -> None:
+        from ..subnet.registry import EtcdAuthError, EtcdUnavailable
+
+        warned = False
+        while True:
             try:
-                await registry.get_config()
+                await self.registry.get_config()
+                self.answered_at = self.clock()
             except (EtcdUnavailable, EtcdAuthError) as exc:
                 log.debug("etcd probe failed: %s", exc)
-            except Exception as exc:  # keep probing; the health verdict shows the silence
+            except Exception as exc:  # keep probing; the silence shows in /healthz
                 if not warned:
                     log.warning("etcd probe failed unexpectedly: %s: %s", type(exc).__name__, exc)
                     warned = True
-        await asyncio.sleep(interval)
+            await asyncio.sleep(self.interval)
 
 
 Response = tuple[int, str, bytes]

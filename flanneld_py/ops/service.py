@@ -21,7 +21,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .health import HealthServer, etcd_staleness, health_verdict, probe_etcd_forever
+from .health import EtcdProbe, HealthServer, etcd_staleness, health_verdict
 from .notify import Notifier, watchdog_interval, watchdog_loop
 from .snapshot import Snapshot, take_snapshot
 
@@ -55,16 +55,17 @@ class Operations:
         self.notifier = Notifier.from_environ(environ)
         self.watchdog = watchdog_interval(environ, os.getpid())
         self.staleness = etcd_staleness(self.options.subnet_lease_ttl)
+        self.etcd_probe = EtcdProbe(daemon.registry, self.staleness / 3)
         self.masq: MasqApplier | None = None
         self.health: HealthServer | None = None
         self.control: ControlServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._last_reason: str | None = None
+        self._last_failed: str | None = None
 
     # --- readings -------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
-        return take_snapshot(self.daemon, self.masq.repairs if self.masq else 0)
+        return take_snapshot(self.daemon, self.etcd_probe.silence(), self.masq.repairs if self.masq else 0)
 
     def control_answer(self) -> dict[str, Any]:
         snap = self.snapshot()
@@ -79,7 +80,7 @@ class Operations:
         try:
             if self.watchdog is not None:
                 self._spawn(watchdog_loop(self.notifier, self.watchdog), "watchdog")
-            self._spawn(probe_etcd_forever(self.daemon.registry, self.staleness / 3), "etcd-probe")
+            self._spawn(self.etcd_probe.run(), "etcd-probe")
             self._spawn(self._monitor(), "monitor")
             if self.options.healthz_port:
                 await self._start_health()
@@ -153,13 +154,13 @@ class Operations:
                 continue
             code, body = health_verdict(snap, self.staleness)
             self.notifier.status(status_line(snap, code, body))
-            reason = body.get("reason")
-            if reason != self._last_reason and self.health is not None:
-                if reason is None:
+            failed = body.get("failed")
+            if failed != self._last_failed and self.health is not None:
+                if failed is None:
                     log.info("health: ok again")
                 else:
-                    log.warning("health: unhealthy: %s", reason)
-            self._last_reason = reason
+                    log.warning("health: unhealthy: %s", body["reason"])
+            self._last_failed = failed
 
     async def close(self) -> None:
         for task in self._tasks:

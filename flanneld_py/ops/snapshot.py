@@ -151,11 +151,14 @@ def _batches(backend: object) -> dict[str, BatchView]:
     }
 
 
-def take_snapshot(daemon: Daemon, ipmasq_repairs: int = 0) -> Snapshot:
-    """Read the daemon now. Runs on the event loop (cheap: no I/O, no locks)."""
+def take_snapshot(daemon: Daemon, etcd_silence: float | None, ipmasq_repairs: int = 0) -> Snapshot:
+    """Read the daemon now. Runs on the event loop (cheap: no I/O, no locks).
+
+    ``etcd_silence`` comes from the etcd probe (see :class:`~.health.EtcdProbe`).
+    """
     state = daemon.state
     registry = daemon.registry
-    wall, mono = time.time(), time.monotonic()
+    wall = time.time()
     loop_now = asyncio.get_running_loop().time()
     config, own, backend = state.config, state.lease, state.backend
     peers: tuple[PeerView, ...] = ()
@@ -185,7 +188,7 @@ def take_snapshot(daemon: Daemon, ipmasq_repairs: int = 0) -> Snapshot:
         etcd_endpoint=registry.endpoint,
         etcd_errors=registry.errors,
         etcd_reconnects=registry.reconnects,
-        etcd_silence=None if registry.last_success is None else max(0.0, mono - registry.last_success),
+        etcd_silence=etcd_silence,
         peers=peers,
         drops=drops,
         batches=_batches(backend),

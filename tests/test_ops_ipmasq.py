@@ -1,0 +1,175 @@
+"""--ip-masq: flannel's rule lists, restore payloads, and the applier's repair logic (fake iptables)."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Network
+
+import pytest
+
+from flanneld_py.ops.ipmasq import (
+    MasqApplier,
+    Rule,
+    forward_rules,
+    masq_rules,
+    restore_lines,
+    supports_random_fully,
+)
+
+NET = IPv4Network("10.244.0.0/16")
+SUB = IPv4Network("10.244.7.0/24")
+C = ["-m", "comment", "--comment", "flanneld masq"]
+
+
+def test_masq_rules_match_flannel():
+    rules = masq_rules(NET, SUB, random_fully=True)
+    assert [(r.table, r.chain) for r in rules] == [("nat", "POSTROUTING")] + [("nat", "FLANNEL-POSTRTG")] * 6
+    assert [list(r.spec) for r in rules] == [
+        [*C, "-j", "FLANNEL-POSTRTG"],
+        ["-m", "mark", "--mark", "0x4000/0x4000", *C, "-j", "RETURN"],
+        ["-s", "10.244.7.0/24", "-d", "10.244.0.0/16", *C, "-j", "RETURN"],
+        ["-s", "10.244.0.0/16", "-d", "10.244.7.0/24", *C, "-j", "RETURN"],
+        ["!", "-s", "10.244.0.0/16", "-d", "10.244.7.0/24", *C, "-j", "RETURN"],
+        ["-s", "10.244.0.0/16", "!", "-d", "224.0.0.0/4", *C, "-j", "MASQUERADE", "--random-fully"],
+        ["!", "-s", "10.244.0.0/16", "-d", "10.244.0.0/16", *C, "-j", "MASQUERADE", "--random-fully"],
+    ]
+
+
+def test_without_random_fully():
+    rules = masq_rules(NET, SUB, random_fully=False)
+    assert not any("--random-fully" in r.spec for r in rules)
+    assert rules[-1].spec[-2:] == ("-j", "MASQUERADE")
+
+
+def test_every_rule_is_commented():
+    for rule in masq_rules(NET, SUB, True) + forward_rules(NET):
+        assert "--comment" in rule.spec
+
+
+def test_forward_rules_match_flannel():
+    fc = ["-m", "comment", "--comment", "flanneld forward"]
+    assert [(r.table, r.chain, list(r.spec)) for r in forward_rules(NET)] == [
+        ("filter", "FORWARD", [*fc, "-j", "FLANNEL-FWD"]),
+        ("filter", "FLANNEL-FWD", ["-s", "10.244.0.0/16", *fc, "-j", "ACCEPT"]),
+        ("filter", "FLANNEL-FWD", ["-d", "10.244.0.0/16", *fc, "-j", "ACCEPT"]),
+    ]
+
+
+@pytest.mark.parametrize("text, ok", [
+    ("iptables v1.8.9 (nf_tables)", True),
+    ("iptables v1.6.2", True),
+    ("iptables v1.6.1", False),
+    ("iptables v1.4.21", False),
+    ("", False),
+])
+def test_random_fully_needs_iptables_1_6_2(text, ok):
+    assert supports_random_fully(text) is ok
+
+
+def test_restore_lines_delete_present_copies_then_append_in_order():
+    rules = forward_rules(NET)
+    lines = restore_lines(rules, [True, False, True])
+    assert lines == {"filter": [
+        '-D FORWARD -m comment --comment "flanneld forward" -j FLANNEL-FWD',
+        '-A FORWARD -m comment --comment "flanneld forward" -j FLANNEL-FWD',
+        '-A FLANNEL-FWD -s 10.244.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT',
+        '-D FLANNEL-FWD -d 10.244.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT',
+        '-A FLANNEL-FWD -d 10.244.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT',
+    ]}
+
+
+class FakeIptables:
+    """Chains as ordered rule lists; ``restore`` understands -A and -D lines."""
+
+    binary = "iptables"
+
+    def __init__(self) -> None:
+        self.chains: dict[tuple[str, str], list[tuple[str, ...]]] = {
+            ("nat", "POSTROUTING"): [], ("filter", "FORWARD"): [],
+        }
+        self.restores = 0
+
+    def ensure_chain(self, table, chain):
+        self.chains.setdefault((table, chain), [])
+
+    def rule_exists(self, table, chain, rule):
+        return tuple(rule) in self.chains.get((table, chain), [])
+
+    def delete_rule(self, table, chain, rule):
+        if self.rule_exists(table, chain, rule):
+            self.chains[(table, chain)].remove(tuple(rule))
+            return True
+        return False
+
+    def delete_chain(self, table, chain):
+        return self.chains.pop((table, chain), None) is not None
+
+    def restore(self, table, lines):
+        import shlex
+
+        self.restores += 1
+        for line in lines:
+            op, chain, *spec = shlex.split(line)
+            if op == "-A":
+                self.chains[(table, chain)].append(tuple(spec))
+            else:
+                self.chains[(table, chain)].remove(tuple(spec))
+
+
+def applier(ipt, subnet=SUB):
+    current = {"subnet": subnet}
+
+    def desired(random_fully):
+        return masq_rules(NET, current["subnet"], random_fully) + forward_rules(NET)
+
+    return MasqApplier(ipt, desired, random_fully=True), current
+
+
+def test_installs_once_then_leaves_rules_alone():
+    ipt = FakeIptables()
+    app, _ = applier(ipt)
+    assert app.ensure() is True
+    assert ipt.chains[("nat", "FLANNEL-POSTRTG")] == [r.spec for r in masq_rules(NET, SUB, True)[1:]]
+    assert app.ensure() is False and ipt.restores == 2  # one restore per table, nothing more
+    assert app.repairs == 0
+
+
+def test_a_deleted_rule_comes_back_in_its_place():
+    ipt = FakeIptables()
+    app, _ = applier(ipt)
+    app.ensure()
+    want = list(ipt.chains[("nat", "FLANNEL-POSTRTG")])
+    ipt.chains[("nat", "FLANNEL-POSTRTG")].pop(2)
+    ipt.chains[("nat", "POSTROUTING")].clear()
+    assert app.ensure() is True
+    assert ipt.chains[("nat", "FLANNEL-POSTRTG")] == want
+    assert len(ipt.chains[("nat", "POSTROUTING")]) == 1
+    assert app.repairs == 1
+
+
+def test_a_new_subnet_replaces_the_old_rules():
+    ipt = FakeIptables()
+    app, current = applier(ipt)
+    app.ensure()
+    current["subnet"] = IPv4Network("10.244.9.0/24")
+    app.ensure()
+    specs = [" ".join(spec) for spec in ipt.chains[("nat", "FLANNEL-POSTRTG")]]
+    assert not any("10.244.7.0/24" in spec for spec in specs)
+    assert sum("10.244.9.0/24" in spec for spec in specs) == 3
+
+
+def test_nothing_before_the_lease_is_known():
+    ipt = FakeIptables()
+    app = MasqApplier(ipt, lambda random_fully: None, random_fully=False)
+    assert app.ensure() is False and ipt.restores == 0
+
+
+def test_remove_all_deletes_rules_and_chains():
+    ipt = FakeIptables()
+    app, _ = applier(ipt)
+    app.ensure()
+    app.remove_all()
+    assert ipt.chains == {("nat", "POSTROUTING"): [], ("filter", "FORWARD"): []}
+
+
+def test_rule_is_hashable_value():
+    assert Rule("nat", "X", ("-j", "RETURN")) == Rule("nat", "X", ("-j", "RETURN"))
