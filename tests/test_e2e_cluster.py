@@ -18,13 +18,21 @@ from flanneld_py.lab.netns import Netns, run
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
-BACKENDS = ["udp", "vxlan", "host-gw"]
+# (backend type, extra daemon flags): the udp path runs with offloads on (default) and off,
+# and must behave the same either way.
+BACKENDS = {
+    "udp": ("udp", ()),
+    "udp-no-offload": ("udp", ("--offload=false",)),
+    "vxlan": ("vxlan", ()),
+    "host-gw": ("host-gw", ()),
+}
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
+@pytest.fixture(scope="module", params=list(BACKENDS))
 def cluster(request):
-    with Cluster(nodes=3, backend={"Type": request.param}) as lab:
-        lab.backend_type = request.param
+    backend, flags = BACKENDS[request.param]
+    with Cluster(nodes=3, backend={"Type": backend}, daemon_args=flags) as lab:
+        lab.backend_type = backend
         lab.start_all()
         for node in lab.nodes:
             lab.add_pod(node)
