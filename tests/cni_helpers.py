@@ -66,9 +66,10 @@ def run_plugin(node: Netns, argv: list[str], env: Mapping[str, str], stdin: str 
 class CniServerProcess:
     """``python3 -m flanneld_py.cni.server`` inside the node namespace."""
 
-    def __init__(self, node: Netns, socket_path: str, workdir: Path) -> None:
+    def __init__(self, node: Netns, socket_path: str, workdir: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.node = node
         self.socket_path = socket_path
+        self.extra_args = extra_args
         self.log_path = workdir / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -77,7 +78,8 @@ class CniServerProcess:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.proc = self.node.popen("python3", "-m", "flanneld_py.cni.server", "--socket", self.socket_path,
-                                        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
+                                        *self.extra_args, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        cwd=str(REPO))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -111,11 +113,11 @@ class CniNode:
     server: CniServerProcess
 
     @classmethod
-    def create(cls) -> CniNode:
+    def create(cls, *server_args: str) -> CniNode:
         tag = unique_tag()
         workdir = Path(tempfile.mkdtemp(prefix=f"cnit-{tag}-"))
         node = Netns.create(f"cnit-{tag}-node")
-        lab = cls(tag, node, workdir, CniServerProcess(node, str(workdir / "cni.sock"), workdir))
+        lab = cls(tag, node, workdir, CniServerProcess(node, str(workdir / "cni.sock"), workdir, server_args))
         try:
             lab.server.start()
         except BaseException:

@@ -54,15 +54,19 @@ class CniPlugin:
 
     def handle(self, request: Request) -> dict[str, Any] | None:
         """The command's stdout object (None: print nothing), or raise ``CniError``."""
-        handler = {
+        handler: Callable[[Request], dict[str, Any] | None] = {
             "ADD": self.cmd_add,
             "DEL": self.cmd_del,
             "CHECK": self.cmd_check,
             "STATUS": self.cmd_status,
             "GC": self.cmd_gc,
-            "VERSION": lambda r: version_info(r.config.cni_version),
+            "VERSION": self.cmd_version,
         }[request.command]
         return handler(request)
+
+    def cmd_version(self, request: Request) -> dict[str, Any]:
+        """The shim answers VERSION itself; this is for callers that come straight here."""
+        return version_info(request.config.cni_version)
 
     # --- ADD ---------------------------------------------------------------
 

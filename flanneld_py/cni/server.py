@@ -69,6 +69,7 @@ class CniServer:
         self._server: asyncio.AbstractServer | None = None
         self._path: str | None = None
         self._inode: int | None = None
+        self._active: set[asyncio.Task[None]] = set()
 
     async def start(self, path: str = DEFAULT_SOCKET) -> None:
         """Listen on ``path`` (mode 0600); a stale socket file is replaced, a live one is an error."""
@@ -86,12 +87,14 @@ class CniServer:
         self._inode = os.stat(path).st_ino
         log.info("CNI requests served on %s", path)
 
-    async def close(self) -> None:
-        """Stop listening, remove our socket file and close what we opened."""
+    async def close(self, grace: float = 30.0) -> None:
+        """Stop listening, let requests in flight finish, remove our socket file, close what we opened."""
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+        if self._active:
+            await asyncio.wait(set(self._active), timeout=grace)
         if self._path is not None:
             with contextlib.suppress(OSError):
                 if os.stat(self._path).st_ino == self._inode:
@@ -113,6 +116,9 @@ class CniServer:
     # --- one connection ----------------------------------------------------
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._active.add(task)
         try:
             try:
                 raw = await asyncio.wait_for(_read_all(reader), timeout=self.request_timeout)
@@ -128,13 +134,15 @@ class CniServer:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
+            self._active.discard(task)
 
     async def answer(self, raw: bytes) -> dict[str, Any]:
         """The reply for one raw request (never raises)."""
         version: object = None
         try:
             wire = _decode(raw)
-            version = wire.get("config", {}).get("cniVersion") if isinstance(wire.get("config"), dict) else None
+            config = wire.get("config")
+            version = config.get("cniVersion") if isinstance(config, dict) else None
             request = parse_request(wire, self.defaults)
             assert self._plugin is not None, "CniServer.start() was not awaited"
             output = await asyncio.to_thread(self._plugin.handle, request)

@@ -1,0 +1,149 @@
+"""The daemon's unix socket: one request per connection, many at once, never without an answer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import stat
+import threading
+import time
+from ipaddress import IPv4Network
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cni_helpers import CniNetwork, CniNode
+from flanneld_py.cni.models import CniError, Request
+from flanneld_py.cni.server import CniServer
+
+CONF = {"cniVersion": "1.0.0", "name": "cbr0", "type": "flannel-py"}
+ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/var/run/netns/x", "CNI_IFNAME": "eth0"}
+
+
+class FakePlugin:
+    """Answers ADD after a pause; fails in the ways a real plugin can."""
+
+    def __init__(self, pause: float = 0.0) -> None:
+        self.pause = pause
+        self.closed = False
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self._lock = threading.Lock()
+
+    def handle(self, request: Request) -> dict[str, Any] | None:
+        with self._lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            time.sleep(self.pause)
+            if request.container_id == "cni-error":
+                raise CniError(101, "no free address")
+            if request.container_id == "bug":
+                raise KeyError("surprise")
+            return {"cniVersion": request.config.cni_version, "container": request.container_id}
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def ask(path: str, payload: bytes) -> dict[str, Any]:
+    reader, writer = await asyncio.open_unix_connection(path)
+    writer.write(payload)
+    writer.write_eof()
+    data = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    return json.loads(data)  # type: ignore[no-any-return]
+
+
+def request(container: str = "c1", **config: Any) -> bytes:
+    return json.dumps({"command": "ADD", "env": {**ENV, "CNI_CONTAINERID": container},
+                       "config": {**CONF, **config}}).encode()
+
+
+def serve(tmp_path: Path, plugin: FakePlugin, scenario: Any) -> Any:
+    async def main() -> Any:
+        server = CniServer(plugin=plugin)  # type: ignore[arg-type]
+        path = str(tmp_path / "run" / "cni.sock")
+        await server.start(path)
+        try:
+            return await scenario(path)
+        finally:
+            await server.close()
+            assert not os.path.exists(path)
+            assert plugin.closed
+    return asyncio.run(main())
+
+
+def test_answers_and_errors(tmp_path: Path) -> None:
+    async def scenario(path: str) -> None:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert await ask(path, request()) == {"exit": 0, "output": {"cniVersion": "1.0.0", "container": "c1"}}
+        error = await ask(path, request("cni-error", cniVersion="0.4.0"))
+        assert error == {"exit": 1, "output": {"cniVersion": "0.4.0", "code": 101, "msg": "no free address"}}
+        bug = await ask(path, request("bug"))
+        assert bug["exit"] == 1 and bug["output"]["code"] == 110 and "surprise" in bug["output"]["msg"]
+        assert (await ask(path, b"{not json"))["output"]["code"] == 6
+        assert (await ask(path, b"[]"))["output"]["code"] == 6
+        assert (await ask(path, request(cniVersion="9.0.0")))["output"]["code"] == 1
+        assert (await ask(path, b" " * (1 << 20) + b"{}"))["output"]["code"] == 6  # too large
+
+    serve(tmp_path, FakePlugin(), scenario)
+
+
+def test_requests_run_concurrently(tmp_path: Path) -> None:
+    plugin = FakePlugin(pause=0.3)
+
+    async def scenario(path: str) -> float:
+        start = time.monotonic()
+        answers = await asyncio.gather(*(ask(path, request(f"c{i}")) for i in range(5)))
+        assert sorted(a["output"]["container"] for a in answers) == [f"c{i}" for i in range(5)]
+        return time.monotonic() - start
+
+    assert serve(tmp_path, plugin, scenario) < 1.2
+    assert plugin.most_in_flight >= 2
+
+
+def test_a_stale_socket_is_replaced_and_a_live_one_refused(tmp_path: Path) -> None:
+    path = tmp_path / "cni.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nobody listens: what a crash leaves
+
+    async def main() -> None:
+        first = CniServer(plugin=FakePlugin())  # type: ignore[arg-type]
+        await first.start(str(path))
+        second = CniServer(plugin=FakePlugin())  # type: ignore[arg-type]
+        with pytest.raises(RuntimeError, match="already serves"):
+            await second.start(str(path))
+        await second.close()
+        assert path.exists(), "the loser must not remove the winner's socket"
+        await first.close()
+        path.write_text("not a socket")
+        third = CniServer(plugin=FakePlugin())  # type: ignore[arg-type]
+        with pytest.raises(FileExistsError):
+            await third.start(str(path))
+        await third.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.netns
+def test_sync_del_answers_once_everything_is_gone() -> None:
+    lab = CniNode.create("--sync-del")
+    net = CniNetwork(lab, 1, IPv4Network("10.244.1.0/24"))
+    try:
+        net.write_subnet_file()
+        pod = net.pod("a")
+        net.add(pod, "ctr-a")
+        assert net.invoke("DEL", net.conf(), container="ctr-a", netns=pod).ok() is None
+        assert net.reservations() == {} and net.host_veths() == []  # no waiting
+    finally:
+        net.close()
+        lab.close()
