@@ -6,7 +6,10 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from flanneld_py.ops.metrics import batch_buckets, build_registry
-from flanneld_py.ops.snapshot import BatchView, PeerView, Snapshot
+from ipaddress import IPv4Network
+
+from flanneld_py.backend.base import PeerStats
+from flanneld_py.ops.snapshot import BatchView, Snapshot
 
 
 def snapshot() -> Snapshot:
@@ -15,8 +18,9 @@ def snapshot() -> Snapshot:
         subnet="10.244.7.0/24", lease_expires_at=1_800_086_400.0, datapath_up=True,
         etcd_errors=3, etcd_reconnects=2, etcd_silence=1.5,
         peers=(
-            PeerView("10.244.8.0/24", "198.51.100.8", tx_packets=5, tx_bytes=420, rx_packets=4, rx_bytes=336),
-            PeerView("10.244.9.0/24", "198.51.100.9"),
+            PeerStats(IPv4Network("10.244.8.0/24"), "198.51.100.8", tx_packets=5, tx_bytes=420, rx_packets=4,
+                      rx_bytes=336),
+            PeerStats(IPv4Network("10.244.9.0/24"), "198.51.100.9"),
         ),
         drops={"no_route": 2, "not_a_peer": 0},
         batches={"tun": BatchView(6, (0, 3, 2, 0, 0, 0, 0, 1)), "udp": BatchView(1, (1, 0, 0, 0, 0, 0, 0, 0))},

@@ -9,9 +9,11 @@ import socket
 import subprocess
 import sys
 import threading
+from ipaddress import IPv4Network
 
 from flanneld_py.ops.control import ControlServer, query
-from flanneld_py.ops.snapshot import PeerView, Snapshot
+from flanneld_py.backend.base import PeerStats
+from flanneld_py.ops.snapshot import Snapshot
 from flanneld_py.ops.status import render_status
 
 
@@ -21,7 +23,8 @@ def answer() -> dict:
         network="10.244.0.0/16", mtu=1472, public_ip="198.51.100.1", subnet="10.244.7.0/24",
         lease_id=0xABC, lease_expires_at=1000.0 + 86000, datapath_up=True,
         etcd_endpoint="198.51.100.254:2379", etcd_silence=3.2, etcd_errors=1,
-        peers=(PeerView("10.244.8.0/24", "198.51.100.8", 5, 420, 4, 336, 2.0, None),),
+        peers=(PeerStats(IPv4Network("10.244.8.0/24"), "198.51.100.8", 5, 420, 4, 336, last_tx=48.0),),
+        loop_time=50.0,
         drops={"no_route": 2, "not_a_peer": 0}, ip_masq=True,
     )
     return {**snap.to_json(), "health": {"code": 200, "status": "ok"}}
@@ -78,6 +81,17 @@ def test_stale_socket_file_is_replaced(tmp_path):
         return ok
 
     assert asyncio.run(run())
+
+
+def test_a_regular_file_is_never_replaced(tmp_path):
+    path = tmp_path / "precious"
+    path.write_text("keep me")
+
+    async def run() -> bool:
+        return await ControlServer(answer).start(str(path))
+
+    assert not asyncio.run(run())
+    assert path.read_text() == "keep me"
 
 
 def status(*args: str) -> subprocess.CompletedProcess[str]:

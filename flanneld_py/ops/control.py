@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import socket
+import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -47,11 +48,14 @@ class ControlServer:
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self, path: str) -> bool:
-        """Listen on ``path``; False (logged) if another live daemon owns it."""
+        """Listen on ``path``; False (logged) if a live daemon owns it or it is not a socket."""
         directory = os.path.dirname(path)
         if directory:
             os.makedirs(directory, exist_ok=True)
-        if os.path.exists(path):
+        if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                log.warning("%s exists and is not a socket; serving no control socket", path)
+                return False
             if await asyncio.to_thread(socket_in_use, path):
                 log.warning("control socket %s answers for another daemon; `status` will not reach this one", path)
                 return False

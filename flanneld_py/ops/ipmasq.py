@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network
 from typing import Protocol
 
+from ..firewall import IptablesError
+
 __all__ = [
     "IptablesRunner",
     "MasqApplier",
@@ -130,7 +132,8 @@ def restore_lines(rules: Sequence[Rule], present: Sequence[bool]) -> dict[str, l
 class IptablesRunner(Protocol):
     """What the applier needs of :class:`flanneld_py.firewall.Iptables`."""
 
-    binary: str
+    @property
+    def binary(self) -> str: ...
 
     def ensure_chain(self, table: str, chain: str) -> None: ...
 
@@ -194,13 +197,18 @@ class MasqApplier:
         return True
 
     async def run(self) -> None:
-        from ..firewall import IptablesError
-
+        failing: str | None = None  # log a failure once, not every pass
         while True:
             try:
                 await asyncio.to_thread(self.ensure)
             except IptablesError as exc:
-                log.error("ip-masq: %s", exc)
+                if str(exc) != failing:
+                    log.error("ip-masq: %s (retrying every %.0fs)", exc, self.interval)
+                    failing = str(exc)
+            else:
+                if failing is not None:
+                    log.info("ip-masq: rules in place again")
+                    failing = None
             await asyncio.sleep(self.interval)
 
     def start(self) -> None:
@@ -227,8 +235,6 @@ class MasqApplier:
                 pass
             self._task = None
         if cleanup:
-            from ..firewall import IptablesError
-
             try:
                 await asyncio.to_thread(self.remove_all)
             except IptablesError as exc:

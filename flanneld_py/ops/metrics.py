@@ -95,7 +95,7 @@ class DaemonCollector(Collector):
                                             "Bytes (inner packets) received from a peer.", labels=labels),
         }
         for peer in snap.peers:
-            values = [peer.subnet, peer.public_ip]
+            values = [str(peer.subnet), peer.public_ip]
             families["tx_packets"].add_metric(values, peer.tx_packets)
             families["tx_bytes"].add_metric(values, peer.tx_bytes)
             families["rx_packets"].add_metric(values, peer.rx_packets)

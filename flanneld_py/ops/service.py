@@ -21,14 +21,16 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ..firewall import Iptables
+from .control import ControlServer
 from .health import EtcdProbe, HealthServer, etcd_staleness, health_verdict
+from .ipmasq import MasqApplier, Rule, forward_rules, masq_rules
+from .metrics import build_registry
 from .notify import Notifier, watchdog_interval, watchdog_loop
 from .snapshot import Snapshot, take_snapshot
 
 if TYPE_CHECKING:
     from ..app import Daemon, DaemonState
-    from .control import ControlServer
-    from .ipmasq import MasqApplier
 
 __all__ = ["Operations", "status_line"]
 
@@ -81,7 +83,8 @@ class Operations:
             if self.watchdog is not None:
                 self._spawn(watchdog_loop(self.notifier, self.watchdog), "watchdog")
             self._spawn(self.etcd_probe.run(), "etcd-probe")
-            self._spawn(self._monitor(), "monitor")
+            if self.notifier.enabled or self.options.healthz_port:
+                self._spawn(self._monitor(), "monitor")
             if self.options.healthz_port:
                 await self._start_health()
             if self.options.control_socket:
@@ -94,8 +97,7 @@ class Operations:
         self._tasks.append(asyncio.create_task(coro, name=name))
 
     async def _start_health(self) -> None:
-        from ..app import FatalError
-        from .metrics import build_registry
+        from ..app import FatalError  # app imports this package
 
         self.health = HealthServer(self.snapshot, build_registry(self.snapshot), self.staleness)
         try:
@@ -107,8 +109,6 @@ class Operations:
             ) from None
 
     async def _start_control(self, path: str) -> None:
-        from .control import ControlServer
-
         server = ControlServer(self.control_answer)
         try:
             if await server.start(path):
@@ -118,23 +118,24 @@ class Operations:
 
     def _on_state(self, state: DaemonState) -> None:
         try:
-            if state.phase == "stopping":
-                self.notifier.stopping()
-                return
-            if state.phase == "running" and state.ready:
-                snap = self.snapshot()
-                self.notifier.ready(status_line(snap, *health_verdict(snap, self.staleness)))
-            else:
-                self.notifier.status(state.phase)
-            if self.options.ip_masq and self.masq is None and state.config is not None and state.lease is not None:
+            if self.notifier.enabled:
+                self._notify(state)
+            if (self.options.ip_masq and self.masq is None and state.phase != "stopping"
+                    and state.config is not None and state.lease is not None):
                 self._start_masq()
         except Exception:  # a callback must never break the daemon's start-up
             log.exception("operations: handling phase %r failed", state.phase)
 
-    def _start_masq(self) -> None:
-        from ..firewall import Iptables
-        from .ipmasq import MasqApplier, Rule, forward_rules, masq_rules
+    def _notify(self, state: DaemonState) -> None:
+        if state.phase == "stopping":
+            self.notifier.stopping()
+        elif state.phase == "running" and state.ready:
+            snap = self.snapshot()
+            self.notifier.ready(status_line(snap, *health_verdict(snap, self.staleness)))
+        else:
+            self.notifier.status(state.phase)
 
+    def _start_masq(self) -> None:
         def desired(random_fully: bool) -> list[Rule] | None:
             state = self.daemon.state
             if state.config is None or state.lease is None:

@@ -3,8 +3,8 @@
 :func:`take_snapshot` is the only place that reads the daemon and the clocks;
 everything downstream (the health verdict, the metrics collector, the status
 table) is a pure function of a :class:`Snapshot`, so tests build snapshots by
-hand. Times are folded into ages at reading time, except the lease expiry,
-which stays a wall-clock timestamp (that is what the metric exports).
+hand. Each snapshot carries the wall clock and the event loop's clock at
+reading time, so ages are computed from it without reading clocks again.
 """
 
 from __future__ import annotations
@@ -17,25 +17,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .. import __version__
+from ..backend.base import PeerStats
 
 if TYPE_CHECKING:
     from ..app import Daemon
 
-__all__ = ["BatchView", "PeerView", "Snapshot", "take_snapshot"]
-
-
-@dataclass(frozen=True, slots=True)
-class PeerView:
-    """A peer and its traffic; ages are seconds since the last packet (None: never)."""
-
-    subnet: str
-    public_ip: str
-    tx_packets: int = 0
-    tx_bytes: int = 0
-    rx_packets: int = 0
-    rx_bytes: int = 0
-    last_tx_age: float | None = None
-    last_rx_age: float | None = None
+__all__ = ["BatchView", "Snapshot", "take_snapshot"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +54,8 @@ class Snapshot:
     etcd_errors: int = 0
     etcd_reconnects: int = 0
     etcd_silence: float | None = None  # seconds since etcd last answered; None: never
-    peers: tuple[PeerView, ...] = ()
+    peers: tuple[PeerStats, ...] = ()
+    loop_time: float = 0.0  # the event loop's clock, which the peers' last_tx/last_rx use
     drops: Mapping[str, int] = field(default_factory=dict)
     batches: Mapping[str, BatchView] = field(default_factory=dict)
     peer_events: int = 0
@@ -77,6 +65,10 @@ class Snapshot:
     @property
     def lease_remaining(self) -> float | None:
         return None if self.lease_expires_at is None else self.lease_expires_at - self.taken_at
+
+    def age(self, loop_stamp: float) -> float | None:
+        """Seconds since a hot-loop time stamp (0.0 means "never": None)."""
+        return None if loop_stamp <= 0 else max(0.0, self.loop_time - loop_stamp)
 
     def to_json(self) -> dict[str, Any]:
         """The control socket's answer (``flanneld-py status --json``)."""
@@ -105,14 +97,14 @@ class Snapshot:
             },
             "peers": [
                 {
-                    "subnet": p.subnet,
+                    "subnet": str(p.subnet),
                     "public_ip": p.public_ip,
                     "tx_packets": p.tx_packets,
                     "tx_bytes": p.tx_bytes,
                     "rx_packets": p.rx_packets,
                     "rx_bytes": p.rx_bytes,
-                    "last_tx_seconds_ago": _round(p.last_tx_age),
-                    "last_rx_seconds_ago": _round(p.last_rx_age),
+                    "last_tx_seconds_ago": _round(self.age(p.last_tx)),
+                    "last_rx_seconds_ago": _round(self.age(p.last_rx)),
                 }
                 for p in self.peers
             ],
@@ -132,11 +124,6 @@ class CountsDrops(Protocol):
     """Optional backend ability: dropped packets by reason label."""
 
     def drop_counts(self) -> dict[str, int]: ...
-
-
-def _age(now: float, then: float) -> float | None:
-    """Hot-loop timestamps are event-loop times, 0.0 meaning "never"."""
-    return None if then <= 0 else max(0.0, now - then)
 
 
 def _batches(backend: object) -> dict[str, BatchView]:
@@ -159,16 +146,11 @@ def take_snapshot(daemon: Daemon, etcd_silence: float | None, ipmasq_repairs: in
     state = daemon.state
     registry = daemon.registry
     wall = time.time()
-    loop_now = asyncio.get_running_loop().time()
     config, own, backend = state.config, state.lease, state.backend
-    peers: tuple[PeerView, ...] = ()
+    peers: tuple[PeerStats, ...] = ()
     drops: dict[str, int] = {}
     if backend is not None:
-        peers = tuple(
-            PeerView(str(p.subnet), p.public_ip, p.tx_packets, p.tx_bytes, p.rx_packets, p.rx_bytes,
-                     _age(loop_now, p.last_tx), _age(loop_now, p.last_rx))
-            for p in backend.peers()
-        )
+        peers = tuple(backend.peers())
         if isinstance(backend, CountsDrops):
             drops = backend.drop_counts()
     return Snapshot(
@@ -190,6 +172,7 @@ def take_snapshot(daemon: Daemon, etcd_silence: float | None, ipmasq_repairs: in
         etcd_reconnects=registry.reconnects,
         etcd_silence=etcd_silence,
         peers=peers,
+        loop_time=asyncio.get_running_loop().time(),
         drops=drops,
         batches=_batches(backend),
         peer_events=state.peer_events,

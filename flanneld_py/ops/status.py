@@ -42,7 +42,7 @@ def _ago(seconds: float | None) -> str:
     return "never" if seconds is None else f"{_duration(seconds)} ago"
 
 
-def _table(header: Sequence[str], rows: list[Sequence[str]], right: set[int]) -> list[str]:
+def _table(header: Sequence[object], rows: Sequence[Sequence[object]], right: set[int]) -> list[str]:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     lines = []
     for row in [header, *rows]:
