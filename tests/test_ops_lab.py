@@ -2,7 +2,8 @@
 
 One module-scoped cluster: two nodes whose daemons serve /healthz and /metrics
 on 127.0.0.1 inside their namespace, a control socket in their work dir, and
-``--ip-masq``; plus an "outside" host on the underlay (198.51.100.200). The
+``--ip-masq``; a pod on each node (the real CNI plugin); and an "outside"
+host on the underlay (198.51.100.200). The
 lease TTL is short so that the etcd staleness window is 5 s. The health test
 stops etcd, so it runs last.
 """
@@ -14,14 +15,13 @@ import select
 import subprocess
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from flanneld_py.lab.cluster import Cluster, Node
+from flanneld_py.lab.cluster import Cluster, Node, Pod
 from flanneld_py.lab.netns import Netns, run
 from flanneld_py.ops.ipmasq import masq_rules, restore_lines
 from flanneld_py.ops.service import MONITOR_SECONDS
@@ -38,28 +38,18 @@ RECV = (
     "s.settimeout(10); print('ready',flush=True)\n"
     "data,addr=s.recvfrom(100); print(addr[0],flush=True)\n"
 )
-SEND = (
+SEND = (  # argv: destination, port, [payload in hex]
     "import socket,sys\n"
     "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
-    "if sys.argv[3]: s.bind((sys.argv[3],0))\n"
-    "s.sendto(bytes.fromhex(sys.argv[4]) if len(sys.argv)>4 else b'hello',(sys.argv[1],int(sys.argv[2])))\n"
+    "s.sendto(bytes.fromhex(sys.argv[3]) if len(sys.argv)>3 else b'hello',(sys.argv[1],int(sys.argv[2])))\n"
 )
-
-
-@dataclass
-class Endpoint:
-    """Where overlay traffic starts or ends: a pod, or (without CNI) the node's flannel0 address."""
-
-    netns: Netns
-    ip: str
-    bind: str  # source address to bind when sending ("" for a pod)
 
 
 @dataclass
 class Lab:
     cluster: Cluster
     outside: Netns
-    ends: list[Endpoint]
+    pods: list[Pod]
 
     @property
     def n1(self) -> Node:
@@ -94,15 +84,6 @@ def add_outside_host(cluster: Cluster) -> Netns:
     return ns
 
 
-def endpoints(cluster: Cluster) -> list[Endpoint]:
-    try:
-        pods = [cluster.add_pod(node) for node in cluster.nodes]
-    except (RuntimeError, ImportError) as exc:
-        warnings.warn(f"CNI plugin unavailable ({str(exc)[:200]}); overlay traffic starts on the nodes' flannel0")
-        return [Endpoint(node.netns, flannel0_ip(node), flannel0_ip(node)) for node in cluster.nodes]
-    return [Endpoint(pod.netns, str(pod.ip.ip), "") for pod in pods]
-
-
 @pytest.fixture(scope="module")
 def lab():
     with Cluster(nodes=2) as cluster:
@@ -115,7 +96,7 @@ def lab():
             cluster.wait_ready(node)
         outside = add_outside_host(cluster)
         try:
-            yield Lab(cluster, outside, endpoints(cluster))
+            yield Lab(cluster, outside, [cluster.add_pod(node) for node in cluster.nodes])
         finally:
             outside.delete()
 
@@ -154,13 +135,13 @@ def ping(node: Node, target: str, count: int) -> None:
     node.netns.sh("ping", "-c", str(count), "-i", "0.2", "-W", "2", target, timeout=30)
 
 
-def source_seen(receiver: Netns, sender: Endpoint, destination: str, port: int = 9999) -> str:
-    """Send UDP from ``sender`` to ``destination``; the source address ``receiver`` saw."""
+def source_seen(receiver: Netns, sender: Pod, destination: str, port: int = 9999) -> str:
+    """Send UDP from pod ``sender`` to ``destination``; the source address ``receiver`` saw."""
     listener = receiver.popen(sys.executable, "-c", RECV, str(port), stdout=subprocess.PIPE, text=True)
     try:
         assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
         for _ in range(3):
-            sender.netns.sh(sys.executable, "-c", SEND, destination, str(port), sender.bind)
+            sender.sh(sys.executable, "-c", SEND, destination, str(port))
             if wait_until(lambda: listener.poll() is not None, 1.0, 0.05):
                 break
         out, _ = listener.communicate(timeout=15)
@@ -247,7 +228,7 @@ def test_trace_shows_headers_peers_and_verdicts(lab):
 
     def traffic() -> None:
         ping(n1, flannel0_ip(n2), count=2)
-        lab.outside.sh(sys.executable, "-c", SEND, n1.address, "8285", "", spoofed)
+        lab.outside.sh(sys.executable, "-c", SEND, n1.address, "8285", spoofed)
 
     lines = run_trace(n1, 5, f"--control-socket={control_socket(n1)}", traffic=traffic)
     assert len(lines) == 5, lines
@@ -277,12 +258,12 @@ def test_subnet_file_says_ipmasq(lab):
 
 
 def test_traffic_to_the_outside_leaves_with_the_node_address(lab):
-    assert source_seen(lab.outside, lab.ends[0], OUTSIDE) == lab.n1.address
+    assert source_seen(lab.outside, lab.pods[0], OUTSIDE) == lab.n1.address
 
 
 def test_traffic_between_pods_keeps_pod_addresses(lab):
-    sender, receiver = lab.ends
-    assert source_seen(receiver.netns, sender, receiver.ip) == sender.ip
+    sender, receiver = lab.pods
+    assert source_seen(receiver.netns, sender, str(receiver.ip.ip)) == str(sender.ip.ip)
 
 
 def test_rules_deleted_by_hand_come_back(lab):
@@ -303,7 +284,7 @@ def test_rules_deleted_by_hand_come_back(lab):
     listed = n1.netns.sh("iptables", "-t", "nat", "-S", "FLANNEL-POSTRTG").stdout.splitlines()[1:]
     assert listed == restore_lines(rules[1:], [False] * 6)["nat"]  # all back, in flannel's order
     assert metrics(n1)[("flanneld_ipmasq_repairs_total", ())] >= 1
-    assert source_seen(lab.outside, lab.ends[0], OUTSIDE) == n1.address
+    assert source_seen(lab.outside, lab.pods[0], OUTSIDE) == n1.address
 
 
 # --- health: stops etcd, so it runs last ------------------------------------------------------
