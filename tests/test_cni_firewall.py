@@ -90,3 +90,14 @@ def test_masquerade_failures_are_cni_errors(ns: Netns) -> None:
         broken.setup("cbr0", Attachment("c", "eth0"), IPv4Address("10.244.5.2"), IPv4Network("10.244.0.0/16"))
     assert caught.value.code == 104
     assert broken.gc("cbr0", []) == []  # no iptables, no chains to sweep
+
+
+def test_gc_finds_a_chain_whose_jump_is_already_gone(ipt: Iptables) -> None:
+    masq = PodMasquerade(ipt)
+    pod = Attachment("ctr-half", "eth0")
+    masq.setup("cbr0", pod, IPv4Address("10.244.5.9"), IPv4Network("10.244.0.0/16"))
+    chain = chain_name("cbr0", pod)
+    (jump,) = [line for line in ipt.list_rules("nat", "POSTROUTING") if chain in line]
+    ipt.restore("nat", [f"-D {jump[3:]}"])
+    assert masq.gc("cbr0", []) == [chain]
+    assert not ipt.chain_exists("nat", chain)

@@ -43,10 +43,12 @@ SETTLE_SECONDS = 1.5
 class PluginTiming:
     add_ms: list[float]
     del_ms: list[float]
+    version_ms: list[float]  # VERSION: the plugin's own start-up, no pod work
 
     def summary(self) -> dict[str, float]:
         return {"add_p50": percentile(self.add_ms, 50), "add_p90": percentile(self.add_ms, 90),
-                "del_p50": percentile(self.del_ms, 50), "del_p90": percentile(self.del_ms, 90)}
+                "del_p50": percentile(self.del_ms, 50), "del_p90": percentile(self.del_ms, 90),
+                "version_p50": percentile(self.version_ms, 50)}
 
 
 def percentile(values: Sequence[float], pct: float) -> float:
@@ -65,7 +67,9 @@ class Plugin:
 
 def time_plugins(plugins: dict[str, Plugin], netns_paths: Sequence[str], cni_path: str = str(REFERENCE),
                  label: str = "lat") -> dict[str, PluginTiming]:
-    """ADD every namespace, then DEL every one; one timed exec each, in the caller's namespace.
+    """ADD every namespace, then DEL every one, then VERSION as often; one timed exec each.
+
+    Runs in the caller's namespace.
 
     The plugins take turns pod by pod, so a busy machine slows them alike.
     """
@@ -82,13 +86,14 @@ def time_plugins(plugins: dict[str, Plugin], netns_paths: Sequence[str], cni_pat
             raise RuntimeError(f"{name} {command} failed: {proc.stdout.decode()} {proc.stderr.decode()}")
         return elapsed
 
-    adds: dict[str, list[float]] = {name: [] for name in plugins}
-    dels: dict[str, list[float]] = {name: [] for name in plugins}
-    for command, samples in (("ADD", adds), ("DEL", dels)):
+    samples: dict[str, dict[str, list[float]]] = {command: {name: [] for name in plugins}
+                                                  for command in ("ADD", "DEL", "VERSION")}
+    for command, timings in samples.items():
         for index, path in enumerate(netns_paths):
             for name in plugins:
-                samples[name].append(run(name, command, index, path))
-    return {name: PluginTiming(adds[name], dels[name]) for name in plugins}
+                timings[name].append(run(name, command, index, path))
+    return {name: PluginTiming(samples["ADD"][name], samples["DEL"][name], samples["VERSION"][name])
+            for name in plugins}
 
 
 def compare(pods: int = 50, rounds: int = 1) -> dict[str, Any]:
@@ -119,7 +124,7 @@ def compare(pods: int = 50, rounds: int = 1) -> dict[str, Any]:
         }}
         plan_file = workdir / "plan.json"
         plan_file.write_text(json.dumps(plan))
-        proc = node.sh("python3", "-m", "flanneld_py.cni.latency", "--run-plan", str(plan_file), timeout=600)
+        proc = node.sh(sys.executable, "-m", "flanneld_py.cni.latency", "--run-plan", str(plan_file), timeout=600)
         return {"pods": pods, "rounds": rounds, **json.loads(proc.stdout)}
     finally:
         if server is not None:
@@ -152,14 +157,14 @@ def _run_plan(plan_file: str) -> dict[str, Any]:
     plan = json.loads(Path(plan_file).read_text())
     plugins = {name: Plugin(**spec) for name, spec in plan["plugins"].items()}
     time_plugins(plugins, plan["paths"][:2], label="warm")
-    adds: dict[str, list[float]] = {name: [] for name in plugins}
-    dels: dict[str, list[float]] = {name: [] for name in plugins}
+    totals = {name: PluginTiming([], [], []) for name in plugins}
     for round_no in range(plan["rounds"]):
         time.sleep(SETTLE_SECONDS)
         for name, timing in time_plugins(plugins, plan["paths"], label=f"r{round_no}").items():
-            adds[name] += timing.add_ms
-            dels[name] += timing.del_ms
-    return {name: PluginTiming(adds[name], dels[name]).summary() for name in plugins}
+            for mine, more in zip((totals[name].add_ms, totals[name].del_ms, totals[name].version_ms),
+                                  (timing.add_ms, timing.del_ms, timing.version_ms)):
+                mine += more
+    return {name: timing.summary() for name, timing in totals.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,11 +52,18 @@ class PodMasquerade:
             raise CniError(ErrorCode.FIREWALL_FAILED, f"cannot set up masquerading for {ip}", str(exc)) from exc
 
     def present(self, network: str, owner: Attachment) -> bool:
-        return self.iptables.chain_exists(TABLE, chain_name(network, owner))
+        try:
+            return self.iptables.chain_exists(TABLE, chain_name(network, owner))
+        except IptablesError as exc:
+            raise CniError(ErrorCode.FIREWALL_FAILED, "cannot read the nat table", str(exc)) from exc
 
     def teardown(self, network: str, owner: Attachment) -> bool:
         """Remove the pod's chain and every jump to it; False if there was none."""
-        return bool(self._remove([chain_name(network, owner)], self.iptables.list_rules(TABLE)))
+        try:
+            rules = self.iptables.list_rules(TABLE)
+        except IptablesError as exc:
+            raise CniError(ErrorCode.FIREWALL_FAILED, "cannot list the nat table", str(exc)) from exc
+        return bool(self._remove([chain_name(network, owner)], rules))
 
     def gc(self, network: str, valid: Iterable[Attachment]) -> list[str]:
         """Remove this network's pod chains whose attachment is not in ``valid``."""
@@ -65,10 +72,7 @@ class PodMasquerade:
             rules = self.iptables.list_rules(TABLE)
         except IptablesError:  # no iptables here: no chains of ours either
             return []
-        marker = f'"name: {network} id: '
-        ours = {line.rsplit(" ", 1)[-1] for line in rules
-                if line.startswith("-A POSTROUTING ") and marker in line and f"-j {CHAIN_PREFIX}" in line}
-        return self._remove(sorted(ours - keep), rules)
+        return self._remove(sorted(_chains_of(network, rules) - keep), rules)
 
     def _remove(self, chains: list[str], rules: list[str]) -> list[str]:
         present = [c for c in chains if f"-N {c}" in rules]
@@ -82,3 +86,17 @@ class PodMasquerade:
             except IptablesError as exc:
                 raise CniError(ErrorCode.FIREWALL_FAILED, "cannot remove pod masquerading", str(exc)) from exc
         return present
+
+
+def _chains_of(network: str, rules: list[str]) -> set[str]:
+    """Our chains whose rules or jumps carry ``network``'s comment (``iptables -S`` lines)."""
+    marker = f'"name: {network} id: '
+    chains = set()
+    for line in rules:
+        if marker not in line:
+            continue
+        if line.startswith(f"-A {CHAIN_PREFIX}"):
+            chains.add(line.split(" ", 2)[1])
+        elif line.startswith("-A POSTROUTING ") and f"-j {CHAIN_PREFIX}" in line:
+            chains.add(line.rsplit(" ", 1)[-1])
+    return chains

@@ -113,9 +113,11 @@ class CniPlugin:
     def _unplug(self, host: str, owner: Attachment, conf: NetConf, masq: bool) -> None:
         # The veth goes first: its address must not be handed out while the old pod still holds it.
         self.wiring.delete(host)
-        if masq:
-            self.masq.teardown(conf.name, owner)
-        AddressStore(conf.data_dir, conf.name).release(owner)
+        try:
+            if masq:
+                self.masq.teardown(conf.name, owner)
+        finally:  # a chain left behind must not keep the address (GC sweeps the chain)
+            AddressStore(conf.data_dir, conf.name).release(owner)
 
     def _settle(self, host: str, netns: str) -> None:
         """Wait for a queued removal that could collide with this attachment."""
