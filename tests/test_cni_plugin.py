@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from cni_helpers import CniNetwork, CniNode, pod_state, with_prev_result
-from flanneld_py.cni.wiring import host_veth_name
 from flanneld_py.cni.models import Attachment
+from flanneld_py.cni.wiring import host_veth_name
 
 pytestmark = pytest.mark.netns
 
@@ -337,9 +337,6 @@ def test_a_second_add_of_the_same_attachment_is_refused(net: CniNetwork) -> None
     assert list(net.reservations()) == [first["ips"][0]["address"].split("/")[0]]
     assert net.host_veths() == [host_veth_name(Attachment("ctr-a", "eth0"))]
     net.delete(pod, "ctr-a")
-
-
-ADD_ENV = {"CNI_CONTAINERID": "ctr-x", "CNI_IFNAME": "eth0"}
 
 
 @pytest.mark.parametrize(("case", "code"), [

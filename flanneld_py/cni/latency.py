@@ -109,7 +109,8 @@ def compare(pods: int = 50, rounds: int = 1) -> dict[str, Any]:
             namespaces.append(Netns.create(f"cnilat-{tag}-p{i}"))
         paths = [ns.path for ns in namespaces[1:]]
         subnet_file = workdir / "subnet.env"
-        subnet_file.write_text(SubnetEnv(IPv4Network("10.244.0.0/16"), IPv4Network("10.244.5.0/24"), 1472, True).render())
+        node_subnet = SubnetEnv(IPv4Network("10.244.0.0/16"), IPv4Network("10.244.5.0/24"), 1472, True)
+        subnet_file.write_text(node_subnet.render())
         socket_path = str(workdir / "cni.sock")
         server = _start_server(node, socket_path, workdir)
         ours = {"cniVersion": "1.0.0", "name": "cbr0", "type": "flannel-py", "bridge": "cni0",

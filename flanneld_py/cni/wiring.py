@@ -1,8 +1,9 @@
 """The kernel side of ADD, DEL and CHECK: one veth from the node's bridge into a pod.
 
-Blocking (netlink through pyroute2): the server runs it in worker threads.
-The node's side goes through one shared ``Netlink``; the pod's side through
-a ``NetnsNetlink`` opened for the call, so no thread ever ``setns``-es. ADD
+Blocking: the server runs it in worker threads. The node's side goes
+through one shared ``Netlink`` (pyroute2); the pod's side through a socket
+bound to the pod's namespace for the call (``PodSocket`` for ADD's four
+requests, ``NetnsNetlink`` for CHECK), so no thread ever ``setns``-es. ADD
 registers an undo for each thing it makes on the caller's ``ExitStack``; the
 caller ``pop_all()``-s it once the whole ADD has succeeded.
 """
@@ -13,6 +14,7 @@ import errno
 import hashlib
 import re
 import threading
+import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from ipaddress import IPv4Interface, IPv4Network
@@ -28,6 +30,7 @@ HOST_VETH = re.compile(r"^veth[0-9a-f]{11}$")  # what host_veth_name() makes
 RTPROT_BOOT = 3  # what `ip route add` and the bridge plugin use for pod routes
 IFF_UP = 1
 IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
+BRIDGE_RECHECK_SECONDS = 30.0  # how long ADD trusts what it last ensured about the bridge
 
 
 def host_veth_name(owner: Attachment) -> str:
@@ -64,7 +67,8 @@ class PodWiring:
     def __init__(self, node: Netlink) -> None:
         self.node = node
         self._bridge_lock = threading.Lock()
-        self._bridges: dict[str, tuple[int, IPv4Interface]] = {}  # name -> (index, gateway) as last ensured
+        # name -> (index, gateway, when): what the last ensure_bridge() found, so most ADDs skip it
+        self._bridges: dict[str, tuple[int, IPv4Interface, float]] = {}
 
     # --- ADD ---------------------------------------------------------------
 
@@ -96,15 +100,17 @@ class PodWiring:
         )
 
     def _bridge(self, link: PodLink, *, fresh: bool = False) -> int:
-        """The bridge's index; ensured once per (bridge, gateway), again when ``fresh``."""
+        """The bridge's index, ensured (exists, up, gateway, forwarding) at most every 30 s or when ``fresh``."""
         with self._bridge_lock:
             known = self._bridges.get(link.bridge)
-            if known is not None and known[1] == link.gateway and not fresh:
+            now = time.monotonic()
+            if (known is not None and known[1] == link.gateway and not fresh
+                    and now - known[2] < BRIDGE_RECHECK_SECONDS):
                 return known[0]
             index = ensure_bridge(self.node, link.bridge, link.mtu, link.gateway, link.cluster)
             if link.forwarding:
                 _enable_ip_forward()
-            self._bridges[link.bridge] = (index, link.gateway)
+            self._bridges[link.bridge] = (index, link.gateway, now)
             return index
 
     def _create_veth(self, link: PodLink, host_mac: str, container_mac: str) -> None:
@@ -176,6 +182,8 @@ class PodWiring:
         bridge = self.node.link_index(link.bridge)
         if bridge is None or link_master(self.node, index) != bridge:
             raise _mismatch(f"{link.host_ifname} is not attached to bridge {link.bridge}")
+        if link.gateway not in self.node.ipv4_addresses(bridge):
+            raise _mismatch(f"bridge {link.bridge} lacks the pods' gateway {link.gateway}")
         if not self.node.link_attrs(index)["flags"] & IFF_UP:
             raise _mismatch(f"{link.host_ifname} is down")
         if link.hairpin and not hairpin_enabled(self.node, index):
@@ -192,10 +200,8 @@ def _check_pod(pod: Netlink, link: PodLink, prev: Result) -> None:
         raise _mismatch(f"{link.ifname} has MAC {attrs['address']}, prevResult says {reported[0].mac}")
     if attrs["mtu"] != link.mtu:
         raise _mismatch(f"{link.ifname} has MTU {attrs['mtu']}, expected {link.mtu}")
-    present = set(pod.ipv4_addresses(index))
-    for ip in prev.ips or ():
-        if ip.address not in present:
-            raise _mismatch(f"{link.ifname} lacks address {ip.address}")
+    if link.address not in pod.ipv4_addresses(index):
+        raise _mismatch(f"{link.ifname} lacks its address {link.address}")
     routes = {(r.dst, r.gateway) for r in pod.routes()}
     for route in prev.routes:
         if (route.dst, route.gw) not in routes:
