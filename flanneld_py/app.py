@@ -242,7 +242,7 @@ class Daemon:
             if renewed.lease_id != own.lease_id:
                 log.info("lease on %s re-claimed under etcd lease %x", renewed.subnet, renewed.lease_id)
             else:
-                log.debug("lease on %s renewed (ttl %ds)", renewed.subnet, renewed.ttl)
+                log.info("lease on %s renewed (ttl %ds)", renewed.subnet, renewed.ttl)
             self._hold(renewed)
             return
 
@@ -256,11 +256,12 @@ class Daemon:
         lost = False
         while True:
             try:
+                if lost:
+                    await self.registry.get_config()  # a real answer, not just a reconnect
+                    log.info("etcd is back; resuming the watch at revision %s", "start" if revision is None else revision + 1)
+                    lost = False
                 if revision is None:
                     revision = await self._relist()
-                if lost:
-                    log.info("etcd is back; resuming the watch at revision %d", revision + 1)
-                    lost = False
                 async for events, event_revision in self.registry.watch_subnets(revision + 1):
                     await self._handle_events(events)
                     revision = event_revision

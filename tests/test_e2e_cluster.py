@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from flanneld_py.lab.checks import dns_check, ping_matrix, tcp_transfer
+from flanneld_py.lab.checks import dns_check, ping_matrix, tcp_transfer, wait_until
 from flanneld_py.lab.cluster import Cluster, Node, Pod
 from flanneld_py.lab.netns import Netns, run
 
@@ -40,13 +40,6 @@ def cluster(request):
         yield lab
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def test_leases_are_flannel_records(cluster):

@@ -16,13 +16,13 @@ import signal
 import subprocess
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Interface
 
 import pytest
 
-from flanneld_py.lab.checks import ping_matrix, tcp_transfer
+from flanneld_py.lab.checks import ping_matrix, tcp_transfer, wait_until
 from flanneld_py.lab.cluster import PREFIX, Cluster, Node
 from flanneld_py.lab.netns import Netns, run
 
@@ -36,13 +36,6 @@ VXLAN_DEV = "flannel.1"
 # --- helpers -----------------------------------------------------------------------------------
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def _cni_server_available() -> bool:

@@ -21,6 +21,7 @@ from ipaddress import IPv4Network
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from flanneld_py.lab.checks import wait_until
 from flanneld_py.lab.cluster import Cluster, Node, Pod
 from flanneld_py.lab.netns import Netns, run
 from flanneld_py.ops.ipmasq import masq_rules, restore_lines
@@ -101,13 +102,6 @@ def lab():
             outside.delete()
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.25) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def http_get(node: Node, path: str) -> tuple[int, str]:

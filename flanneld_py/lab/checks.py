@@ -5,12 +5,30 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .cluster import Pod
 
-__all__ = ["TransferResult", "ping_matrix", "tcp_transfer"]
+__all__ = ["TransferResult", "dns_check", "ping_matrix", "tcp_transfer", "time_until", "wait_until"]
+
+
+def time_until(predicate: Callable[[], object], timeout: float, interval: float = 0.1) -> float | None:
+    """Seconds until ``predicate()`` held, or None if it did not within ``timeout``."""
+    start = time.monotonic()
+    deadline = start + timeout
+    while True:
+        if predicate():
+            return time.monotonic() - start
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(interval)
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.1) -> bool:
+    """True once ``predicate()`` holds, False if it did not within ``timeout``."""
+    return time_until(predicate, timeout, interval) is not None
 
 
 def ping_matrix(pods: list[Pod], count: int = 1, timeout: float = 2) -> dict[tuple[str, str], bool]:

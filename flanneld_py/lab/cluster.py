@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv4Network
 
@@ -25,7 +26,7 @@ from ..core.subnetenv import SubnetEnv
 from .etcd import EtcdMember
 from .netns import Netns, run, unique_tag
 
-__all__ = ["Cluster", "Node", "Pod", "cni_plugin_argv"]
+__all__ = ["Cluster", "DaemonArgv", "Node", "Pod", "cni_plugin_argv"]
 
 UNDERLAY = IPv4Network("198.51.100.0/24")
 ETCD_HOST = "198.51.100.254"
@@ -97,8 +98,18 @@ class Node:
         return json.loads(self.netns.ip("-j", "route", "show").stdout or "[]")
 
 
+DaemonArgv = Callable[["Cluster", Node, tuple[str, ...]], list[str]]
+"""Builds the command line of a node's daemon: (cluster, node, extra args) -> argv."""
+
+
 class Cluster:
-    """Context manager that builds the lab and tears every piece of it down."""
+    """Context manager that builds the lab and tears every piece of it down.
+
+    ``daemon_argv_builder`` replaces the command that runs on each node (default:
+    flanneld-py with :meth:`default_daemon_argv`), e.g. flannel's own flanneld;
+    ``wait_for_cni_socket=False`` is for such a daemon, which serves no CNI
+    socket: it is then ready once the subnet file exists.
+    """
 
     def __init__(
         self,
@@ -109,6 +120,8 @@ class Cluster:
         tag: str | None = None,
         daemon_args: tuple[str, ...] = (),
         start_etcd: bool = True,
+        daemon_argv_builder: DaemonArgv | None = None,
+        wait_for_cni_socket: bool = True,
     ) -> None:
         self.tag = tag or unique_tag()
         self.node_count = nodes
@@ -120,6 +133,8 @@ class Cluster:
         self.nodes: list[Node] = []
         self._namespaces: list[Netns] = []
         self._start_etcd = start_etcd
+        self._daemon_argv_builder = daemon_argv_builder
+        self.wait_for_cni_socket = wait_for_cni_socket
         self._pod_seq = 0
 
     # --- build & tear down ---------------------------------------------------
@@ -196,12 +211,19 @@ class Cluster:
     # --- daemons -------------------------------------------------------------------
 
     def daemon_argv(self, node: Node, extra: tuple[str, ...] = ()) -> list[str]:
+        if self._daemon_argv_builder is not None:
+            return self._daemon_argv_builder(self, node, extra)
+        return self.default_daemon_argv(node, extra)
+
+    def default_daemon_argv(self, node: Node, extra: tuple[str, ...] = ()) -> list[str]:
+        """flanneld-py on ``node``, pointed at the lab's etcd, files in the node's workdir."""
         return [
             sys.executable, "-m", "flanneld_py",
             f"--etcd-endpoints={self.etcd_endpoint}",
             "--iface=eth0",
             f"--subnet-file={node.subnet_file}",
             f"--cni-socket={node.cni_socket}",
+            f"--control-socket={os.path.join(node.workdir, 'control.sock')}",
             *self.daemon_args,
             *extra,
         ]
@@ -222,7 +244,8 @@ class Cluster:
         while time.monotonic() < deadline:
             if node.daemon is not None and node.daemon.poll() is not None:
                 raise RuntimeError(f"flanneld-py on {node.name} exited {node.daemon.returncode}:\n{node.log_text()[-3000:]}")
-            if os.path.exists(node.subnet_file) and os.path.exists(node.cni_socket):
+            if os.path.exists(node.subnet_file) and (
+                    not self.wait_for_cni_socket or os.path.exists(node.cni_socket)):
                 return
             time.sleep(0.1)
         raise TimeoutError(f"flanneld-py on {node.name} not ready after {timeout}s:\n{node.log_text()[-3000:]}")
@@ -264,7 +287,9 @@ class Cluster:
         }
 
     def cni(self, node: Node, command: str, pod_netns: Netns, container_id: str,
-            ifname: str = "eth0", config: dict | None = None) -> subprocess.CompletedProcess[str]:  # type: ignore[type-arg]
+            ifname: str = "eth0", config: dict | None = None,  # type: ignore[type-arg]
+            plugin_argv: Sequence[str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run a CNI plugin for ``node`` as a runtime does (default: flannel-py and its config)."""
         env = {
             "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin"),
             "CNI_COMMAND": command,
@@ -274,15 +299,18 @@ class Cluster:
             "CNI_PATH": "/usr/lib/cni",
         }
         stdin = json.dumps(config or self.cni_config(node))
-        return subprocess.run(node.netns.argv(*cni_plugin_argv()), input=stdin, env=env,
+        argv = list(plugin_argv) if plugin_argv is not None else cni_plugin_argv()
+        return subprocess.run(node.netns.argv(*argv), input=stdin, env=env,
                               capture_output=True, text=True, timeout=30)
 
-    def add_pod(self, node: Node) -> Pod:
+    def add_pod(self, node: Node, config: dict | None = None,  # type: ignore[type-arg]
+                plugin_argv: Sequence[str] | None = None) -> Pod:
+        """A pod namespace on ``node`` wired by flannel-py (or by ``plugin_argv`` with ``config``)."""
         self._pod_seq += 1
         name = f"{node.name}p{self._pod_seq}"
         ns = self._ns(name)
         container_id = f"lab-{self.tag}-{name}"
-        proc = self.cni(node, "ADD", ns, container_id)
+        proc = self.cni(node, "ADD", ns, container_id, config=config, plugin_argv=plugin_argv)
         if proc.returncode != 0:
             raise RuntimeError(f"CNI ADD for {name} failed: {proc.stdout} {proc.stderr}")
         result = json.loads(proc.stdout)
