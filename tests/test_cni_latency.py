@@ -20,7 +20,7 @@ def test_percentiles() -> None:
 
 def test_compare_reports_both_plugins_and_leaves_nothing() -> None:
     report = compare(pods=3)
-    assert report["pods"] == 3
+    assert report["pods"] == 3 and report["sync_del"] is False
     for name in ("flannel-py", "bridge+host-local"):
         assert set(report[name]) == {"add_p50", "add_p90", "del_p50", "del_p90", "version_p50"}
         assert all(value > 0 for value in report[name].values())

@@ -34,8 +34,8 @@ __all__ = ["Plugin", "PluginTiming", "compare", "time_plugins"]
 REPO = Path(__file__).resolve().parents[2]
 SHIM = REPO / "cni" / "flannel_py.py"
 REFERENCE = Path("/usr/lib/cni")
-# Between rounds: lets flanneld-py finish removing the last round's pods (it does so after
-# answering DEL), so that an ADD is not timed waiting for the same namespace's old veth.
+# After each plugin's DELs: lets flanneld-py finish removing pods (it does so after answering
+# DEL), so that neither the other plugin nor the next ADD is timed while the kernel is busy.
 SETTLE_SECONDS = 1.5
 
 
@@ -69,9 +69,9 @@ def time_plugins(plugins: dict[str, Plugin], netns_paths: Sequence[str], cni_pat
                  label: str = "lat") -> dict[str, PluginTiming]:
     """ADD every namespace, then DEL every one, then VERSION as often; one timed exec each.
 
-    Runs in the caller's namespace.
-
-    The plugins take turns pod by pod, so a busy machine slows them alike.
+    Runs in the caller's namespace. The plugins take turns command by
+    command, with a pause after DEL, so that no plugin's leftover work
+    (flanneld-py removes veths after answering) lands on another's clock.
     """
     base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CNI_PATH": cni_path}
     stdin = {name: json.dumps(plugin.config).encode() for name, plugin in plugins.items()}
@@ -89,15 +89,19 @@ def time_plugins(plugins: dict[str, Plugin], netns_paths: Sequence[str], cni_pat
     samples: dict[str, dict[str, list[float]]] = {command: {name: [] for name in plugins}
                                                   for command in ("ADD", "DEL", "VERSION")}
     for command, timings in samples.items():
-        for index, path in enumerate(netns_paths):
-            for name in plugins:
-                timings[name].append(run(name, command, index, path))
+        for name in plugins:
+            timings[name] += [run(name, command, index, path) for index, path in enumerate(netns_paths)]
+            if command == "DEL":
+                time.sleep(SETTLE_SECONDS)
     return {name: PluginTiming(samples["ADD"][name], samples["DEL"][name], samples["VERSION"][name])
             for name in plugins}
 
 
-def compare(pods: int = 50, rounds: int = 1) -> dict[str, Any]:
-    """flannel-py (shim + CniServer) against /usr/lib/cni/bridge + host-local, same node, same pods."""
+def compare(pods: int = 50, rounds: int = 1, sync_del: bool = False) -> dict[str, Any]:
+    """flannel-py (shim + CniServer) against /usr/lib/cni/bridge + host-local, same node, same pods.
+
+    ``sync_del``: run the server with ``--sync-del`` (DEL waits for the kernel).
+    """
     tag = unique_tag()
     workdir = Path(tempfile.mkdtemp(prefix=f"cnilat-{tag}-"))
     namespaces: list[Netns] = []
@@ -112,7 +116,7 @@ def compare(pods: int = 50, rounds: int = 1) -> dict[str, Any]:
         node_subnet = SubnetEnv(IPv4Network("10.244.0.0/16"), IPv4Network("10.244.5.0/24"), 1472, True)
         subnet_file.write_text(node_subnet.render())
         socket_path = str(workdir / "cni.sock")
-        server = _start_server(node, socket_path, workdir)
+        server = _start_server(node, socket_path, workdir, ["--sync-del"] if sync_del else [])
         ours = {"cniVersion": "1.0.0", "name": "cbr0", "type": "flannel-py", "bridge": "cni0",
                 "isDefaultGateway": True, "hairpinMode": True, "subnetFile": str(subnet_file),
                 "dataDir": str(workdir / "ours"), "daemonSocket": socket_path}
@@ -126,7 +130,7 @@ def compare(pods: int = 50, rounds: int = 1) -> dict[str, Any]:
         plan_file = workdir / "plan.json"
         plan_file.write_text(json.dumps(plan))
         proc = node.sh(sys.executable, "-m", "flanneld_py.cni.latency", "--run-plan", str(plan_file), timeout=600)
-        return {"pods": pods, "rounds": rounds, **json.loads(proc.stdout)}
+        return {"pods": pods, "rounds": rounds, "sync_del": sync_del, **json.loads(proc.stdout)}
     finally:
         if server is not None:
             server.terminate()
@@ -139,9 +143,9 @@ def compare(pods: int = 50, rounds: int = 1) -> dict[str, Any]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _start_server(node: Netns, socket_path: str, workdir: Path) -> subprocess.Popen[bytes]:
+def _start_server(node: Netns, socket_path: str, workdir: Path, args: list[str]) -> subprocess.Popen[bytes]:
     log = open(workdir / "server.log", "wb")  # noqa: SIM115 - the child keeps it
-    server = node.popen(sys.executable, "-m", "flanneld_py.cni.server", "--socket", socket_path,
+    server = node.popen(sys.executable, "-m", "flanneld_py.cni.server", "--socket", socket_path, *args,
                         stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO),
                         env={**os.environ, "PYTHONPATH": str(REPO)})
     log.close()
@@ -172,9 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m flanneld_py.cni.latency", description=__doc__.split("\n")[0])
     parser.add_argument("--pods", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--sync-del", action="store_true", help="the server's DEL waits for the kernel")
     parser.add_argument("--run-plan", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    report = _run_plan(args.run_plan) if args.run_plan else compare(args.pods, args.rounds)
+    report = _run_plan(args.run_plan) if args.run_plan else compare(args.pods, args.rounds, args.sync_del)
     print(json.dumps(report, indent=2))
     return 0
 
