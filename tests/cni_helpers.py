@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -77,7 +78,7 @@ class CniServerProcess:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
-            self.proc = self.node.popen("python3", "-m", "flanneld_py.cni.server", "--socket", self.socket_path,
+            self.proc = self.node.popen(sys.executable, "-m", "flanneld_py.cni.server", "--socket", self.socket_path,
                                         *self.extra_args, stdout=log, stderr=subprocess.STDOUT, env=env,
                                         cwd=str(REPO))
         deadline = time.monotonic() + timeout
