@@ -3,10 +3,10 @@
 One connection carries one request: the shim writes a JSON object
 ``{"command", "env", "config"}`` and shuts down its write side; we answer
 ``{"exit": 0|1, "output": <stdout object or null>}`` and close. The command
-itself blocks (netlink, files, iptables), so it runs in a worker thread via
-``asyncio.to_thread``; the event loop only moves bytes, and many requests
-can be in flight at once (the address store and the netlink layer lock
-what they share).
+itself blocks (netlink, files, iptables), so it runs in a thread of the
+server's own pool; the event loop only moves bytes, and many requests can
+be in flight at once (the address store and the netlink layer lock what
+they share).
 
 Standalone, before the daemon exists and for tests::
 
@@ -25,6 +25,7 @@ import signal
 import socket
 import stat
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..firewall import Iptables
@@ -48,6 +49,7 @@ class CniServer:
                  iptables: Iptables | None = None,
                  background_unplug: bool = True,
                  plugin: CniPlugin | None = None,
+                 workers: int = 8,
                  request_timeout: float = 120.0) -> None:
         """``defaults``: the subnet file, data dir and bridge used when a config leaves them out.
 
@@ -57,6 +59,8 @@ class CniServer:
         ``background_unplug``: DEL answers before the kernel has finished removing
         the veth (see ``plugin.Unplugger``); False makes DEL wait for it.
         ``plugin``: serve this one instead of building one from the above.
+        ``workers``: threads of our own for the blocking work, so a burst of
+        pods never takes the daemon's default executor from its backends.
         """
         self.defaults = defaults
         self.request_timeout = request_timeout
@@ -70,6 +74,7 @@ class CniServer:
         self._path: str | None = None
         self._inode: int | None = None
         self._active: set[asyncio.Task[None]] = set()
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cni")
 
     async def start(self, path: str = DEFAULT_SOCKET) -> None:
         """Listen on ``path`` (mode 0600); a stale socket file is replaced, a live one is an error."""
@@ -103,6 +108,7 @@ class CniServer:
         if self._plugin is not None:
             await asyncio.to_thread(self._plugin.close)
             self._plugin = None
+        self._executor.shutdown(wait=False)
         if self._own_node and self._node is not None:
             await asyncio.to_thread(self._node.close)
             self._node = None
@@ -145,7 +151,7 @@ class CniServer:
             version = config.get("cniVersion") if isinstance(config, dict) else None
             request = parse_request(wire, self.defaults)
             assert self._plugin is not None, "CniServer.start() was not awaited"
-            output = await asyncio.to_thread(self._plugin.handle, request)
+            output = await asyncio.get_running_loop().run_in_executor(self._executor, self._plugin.handle, request)
         except CniError as exc:
             return {"exit": 1, "output": exc.render(answer_version(version))}
         except Exception as exc:  # noqa: BLE001 - the runtime must get an answer, whatever broke
