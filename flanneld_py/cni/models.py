@@ -124,6 +124,7 @@ class ConfigDefaults:
     subnet_file: str = "/run/flannel/subnet.env"
     data_dir: str = "/var/lib/cni/networks"
     bridge: str = "cni0"
+    gso_max_size: int | None = None  # the backend's wish for pod veths (udp: one super-packet per GSO send)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +168,7 @@ class NetConf:
             is_default_gateway=_bool(raw, "isDefaultGateway", False),
             hairpin_mode=_bool(raw, "hairpinMode", False),
             ip_masq=_optional_bool(raw, "ipMasq"),
-            gso_max_size=_optional_int(raw, "gsoMaxSize", 1, 524280),
+            gso_max_size=_optional_int(raw, "gsoMaxSize", 1, 524280) or defaults.gso_max_size,
             dns=_object(raw, "dns") or {},
             prev_result=_object(raw, "prevResult"),
             valid_attachments=_attachments(raw.get(VALID_ATTACHMENTS_KEY)),

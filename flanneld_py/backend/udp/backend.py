@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 TUN_NAME = "flannel0"
 OVERHEAD = 28  # outer IPv4 (20) + UDP (8)
 TXQUEUELEN = 2000
+# A pod's TCP super-packet must fit one UDP GSO send once split into MTU-sized
+# datagrams: 44 x 1472 bytes is the most under the 65507-byte UDP limit, and a
+# 64 KB super-packet (45+ segments) would take two sends and two TUN writes.
+POD_GSO_MAX_SIZE = 63000
 
 
 def _accept_local_source(ifname: str) -> None:
@@ -62,6 +66,10 @@ class UdpBackend:
     def mtu(self) -> int:
         return self.ctx.iface.mtu - OVERHEAD
 
+    @property
+    def pod_gso_max_size(self) -> int | None:
+        return POD_GSO_MAX_SIZE if self.ctx.offload else None
+
     def lease_attrs(self) -> LeaseAttrs:
         return LeaseAttrs(self.ctx.public_ip, self.type_name, None)
 
@@ -93,6 +101,8 @@ class UdpBackend:
         netlink = self.ctx.netlink
         index = netlink.require_index(TUN_NAME)
         netlink.set_link(index, mtu=self.mtu, txqlen=TXQUEUELEN)
+        if self.pod_gso_max_size:
+            netlink.set_link(index, gso_max_size=self.pod_gso_max_size)  # the node's own TCP through flannel0
         netlink.ensure_address(index, IPv4Interface((own_subnet.network_address, 32)))
         netlink.set_link(index, state="up")
         netlink.replace_route(RouteSpec(self.ctx.config.network, index))
