@@ -75,11 +75,24 @@ class StoredSubnet:
     mod_revision: int
 
 
+# A member that dies silently (frozen, powered off, cut off by a firewall) keeps a
+# watch stream open forever without these: the client pings every 10 s on a
+# busy connection and gives it up when 5 s pass without an answer. etcd allows
+# pings every 5 s or more while a stream is open (--grpc-keepalive-min-time).
+CHANNEL_OPTIONS = {
+    "grpc.keepalive_time_ms": 10_000,
+    "grpc.keepalive_timeout_ms": 5_000,
+    "grpc.http2.ping_timeout_ms": 5_000,
+    "grpc.keepalive_permit_without_calls": 0,
+    "grpc.http2.max_pings_without_data": 0,
+}
+
 _AUTH_MARKERS = ("ssl", "handshake", "certificate", "tls", "authenticat", "permission denied")
 _TRANSIENT = (
     etcd_errors.ConnectionFailedError,
     etcd_errors.ConnectionTimeoutError,
     etcd_errors.InternalError,
+    etcd_errors.WatchTimeoutError,  # a member that accepts the connection but never answers
     asyncio.TimeoutError,
 )
 
@@ -91,10 +104,18 @@ class _Client(aetcd.Client):
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self._target = target
         self._credentials = credentials
+        self._connect_lock = asyncio.Lock()
+
+    @property
+    def target(self) -> str:
+        return self._target
 
     async def connect(self) -> None:
-        if self._connected.is_set():
-            return
+        async with self._connect_lock:  # requests that start together share one channel
+            if not self._connected.is_set():
+                await self._connect()
+
+    async def _connect(self) -> None:
         options = list(self._options.items())
         if self._credentials is not None:
             self.channel = rpc.secure_channel(self._target, self._credentials, options=options)
@@ -117,6 +138,13 @@ class _Client(aetcd.Client):
         self.maintenancestub = rpc.MaintenanceStub(self.channel)
         self._watcher = aetcd.watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata)
         self._connected.set()
+
+
+async def _close_quietly(client: _Client) -> None:
+    try:
+        await client.close()
+    except Exception:  # closing a dead channel may fail; nothing to keep
+        pass
 
 
 def parse_endpoints(text: str) -> list[str]:
@@ -178,40 +206,59 @@ class EtcdRegistry:
     async def close(self) -> None:
         if self._client is not None:
             client, self._client = self._client, None
-            try:
-                await client.close()
-            except Exception:  # closing a dead channel may fail; nothing to keep
-                pass
+            await _close_quietly(client)
 
     async def _connected(self) -> _Client:
-        if self._client is None:
+        client = self._client
+        if client is None:
             client = _Client(
                 self.endpoint,
                 self._credentials,
                 username=self._username,
                 password=self._password,
                 timeout=self._timeout,
+                options=CHANNEL_OPTIONS,
             )
-            await self._call(client.connect())
-            self._client = client
-        return self._client
+            self._client = client  # before connecting, so that a failure fails over from it
+            await self._call(client.connect(), client)
+        return client
 
-    async def _failover(self) -> None:
-        await self.close()
-        self._index = (self._index + 1) % len(self.endpoints)
-        self.reconnects += 1
+    async def _failover(self, client: _Client | None) -> None:
+        """Move to the next endpoint because ``client`` failed.
 
-    async def _call(self, awaitable):  # type: ignore[no-untyped-def]
-        """Await one request, mapping aetcd's errors onto ours."""
+        Requests and the watch share one client: when several of them fail
+        on it together, only the first moves on (closing the client ends the
+        others' calls, which then fail without skipping another endpoint).
+        """
+        if self._client is client:
+            # Move on before closing: closing ends the watch, whose retry must
+            # already find the next endpoint, not reconnect to this one.
+            self._client = None
+            self._index = (self._index + 1) % len(self.endpoints)
+            self.reconnects += 1
+        if client is not None:
+            await _close_quietly(client)
+
+    async def _call(self, awaitable, client: _Client | None):  # type: ignore[no-untyped-def]
+        """Await one request on ``client``, mapping aetcd's errors onto ours."""
+        endpoint = self.endpoint if client is None else client.target
         try:
             result = await asyncio.wait_for(awaitable, self._timeout + 1)
         except _TRANSIENT as exc:
             self.errors += 1
             detail = str(exc) or type(exc).__name__
             if any(marker in detail.lower() for marker in _AUTH_MARKERS):
-                raise EtcdAuthError(f"etcd at {self.endpoint} refused us: {detail}") from None
-            await self._failover()
-            raise EtcdUnavailable(f"etcd at {self.endpoints} unreachable: {detail}") from None
+                raise EtcdAuthError(f"etcd at {endpoint} refused us: {detail}") from None
+            await self._failover(client)
+            raise EtcdUnavailable(f"etcd at {endpoint} unreachable: {detail}") from None
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise
+            # Not our cancellation: grpc ends the calls of a channel that another
+            # request closed when it failed over, and this was one of them.
+            self.errors += 1
+            raise EtcdUnavailable(f"request to etcd at {endpoint} cut off by a failover") from None
         except etcd_errors.UnauthenticatedError as exc:
             self.errors += 1
             raise EtcdAuthError(f"etcd at {self.endpoint} refused the credentials: {exc}") from None
@@ -220,7 +267,7 @@ class EtcdRegistry:
 
     async def request(self, method: str, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
         client = await self._connected()
-        return await self._call(getattr(client, method)(*args, **kwargs))
+        return await self._call(getattr(client, method)(*args, **kwargs), client)
 
     # --- config --------------------------------------------------------------
 
@@ -258,7 +305,7 @@ class EtcdRegistry:
             compare=[client.transactions.create(key) == 0],
             success=[client.transactions.put(key, value, lease=lease_id)],
             failure=[],
-        ))
+        ), client)
         return bool(ok)
 
     async def update_subnet(self, name: str, value: bytes, lease_id: int, mod_revision: int) -> bool:
@@ -269,7 +316,7 @@ class EtcdRegistry:
             compare=[client.transactions.mod(key) == mod_revision],
             success=[client.transactions.put(key, value, lease=lease_id)],
             failure=[],
-        ))
+        ), client)
         return bool(ok)
 
     async def keepalive(self, lease_id: int) -> int:
@@ -299,7 +346,7 @@ class EtcdRegistry:
         client = await self._connected()
         start = len(self.subnets_prefix)
         try:
-            watch = await self._call(client.watch_prefix(self.subnets_prefix, start_revision=start_revision))
+            watch = await self._call(client.watch_prefix(self.subnets_prefix, start_revision=start_revision), client)
         except etcd_errors.RevisionCompactedError:
             raise WatchCompacted() from None
         try:
@@ -316,8 +363,8 @@ class EtcdRegistry:
             raise WatchCompacted() from None
         except (*_TRANSIENT, grpc.aio.AioRpcError, etcd_errors.ClientError) as exc:
             self.errors += 1
-            await self._failover()
-            raise EtcdUnavailable(f"watch on {self.endpoint} broke: {exc}") from None
+            await self._failover(client)
+            raise EtcdUnavailable(f"watch on {client.target} broke: {exc}") from None
         finally:
             try:
                 await watch.cancel()
