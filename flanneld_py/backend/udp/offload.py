@@ -118,68 +118,104 @@ def header_rows(batch: np.ndarray, count: int, seglen: int, width: int) -> np.nd
 def segment_tcp4(packet: bytearray | memoryview, n: int, mss: int, out: np.ndarray) -> tuple[int, int, int]:
     """Split the TCP/IPv4 super-packet ``packet[:n]`` into ``mss``-sized segments.
 
-    Segments are written back to back into ``out`` (a uint8 array of at least
-    ``n + nseg * headers`` bytes). Returns ``(total_bytes, segment_len, count)``:
-    every segment but the last is ``segment_len`` long, as UDP GSO requires.
+    Segments are written back to back into ``out`` (a uint8 array with room
+    for ``count`` full segments); every segment but the last is
+    ``segment_len`` long, as UDP GSO requires. ``packet``'s header is used
+    as scratch (checksums and flags cleared) and must not be reused.
+    Returns ``(total_bytes, segment_len, count)``.
     """
-    src = np.frombuffer(packet, dtype=np.uint8, count=n)
     ip_len = (packet[0] & 0x0F) * 4
     hlen = ip_len + (packet[ip_len + 12] >> 4) * 4
     payload = n - hlen
     count = max(1, -(-payload // mss))
     seglen = hlen + mss
-    last_payload = payload - (count - 1) * mss
-    total = (count - 1) * seglen + hlen + last_payload
+    full = count - 1
+    last_payload = payload - full * mss
+    total = full * seglen + hlen + last_payload
+    if (seglen - ip_len) % 2:
+        return _segment_odd(packet, n, mss, out, ip_len, hlen, count)
+    flags = packet[ip_len + 13]
+    ident = _U16.unpack_from(packet, 4)[0]
+    seq = _U32.unpack_from(packet, ip_len + 4)[0]
+    _template_header(packet, ip_len, seglen, flags & ~(_TCP_FIN | _TCP_PSH | _TCP_CWR) if full else flags)
+    src = np.frombuffer(packet, dtype=np.uint8, count=n)
     rows = out[: count * seglen].reshape(count, seglen)
     rows[:, :hlen] = src[:hlen]
-    full = count - 1
     if full:
         rows[:full, hlen:] = src[hlen : hlen + full * mss].reshape(full, mss)
-    rows[full, hlen : hlen + last_payload] = src[hlen + full * mss : n]
-    _patch_segment_headers(rows, packet, ip_len, hlen, mss, count, last_payload)
-    _fill_checksums(rows, out, ip_len, seglen, count, total)
+        rows[0, ip_len + 13] = flags & ~(_TCP_FIN | _TCP_PSH) & 0xFF
+    last = rows[full]
+    last[hlen : hlen + last_payload] = src[hlen + full * mss : n]
+    last[hlen + last_payload :] = 0  # zero padding: the vectorised sums then cover the last row too
+    last[ip_len + 13] = flags & ~_TCP_CWR & 0xFF if full else flags
+    _U16.pack_into(last, 2, hlen + last_payload)
+    index = _INDEX[:count]
+    ids = (ident + index) & 0xFFFF
+    rows[:, 4:6] = ids.astype(">u2").view(np.uint8).reshape(count, 2)
+    seqs = (seq + index.astype(np.uint64) * mss) & 0xFFFFFFFF
+    rows[:, ip_len + 4 : ip_len + 8] = seqs.astype(">u4").view(np.uint8).reshape(count, 4)
+    _ip_checksums(rows, packet, ip_len, ids, seglen - hlen - last_payload)
+    _tcp_checksums(rows, ip_len, seglen, hlen + last_payload)
     return total, seglen, count
 
 
-def _patch_segment_headers(
-    rows: np.ndarray, packet: bytearray | memoryview, ip_len: int, hlen: int, mss: int, count: int, last_payload: int
-) -> None:
-    index = _INDEX[:count]
-    ident = (_U16.unpack_from(packet, 4)[0] + index) & 0xFFFF
-    rows[:, 4:6] = ident.astype(">u2").view(np.uint8).reshape(count, 2)
-    seq = (_U32.unpack_from(packet, ip_len + 4)[0] + index.astype(np.uint64) * mss) & 0xFFFFFFFF
-    rows[:, ip_len + 4 : ip_len + 8] = seq.astype(">u4").view(np.uint8).reshape(count, 4)
-    _U16.pack_into(rows[-1].data, 2, hlen + last_payload)
+def _template_header(packet: bytearray | memoryview, ip_len: int, seglen: int, flags: int) -> None:
+    """Turn the super-packet's header into the full segments' header (before the per-row fields)."""
+    _U16.pack_into(packet, 2, seglen)
+    _U16.pack_into(packet, 10, 0)
+    packet[ip_len + 13] = flags & 0xFF
+    _U16.pack_into(packet, ip_len + 16, 0)
+
+
+def _ip_checksums(rows: np.ndarray, template: bytearray | memoryview, ip_len: int, ids: np.ndarray,
+                  last_shorter_by: int) -> None:
+    """IP header checksums by arithmetic: the rows' headers differ from the template
+    only in the id (and the last row's length), so no per-row sum is needed."""
+    without_id = int.from_bytes(template[:ip_len], "big") - (_U16.unpack_from(template, 4)[0] << (8 * (ip_len - 6)))
+    base = _fold(without_id) if without_id else 0
+    sums = ids + np.uint32(base)
+    sums[-1] += np.uint32(0xFFFF - last_shorter_by) if last_shorter_by else 0  # minus, in ones' complement
+    rows[:, 10:12] = ((_FFFF - sums % _FFFF) % _FFFF).astype(">u2").view(np.uint8).reshape(-1, 2)
+
+
+def _tcp_checksums(rows: np.ndarray, ip_len: int, seglen: int, last_len: int) -> None:
+    """TCP checksums of every row: one reduction, plus the pseudo-headers."""
+    addresses = int.from_bytes(bytes(rows[0, 12:20]), "big") + 6  # pseudo-header: addresses, protocol
+    tcp_sums = _row_sums(rows[:, ip_len:seglen])
+    tcp_sums[:-1] += np.uint32(_swap16(_fold(addresses + seglen - ip_len)))
+    tcp_sums[-1] += np.uint32(_swap16(_fold(addresses + last_len - ip_len)))
+    rows[:, ip_len + 16 : ip_len + 18] = _checksums(tcp_sums)
+
+
+def _segment_odd(
+    packet: bytearray | memoryview, n: int, mss: int, out: np.ndarray, ip_len: int, hlen: int, count: int
+) -> tuple[int, int, int]:
+    """Segments whose TCP part has an odd length (rare MSS values): one at a time."""
     flags = packet[ip_len + 13]
-    if count > 1:
-        rows[:-1, ip_len + 13] = flags & ~(_TCP_FIN | _TCP_PSH) & 0xFF
-        rows[1:, ip_len + 13] &= ~_TCP_CWR & 0xFF
-        rows[0, 2:4] = np.frombuffer(_U16.pack(hlen + mss), dtype=np.uint8)
-        rows[1:-1, 2:4] = rows[0, 2:4]
-    rows[:, 10:12] = 0
-    rows[:, ip_len + 16 : ip_len + 18] = 0
-
-
-def _fill_checksums(rows: np.ndarray, out: np.ndarray, ip_len: int, seglen: int, count: int, total: int) -> None:
-    rows[:, 10:12] = _checksums(_row_sums(rows[:, :ip_len]))
-    header = bytes(rows[0, 12:20])
-    pseudo = int.from_bytes(header, "big") + 6  # addresses and protocol, big-endian domain
-    full = count - 1
-    if full and (seglen - ip_len) % 2 == 0:
-        pseudo_le = _swap16(_fold(pseudo + seglen - ip_len))
-        rows[:full, ip_len + 16 : ip_len + 18] = _checksums(_row_sums(rows[:full, ip_len:seglen]) + np.uint32(pseudo_le))
-    else:
-        for row in range(full):
-            _tcp_checksum_slow(out, row * seglen, seglen, ip_len, pseudo)
-    _tcp_checksum_slow(out, full * seglen, total - full * seglen, ip_len, pseudo)
-
-
-def _tcp_checksum_slow(out: np.ndarray, start: int, length: int, ip_len: int, pseudo: int) -> None:
-    region = out[start + ip_len : start + length].tobytes()
-    if len(region) % 2:
-        region += b"\x00"
-    value = 0xFFFF - _fold(int.from_bytes(region, "big") + pseudo + length - ip_len)
-    out[start + ip_len + 16 : start + ip_len + 18] = np.frombuffer(_U16.pack(value), dtype=np.uint8)
+    ident = _U16.unpack_from(packet, 4)[0]
+    seq = _U32.unpack_from(packet, ip_len + 4)[0]
+    header = bytearray(packet[:hlen])
+    seglen = hlen + mss
+    offset = 0
+    for index in range(count):
+        chunk = packet[hlen + index * mss : min(n, hlen + (index + 1) * mss)]
+        segment = bytearray(header) + chunk
+        _U16.pack_into(segment, 2, len(segment))
+        _U16.pack_into(segment, 4, (ident + index) & 0xFFFF)
+        _U32.pack_into(segment, ip_len + 4, (seq + index * mss) & 0xFFFFFFFF)
+        keep = ~_TCP_CWR if index else 0xFF
+        if index < count - 1:
+            keep &= ~(_TCP_FIN | _TCP_PSH)
+        segment[ip_len + 13] = flags & keep & 0xFF
+        _U16.pack_into(segment, 10, 0)
+        _U16.pack_into(segment, 10, 0xFFFF - _fold(int.from_bytes(segment[:ip_len], "big")))
+        _U16.pack_into(segment, ip_len + 16, 0)
+        body = bytes(segment[ip_len:]) + (b"\x00" if (len(segment) - ip_len) % 2 else b"")
+        pseudo = int.from_bytes(segment[12:20], "big") + 6 + len(segment) - ip_len
+        _U16.pack_into(segment, ip_len + 16, 0xFFFF - _fold(int.from_bytes(body, "big") + pseudo))
+        out[offset : offset + len(segment)] = np.frombuffer(segment, dtype=np.uint8)
+        offset += len(segment)
+    return offset, seglen, count
 
 
 # --- ingress ----------------------------------------------------------------------
