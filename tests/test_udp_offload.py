@@ -21,6 +21,7 @@ from flanneld_py.backend.udp.offload import (
     coalesce_tcp4,
     complete_checksum,
     segment_tcp4,
+    tcp_flow_header_len,
 )
 from flanneld_py.core.packet import check_ipv4
 
@@ -159,3 +160,32 @@ def test_inbound_batch_agrees_with_one_by_one():
     assert not third.inbound_batch(broken, count, seglen, total, "198.51.100.7")
     assert sum(third.drops) == 0 and next(iter(third.peers.values())).rx_packets == 0
     assert not third.inbound_batch(out, count, seglen, total, "198.51.100.99")
+
+
+def test_inbound_flow_agrees_with_one_by_one():
+    e = Engine(IPv4Network("10.244.0.0/16"), IPv4Network("10.244.9.0/24"), 8285)
+    e.set_peer(IPv4Network("10.244.7.0/24"), "198.51.100.7")
+    original = super_packet(1432 * 6 + 99)
+    out = np.zeros(20_000, dtype=np.uint8)
+    total, seglen, count = segment_tcp4(original, len(original), 1432, out)
+    assert tcp_flow_header_len(out, count, seglen, total) == 40
+    peer = e.inbound_flow(out, count, total, "198.51.100.7")
+    assert peer is not None and (peer.rx_packets, peer.rx_bytes) == (count, total)
+    assert e.inbound_flow(out, count, total, "198.51.100.8") is None  # not a peer
+    e.set_peer(IPv4Network("10.244.7.0/24"), "198.51.100.70")
+    assert e.inbound_flow(out, count, total, "198.51.100.70") is not None
+    assert e.inbound_flow(out, count, total, "198.51.100.7") is None  # address moved
+    other = Engine(IPv4Network("10.244.0.0/16"), IPv4Network("10.244.10.0/24"), 8285)
+    other.set_peer(IPv4Network("10.244.7.0/24"), "198.51.100.7")
+    assert other.inbound_flow(out, count, total, "198.51.100.7") is None  # not for this node
+    assert sum(e.drops) == 0 and sum(other.drops) == 0
+
+
+def test_flow_check_rejects_bad_lengths_and_checksums():
+    original = super_packet(1432 * 3)
+    out = np.zeros(20_000, dtype=np.uint8)
+    total, seglen, count = segment_tcp4(original, len(original), 1432, out)
+    for offset, flip in ((seglen + 10, 0x01), (2 * seglen + 3, 0x01), (0, 0x01)):
+        broken = out.copy()
+        broken[offset] ^= flip
+        assert tcp_flow_header_len(broken, count, seglen, total) == 0

@@ -34,6 +34,7 @@ from ...core.packet import (
 __all__ = ["Engine", "Peer"]
 
 _U32 = struct.Struct("!I")
+_ADDRS = struct.Struct("!II")
 
 
 @dataclass(slots=True, eq=False)
@@ -141,7 +142,7 @@ class Engine:
         peer.rx_bytes += n
         return peer
 
-    def inbound_batch(self, batch: np.ndarray, count: int, seglen: int, total: int, source_ip: str) -> bool:
+    def inbound_batch(self, batch: np.ndarray, count: int, seglen: int, total: int, source_ip: str) -> Peer | None:
         """Accept a whole GRO batch (``count`` datagrams of ``seglen``, the last shorter) at once.
 
         The vectorised equivalent of :meth:`inbound` for the common case, a
@@ -151,28 +152,42 @@ class Engine:
         counted exactly as on the one-by-one path.
         """
         if source_ip not in self._public_ips or seglen < 20 or total - (count - 1) * seglen < 20:
-            return False
+            return None
         first_src = _U32.unpack_from(batch, 12)[0]
         peer = self.peers.get(first_src & self.subnet_mask)
         if peer is None or peer.public_ip != source_ip:
-            return False
+            return None
         headers = header_rows(batch, count, seglen, 20)
         if (headers[:, 0] != 0x45).any():
-            return False
+            return None
         lengths = headers[:, 2:4].copy().view(">u2").ravel()
         full = count - 1
         if (lengths[:full] != seglen).any() or int(lengths[full]) != total - full * seglen:
-            return False
+            return None
         if (headers.copy().view("<u2").sum(axis=1, dtype=np.uint32) % 0xFFFF).any():
             return False  # a valid header sums to 0 mod 65535, in either byte order
         addresses = headers[:, 12:20].copy().view(">u4")
         if ((addresses[:, 0] & self.subnet_mask) != int(peer.subnet.network_address)).any():
-            return False
+            return None
         if ((addresses[:, 1] & self.subnet_mask) != self.own_net).any():
-            return False
+            return None
         peer.rx_packets += count
         peer.rx_bytes += total
-        return True
+        return peer
+
+    def inbound_flow(self, header: np.ndarray, count: int, total: int, source_ip: str) -> Peer | None:
+        """Accept ``count`` datagrams of one verified flow (see ``tcp_flow_header_len``),
+        whose headers equal ``header`` but for lengths, ids and checksums, by checking
+        the first. None, with no counter touched, sends the batch to the general path."""
+        if source_ip not in self._public_ips:
+            return None
+        src, dst = _ADDRS.unpack_from(header, 12)
+        peer = self.peers.get(src & self.subnet_mask)
+        if peer is None or peer.public_ip != source_ip or dst & self.subnet_mask != self.own_net:
+            return None
+        peer.rx_packets += count
+        peer.rx_bytes += total
+        return peer
 
     def take_replies(self) -> list[bytes]:
         """ICMP errors produced since the last call, to be written into flannel0."""

@@ -39,9 +39,10 @@ from .offload import (
     VNET_HDR,
     VNET_HDR_LEN,
     ZERO_VNET_HDR,
-    coalesce_tcp4,
     complete_checksum,
+    merge_tcp4,
     segment_tcp4,
+    tcp_flow_header_len,
 )
 from .tun import TunDevice
 from .udpconn import GRO_CMSG_SPACE, MAX_GSO_BYTES, MAX_GSO_SEGMENTS, UdpConn, gro_segment_size, gso_control
@@ -271,17 +272,22 @@ class Pump:
             self._tun_writev(packet)
 
     def _ingress_batch(self, nbytes: int, seglen: int, source: str, now: float) -> int:
+        """A GRO read: one plain TCP flow is checked by its first header and written as one
+        super-packet; other batches are checked together and written one by one; any
+        doubt sends each datagram through the one-by-one checks, so drops count exactly."""
         segments = -(-nbytes // seglen)
         batch = self._udp_array[VNET_HDR_LEN : VNET_HDR_LEN + nbytes]
-        if self.engine.inbound_batch(batch, segments, seglen, nbytes, source):
-            peer = self.engine.peers[int.from_bytes(batch[12:16].tobytes(), "big") & self.engine.subnet_mask]
+        hlen = tcp_flow_header_len(batch, segments, seglen, nbytes)
+        if hlen:
+            peer = self.engine.inbound_flow(batch, segments, nbytes, source)
+            if peer is not None:
+                peer.last_rx = now
+                self._tun_write(self._merge_view[: merge_tcp4(batch, segments, seglen, nbytes, hlen, self._merge_buf)])
+                return segments
+        elif (peer := self.engine.inbound_batch(batch, segments, seglen, nbytes, source)) is not None:
             peer.last_rx = now
-            merged = coalesce_tcp4(batch, segments, seglen, nbytes, self._merge_buf)
-            if merged:
-                self._tun_write(self._merge_view[:merged])
-            else:
-                for offset in range(VNET_HDR_LEN, VNET_HDR_LEN + nbytes, seglen):
-                    self._tun_writev(self._udp_view[offset : min(offset + seglen, VNET_HDR_LEN + nbytes)])
+            for offset in range(VNET_HDR_LEN, VNET_HDR_LEN + nbytes, seglen):
+                self._tun_writev(self._udp_view[offset : min(offset + seglen, VNET_HDR_LEN + nbytes)])
             return segments
         for offset in range(VNET_HDR_LEN, VNET_HDR_LEN + nbytes, seglen):
             self._ingress_one(offset, min(seglen, VNET_HDR_LEN + nbytes - offset), source, now)

@@ -33,7 +33,9 @@ __all__ = [
     "VnetHeader",
     "coalesce_tcp4",
     "complete_checksum",
+    "merge_tcp4",
     "segment_tcp4",
+    "tcp_flow_header_len",
 ]
 
 VNET_HDR = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
@@ -220,31 +222,42 @@ def _segment_odd(
 
 # --- ingress ----------------------------------------------------------------------
 
-def coalesce_tcp4(batch: np.ndarray, count: int, seglen: int, total: int, out: bytearray) -> int:
-    """Merge ``count`` GRO'd segments (``batch[:total]``, each ``seglen`` but the last) into
-    one TCP super-packet in ``out`` (virtio header first). Returns its length with the
-    header, or 0 when the segments are not one in-order flow with plain headers.
+def tcp_flow_header_len(batch: np.ndarray, count: int, seglen: int, total: int) -> int:
+    """The header length if ``batch[:total]`` (``count`` GRO'd datagrams of ``seglen``, the
+    last shorter) is one in-order TCP flow with plain, valid IPv4 headers; else 0.
+
+    Plain: no IP options or fragments, the same addresses, ports, ack, window
+    and options in every segment, ACK flags (PSH only at the end), IP lengths
+    matching the datagrams and valid IP checksums. Such a batch is checked by
+    its first header alone (:meth:`Engine.inbound_flow`) and merged by
+    :func:`merge_tcp4`; anything else takes the general path.
     """
     if count < 2 or seglen < 40:
         return 0
-    first = batch[:seglen]
-    if first[0] != 0x45 or first[9] != 6 or first[6] & 0x3F or first[7]:
-        return 0  # IP options, not TCP, or fragments: leave as is
-    hlen = 20 + (int(first[32]) >> 4) * 4
-    mss = seglen - hlen
-    if mss <= 0 or total - (count - 1) * seglen <= hlen:
+    if batch[0] != 0x45 or batch[9] != 6 or batch[6] & 0x3F or batch[7]:
         return 0
-    rows = batch[: (count - 1) * seglen].reshape(count - 1, seglen)
-    last = batch[(count - 1) * seglen : total]
+    hlen = 20 + (int(batch[32]) >> 4) * 4
+    full = count - 1
+    mss = seglen - hlen
+    if mss <= 0 or total - full * seglen <= hlen:
+        return 0
     headers = header_rows(batch, count, seglen, hlen)
     if not _same_flow(headers, hlen):
         return 0
-    seqs = headers[:, 24:28].copy().view(">u4").ravel()
-    seq0 = int(seqs[0])
-    expected = (seq0 + _INDEX[:count].astype(np.uint64) * mss) & 0xFFFFFFFF
-    if not np.array_equal(seqs, expected):
+    lengths = headers[:, 2:4].copy().view(">u2").ravel()
+    if (lengths[:full] != seglen).any() or int(lengths[full]) != total - full * seglen:
         return 0
-    return _write_super_packet(batch, rows, last, count, seglen, hlen, mss, total, out)
+    if (headers[:, :20].view("<u2").sum(axis=1, dtype=np.uint32) % _FFFF).any():
+        return 0  # a valid header sums to 0 mod 65535 (in either byte order)
+    seqs = headers[:, 24:28].copy().view(">u4").ravel()
+    expected = (int(seqs[0]) + _INDEX[:count].astype(np.uint64) * mss) & 0xFFFFFFFF
+    return hlen if np.array_equal(seqs, expected) else 0
+
+
+def coalesce_tcp4(batch: np.ndarray, count: int, seglen: int, total: int, out: bytearray) -> int:
+    """Merge a batch into one super-packet in ``out`` if it is one plain flow; its length or 0."""
+    hlen = tcp_flow_header_len(batch, count, seglen, total)
+    return merge_tcp4(batch, count, seglen, total, hlen, out) if hlen else 0
 
 
 @functools.lru_cache(maxsize=16)
@@ -263,25 +276,23 @@ def _same_flow(headers: np.ndarray, hlen: int) -> bool:
     return bool((flags[:-1] == 0x10).all()) and int(flags[-1]) in (0x10, 0x18)
 
 
-def _write_super_packet(
-    batch: np.ndarray, rows: np.ndarray, last: np.ndarray, count: int, seglen: int, hlen: int, mss: int,
-    total: int, out: bytearray,
-) -> int:
-    payload_total = total - count * hlen
-    length = hlen + payload_total
+def merge_tcp4(batch: np.ndarray, count: int, seglen: int, total: int, hlen: int, out: bytearray) -> int:
+    """Write the flow (checked by :func:`tcp_flow_header_len`) as one TCP super-packet with a
+    GSO virtio header into ``out``; the TCP checksum is left to the kernel (CHECKSUM_PARTIAL)."""
+    full = count - 1
+    mss = seglen - hlen
+    length = total - full * hlen
     view = np.frombuffer(out, dtype=np.uint8)
     base = VNET_HDR_LEN
     view[base : base + hlen] = batch[:hlen]
-    dst = view[base + hlen : base + length]
-    if count > 1:
-        dst[: (count - 1) * mss].reshape(count - 1, mss)[:] = rows[:, hlen:]
-    dst[(count - 1) * mss :] = last[hlen:]
-    view[base + 33] = last[33]
+    payload = view[base + hlen : base + length]
+    payload[: full * mss].reshape(full, mss)[:] = batch[: full * seglen].reshape(full, seglen)[:, hlen:]
+    payload[full * mss :] = batch[full * seglen + hlen : total]
+    view[base + 33] = batch[full * seglen + 33]  # the last segment's flags (PSH)
     packet = memoryview(out)[base : base + length]
     _U16.pack_into(packet, 2, length)
     _U16.pack_into(packet, 10, 0)
     _U16.pack_into(packet, 10, 0xFFFF - _fold(int.from_bytes(packet[:20], "big")))
-    pseudo = _fold(int.from_bytes(packet[12:20], "big") + 6 + length - 20)
-    _U16.pack_into(packet, 36, pseudo)
+    _U16.pack_into(packet, 36, _fold(int.from_bytes(packet[12:20], "big") + 6 + length - 20))
     VNET_HDR.pack_into(out, 0, NEEDS_CSUM, GSO_TCPV4, hlen, mss, 20, 16)
     return base + length
