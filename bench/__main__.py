@@ -1,0 +1,92 @@
+"""``python3 -m bench``: the command line. Everything else is in :mod:`bench.runner`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from types import FrameType
+
+from .modes import ALL_MODES, DEFAULT_MODES
+from .runner import BenchOptions, run_bench
+
+DEFAULT_OUT = os.path.join("bench", "out")
+
+
+def parse_modes(text: str) -> tuple[str, ...]:
+    modes = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    unknown = [m for m in modes if m not in ALL_MODES]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {', '.join(unknown) or '(none)'}; "
+                                         f"choose from {', '.join(ALL_MODES)}")
+    return modes
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python3 -m bench",
+        description="Measure flanneld-py's datapaths side by side in network namespaces (needs root).",
+    )
+    parser.add_argument("--modes", type=parse_modes, default=DEFAULT_MODES,
+                        help=f"comma-separated, any of {', '.join(DEFAULT_MODES)} (default: all); "
+                             "flannel-udp comes with --flanneld")
+    parser.add_argument("--rounds", type=positive, default=3,
+                        help="rounds; the modes alternate within each round (default: 3)")
+    parser.add_argument("--quick", action="store_true", help="short tests: a run that takes about a minute per two modes")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"where results.json, report.md and charts go (default: {DEFAULT_OUT})")
+    parser.add_argument("--flanneld", metavar="PATH",
+                        help="flannel's own flanneld binary: adds mode flannel-udp (its UDP backend)")
+    parser.add_argument("--peers", type=positive, metavar="N",
+                        help="also measure with N peer leases in etcd: start-up, lease-event-to-route, throughput")
+    return parser
+
+
+class _Interrupts:
+    """The first SIGINT/SIGTERM/SIGHUP raises KeyboardInterrupt; later ones must not cut the teardown short."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        self.count += 1
+        if self.count == 1:
+            raise KeyboardInterrupt
+        print("\nbench: still tearing down, please wait", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    modes = args.modes
+    if args.flanneld:
+        if not (os.path.isfile(args.flanneld) and os.access(args.flanneld, os.X_OK)):
+            parser.error(f"--flanneld {args.flanneld}: not an executable file")
+        args.flanneld = os.path.abspath(args.flanneld)
+        if "flannel-udp" not in modes:
+            modes = (*modes, "flannel-udp")
+    elif "flannel-udp" in modes:
+        parser.error("mode flannel-udp needs --flanneld PATH")
+    if os.geteuid() != 0:
+        parser.error("needs root: it creates network namespaces")
+    handler = _Interrupts()
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, handler)
+    options = BenchOptions(modes=modes, rounds=args.rounds, quick=args.quick, out=os.path.abspath(args.out),
+                           flanneld=args.flanneld, peers=args.peers)
+    try:
+        return run_bench(options, ["python3", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
+    except KeyboardInterrupt:
+        print("\nbench: interrupted; every namespace and process it made was removed", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""What the bench reports: every figure's key, label, unit and which way is better.
+
+The one table that results.json, report.md, the charts and the tests share.
+A figure's raw value is stored in ``unit``; ``show`` scales it for people.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["CNI_FIGURES", "DATAPATH_FIGURES", "Figure", "MAY_BE_ZERO", "SCALE_FIGURES", "figure"]
+
+
+@dataclass(frozen=True, slots=True)
+class Figure:
+    key: str
+    label: str
+    unit: str
+    better: str  # "higher" or "lower"
+    daemon_only: bool = False  # no value for ``bare`` (no daemon there)
+    show_scale: float = 1.0  # displayed value = raw * show_scale
+    show_unit: str = ""
+    decimals: int = 2
+
+    def show(self, value: float | None) -> str:
+        if value is None:
+            return "—"
+        return f"{value * self.show_scale:.{self.decimals}f}"
+
+    @property
+    def display_unit(self) -> str:
+        return self.show_unit or self.unit
+
+
+DATAPATH_FIGURES: tuple[Figure, ...] = (
+    Figure("tcp_1_gbps", "TCP, 1 stream", "Gbit/s", "higher"),
+    Figure("tcp_4_gbps", "TCP, 4 streams", "Gbit/s", "higher"),
+    Figure("udp64_pps", "UDP 64 B delivered", "packets/s", "higher", show_scale=1e-3, show_unit="kpps", decimals=0),
+    Figure("udp64_loss_pct", "UDP 64 B loss", "%", "lower", decimals=1),
+    Figure("rtt_p50_us", "RTT p50", "µs", "lower", decimals=0),
+    Figure("rtt_p99_us", "RTT p99", "µs", "lower", decimals=0),
+    Figure("cpu_s_per_gb", "CPU per GB (daemons + kernel)", "s/GB", "lower"),
+    Figure("kernel_cpu_s_per_gb", "kernel CPU per GB", "s/GB", "lower"),
+    Figure("daemon_cpu_s_per_gb", "daemons' CPU per GB", "s/GB", "lower", daemon_only=True, decimals=3),
+    Figure("daemon_peak_rss_mib", "daemon peak RSS", "MiB", "lower", daemon_only=True, decimals=0),
+)
+
+CNI_FIGURES: tuple[Figure, ...] = (
+    Figure("add_p50_ms", "ADD p50", "ms", "lower", decimals=1),
+    Figure("add_p99_ms", "ADD p99", "ms", "lower", decimals=1),
+    Figure("del_p50_ms", "DEL p50", "ms", "lower", decimals=1),
+    Figure("del_p99_ms", "DEL p99", "ms", "lower", decimals=1),
+)
+
+SCALE_FIGURES: tuple[Figure, ...] = (
+    Figure("startup_ready_s", "start-up to ready", "s", "lower"),
+    Figure("startup_converged_s", "start-up to all peers in place", "s", "lower"),
+    Figure("event_p50_ms", "lease event to route, p50", "ms", "lower", decimals=1),
+    Figure("event_p99_ms", "lease event to route, p99", "ms", "lower", decimals=1),
+    Figure("tcp_1_gbps_n_peers", "TCP 1 stream, N peers", "Gbit/s", "higher"),
+    Figure("tcp_1_gbps_2_peers", "TCP 1 stream, 2 nodes only", "Gbit/s", "higher"),
+)
+
+# Figures whose honest value can be exactly zero (a lossless run).
+MAY_BE_ZERO: frozenset[str] = frozenset({"udp64_loss_pct"})
+
+_BY_KEY = {f.key: f for f in DATAPATH_FIGURES + CNI_FIGURES + SCALE_FIGURES}
+
+
+def figure(key: str) -> Figure:
+    """The figure named ``key``.
+
+    Raises:
+        KeyError: no such figure.
+    """
+    return _BY_KEY[key]

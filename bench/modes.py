@@ -1,0 +1,184 @@
+"""How each mode's testbed is built: two endpoints on different nodes, and the daemons to watch.
+
+* ``bare``: two plain node namespaces on the lab's underlay (the switch
+  bridge, veths, 198.51.100.0/24), no etcd, no daemon: node to node, the ceiling.
+* ``host-gw``, ``vxlan``, ``udp``: ``Cluster(nodes=2, backend=...)`` running
+  flanneld-py, one pod per node wired by the real ``flannel-py`` CNI plugin;
+  pod to pod across nodes.
+* ``flannel-udp``: the same lab with the user's flannel ``flanneld`` binary as
+  the daemon (UDP backend), pods wired as flannel's own CNI plugin does it:
+  ``bridge`` + ``host-local`` from ``/usr/lib/cni`` with the subnet and MTU
+  of the daemon's subnet file.
+
+Every testbed is a context manager; leaving it (also by Ctrl-C) kills the
+daemons and deletes every namespace and file the lab made.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from flanneld_py.lab.cluster import PREFIX, Cluster, Node
+from flanneld_py.lab.netns import unique_tag
+
+from .measure import Endpoint, MeasureError, process_tree
+
+__all__ = [
+    "ALL_MODES",
+    "DEFAULT_MODES",
+    "FLANNELD_PY_MODES",
+    "ModeError",
+    "Testbed",
+    "flannel_argv_builder",
+    "open_testbed",
+]
+
+DEFAULT_MODES = ("bare", "host-gw", "vxlan", "udp")
+FLANNELD_PY_MODES = ("host-gw", "vxlan", "udp")
+ALL_MODES = (*DEFAULT_MODES, "flannel-udp")
+REFERENCE_CNI = "/usr/lib/cni"
+CONNECT_TIMEOUT = 20.0
+
+
+class ModeError(RuntimeError):
+    """A testbed could not be built or its endpoints cannot reach each other."""
+
+
+@dataclass
+class Testbed:
+    mode: str
+    src: Endpoint
+    dst: Endpoint
+    daemon_pids: tuple[int, ...]
+    cluster: Cluster
+    notes: list[str] = field(default_factory=list)
+
+
+def flannel_argv_builder(binary: str) -> Callable[[Cluster, Node, tuple[str, ...]], list[str]]:
+    """flannel's flanneld on a lab node: same etcd, prefix, interface and subnet file as ours."""
+
+    def build(cluster: Cluster, node: Node, extra: tuple[str, ...]) -> list[str]:
+        return [
+            binary,
+            f"--etcd-endpoints={cluster.etcd_endpoint}",
+            f"--etcd-prefix={PREFIX}",
+            "--iface=eth0",
+            f"--subnet-file={node.subnet_file}",
+            "--ip-masq=false",
+            *extra,
+        ]
+
+    return build
+
+
+def reference_pod_config(cluster: Cluster, node: Node) -> dict:  # type: ignore[type-arg]
+    """What flannel's CNI plugin delegates to: bridge + host-local over the node's subnet file."""
+    env = node.subnet_env()
+    return {
+        "cniVersion": "1.0.0",
+        "name": f"flannel-{cluster.tag}-{node.name}",
+        "type": "bridge",
+        "bridge": "cni0",
+        "isGateway": True,
+        "isDefaultGateway": True,
+        "hairpinMode": True,
+        "mtu": env.mtu,
+        "ipam": {"type": "host-local", "subnet": str(env.subnet), "dataDir": os.path.join(node.workdir, "host-local")},
+    }
+
+
+def wait_reachable(src: Endpoint, dst: Endpoint, timeout: float = CONNECT_TIMEOUT) -> float:
+    """Ping until ``dst`` answers ``src``; seconds it took.
+
+    Raises:
+        ModeError: no answer within ``timeout``.
+    """
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        proc = src.netns.sh("ping", "-n", "-c", "1", "-W", "1", dst.address, check=False, timeout=10)
+        if proc.returncode == 0:
+            return time.monotonic() - start
+        time.sleep(0.1)
+    raise ModeError(f"{dst.address} does not answer {src.address} after {timeout:g}s")
+
+
+def _daemon_pids(cluster: Cluster) -> tuple[int, ...]:
+    pids: list[int] = []
+    for node in cluster.nodes:
+        if node.daemon is None or node.daemon.poll() is not None:
+            raise ModeError(f"the daemon on {node.name} is not running: {node.log_text()[-2000:]}")
+        pids.extend(process_tree(node.daemon.pid))
+    return tuple(pids)
+
+
+def _start_daemons(cluster: Cluster) -> None:
+    try:
+        cluster.start_all()
+    except (RuntimeError, TimeoutError) as exc:
+        raise ModeError(f"daemon did not start: {exc}") from None
+
+
+def _build_bare(cluster: Cluster) -> Testbed:
+    n1, n2 = cluster.nodes
+    return Testbed("bare", Endpoint(n1.netns, n1.address), Endpoint(n2.netns, n2.address), (), cluster)
+
+
+def _build_flanneld_py(cluster: Cluster, mode: str) -> Testbed:
+    _start_daemons(cluster)
+    pods = [cluster.add_pod(node) for node in cluster.nodes]
+    src, dst = (Endpoint(pod.netns, str(pod.ip.ip)) for pod in pods)
+    return Testbed(mode, src, dst, _daemon_pids(cluster), cluster)
+
+
+def _build_flannel(cluster: Cluster) -> Testbed:
+    _start_daemons(cluster)
+    pods = []
+    for node in cluster.nodes:
+        pods.append(cluster.add_pod(node, config=reference_pod_config(cluster, node),
+                                    plugin_argv=[os.path.join(REFERENCE_CNI, "bridge")]))
+    src, dst = (Endpoint(pod.netns, str(pod.ip.ip)) for pod in pods)
+    return Testbed("flannel-udp", src, dst, _daemon_pids(cluster), cluster)
+
+
+def make_cluster(mode: str, flanneld: str | None = None, tag: str | None = None) -> Cluster:
+    """The (not yet entered) lab for ``mode``."""
+    tag = tag or unique_tag()
+    if mode == "bare":
+        return Cluster(nodes=2, tag=tag, start_etcd=False)
+    if mode in FLANNELD_PY_MODES:
+        return Cluster(nodes=2, backend={"Type": mode}, tag=tag)
+    if mode == "flannel-udp":
+        if not flanneld:
+            raise ModeError("mode flannel-udp needs --flanneld PATH")
+        return Cluster(nodes=2, backend={"Type": "udp"}, tag=tag,
+                       daemon_argv_builder=flannel_argv_builder(flanneld), wait_for_cni_socket=False)
+    raise ModeError(f"unknown mode {mode!r} (choose from {', '.join(ALL_MODES)})")
+
+
+@contextmanager
+def open_testbed(mode: str, flanneld: str | None = None, tag: str | None = None) -> Iterator[Testbed]:
+    """Build ``mode``'s lab, wait until its endpoints reach each other, yield it, tear it down.
+
+    Raises:
+        ModeError: the lab could not be built, a daemon failed, or no connectivity.
+    """
+    cluster = make_cluster(mode, flanneld, tag)
+    with cluster:
+        try:
+            if mode == "bare":
+                bed = _build_bare(cluster)
+            elif mode == "flannel-udp":
+                bed = _build_flannel(cluster)
+            else:
+                bed = _build_flanneld_py(cluster, mode)
+            took = wait_reachable(bed.src, bed.dst)
+            bed.notes.append(f"reachable {took:.2f}s after the pods were wired")
+        except (RuntimeError, MeasureError) as exc:
+            if isinstance(exc, ModeError):
+                raise
+            raise ModeError(str(exc)) from None
+        yield bed

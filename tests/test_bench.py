@@ -1,0 +1,116 @@
+"""End to end: ``python3 -m bench --quick --modes udp,vxlan --rounds 1`` in real namespaces.
+
+Checks that every output file exists, that every figure is present and
+positive (loss may honestly be zero), that the numbers hang together, and
+that nothing the run made is left behind: no namespace of its tags, no
+iperf3, flanneld-py or etcd process of its labs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.figures import CNI_FIGURES, DATAPATH_FIGURES, MAY_BE_ZERO
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def _processes(names: tuple[str, ...]) -> dict[int, str]:
+    found = {}
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(name in cmdline for name in names):
+            found[int(pid)] = cmdline
+    return found
+
+
+def _check_figure(where: str, entry: dict[str, Any], key: str) -> None:
+    values = entry["rounds"] + [entry["median"]]
+    for value in values:
+        assert isinstance(value, (int, float)), f"{where} {key}: {value!r}"
+        if key in MAY_BE_ZERO:
+            assert value >= 0, f"{where} {key} = {value}"
+        else:
+            assert value > 0, f"{where} {key} = {value}"
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+def test_quick_bench_udp_vxlan(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    iperf_before = set(_processes(("iperf3",)))
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--modes", "udp,vxlan", "--rounds", "1", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    took = time.monotonic() - started
+    assert proc.returncode == 0, f"bench exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert took < 180, f"--quick took {took:.0f}s"
+    assert "bench done" in proc.stderr  # the progress output
+
+    for name in ("results.json", "report.md", "throughput.png", "latency.png", "packet_rate.png", "cpu.png"):
+        path = out / name
+        assert path.is_file() and path.stat().st_size > 0, name
+    for name in ("throughput.png", "latency.png", "packet_rate.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["failures"] == []
+    assert results["machine"]["cpus"] >= 1 and results["machine"]["kernel"]
+    assert set(results["modes"]) == {"udp", "vxlan"}
+    for mode, summary in results["modes"].items():
+        assert summary["status"] == "ok", summary["errors"]
+        for fig in DATAPATH_FIGURES:
+            assert fig.key in summary["figures"], f"{mode} lacks {fig.key}"
+            _check_figure(mode, summary["figures"][fig.key], fig.key)
+            assert len(summary["figures"][fig.key]["rounds"]) == 1
+        raw = summary["raw_rounds"][0]
+        assert raw["tcp_1"]["bytes"] > 0 and raw["ping"]["received"] > 0
+        # figures are the tools' own numbers: the median of one round is that round's value
+        assert summary["figures"]["tcp_1_gbps"]["median"] == raw["tcp_1"]["gbps"]
+        assert summary["ratios"]["vs_vxlan"]["tcp_1_gbps"] == pytest.approx(
+            summary["figures"]["tcp_1_gbps"]["median"] / results["modes"]["vxlan"]["figures"]["tcp_1_gbps"]["median"])
+    assert results["modes"]["vxlan"]["ratios"]["vs_vxlan"]["tcp_4_gbps"] == pytest.approx(1.0)
+
+    cni = results["cni"]
+    assert cni["status"] == "ok" and cni["pods"] == 50
+    for plugin in ("flannel-py", "bridge+host-local"):
+        entry = cni["plugins"][plugin]
+        assert len(entry["add_ms"]) == 50 and len(entry["del_ms"]) == 50
+        for fig in CNI_FIGURES:
+            assert entry["figures"][fig.key] > 0, (plugin, fig.key)
+
+    report = (out / "report.md").read_text()
+    for needle in ("| **udp** |", "| **vxlan** |", "flannel-py", "bridge+host-local", "Machine:"):
+        assert needle in report
+
+    # nothing left behind
+    tags = results["run"]["tags"]
+    assert tags
+    left = sorted(ns for ns in _namespaces() if any(ns.startswith(f"fp{tag}") for tag in tags))
+    assert not left, f"namespaces left behind: {left}"
+    leftover = _processes(tuple(f"flanneld-lab-{tag}-" for tag in tags))
+    assert not leftover, f"processes left behind: {leftover}"
+    new_iperf = set(_processes(("iperf3",))) - iperf_before
+    assert not new_iperf, f"iperf3 left behind: {new_iperf}"
+    dirs = [p.name for p in Path(tempfile.gettempdir()).glob("flanneld-lab-*")
+            if any(p.name.startswith(f"flanneld-lab-{tag}-") for tag in tags)]
+    assert not dirs, f"work directories left behind: {dirs}"

@@ -1,0 +1,403 @@
+"""Unit tests of bench/'s pure parts: parsers, statistics, ratios, report rendering."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+from ipaddress import IPv4Network
+from typing import Any
+
+import pytest
+
+from bench.__main__ import parse_modes
+from bench.cni_latency import _free_subnet, summarize
+from bench.datapath import figures_from_round
+from bench.figures import DATAPATH_FIGURES, MAY_BE_ZERO, figure
+from bench.machine import parse_cpuinfo_model, parse_meminfo_gib, parse_os_release
+from bench.measure import (
+    CpuSample,
+    CpuTimes,
+    DaemonCpu,
+    MeasureError,
+    cpu_usage,
+    descendants,
+    parse_iperf3_tcp,
+    parse_iperf3_udp,
+    parse_pid_stat,
+    parse_ping,
+    parse_ppid,
+    parse_proc_stat,
+    parse_schedstat,
+    parse_vmhwm_kib,
+)
+from bench.progress import Progress
+from bench.report import add_ratios, render_report, summarize_mode, write_outputs
+from bench.runner import rotate
+from bench.scale import fake_leases, peer_subnets_from_log, scale_subnet_len
+from bench.scale_agent import log_peer_added_times
+from bench.stats import median, percentile, ratio
+
+# --- stats ----------------------------------------------------------------------------------
+
+
+def test_median_odd_even_and_empty() -> None:
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    assert median([4.0, 1.0, 2.0, 3.0]) == 2.5
+    with pytest.raises(ValueError):
+        median([])
+
+
+@pytest.mark.parametrize("pct", [0, 1, 25, 50, 90, 99, 100])
+def test_percentile_matches_numpy_linear(pct: float) -> None:
+    numpy = pytest.importorskip("numpy")
+    values = [0.31, 0.12, 5.0, 0.2, 0.25, 0.27, 0.3, 0.9, 0.11, 0.15, 0.4]
+    assert percentile(values, pct) == pytest.approx(float(numpy.percentile(values, pct)))
+
+
+def test_percentile_edges() -> None:
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([1.0, 2.0], 0) == 1.0 and percentile([1.0, 2.0], 100) == 2.0
+    with pytest.raises(ValueError):
+        percentile([], 50)
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_ratio() -> None:
+    assert ratio(2.0, 4.0) == 0.5
+    assert ratio(None, 1.0) is None and ratio(1.0, None) is None
+    assert ratio(1.0, 0.0) is None
+
+
+# --- iperf3 -----------------------------------------------------------------------------------
+
+TCP_DOC: dict[str, Any] = {
+    "start": {"test_start": {"protocol": "TCP", "num_streams": 4}},
+    "end": {
+        "sum_sent": {"bytes": 6052642816, "seconds": 2.000662, "bits_per_second": 24202560216.5, "retransmits": 13},
+        "sum_received": {"bytes": 6052576904, "seconds": 2.000751, "bits_per_second": 24201220057.8},
+    },
+}
+UDP_DOC: dict[str, Any] = {
+    "end": {
+        "sum": {"packets": 1338460, "lost_packets": 279146, "lost_percent": 20.85, "seconds": 2.000083},
+        "sum_sent": {"packets": 1338460, "lost_packets": 0, "lost_percent": 0, "seconds": 2.00005},
+        "sum_received": {"bytes": 67796096, "packets": 1338460, "lost_packets": 279146,
+                         "lost_percent": 20.855759604321385, "seconds": 2.000083},
+    },
+}
+
+
+def test_parse_iperf3_tcp_reads_the_receiver() -> None:
+    result = parse_iperf3_tcp(TCP_DOC)
+    assert result.bytes == 6052576904
+    assert result.gbps == pytest.approx(24.2012, rel=1e-4)
+    assert result.retransmits == 13
+
+
+def test_parse_iperf3_udp_counts_delivered_packets() -> None:
+    result = parse_iperf3_udp(UDP_DOC)
+    assert result.delivered == 1338460 - 279146
+    assert result.delivered_pps == pytest.approx((1338460 - 279146) / 2.000083)
+    assert result.lost_percent == pytest.approx(20.8557, rel=1e-4)
+
+
+@pytest.mark.parametrize("parse", [parse_iperf3_tcp, parse_iperf3_udp])
+def test_parse_iperf3_errors(parse: Any) -> None:
+    with pytest.raises(MeasureError, match="unable to connect"):
+        parse({"start": {}, "end": {}, "error": "unable to connect to server: Connection refused"})
+    with pytest.raises(MeasureError, match="no receiver sum"):
+        parse({"end": {}})
+    with pytest.raises(MeasureError, match="no time"):
+        parse({"end": {"sum_received": {"bytes": 1, "bits_per_second": 1, "seconds": 0, "packets": 1,
+                                        "lost_packets": 0, "lost_percent": 0}}})
+
+
+# --- ping ---------------------------------------------------------------------------------------
+
+PING_OUT = """PING 10.244.9.2 (10.244.9.2) 56(84) bytes of data.
+64 bytes from 10.244.9.2: icmp_seq=1 ttl=62 time=0.412 ms
+64 bytes from 10.244.9.2: icmp_seq=2 ttl=62 time=0.205 ms
+64 bytes from 10.244.9.2: icmp_seq=3 ttl=62 time=12.5 ms
+64 bytes from 10.244.9.2: icmp_seq=5 ttl=62 time=0.300 ms
+
+--- 10.244.9.2 ping statistics ---
+5 packets transmitted, 4 received, 20% packet loss, time 41ms
+rtt min/avg/max/mdev = 0.205/3.354/12.500/5.280 ms
+"""
+
+
+def test_parse_ping_reads_every_reply() -> None:
+    result = parse_ping(PING_OUT)
+    assert result.rtts_ms == (0.412, 0.205, 12.5, 0.3)
+    assert (result.transmitted, result.received) == (5, 4)
+    assert result.p50_us == pytest.approx(356.0)
+    assert result.p99_us == pytest.approx(percentile([0.412, 0.205, 12.5, 0.3], 99) * 1000)
+
+
+def test_parse_ping_without_replies() -> None:
+    with pytest.raises(MeasureError, match="no reply"):
+        parse_ping("PING x\n\n--- x ping statistics ---\n3 packets transmitted, 0 received, 100% packet loss\n")
+
+
+# --- /proc ----------------------------------------------------------------------------------------
+
+
+def test_parse_pid_stat_with_odd_comm() -> None:
+    fields = ["S", "1", "2", "3"] + ["0"] * 7 + ["345", "67"] + ["0"] * 30
+    text = "4242 (py (thr) x) " + " ".join(fields) + "\n"
+    assert parse_pid_stat(text) == (345, 67)
+
+
+def test_process_tree() -> None:
+    assert parse_ppid("4242 (py (thr) x) S 17 4242 4242 0 -1") == 17
+    parents = {1: 0, 10: 1, 11: 10, 12: 11, 13: 10, 20: 1}
+    assert descendants(10, parents) == [10, 11, 12, 13]
+    assert descendants(12, parents) == [12]
+
+
+def test_parse_proc_stat_and_kernel_share() -> None:
+    text = "cpu  100 2 300 4000 5 6 70 8 0 0\ncpu0 50 1 150 2000 2 3 35 4 0 0\nintr 1 2\n"
+    times = parse_proc_stat(text)
+    assert times == CpuTimes(100, 2, 300, 4000, 5, 6, 70, 8)
+    assert times.kernel == 300 + 6 + 70
+    with pytest.raises(MeasureError):
+        parse_proc_stat("intr 1 2\n")
+
+
+def test_parse_vmhwm_and_schedstat() -> None:
+    status = "Name:\tpython3\nVmPeak:\t  200000 kB\nVmHWM:\t   73136 kB\nVmRSS:\t   70000 kB\n"
+    assert parse_vmhwm_kib(status) == 73136
+    with pytest.raises(MeasureError):
+        parse_vmhwm_kib("Name:\tkthreadd\n")
+    assert parse_schedstat("3237206452 50156 2\n") == 3237206452
+
+
+def _sample(kernel: tuple[int, int, int], daemons: dict[int, tuple[int, int, int]]) -> CpuSample:
+    system, irq, softirq = kernel
+    return CpuSample(CpuTimes(0, 0, system, 0, 0, irq, softirq, 0),
+                     {pid: DaemonCpu(*values) for pid, values in daemons.items()})
+
+
+def test_cpu_usage_splits_daemons_and_kernel() -> None:
+    before = _sample((1000, 10, 100), {1: (50, 20, 2_000_000_000), 2: (10, 5, 500_000_000)})
+    after = _sample((1300, 10, 200), {1: (150, 80, 4_000_000_000), 2: (10, 25, 1_000_000_000)})
+    usage = cpu_usage(before, after, clk_tck=100)
+    assert usage.daemons == pytest.approx(2.5)
+    assert usage.daemon_stime == pytest.approx(0.8)
+    assert usage.kernel == pytest.approx((400 - 80) / 100)
+    assert usage.total == pytest.approx(2.5 + 3.2)
+
+
+def test_cpu_usage_never_negative_and_same_daemons() -> None:
+    before = _sample((0, 0, 0), {1: (0, 0, 0)})
+    after = _sample((5, 0, 0), {1: (0, 9, 90_000_000)})
+    assert cpu_usage(before, after, clk_tck=100).kernel == 0.0
+    with pytest.raises(MeasureError):
+        cpu_usage(before, _sample((0, 0, 0), {2: (0, 0, 0)}))
+
+
+# --- figures, summaries, ratios ---------------------------------------------------------------------
+
+
+def _raw_round(gbps: float = 2.0, daemons: bool = True) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "tcp_1": {"gbps": gbps, "bytes": 750_000_000},
+        "tcp_4": {"gbps": gbps * 2, "bytes": 1_250_000_000},
+        "cpu": {"daemons_s": 4.0, "kernel_s": 2.0, "bytes": 2_000_000_000},
+        "udp64": {"delivered_pps": 50_000.0, "lost_percent": 12.5},
+        "ping": {"p50_us": 400.0, "p99_us": 900.0},
+    }
+    if daemons:
+        raw["daemon_peak_rss_kib"] = [70_000, 75_776]
+    return raw
+
+
+def test_figures_from_round() -> None:
+    figures = figures_from_round(_raw_round())
+    assert set(figures) == {f.key for f in DATAPATH_FIGURES}
+    assert figures["cpu_s_per_gb"] == pytest.approx(3.0)
+    assert figures["daemon_cpu_s_per_gb"] == pytest.approx(2.0)
+    assert figures["kernel_cpu_s_per_gb"] == pytest.approx(1.0)
+    assert figures["daemon_peak_rss_mib"] == pytest.approx(74.0)
+    bare = figures_from_round(_raw_round(daemons=False))
+    assert "daemon_cpu_s_per_gb" not in bare and "daemon_peak_rss_mib" not in bare
+    assert {f.key for f in DATAPATH_FIGURES if not f.daemon_only} == set(bare)
+
+
+def test_summarize_mode_medians_and_status() -> None:
+    rounds = [figures_from_round(_raw_round(g)) for g in (1.0, 3.0, 2.0)]
+    summary = summarize_mode(rounds, [], 3)
+    assert summary["status"] == "ok"
+    assert summary["figures"]["tcp_1_gbps"]["rounds"] == [1.0, 3.0, 2.0]
+    assert summary["figures"]["tcp_1_gbps"]["median"] == 2.0
+    assert summarize_mode(rounds[:2], [{"round": 3, "error": "x"}], 3)["status"] == "partial"
+    failed = summarize_mode([], [{"round": 1, "error": "backend 'vxlan' is not available"}], 1)
+    assert failed["status"] == "failed" and failed["figures"] == {}
+
+
+def test_add_ratios_uses_medians_of_the_same_run() -> None:
+    modes = {
+        "udp": summarize_mode([figures_from_round(_raw_round(2.0))], [], 1),
+        "vxlan": summarize_mode([figures_from_round(_raw_round(8.0))], [], 1),
+        "bare": summarize_mode([figures_from_round(_raw_round(10.0, daemons=False))], [], 1),
+    }
+    add_ratios(modes)
+    assert modes["udp"]["ratios"]["vs_vxlan"]["tcp_1_gbps"] == pytest.approx(0.25)
+    assert modes["udp"]["ratios"]["vs_bare"]["tcp_1_gbps"] == pytest.approx(0.2)
+    assert modes["vxlan"]["ratios"]["vs_vxlan"]["tcp_4_gbps"] == pytest.approx(1.0)
+    assert "daemon_peak_rss_mib" not in modes["udp"]["ratios"]["vs_bare"]  # bare has no daemon
+
+
+def test_add_ratios_without_references() -> None:
+    modes = {"udp": summarize_mode([figures_from_round(_raw_round())], [], 1),
+             "vxlan": summarize_mode([], [{"round": 1, "error": "boom"}], 1)}
+    add_ratios(modes)
+    assert modes["udp"]["ratios"] == {}
+
+
+def _results(modes: dict[str, Any]) -> dict[str, Any]:
+    add_ratios(modes)
+    return {
+        "started_at": "2026-01-01T00:00:00+00:00",
+        "options": {"modes": list(modes), "rounds": 1, "quick": True, "seconds": 3.0, "ping_count": 200},
+        "machine": {"cpu_model": "Test CPU", "cpus": 2, "memory_gib": 4.0, "kernel": "6.1", "flanneld_py": "0.1.0"},
+        "modes": modes,
+        "cni": {"status": "ok", "pods": 50, "plugins": {
+            "flannel-py": {"figures": summarize([10.0, 12.0], [8.0, 9.0])},
+            "bridge+host-local": {"figures": summarize([20.0, 22.0], [30.0, 31.0])}},
+            "ratios": {"add_p50_ms": 0.5}},
+        "scale": {"status": "not run"},
+        "failures": [{"what": "vxlan, round 1", "error": "ModeError: backend not available"}],
+    }
+
+
+def test_render_report_shows_every_mode_and_failures() -> None:
+    modes = {
+        "bare": summarize_mode([figures_from_round(_raw_round(10.0, daemons=False))], [], 1),
+        "vxlan": summarize_mode([], [{"round": 1, "error": "ModeError: backend not available"}], 1),
+        "udp": summarize_mode([figures_from_round(_raw_round(2.0))], [], 1),
+    }
+    text = render_report(_results(modes))
+    assert "| **bare** | 10.00 | 20.00 |" in text
+    assert "| **vxlan** | failed |" in text
+    assert "| udp | 0.20× |" in text  # vs bare
+    assert "Each mode's median over vxlan's" not in text  # vxlan failed: no ratio table for it
+    assert "ModeError: backend not available" in text
+    assert "| flannel-py | 11.0 |" in text
+    assert "Test CPU, 2 CPUs" in text
+
+
+def test_write_outputs_makes_every_file(tmp_path: Any) -> None:
+    pytest.importorskip("matplotlib")
+    modes = {"udp": summarize_mode([figures_from_round(_raw_round(g)) for g in (1.0, 2.0)], [], 2),
+             "vxlan": summarize_mode([figures_from_round(_raw_round(9.0))], [], 1)}
+    results = _results(modes)
+    written = write_outputs(str(tmp_path), results)
+    names = sorted(os.path.basename(p) for p in written)
+    assert names == ["cpu.png", "latency.png", "packet_rate.png", "report.md", "results.json", "throughput.png"]
+    for path in written:
+        assert os.path.getsize(path) > 0
+    with open(tmp_path / "throughput.png", "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "results.json").read_text())["modes"]["udp"]["figures"]["tcp_1_gbps"]["median"] == 1.5
+
+
+def test_figure_table() -> None:
+    assert figure("udp64_pps").show(46119.8) == "46"
+    assert figure("tcp_1_gbps").show(None) == "—"
+    assert MAY_BE_ZERO <= {f.key for f in DATAPATH_FIGURES}
+    with pytest.raises(KeyError):
+        figure("nope")
+
+
+# --- run plumbing -----------------------------------------------------------------------------------
+
+
+def test_rotate_alternates_the_first_mode() -> None:
+    modes = ("bare", "host-gw", "vxlan", "udp")
+    assert rotate(modes, 0) == list(modes)
+    assert rotate(modes, 1) == ["host-gw", "vxlan", "udp", "bare"]
+    assert rotate(modes, 4) == list(modes)
+    assert rotate((), 3) == []
+
+
+def test_parse_modes() -> None:
+    assert parse_modes("udp, vxlan,udp") == ("udp", "vxlan")
+    with pytest.raises(argparse.ArgumentTypeError, match="gre"):
+        parse_modes("udp,gre")
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_modes(" , ")
+
+
+def test_progress_prints_one_line_per_step_off_a_terminal() -> None:
+    stream = io.StringIO()
+    ticks = iter([0.0, 61.0, 62.0])
+    progress = Progress(4, stream=stream, clock=lambda: next(ticks))
+    progress.context = "round 1/1 · udp"
+    progress.step("TCP, 1 stream")
+    progress.note("FAILED x")
+    assert stream.getvalue() == "[  1/4 1m01s] round 1/1 · udp · TCP, 1 stream\nFAILED x\n"
+
+
+# --- CNI and scale helpers -------------------------------------------------------------------------
+
+
+def test_cni_summarize_and_free_subnet() -> None:
+    figures = summarize([float(v) for v in range(1, 101)], [5.0] * 50)
+    assert figures["add_p50_ms"] == pytest.approx(50.5)
+    assert figures["add_p99_ms"] == pytest.approx(99.01)
+    assert figures["del_p99_ms"] == 5.0
+    assert _free_subnet(["10.244.7.0/24"]) == "10.244.254.0/24"
+    assert _free_subnet(["10.244.254.0/24"]) == "10.244.253.0/24"
+
+
+def test_scale_subnet_len() -> None:
+    assert scale_subnet_len(10) == 24
+    assert scale_subnet_len(254) == 24
+    assert scale_subnet_len(255) == 25
+    assert scale_subnet_len(1000) == 26
+    with pytest.raises(ValueError):
+        scale_subnet_len(20000)
+
+
+def test_fake_leases_are_valid_unique_and_skip_taken() -> None:
+    leases = fake_leases("vxlan", 26, 300, skip=["10.244.255.128/26"])
+    names = [name for name, _ in leases]
+    assert len(set(names)) == 300
+    assert "10.244.255.128-26" not in names and "10.244.255.192-26" not in names  # taken; last is never handed out
+    values = [json.loads(v) for _, v in leases]
+    assert len({v["BackendData"]["VtepMAC"] for v in values}) == 300
+    assert all(v["BackendType"] == "vxlan" and v["PublicIP"].startswith("198.51.100.") for v in values)
+    for name in names:
+        subnet = IPv4Network(name.replace("-", "/"))
+        assert subnet.subnet_of(IPv4Network("10.244.0.0/16")) and subnet.prefixlen == 26
+    assert json.loads(fake_leases("host-gw", 24, 1)[0][1])["BackendData"] is None
+    with pytest.raises(ValueError):
+        fake_leases("udp", 24, 300)
+
+
+LOG = """2026-11-26 01:22:59,285 INFO flanneld: lease acquired: 10.244.2.0/24 (etcd lease f24a, ttl 86400s)
+2026-11-26 01:22:59,300 INFO backend.udp.backend: peer added: 10.244.190.0/24 via 198.51.100.2
+2026-11-26 01:23:00,010 INFO backend.udp.backend: peer added: 10.244.9.0/24 via 198.51.100.10
+2026-11-26 01:23:01,500 INFO backend.udp.backend: peer removed: 10.244.9.0/24 (was 198.51.100.10)
+"""
+
+
+def test_peer_subnets_from_log_replays_adds_and_removes() -> None:
+    assert peer_subnets_from_log(LOG) == {"10.244.190.0/24"}
+
+
+def test_log_peer_added_times() -> None:
+    times = log_peer_added_times(LOG)
+    assert set(times) == {"10.244.190.0/24", "10.244.9.0/24"}
+    assert times["10.244.9.0/24"] - times["10.244.190.0/24"] == pytest.approx(0.710, abs=1e-6)
+
+
+def test_machine_parsers() -> None:
+    assert parse_cpuinfo_model("processor\t: 0\nmodel name\t: Intel(R) Xeon(R)\n") == "Intel(R) Xeon(R)"
+    assert parse_meminfo_gib("MemTotal:       24683520 kB\n") == 23.5
+    assert parse_os_release('NAME="Debian"\nPRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\n') == \
+        "Debian GNU/Linux 12 (bookworm)"
