@@ -29,6 +29,7 @@ from .options import DaemonOptions
 from .subnet.manager import LeaseLost, LocalManager, NoFreeSubnet, OwnLease
 from .subnet.registry import EtcdAuthError, EtcdRegistry, EtcdTls, EtcdUnavailable, WatchCompacted, parse_endpoints
 from .subnetfile import previous_subnet, write_subnet_file
+from .unixsock import SocketPathBusy
 
 __all__ = ["Daemon", "DaemonState", "FatalError"]
 
@@ -187,7 +188,10 @@ class Daemon:
             current_lease=lambda: self.subnet_env,
             node=self.netlink,
         )
-        await server.start(self.options.cni_socket)
+        try:
+            await server.start(self.options.cni_socket)
+        except SocketPathBusy as exc:
+            raise FatalError(f"cannot serve the CNI plugin: {exc} (--cni-socket)") from None
         self._extras.append(server)
 
     async def _serve(self) -> None:

@@ -18,6 +18,7 @@ import pytest
 from cni_helpers import CniNetwork, CniNode
 from flanneld_py.cni.models import CniError, Request
 from flanneld_py.cni.server import CniServer
+from flanneld_py.unixsock import SocketPathBusy
 
 CONF = {"cniVersion": "1.0.0", "name": "cbr0", "type": "flannel-py"}
 ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "c1", "CNI_NETNS": "/var/run/netns/x", "CNI_IFNAME": "eth0"}
@@ -120,14 +121,14 @@ def test_a_stale_socket_is_replaced_and_a_live_one_refused(tmp_path: Path) -> No
         first = CniServer(plugin=FakePlugin())  # type: ignore[arg-type]
         await first.start(str(path))
         second = CniServer(plugin=FakePlugin())  # type: ignore[arg-type]
-        with pytest.raises(RuntimeError, match="already serves"):
+        with pytest.raises(SocketPathBusy, match="already serves"):
             await second.start(str(path))
         await second.close()
         assert path.exists(), "the loser must not remove the winner's socket"
         await first.close()
         path.write_text("not a socket")
         third = CniServer(plugin=FakePlugin())  # type: ignore[arg-type]
-        with pytest.raises(FileExistsError):
+        with pytest.raises(SocketPathBusy, match="not a socket"):
             await third.start(str(path))
         await third.close()
 

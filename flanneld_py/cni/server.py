@@ -22,14 +22,13 @@ import json
 import logging
 import os
 import signal
-import socket
-import stat
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..firewall import Iptables
 from ..netlink import Netlink
+from ..unixsock import claim_socket_path
 from .models import ConfigDefaults, CniError, ErrorCode, answer_version, parse_request
 from .plugin import CniPlugin, LeaseSource
 
@@ -84,7 +83,7 @@ class CniServer:
                 self._node = await asyncio.to_thread(Netlink)
             self._plugin = CniPlugin(self._node, iptables=self._iptables, current_lease=self._current_lease,
                                      background_unplug=self._background_unplug)
-        await asyncio.to_thread(_clear_stale_socket, path)
+        await asyncio.to_thread(claim_socket_path, path)
         os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
         self._server = await asyncio.start_unix_server(self._serve, path=path)
         os.chmod(path, 0o600)  # root only: a request makes the daemon read and write paths it names
@@ -181,25 +180,6 @@ def _decode(raw: bytes) -> dict[str, Any]:
     if not isinstance(wire, dict):
         raise CniError(ErrorCode.DECODE_FAILURE, "the request from the flannel-py plugin is not an object")
     return wire
-
-
-def _clear_stale_socket(path: str) -> None:
-    """Remove a socket file nobody listens on (left by a crash); refuse to steal a live one."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise FileExistsError(f"{path} exists and is not a socket; remove it or pick another --socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except (ConnectionRefusedError, FileNotFoundError):
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise RuntimeError(f"another process already serves CNI requests on {path}")
 
 
 # --- standalone entry ------------------------------------------------------

@@ -17,28 +17,18 @@ import json
 import logging
 import os
 import socket
-import stat
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["ControlServer", "query", "socket_in_use"]
+from ..unixsock import SocketPathBusy, claim_socket_path
+
+__all__ = ["ControlServer", "query"]
 
 log = logging.getLogger(__name__)
 
 READ_TIMEOUT = 2.0
 MAX_REQUEST = 256
 MAX_ANSWER = 16 << 20
-
-
-def socket_in_use(path: str) -> bool:
-    """True if something accepts connections on ``path``."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
-        try:
-            probe.connect(path)
-        except OSError:
-            return False
-    return True
 
 
 class ControlServer:
@@ -52,14 +42,11 @@ class ControlServer:
         directory = os.path.dirname(path)
         if directory:
             os.makedirs(directory, exist_ok=True)
-        if os.path.lexists(path):
-            if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                log.warning("%s exists and is not a socket; serving no control socket", path)
-                return False
-            if await asyncio.to_thread(socket_in_use, path):
-                log.warning("control socket %s answers for another daemon; `status` will not reach this one", path)
-                return False
-            os.unlink(path)
+        try:
+            await asyncio.to_thread(claim_socket_path, path)
+        except SocketPathBusy as exc:
+            log.warning("serving no control socket, so `status` will not reach this daemon: %s", exc)
+            return False
         self._server = await asyncio.start_unix_server(self._handle, path)
         os.chmod(path, 0o660)
         self.path = path

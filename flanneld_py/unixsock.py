@@ -1,0 +1,35 @@
+"""Claiming a unix socket path for a server: the daemon's CNI and control sockets."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+
+__all__ = ["SocketPathBusy", "claim_socket_path"]
+
+
+class SocketPathBusy(OSError):
+    """The path is a live socket of another process, or not a socket at all."""
+
+
+def claim_socket_path(path: str) -> None:
+    """Make ``path`` free to bind: remove a stale socket left by a crash.
+
+    Raises :class:`SocketPathBusy` when another process answers on it (never
+    steal a live socket) or when the path is some other kind of file.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise SocketPathBusy(f"{path} exists and is not a socket; remove it or choose another path")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)
+            return
+    raise SocketPathBusy(f"another process already serves on {path}")
