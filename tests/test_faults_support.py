@@ -1,0 +1,228 @@
+"""Shared pieces of the fault tests (``test_faults_*.py``): no tests here.
+
+Everything runs inside the lab's namespaces: daemons get a control socket in
+their node's workdir, traffic generators run in pod or node namespaces, and
+whatever a helper starts it also stops (context managers), also on failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from flanneld_py.lab.cluster import Cluster, Node, Pod
+from flanneld_py.lab.netns import Netns, run
+from flanneld_py.ops.control import query
+
+PREFIX = "/coreos.com/network"
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.1) -> float | None:
+    """Seconds until ``predicate()`` held (None if it never did within ``timeout``)."""
+    start = time.monotonic()
+    deadline = start + timeout
+    while True:
+        if predicate():
+            return time.monotonic() - start
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(interval)
+
+
+def control_socket(node: Node) -> str:
+    return os.path.join(node.workdir, "control.sock")
+
+
+def start(cluster: Cluster, node: Node, *extra: str, wait: bool = True) -> None:
+    """The node's daemon, with its own control socket (``status`` per node)."""
+    cluster.start_daemon(node, f"--control-socket={control_socket(node)}", *extra, wait=wait)
+
+
+def status(node: Node) -> dict:  # type: ignore[type-arg]
+    """The daemon's ``status --json`` answer; a daemon that does not answer fails the test with its log."""
+    try:
+        return query(control_socket(node), timeout=5.0)
+    except OSError as exc:
+        code = None if node.daemon is None else node.daemon.poll()
+        raise AssertionError(f"{node.name}: no status ({exc}); daemon exit code {code}\n"
+                             f"{node.log_text()[-4000:]}") from None
+
+
+def peer_subnets(node: Node) -> set[str]:
+    return {peer["subnet"] for peer in status(node)["peers"]}
+
+
+def drops(node: Node) -> dict[str, int]:
+    return dict(status(node)["drops"])
+
+
+def alive(node: Node) -> bool:
+    return node.daemon is not None and node.daemon.poll() is None
+
+
+def log_count(node: Node, text: str) -> int:
+    return node.log_text().count(text)
+
+
+def subnet_key(subnet: object) -> str:
+    network = str(subnet)
+    return f"{PREFIX}/subnets/{network.replace('/', '-')}"
+
+
+def etcd_subnets(cluster: Cluster) -> dict[str, dict]:  # type: ignore[type-arg]
+    return cluster.leases()
+
+
+def etcd_lease_ids(cluster: Cluster) -> list[str]:
+    assert cluster.etcd is not None
+    out = cluster.etcd.ctl("lease", "list").stdout.splitlines()
+    return [line.strip() for line in out[1:] if line.strip()]
+
+
+# --- namespaces next to the nodes ----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def underlay_host(cluster: Cluster, suffix: str, address: str) -> Iterator[Netns]:
+    """A namespace on the lab's underlay switch with ``address``/24 (e.g. an intruder)."""
+    assert cluster.switch is not None
+    ns = Netns.create(f"fp{cluster.tag}{suffix}")
+    try:
+        port = f"p{cluster.tag}{suffix}"
+        run(["ip", "link", "add", port, "netns", cluster.switch.name, "type", "veth", "peer", "name", "eth0",
+             "netns", ns.name])
+        cluster.switch.ip("link", "set", port, "master", "br0", "up")
+        ns.ip("addr", "add", f"{address}/24", "dev", "eth0")
+        ns.ip("link", "set", "eth0", "up")
+        yield ns
+    finally:
+        ns.delete()
+
+
+# --- traffic -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def background(argv: list[str]) -> Iterator[subprocess.Popen[str]]:
+    """A process that is killed (whole group) on the way out if it still runs."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
+@dataclass(frozen=True)
+class PingStats:
+    sent: int
+    received: int
+    interval: float
+
+    @property
+    def lost(self) -> int:
+        return self.sent - self.received
+
+    @property
+    def lost_seconds(self) -> float:
+        return self.lost * self.interval
+
+
+_PING_SUMMARY = re.compile(r"(\d+) packets transmitted, (\d+) received")
+
+
+def ping_stats(output: str, interval: float) -> PingStats:
+    match = _PING_SUMMARY.search(output)
+    assert match, f"no ping summary in {output!r}"
+    return PingStats(int(match.group(1)), int(match.group(2)), interval)
+
+
+@contextlib.contextmanager
+def continuous_ping(src: Pod, dst: Pod, interval: float = 0.01) -> Iterator[Callable[[], PingStats]]:
+    """``ping -i interval`` from ``src`` to ``dst`` until the returned ``stop()`` (SIGINT) is called."""
+    argv = src.netns.argv("ping", "-q", "-n", "-i", str(interval), "-W", "1", str(dst.ip.ip))
+    with background(argv) as proc:
+        def stop() -> PingStats:
+            os.killpg(proc.pid, signal.SIGINT)
+            out, err = proc.communicate(timeout=10)
+            return ping_stats(out, interval)
+
+        yield stop
+
+
+PACED_SENDER = r"""
+import hashlib, random, socket, sys, time
+host, port, total, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+rng = random.Random(7)
+digest = hashlib.sha256()
+chunk = 64 * 1024
+count = total // chunk
+with socket.create_connection((host, port), timeout=60) as conn:
+    conn.settimeout(120)
+    start = time.monotonic()
+    for index in range(count):
+        data = rng.randbytes(chunk)
+        conn.sendall(data)
+        digest.update(data)
+        ahead = start + (index + 1) * seconds / count - time.monotonic()
+        if ahead > 0:
+            time.sleep(ahead)
+print(digest.hexdigest(), count * chunk, flush=True)
+"""
+
+
+@contextlib.contextmanager
+def paced_transfer(src: Pod, dst: Pod, nbytes: int, seconds: float, port: int = 5001
+                   ) -> Iterator[Callable[[float], tuple[str, str]]]:
+    """A TCP transfer spread over ``seconds``; ``finish(timeout)`` gives (sent, received) digests."""
+    server_argv = dst.netns.argv(sys.executable, "-m", "flanneld_py.lab.tcpcheck", "serve", str(port))
+    with background(server_argv) as server:
+        assert server.stdout is not None
+        assert server.stdout.readline().strip() == "listening"
+        sender_argv = src.netns.argv(sys.executable, "-c", PACED_SENDER, str(dst.ip.ip), str(port),
+                                     str(nbytes), str(seconds))
+        with background(sender_argv) as sender:
+            def finish(timeout: float) -> tuple[str, str]:
+                sent, err = sender.communicate(timeout=timeout)
+                assert sender.returncode == 0, f"sender failed: {err}"
+                received, _ = server.communicate(timeout=timeout)
+                return sent.strip(), received.strip()
+
+            yield finish
+
+
+def reachable(src: Pod, dst: Pod) -> bool:
+    return src.ping(str(dst.ip.ip), count=1, timeout=1)
+
+
+def udp_snmp(netns: Netns) -> dict[str, int]:
+    """The namespace's ``Udp:`` counters from /proc/net/snmp (InDatagrams, RcvbufErrors, ...)."""
+    lines = [line.split() for line in netns.sh("cat", "/proc/net/snmp").stdout.splitlines()
+             if line.startswith("Udp:")]
+    return {name: int(value) for name, value in zip(lines[0][1:], lines[1][1:])}
+
+
+def dump(cluster: Cluster) -> str:
+    """The end of every daemon's log, for assertion messages."""
+    return "\n".join(f"--- {node.name}\n{node.log_text()[-2500:]}" for node in cluster.nodes)
+
+
+def debug_dump(cluster: Cluster) -> None:
+    """Print every daemon's log when FAULTS_DEBUG is set (to study a passing run)."""
+    if os.environ.get("FAULTS_DEBUG"):
+        print(dump(cluster))
+
+
+def json_value(doc: object) -> str:
+    return json.dumps(doc, separators=(",", ":"))
