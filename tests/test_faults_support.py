@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -129,6 +128,7 @@ class PingStats:
     sent: int
     received: int
     interval: float
+    longest_gap: int  # most consecutive echoes without a reply
 
     @property
     def lost(self) -> int:
@@ -139,26 +139,65 @@ class PingStats:
         return self.lost * self.interval
 
 
-_PING_SUMMARY = re.compile(r"(\d+) packets transmitted, (\d+) received")
+# ICMP echo at a fixed rate from a raw socket; iputils ping slows down by itself
+# while replies are missing, which would hide the very loss we measure.
+PINGER = r"""
+import json, os, select, socket, struct, sys, time
+dst, seconds, interval = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+ident = os.getpid() & 0xFFFF
 
+def checksum(data):
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
 
-def ping_stats(output: str, interval: float) -> PingStats:
-    match = _PING_SUMMARY.search(output)
-    assert match, f"no ping summary in {output!r}"
-    return PingStats(int(match.group(1)), int(match.group(2)), interval)
+sent, got = 0, set()
+start = time.monotonic()
+end = start + seconds
+next_send = start
+print("started", flush=True)
+while True:
+    now = time.monotonic()
+    if now >= end + 1.0:
+        break
+    if now >= next_send and now < end:
+        body = struct.pack("!BBHHH", 8, 0, 0, ident, sent & 0xFFFF) + b"flanneld-py-faults!!"
+        body = body[:2] + struct.pack("!H", checksum(body)) + body[4:]
+        sock.sendto(body, (dst, 0))
+        sent += 1
+        next_send = start + sent * interval
+    wait = max(0.0, min(next_send if now < end else end + 1.0, end + 1.0) - time.monotonic())
+    if select.select([sock], [], [], wait)[0]:
+        data = sock.recv(2048)
+        offset = (data[0] & 15) * 4
+        kind, _, _, rid, seq = struct.unpack_from("!BBHHH", data, offset)
+        if kind == 0 and rid == ident:
+            got.add(seq)
+run, longest = 0, 0
+for seq in range(sent):
+    run = 0 if seq & 0xFFFF in got else run + 1
+    longest = max(longest, run)
+print(json.dumps({"sent": sent, "received": len(got), "longest_gap": longest}), flush=True)
+"""
 
 
 @contextlib.contextmanager
-def continuous_ping(src: Pod, dst: Pod, interval: float = 0.01) -> Iterator[Callable[[], PingStats]]:
-    """``ping -i interval`` from ``src`` to ``dst`` until the returned ``stop()`` (SIGINT) is called."""
-    argv = src.netns.argv("ping", "-q", "-n", "-i", str(interval), "-W", "1", str(dst.ip.ip))
+def continuous_ping(src: Pod, dst: Pod, seconds: float, interval: float = 0.01
+                    ) -> Iterator[Callable[[], PingStats]]:
+    """Echo requests every ``interval`` for ``seconds`` from ``src`` to ``dst``; ``result()`` waits for the end."""
+    argv = src.netns.argv(sys.executable, "-c", PINGER, str(dst.ip.ip), str(seconds), str(interval))
     with background(argv) as proc:
-        def stop() -> PingStats:
-            os.killpg(proc.pid, signal.SIGINT)
-            out, err = proc.communicate(timeout=10)
-            return ping_stats(out, interval)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
 
-        yield stop
+        def result() -> PingStats:
+            out, err = proc.communicate(timeout=seconds + 30)
+            assert proc.returncode == 0, err
+            doc = json.loads(out.strip().splitlines()[-1])
+            return PingStats(doc["sent"], doc["received"], interval, doc["longest_gap"])
+
+        yield result
 
 
 PACED_SENDER = r"""
