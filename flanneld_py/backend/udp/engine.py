@@ -165,7 +165,7 @@ class Engine:
         if (lengths[:full] != seglen).any() or int(lengths[full]) != total - full * seglen:
             return None
         if (headers.copy().view("<u2").sum(axis=1, dtype=np.uint32) % 0xFFFF).any():
-            return False  # a valid header sums to 0 mod 65535, in either byte order
+            return None  # a valid header sums to 0 mod 65535, in either byte order
         addresses = headers[:, 12:20].copy().view(">u4")
         if ((addresses[:, 0] & self.subnet_mask) != int(peer.subnet.network_address)).any():
             return None

@@ -236,7 +236,10 @@ def tcp_flow_header_len(batch: np.ndarray, count: int, seglen: int, total: int) 
         return 0
     if batch[0] != 0x45 or batch[9] != 6 or batch[6] & 0x3F or batch[7]:
         return 0
-    hlen = 20 + (int(batch[32]) >> 4) * 4
+    data_offset = int(batch[32]) >> 4
+    if data_offset < 5:  # not TCP: a hostile or broken header
+        return 0
+    hlen = 20 + data_offset * 4
     full = count - 1
     mss = seglen - hlen
     if mss <= 0 or total - full * seglen <= hlen:
