@@ -20,7 +20,7 @@ from .backend.registry import create_backend
 from .cni.models import ConfigDefaults
 from .cni.server import CniServer
 from .core.lease import BadRecord, KeyDeleted, KeyPut, LeaseAttrs, LeaseError, LeaseEvent, LeaseWatcher
-from .core.netconfig import ConfigError, NetworkConfig
+from .core.netconfig import ConfigError, NetworkConfig, parse_network_config
 from .core.renewal import Backoff, renewal_delay
 from .core.subnetenv import SubnetEnv
 from .netlink import InterfaceInfo, Netlink
@@ -198,6 +198,7 @@ class Daemon:
         tasks = [
             asyncio.create_task(self._renew_forever(), name="renew"),
             asyncio.create_task(self._watch_forever(), name="watch"),
+            asyncio.create_task(self._watch_config_forever(), name="config"),
             asyncio.create_task(self.stopping.wait(), name="stop"),
         ]
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -279,6 +280,49 @@ class Daemon:
                     log.warning("lost etcd (%s); keeping current routes and retrying", exc)
                     lost = True
                 await asyncio.sleep(backoff.next())
+
+    async def _watch_config_forever(self) -> None:
+        """Say once when the network config in etcd changes, breaks or goes away at run time.
+
+        The datapath keeps the config read at start (flannel's rule: a new
+        config needs a restart), so a bad edit never takes a running node down.
+        """
+        reported: bytes | None = None  # the raw value last complained about
+        backoff = Backoff(first=1.0, ceiling=30.0)
+        while True:
+            try:
+                raw, revision = await self.registry.get_config_revision()
+                reported = self._judge_config(raw, reported)
+                async for raw, revision in self.registry.watch_config(revision + 1):
+                    reported = self._judge_config(raw, reported)
+                    backoff.reset()
+            except WatchCompacted:
+                continue
+            except EtcdUnavailable:
+                await asyncio.sleep(backoff.next())  # the lease watch reports etcd's absence
+
+    def _judge_config(self, raw: bytes | None, reported: bytes | None) -> bytes | None:
+        running = self.state.config
+        assert running is not None
+        if raw is None:
+            problem = "was deleted"
+        else:
+            try:
+                config = parse_network_config(raw)
+            except ConfigError as exc:
+                problem = f"is now invalid ({exc})"
+            else:
+                if config == running:
+                    if reported is not None:
+                        log.info("network config %s/config is the one in use again", self.registry.prefix)
+                    return None
+                problem = "changed"
+        value = b"" if raw is None else raw
+        if value != reported:
+            log.warning("network config %s/config %s; still using the config read at start (Network %s, "
+                        "backend %s); restart flanneld-py to apply a new one",
+                        self.registry.prefix, problem, running.network, running.backend.type)
+        return value
 
     async def _relist(self) -> int:
         assert self.watcher is not None

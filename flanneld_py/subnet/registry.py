@@ -10,7 +10,9 @@ import asyncio
 import time
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import aetcd
@@ -336,6 +338,23 @@ class EtcdRegistry:
         info = await self.request("get_lease_info", lease_id, keys=False)
         return int(info.TTL)
 
+    async def get_config_revision(self) -> tuple[bytes | None, int]:
+        """The raw network config (None if absent) and the store revision it was read at."""
+        result = await self.request("get_prefix", self.config_key)
+        value = next((bytes(kv.value) for kv in result if bytes(kv.key) == self.config_key), None)
+        return value, result.header.revision
+
+    @property
+    def config_key(self) -> bytes:
+        return f"{self.prefix}/config".encode()
+
+    async def watch_config(self, start_revision: int) -> AsyncIterator[tuple[bytes | None, int]]:
+        """The raw config at each change from ``start_revision`` on (None: deleted), with its revision."""
+        async with aclosing(self._watch(self.config_key, start_revision, prefix=False)) as events:
+            async for event in events:
+                value = bytes(event.kv.value) if event.kind == EventKind.PUT else None
+                yield value, int(event.kv.mod_revision)
+
     async def watch_subnets(self, start_revision: int) -> AsyncIterator[tuple[list[KeyPut | KeyDeleted], int]]:
         """Batches of subnet events from ``start_revision`` on, each with its revision.
 
@@ -343,22 +362,29 @@ class EtcdRegistry:
         :class:`EtcdUnavailable` when the stream breaks; the caller resumes
         from the last revision it saw plus one.
         """
-        client = await self._connected()
         start = len(self.subnets_prefix)
-        try:
-            watch = await self._call(client.watch_prefix(self.subnets_prefix, start_revision=start_revision), client)
-        except etcd_errors.RevisionCompactedError:
-            raise WatchCompacted() from None
-        try:
-            async for event in watch:
+        async with aclosing(self._watch(self.subnets_prefix, start_revision, prefix=True)) as events:
+            async for event in events:
                 name = bytes(event.kv.key)[start:].decode(errors="replace")
                 item: KeyPut | KeyDeleted
                 if event.kind == EventKind.PUT:
                     item = KeyPut(name, bytes(event.kv.value))
                 else:
                     item = KeyDeleted(name)
-                self.last_success = time.monotonic()
                 yield [item], int(event.kv.mod_revision)
+
+    async def _watch(self, key: bytes, start_revision: int, prefix: bool) -> AsyncIterator[Any]:
+        """aetcd's events for ``key`` (or every key under it), with our errors (see watch_subnets)."""
+        client = await self._connected()
+        start_watch = client.watch_prefix if prefix else client.watch
+        try:
+            watch = await self._call(start_watch(key, start_revision=start_revision), client)
+        except etcd_errors.RevisionCompactedError:
+            raise WatchCompacted() from None
+        try:
+            async for event in watch:
+                self.last_success = time.monotonic()
+                yield event
         except etcd_errors.RevisionCompactedError:
             raise WatchCompacted() from None
         except (*_TRANSIENT, grpc.aio.AioRpcError, etcd_errors.ClientError) as exc:
