@@ -18,12 +18,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.registry import CollectorRegistry
-
 from .snapshot import Snapshot
 
 if TYPE_CHECKING:
+    from prometheus_client.registry import CollectorRegistry
     from ..subnet.registry import EtcdRegistry
 
 __all__ = ["EtcdProbe", "HealthServer", "etcd_staleness", "health_verdict"]
@@ -140,6 +138,8 @@ class HealthServer:
             code, body = health_verdict(self.source(), self.max_etcd_silence)
             return code, "application/json", json.dumps(body).encode() + b"\n"
         if path == "/metrics":
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
             return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
         return 404, "text/plain; charset=utf-8", b"not found: try /healthz or /metrics\n"
 

@@ -25,7 +25,6 @@ from ..firewall import Iptables
 from .control import ControlServer
 from .health import EtcdProbe, HealthServer, etcd_staleness, health_verdict
 from .ipmasq import MasqApplier, Rule, forward_rules, masq_rules
-from .metrics import build_registry
 from .notify import Notifier, watchdog_interval, watchdog_loop
 from .snapshot import Snapshot, take_snapshot
 
@@ -98,6 +97,8 @@ class Operations:
 
     async def _start_health(self) -> None:
         from ..app import FatalError  # app imports this package
+
+        from .metrics import build_registry  # prometheus_client costs ~9 MB: only load it when serving metrics
 
         self.health = HealthServer(self.snapshot, build_registry(self.snapshot), self.staleness)
         try:
