@@ -53,18 +53,43 @@ class EtcdTls:
     certfile: str | None = None
     keyfile: str | None = None
 
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cafile or self.certfile or self.keyfile)
+
     def credentials(self) -> grpc.ChannelCredentials:
-        def read(path: str | None) -> bytes | None:
+        """The gRPC credentials; :class:`EtcdAuthError` naming the flag if a file cannot be used."""
+        if bool(self.certfile) != bool(self.keyfile):
+            raise EtcdAuthError("--etcd-certfile and --etcd-keyfile go together (a client certificate needs its key)")
+
+        def read(flag: str, path: str | None) -> bytes | None:
             if not path:
                 return None
-            with open(path, "rb") as handle:
-                return handle.read()
+            try:
+                with open(path, "rb") as handle:
+                    return handle.read()
+            except OSError as exc:
+                raise EtcdAuthError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
 
         return grpc.ssl_channel_credentials(
-            root_certificates=read(self.cafile),
-            private_key=read(self.keyfile),
-            certificate_chain=read(self.certfile),
+            root_certificates=read("--etcd-cafile", self.cafile),
+            private_key=read("--etcd-keyfile", self.keyfile),
+            certificate_chain=read("--etcd-certfile", self.certfile),
         )
+
+    def explain(self, endpoint: str, detail: str) -> str:
+        """Why a TLS failure happened, in the operator's terms (which flag and file to check)."""
+        lowered = detail.lower()
+        if "verify" in lowered or "issuer" in lowered or "peer name" in lowered:
+            ca = f"--etcd-cafile={self.cafile}" if self.cafile else "the system's CAs (no --etcd-cafile given)"
+            return f"cannot verify the certificate of etcd at {endpoint} with {ca}: {detail}"
+        if "unwrap failed" in lowered or "tsi_data_corrupted" in lowered or "alert" in lowered:
+            if not self.certfile:
+                return (f"etcd at {endpoint} ended the TLS session: it requires a client certificate "
+                        f"(give --etcd-certfile and --etcd-keyfile) ({detail})")
+            return (f"etcd at {endpoint} ended the TLS session: it does not accept --etcd-certfile={self.certfile}; "
+                    f"check that etcd's --trusted-ca-file signed it ({detail})")
+        return f"TLS with etcd at {endpoint} failed: {detail}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +115,9 @@ CHANNEL_OPTIONS = {
 }
 
 _AUTH_MARKERS = ("ssl", "handshake", "certificate", "tls", "authenticat", "permission denied")
+# With TLS, etcd rejects a client certificate by a TLS alert after the handshake,
+# which gRPC reports as a failed unwrap of the first record.
+_TLS_MARKERS = ("unwrap failed", "tsi_data_corrupted")
 _TRANSIENT = (
     etcd_errors.ConnectionFailedError,
     etcd_errors.ConnectionTimeoutError,
@@ -184,7 +212,8 @@ class EtcdRegistry:
     ) -> None:
         self.endpoints = endpoints
         self.prefix = prefix.rstrip("/")
-        self._credentials = tls.credentials() if tls and (tls.cafile or tls.certfile) else None
+        self._tls = tls if tls is not None and tls.enabled else None
+        self._credentials: grpc.ChannelCredentials | None = None  # made at the first connection
         self._username = username
         self._password = password
         self._timeout = timeout
@@ -213,6 +242,8 @@ class EtcdRegistry:
     async def _connected(self) -> _Client:
         client = self._client
         if client is None:
+            if self._tls is not None and self._credentials is None:
+                self._credentials = self._tls.credentials()
             client = _Client(
                 self.endpoint,
                 self._credentials,
@@ -249,7 +280,10 @@ class EtcdRegistry:
         except _TRANSIENT as exc:
             self.errors += 1
             detail = str(exc) or type(exc).__name__
-            if any(marker in detail.lower() for marker in _AUTH_MARKERS):
+            lowered = detail.lower()
+            if self._tls is not None and any(marker in lowered for marker in _AUTH_MARKERS + _TLS_MARKERS):
+                raise EtcdAuthError(self._tls.explain(endpoint, detail)) from None
+            if any(marker in lowered for marker in _AUTH_MARKERS):
                 raise EtcdAuthError(f"etcd at {endpoint} refused us: {detail}") from None
             await self._failover(client)
             raise EtcdUnavailable(f"etcd at {endpoint} unreachable: {detail}") from None
