@@ -58,6 +58,7 @@ SCALE_FIGURES: tuple[Figure, ...] = (
     Figure("event_p50_ms", "lease event to route, p50", "ms", "lower", decimals=1),
     Figure("event_p99_ms", "lease event to route, p99", "ms", "lower", decimals=1),
     Figure("tcp_1_gbps_n_peers", "TCP 1 stream, N peers", "Gbit/s", "higher"),
+    Figure("bulk_delete_s", "all N leases deleted to 1 peer left", "s", "lower", decimals=1),
     Figure("tcp_1_gbps_2_peers", "TCP 1 stream, 2 nodes only", "Gbit/s", "higher"),
 )
 

@@ -93,6 +93,11 @@ def _machine_line(machine: Mapping[str, Any]) -> str:
     ]
     if machine.get("virtualization"):
         parts.append(f"virtualization: {machine['virtualization']}")
+    if machine.get("loadavg_at_start"):
+        load = f"load average {' '.join(machine['loadavg_at_start'])} at start"
+        if machine.get("loadavg_at_end"):
+            load += f", {' '.join(machine['loadavg_at_end'])} at end"
+        parts.append(load)
     return ", ".join(p for p in parts if p)
 
 
@@ -188,10 +193,11 @@ def _scale_section(scale: Mapping[str, Any] | None) -> list[str]:
     lines = ["", f"## Scale: {scale['peers']} peer leases", ""]
     rows = []
     for mode, entry in scale["modes"].items():
-        if entry.get("status") != "ok":
+        if entry.get("status") == "failed":
             rows.append([mode, "failed"] + ["—"] * (len(SCALE_FIGURES) - 1))
             continue
-        rows.append([mode] + [fig.show(entry["figures"][fig.key]) for fig in SCALE_FIGURES])
+        mark = " (partial)" if entry.get("status") == "partial" else ""
+        rows.append([mode + mark] + [fig.show(entry["figures"].get(fig.key)) for fig in SCALE_FIGURES])
     lines += _table(["mode"] + [f"{fig.label} ({fig.display_unit})" for fig in SCALE_FIGURES], rows)
     return lines
 

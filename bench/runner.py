@@ -109,7 +109,9 @@ class _Run:
         return tag
 
     def fail(self, what: str, exc: BaseException) -> str:
-        text = f"{type(exc).__name__}: {_error_text(exc)}"
+        return self.record(what, f"{type(exc).__name__}: {_error_text(exc)}")
+
+    def record(self, what: str, text: str) -> str:
         self.failures.append({"what": what, "error": text})
         self.progress.note(f"FAILED {what}: {text.splitlines()[0][:300]}")
         return text
@@ -166,12 +168,14 @@ class _Run:
             try:
                 spec = ScaleSpec(peers, self.plan.scale_events, self.plan.seconds, repeats)
                 entry = measure_scale(mode, spec, self.tag(), self.progress.step)
-                entry["status"] = "ok"
+                for error in entry["errors"]:
+                    self.record(f"scale {mode}", error)
             except Exception as exc:  # noqa: BLE001
-                entry = {"status": "failed", "error": self.fail(f"scale {mode}", exc)}
-                result["status"] = "failed"
+                entry = {"status": "failed", "errors": [self.fail(f"scale {mode}", exc)]}
             self.progress.done = target
             result["modes"][mode] = entry
+        statuses = {entry["status"] for entry in result["modes"].values()}
+        result["status"] = "failed" if "failed" in statuses else "partial" if "partial" in statuses else "ok"
         return result
 
 
