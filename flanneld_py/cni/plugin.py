@@ -12,8 +12,8 @@ import functools
 import logging
 import queue
 import threading
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from ipaddress import IPv4Interface, IPv4Network
 from typing import Any
 
@@ -46,6 +46,7 @@ class CniPlugin:
         self.masq = PodMasquerade(iptables or Iptables())
         self.current_lease = current_lease
         self.unplugger = Unplugger() if background_unplug else None
+        self._attachments = AttachmentLocks()
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish the removals still queued."""
@@ -75,8 +76,9 @@ class CniPlugin:
         env = load_subnet_env(conf.subnet_file)
         store = AddressStore(conf.data_dir, conf.name)
         owner = request.attachment
-        self._settle(host_veth_name(owner), request.netns)
-        with ExitStack() as undo:
+        host = host_veth_name(owner)
+        self._settle(host, request.netns)
+        with self._attachments.hold(host), ExitStack() as undo:
             ip = store.allocate(owner, env.subnet, reserved=[env.gateway.ip])
             undo.callback(store.release_address, ip, owner)
             link = pod_link(request, env, IPv4Interface((ip, env.subnet.prefixlen)))
@@ -111,6 +113,10 @@ class CniPlugin:
         return None
 
     def _unplug(self, host: str, owner: Attachment, conf: NetConf, masq: bool) -> None:
+        with self._attachments.hold(host):  # an ADD of this pod still at work finishes first
+            self._remove(host, owner, conf, masq)
+
+    def _remove(self, host: str, owner: Attachment, conf: NetConf, masq: bool) -> None:
         # The veth goes first: its address must not be handed out while the old pod still holds it.
         self.wiring.delete(host)
         try:
@@ -216,6 +222,34 @@ def pod_link(request: Request, env: SubnetEnv, address: IPv4Interface) -> PodLin
 def masquerades(conf: NetConf, env: SubnetEnv) -> bool:
     """flannel's rule: the plugin masquerades when the daemon does not (``!FLANNEL_IPMASQ``)."""
     return conf.ip_masq if conf.ip_masq is not None else not env.ipmasq
+
+
+class AttachmentLocks:
+    """One lock per attachment (by host veth name), so an ADD and the removal after a DEL of
+    the same pod never interleave.
+
+    That happens when a runtime gives up on an ADD (the shim was killed, or timed out)
+    while the daemon still works on it, and sends DEL at once: without the lock the
+    DEL could free the address and the ADD then finish wiring a pod that holds it.
+    """
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, list[int]]] = {}
+
+    @contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        with self._guard:
+            lock, users = self._locks.setdefault(key, (threading.Lock(), [0]))
+            users[0] += 1
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                users[0] -= 1
+                if not users[0]:
+                    del self._locks[key]
 
 
 class Unplugger:

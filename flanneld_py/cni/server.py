@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from typing import Any
 from ..firewall import Iptables
 from ..netlink import Netlink
 from ..unixsock import claim_socket_path
-from .models import ConfigDefaults, CniError, ErrorCode, answer_version, parse_request
+from .models import ConfigDefaults, CniError, ErrorCode, Request, answer_version, parse_request
 from .plugin import CniPlugin, LeaseSource
 
 __all__ = ["CniServer", "DEFAULT_SOCKET"]
@@ -128,11 +129,16 @@ class CniServer:
             try:
                 raw = await asyncio.wait_for(_read_all(reader), timeout=self.request_timeout)
             except CniError as exc:
-                reply = {"exit": 1, "output": exc.render(answer_version(None))}
+                reply, request = {"exit": 1, "output": exc.render(answer_version(None))}, None
             else:
-                reply = await self.answer(raw)
-            writer.write(json.dumps(reply, separators=(",", ":")).encode())
-            await writer.drain()
+                reply, request = await self._answer(raw)
+            try:
+                writer.write(json.dumps(reply, separators=(",", ":")).encode())
+                await writer.drain()
+            except ConnectionError:
+                if request is not None and request.command == "ADD" and reply["exit"] == 0:
+                    await self._undo_add(request)
+                raise
         except (asyncio.TimeoutError, ConnectionError) as exc:
             log.warning("CNI client went away: %r", exc)
         finally:
@@ -143,7 +149,25 @@ class CniServer:
 
     async def answer(self, raw: bytes) -> dict[str, Any]:
         """The reply for one raw request (never raises)."""
+        return (await self._answer(raw))[0]
+
+    async def _undo_add(self, request: Request) -> None:
+        """An ADD whose result never reached the runtime (the plugin was killed or gave up)
+        failed as far as the runtime knows: remove the pod again, as its DEL would, so that
+        nothing stays wired if that DEL came before this ADD was done."""
+        log.warning("the runtime went away before ADD of %s %s was answered; removing the pod again",
+                    request.container_id, request.ifname)
+        try:
+            assert self._plugin is not None
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._plugin.handle, dataclasses.replace(request, command="DEL"))
+        except Exception:  # noqa: BLE001 - the runtime's DEL or a GC finishes the job
+            log.exception("removing the pod of an unanswered ADD failed")
+
+    async def _answer(self, raw: bytes) -> tuple[dict[str, Any], Request | None]:
+        """The reply for one raw request and the request it held (None if unreadable)."""
         version: object = None
+        request: Request | None = None
         try:
             wire = _decode(raw)
             config = wire.get("config")
@@ -152,13 +176,13 @@ class CniServer:
             assert self._plugin is not None, "CniServer.start() was not awaited"
             output = await asyncio.get_running_loop().run_in_executor(self._executor, self._plugin.handle, request)
         except CniError as exc:
-            return {"exit": 1, "output": exc.render(answer_version(version))}
+            return {"exit": 1, "output": exc.render(answer_version(version))}, request
         except Exception as exc:  # noqa: BLE001 - the runtime must get an answer, whatever broke
             log.exception("CNI request failed")
             error = CniError(ErrorCode.INTERNAL, f"flanneld-py failed: {exc!r}",
                              "see the flanneld-py log on this node")
-            return {"exit": 1, "output": error.render(answer_version(version))}
-        return {"exit": 0, "output": output}
+            return {"exit": 1, "output": error.render(answer_version(version))}, request
+        return {"exit": 0, "output": output}, request
 
 
 async def _read_all(reader: asyncio.StreamReader) -> bytes:
