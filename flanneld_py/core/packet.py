@@ -15,6 +15,7 @@ __all__ = [
     "check_ipv4",
     "checksum",
     "decrement_ttl",
+    "fold",
     "icmp_error",
     "icmp_net_unreachable",
     "icmp_time_exceeded",
@@ -122,11 +123,20 @@ def icmp_time_exceeded(original: bytes | bytearray | memoryview, source: bytes) 
     return icmp_error(original, source, ICMP_TIME_EXCEEDED, 0)
 
 
-def checksum(data: bytes | bytearray) -> int:
+def fold(total: int) -> int:
+    """A ones'-complement sum of any size folded to 16 bits.
+
+    Since 2**16 = 1 (mod 65535), the sum of a buffer's 16-bit words equals the
+    buffer's big-endian value mod 65535: one big-int operation instead of a
+    loop over words. A non-zero multiple of 65535 folds to 0xFFFF.
+    """
+    rest = total % 0xFFFF
+    return rest if rest or not total else 0xFFFF
+
+
+def checksum(data: bytes | bytearray | memoryview) -> int:
     """The Internet checksum (RFC 1071) of a buffer whose checksum field is zero."""
-    if len(data) % 2:
-        data = data + b"\x00"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+    raw = bytes(data)
+    if len(raw) % 2:
+        raw += b"\x00"
+    return 0xFFFF - fold(int.from_bytes(raw, "big"))

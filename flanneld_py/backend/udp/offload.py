@@ -18,12 +18,13 @@ segment's checksum is one reduction. The pure-Python per-packet functions in
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 
-import functools
-
 import numpy as np
+
+from ...core.packet import fold
 
 __all__ = [
     "GSO_NONE",
@@ -67,18 +68,12 @@ class VnetHeader:
         return cls(*VNET_HDR.unpack_from(buf, 0))
 
 
-def _fold(total: int) -> int:
-    """A ones'-complement sum (any size) folded to 16 bits, via mod 65535."""
-    rest = total % 0xFFFF
-    return rest if rest or not total else 0xFFFF
-
-
 def complete_checksum(packet: bytearray | memoryview, n: int, start: int, offset: int, udp: bool) -> None:
     """Finish a CHECKSUM_PARTIAL packet: the field holds the pseudo-header sum already."""
     region = bytes(packet[start:n])
     if len(region) % 2:
         region += b"\x00"
-    value = 0xFFFF - _fold(int.from_bytes(region, "big"))
+    value = 0xFFFF - fold(int.from_bytes(region, "big"))
     if udp and value == 0:
         value = 0xFFFF
     _U16.pack_into(packet, start + offset, value)
@@ -174,7 +169,7 @@ def _ip_checksums(rows: np.ndarray, template: bytearray | memoryview, ip_len: in
     """IP header checksums by arithmetic: the rows' headers differ from the template
     only in the id (and the last row's length), so no per-row sum is needed."""
     without_id = int.from_bytes(template[:ip_len], "big") - (_U16.unpack_from(template, 4)[0] << (8 * (ip_len - 6)))
-    base = _fold(without_id) if without_id else 0
+    base = fold(without_id) if without_id else 0
     sums = ids + np.uint32(base)
     sums[-1] += np.uint32(0xFFFF - last_shorter_by) if last_shorter_by else 0  # minus, in ones' complement
     rows[:, 10:12] = ((_FFFF - sums % _FFFF) % _FFFF).astype(">u2").view(np.uint8).reshape(-1, 2)
@@ -184,8 +179,8 @@ def _tcp_checksums(rows: np.ndarray, ip_len: int, seglen: int, last_len: int) ->
     """TCP checksums of every row: one reduction, plus the pseudo-headers."""
     addresses = int.from_bytes(bytes(rows[0, 12:20]), "big") + 6  # pseudo-header: addresses, protocol
     tcp_sums = _row_sums(rows[:, ip_len:seglen])
-    tcp_sums[:-1] += np.uint32(_swap16(_fold(addresses + seglen - ip_len)))
-    tcp_sums[-1] += np.uint32(_swap16(_fold(addresses + last_len - ip_len)))
+    tcp_sums[:-1] += np.uint32(_swap16(fold(addresses + seglen - ip_len)))
+    tcp_sums[-1] += np.uint32(_swap16(fold(addresses + last_len - ip_len)))
     rows[:, ip_len + 16 : ip_len + 18] = _checksums(tcp_sums)
 
 
@@ -210,11 +205,11 @@ def _segment_odd(
             keep &= ~(_TCP_FIN | _TCP_PSH)
         segment[ip_len + 13] = flags & keep & 0xFF
         _U16.pack_into(segment, 10, 0)
-        _U16.pack_into(segment, 10, 0xFFFF - _fold(int.from_bytes(segment[:ip_len], "big")))
+        _U16.pack_into(segment, 10, 0xFFFF - fold(int.from_bytes(segment[:ip_len], "big")))
         _U16.pack_into(segment, ip_len + 16, 0)
         body = bytes(segment[ip_len:]) + (b"\x00" if (len(segment) - ip_len) % 2 else b"")
         pseudo = int.from_bytes(segment[12:20], "big") + 6 + len(segment) - ip_len
-        _U16.pack_into(segment, ip_len + 16, 0xFFFF - _fold(int.from_bytes(body, "big") + pseudo))
+        _U16.pack_into(segment, ip_len + 16, 0xFFFF - fold(int.from_bytes(body, "big") + pseudo))
         out[offset : offset + len(segment)] = np.frombuffer(segment, dtype=np.uint8)
         offset += len(segment)
     return offset, seglen, count
@@ -295,7 +290,7 @@ def merge_tcp4(batch: np.ndarray, count: int, seglen: int, total: int, hlen: int
     packet = memoryview(out)[base : base + length]
     _U16.pack_into(packet, 2, length)
     _U16.pack_into(packet, 10, 0)
-    _U16.pack_into(packet, 10, 0xFFFF - _fold(int.from_bytes(packet[:20], "big")))
-    _U16.pack_into(packet, 36, _fold(int.from_bytes(packet[12:20], "big") + 6 + length - 20))
+    _U16.pack_into(packet, 10, 0xFFFF - fold(int.from_bytes(packet[:20], "big")))
+    _U16.pack_into(packet, 36, fold(int.from_bytes(packet[12:20], "big") + 6 + length - 20))
     VNET_HDR.pack_into(out, 0, NEEDS_CSUM, GSO_TCPV4, hlen, mss, 20, 16)
     return base + length
