@@ -106,7 +106,16 @@ class StoredSubnet:
 # watch stream open forever without these: the client pings every 10 s on a
 # busy connection and gives it up when 5 s pass without an answer. etcd allows
 # pings every 5 s or more while a stream is open (--grpc-keepalive-min-time).
+#
+# Failover and retries are ours, so gRPC's own reconnect backoff (up to 2 min, and
+# shared by every channel to an address through the global subchannel pool) must
+# not keep a fresh channel from reaching an etcd that is back: each channel gets
+# its own subchannels, and they retry within 2 s.
 CHANNEL_OPTIONS = {
+    "grpc.use_local_subchannel_pool": 1,
+    "grpc.initial_reconnect_backoff_ms": 500,
+    "grpc.min_reconnect_backoff_ms": 500,
+    "grpc.max_reconnect_backoff_ms": 2_000,
     "grpc.keepalive_time_ms": 10_000,
     "grpc.keepalive_timeout_ms": 5_000,
     "grpc.http2.ping_timeout_ms": 5_000,
