@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
@@ -70,9 +71,8 @@ class Daemon:
         self.subnet_env: SubnetEnv | None = None
         self.watcher: LeaseWatcher | None = None
         self.stopping = asyncio.Event()
-        self._fatal: BaseException | None = None
         self._extras: list[object] = []  # started services with an async close()
-        self.on_state_change: list = []  # callables(state) run on every phase change
+        self.on_state_change: list[Callable[[DaemonState], None]] = []  # run on every phase change
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -97,9 +97,6 @@ class Daemon:
             return 1
         finally:
             await self._shutdown()
-        if self._fatal is not None:
-            log.error("%s", self._fatal)
-            return 1
         return 0
 
     def _request_stop(self, signum: int | None = None) -> None:
