@@ -160,6 +160,9 @@ class _Client(aetcd.Client):
             self.channel = rpc.secure_channel(self._target, self._credentials, options=options)
         else:
             self.channel = rpc.insecure_channel(self._target, options=options)
+        # A member cut off from the leader ends our watch and answers "no leader" (etcd's
+        # WithRequireLeader): else a partitioned member would keep a silent watch open.
+        metadata: list[tuple[str, str]] = [("hasleader", "true")]
         if self._username is not None:
             self.auth_stub = rpc.AuthStub(self.channel)
             try:
@@ -170,7 +173,8 @@ class _Client(aetcd.Client):
             except grpc.aio.AioRpcError as exc:
                 await self.channel.close()
                 etcd_errors._handle_exception(exc)
-            self.metadata = (("token", resp.token),)
+            metadata.append(("token", resp.token))
+        self.metadata = tuple(metadata)
         self.kvstub = rpc.KVStub(self.channel)
         self.clusterstub = rpc.ClusterStub(self.channel)
         self.leasestub = rpc.LeaseStub(self.channel)
