@@ -59,10 +59,6 @@ def peer_subnets(node: Node) -> set[str]:
     return {peer["subnet"] for peer in status(node)["peers"]}
 
 
-def drops(node: Node) -> dict[str, int]:
-    return dict(status(node)["drops"])
-
-
 def alive(node: Node) -> bool:
     return node.daemon is not None and node.daemon.poll() is None
 
@@ -74,10 +70,6 @@ def log_count(node: Node, text: str) -> int:
 def subnet_key(subnet: object) -> str:
     network = str(subnet)
     return f"{PREFIX}/subnets/{network.replace('/', '-')}"
-
-
-def etcd_subnets(cluster: Cluster) -> dict[str, dict]:  # type: ignore[type-arg]
-    return cluster.leases()
 
 
 def etcd_lease_ids(cluster: Cluster) -> list[str]:
@@ -262,6 +254,3 @@ def debug_dump(cluster: Cluster) -> None:
     if os.environ.get("FAULTS_DEBUG"):
         print(dump(cluster))
 
-
-def json_value(doc: object) -> str:
-    return json.dumps(doc, separators=(",", ":"))
