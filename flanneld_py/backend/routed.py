@@ -33,7 +33,7 @@ from ..core.lease import Lease, LeaseAdded, LeaseAttrs, LeaseEvent, LeaseRemoved
 from ..netlink import RTPROT_FLANNEL, Netlink, NetlinkError, RouteSpec
 from ..netlink import vxlan as nlvx
 from .base import BackendContext, PeerStats
-from .kernel_state import AddrSpec, Entry, FdbSpec, NeighSpec, PeerEntries, Scope, Wanted, describe, in_scope, plan
+from .kernel_state import AddrSpec, Entry, FdbSpec, NeighSpec, PeerEntries, Plan, Scope, Wanted, describe, in_scope, plan
 
 __all__ = [
     "RECONCILE_INTERVAL",
@@ -152,6 +152,13 @@ class Reconciler:
                 return PassResult()
             return self._converge(self.wanted(), prune)
 
+    def apply_plan(self, changes: Plan) -> PassResult:
+        """Apply a precomputed change (a lease event's delta) without listing the kernel."""
+        with self._lock:
+            if self._closed:
+                return PassResult()
+            return self._apply(changes)
+
     def close(self, scope: Scope | None = None) -> PassResult:
         """Stop all further passes; with ``scope``, first remove every entry we own in it."""
         with self._lock:
@@ -161,7 +168,9 @@ class Reconciler:
             return self._converge(Wanted(scope, frozenset()), prune=True)
 
     def _converge(self, wanted: Wanted, prune: bool) -> PassResult:
-        changes = plan(wanted, self.kernel.dump(wanted.scope), prune=prune)
+        return self._apply(plan(wanted, self.kernel.dump(wanted.scope), prune=prune))
+
+    def _apply(self, changes: Plan) -> PassResult:
         added, removed, failed = [], [], []
         for entry in changes.remove:
             if self._try(self.kernel.remove, entry, failed):
@@ -232,6 +241,11 @@ class ReconcileLoop:
         self._report(reason, result)
         return result
 
+    async def apply_plan(self, changes: Plan, reason: str) -> None:
+        """Apply a lease event's delta at once; the timed full pass still catches drift."""
+        if changes.add or changes.remove:
+            self._report(reason, await asyncio.to_thread(self.reconciler.apply_plan, changes))
+
     async def stop(self, scope: Scope | None = None) -> PassResult:
         """Stop the timer; with ``scope``, remove everything we own in it."""
         if self._task is not None:
@@ -292,6 +306,7 @@ class RoutedBackend:
         self._interval = interval
         self._peers: dict[IPv4Network, Lease] = {}
         self._snapshot: tuple[Lease, ...] = ()  # replaced whole; read by the reconcile thread
+        self._applied: Wanted | None = None  # what the last lease event asked of the kernel
         self._own_subnet: IPv4Network | None = None
         self._loop: ReconcileLoop | None = None
 
@@ -340,10 +355,14 @@ class RoutedBackend:
         self._loop.start()
 
     def _wanted(self) -> Wanted:
-        """The union of our own entries and every accepted peer's (runs in the pass's thread)."""
+        """What a full pass converges on (runs in the pass's thread, after repairing devices)."""
         self._ensure()
+        return self._union(self._snapshot)
+
+    def _union(self, leases: tuple[Lease, ...]) -> Wanted:
+        """The union of our own entries and every accepted peer's."""
         entries = set(self._own_entries())
-        for lease in self._snapshot:
+        for lease in leases:
             entries |= self._peer_entries(lease).entries
         return Wanted(self._scope(), frozenset(entries))
 
@@ -358,7 +377,16 @@ class RoutedBackend:
                     log.info("peer removed: %s (was %s)", old.subnet, old.attrs.public_ip)
         self._snapshot = tuple(self._peers.values())
         self._loop.allow_pruning()
-        await self._loop.sync("peers")
+        wanted = self._union(self._snapshot)
+        before, self._applied = self._applied, wanted
+        if before is None:
+            # the first listing since start: one full pass, which also drops what
+            # peers that left while we were down still had in the kernel
+            await self._loop.sync("peers")
+            return
+        # Later events: only the difference they make, without listing the kernel. A full
+        # pass per event dumps every peer's entries: quadratic when many leases change.
+        await self._loop.apply_plan(plan(wanted, before.entries), "peers")
 
     def _add_peer(self, lease: Lease) -> None:
         subnet = lease.subnet
