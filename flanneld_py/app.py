@@ -28,7 +28,15 @@ from .netlink import InterfaceInfo, Netlink
 from .ops import attach_operations
 from .options import DaemonOptions
 from .subnet.manager import LeaseLost, LocalManager, NoFreeSubnet, OwnLease
-from .subnet.registry import EtcdAuthError, EtcdRegistry, EtcdTls, EtcdUnavailable, WatchCompacted, parse_endpoints
+from .subnet.registry import (
+    EtcdAuthError,
+    EtcdRegistry,
+    EtcdTls,
+    EtcdUnavailable,
+    WatchCompacted,
+    endpoints_use_https,
+    parse_endpoints,
+)
 from .subnetfile import previous_subnet, write_subnet_file
 from .unixsock import SocketPathBusy
 
@@ -62,7 +70,8 @@ class Daemon:
         self.registry = EtcdRegistry(
             parse_endpoints(options.etcd_endpoints),
             prefix=options.etcd_prefix,
-            tls=EtcdTls(options.etcd_cafile, options.etcd_certfile, options.etcd_keyfile),
+            tls=EtcdTls(options.etcd_cafile, options.etcd_certfile, options.etcd_keyfile,
+                        https=endpoints_use_https(options.etcd_endpoints)),
             username=options.etcd_username,
             password=options.etcd_password,
         )
@@ -254,7 +263,7 @@ class Daemon:
     async def _watch_forever(self) -> None:
         assert self.state.config is not None and self.state.lease is not None
         self.watcher = LeaseWatcher(self.state.config, own_subnet=self.state.lease.subnet)
-        backoff = Backoff(first=0.5, ceiling=10.0)
+        backoff = Backoff(first=0.5, ceiling=3.0)  # short: a rejoining etcd should be noticed quickly
         revision: int | None = None
         lost = False
         while True:

@@ -27,8 +27,9 @@ def attrs(n: int) -> LeaseAttrs:
     return LeaseAttrs(IPv4Address(f"198.51.100.{n}"), "udp", None)
 
 
-def etcd_leases(etcd) -> list[str]:
-    return [line for line in etcd.ctl("lease", "list").stdout.splitlines()[1:] if line.strip()]
+def etcd_leases(etcd) -> list[int]:
+    """The ids of etcd's live leases (etcdctl prints them in hex, zero-padded or not)."""
+    return [int(line, 16) for line in etcd.ctl("lease", "list").stdout.splitlines()[1:] if line.strip()]
 
 
 async def _with(etcd, body):
@@ -115,7 +116,7 @@ def test_renewals_keep_one_etcd_lease(etcd):
         return own
 
     own = asyncio.run(_with(etcd, body))
-    assert etcd_leases(etcd) == [f"{own.lease_id:x}"]
+    assert etcd_leases(etcd) == [own.lease_id]
 
 
 def test_expired_lease_is_reclaimed_or_lost(etcd):

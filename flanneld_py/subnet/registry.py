@@ -26,6 +26,7 @@ from ..core.lease import KeyDeleted, KeyPut
 __all__ = [
     "EtcdAuthError",
     "EtcdTls",
+    "endpoints_use_https",
     "EtcdUnavailable",
     "EtcdRegistry",
     "StoredSubnet",
@@ -52,10 +53,11 @@ class EtcdTls:
     cafile: str | None = None
     certfile: str | None = None
     keyfile: str | None = None
+    https: bool = False  # an https:// endpoint: TLS even without files (the system's CAs)
 
     @property
     def enabled(self) -> bool:
-        return bool(self.cafile or self.certfile or self.keyfile)
+        return bool(self.https or self.cafile or self.certfile or self.keyfile)
 
     def credentials(self) -> grpc.ChannelCredentials:
         """The gRPC credentials; :class:`EtcdAuthError` naming the flag if a file cannot be used."""
@@ -188,6 +190,11 @@ async def _close_quietly(client: _Client) -> None:
         await client.close()
     except Exception:  # closing a dead channel may fail; nothing to keep
         pass
+
+
+def endpoints_use_https(text: str) -> bool:
+    """True if any endpoint says ``https://``: then the channel must be TLS."""
+    return any(item.strip().lower().startswith("https://") for item in text.split(","))
 
 
 def parse_endpoints(text: str) -> list[str]:
