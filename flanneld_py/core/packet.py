@@ -47,7 +47,6 @@ class Drop(IntEnum):
     NO_ROUTE = 9
     TUN_WRITE_FAILED = 10
     UDP_SEND_FAILED = 11
-    TOO_BIG = 12
 
     @property
     def label(self) -> str:
