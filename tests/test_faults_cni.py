@@ -39,7 +39,8 @@ from flanneld_py.cni.wiring import host_veth_name
 from flanneld_py.lab.cluster import Cluster, Node, cni_plugin_argv
 from flanneld_py.lab.netns import Netns
 
-from test_faults_support import start, wait_until
+from flanneld_py.lab.checks import time_until
+from test_faults_support import start
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -256,7 +257,7 @@ def test_cni_killed_during_add_leaks_nothing_and_never_hands_out_an_address_twic
 
             # the race behind a killed shim, made tight: an ADD abandoned right after it was sent,
             # and the runtime's DEL for it 0-15 ms later, while the daemon may still be adding
-            assert wait_until(lambda: _answers(node.cni_socket), 20) is not None, node.log_text()[-3000:]
+            assert time_until(lambda: _answers(node.cni_socket), 20) is not None, node.log_text()[-3000:]
             abandoned: list[PodNs] = []
             for index in range(RACES):
                 pod = runtime.new_pod("r")
@@ -276,7 +277,7 @@ def test_cni_killed_during_add_leaks_nothing_and_never_hands_out_an_address_twic
                     "veths": sorted(_node_veths(node) & {host_veth_name(p.attachment) for p in abandoned}),
                 }
 
-            assert wait_until(lambda: not any(leftovers().values()), 10) is not None, (
+            assert time_until(lambda: not any(leftovers().values()), 10) is not None, (
                 f"an ADD that ran on after its DEL left things behind: {leftovers()}\n{node.log_text()[-3000:]}")
 
             # some pods go away normally; a GC names the rest

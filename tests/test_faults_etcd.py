@@ -21,6 +21,7 @@ from flanneld_py.lab.cluster import Cluster
 from flanneld_py.lab.etcd import EtcdMember, etcdctl_argv
 from flanneld_py.lab.netns import Netns, run
 
+from flanneld_py.lab.checks import time_until
 from test_faults_support import (
     PREFIX,
     alive,
@@ -32,7 +33,6 @@ from test_faults_support import (
     start,
     status,
     subnet_key,
-    wait_until,
 )
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -47,7 +47,7 @@ def test_etcd_outage_keeps_pods_talking_and_daemons_reconnect():
         start(lab, n2)
         lab.wait_ready(n1)
         a, b = lab.add_pod(n1), lab.add_pod(n2)
-        assert wait_until(lambda: reachable(a, b), 10) is not None, dump(lab)
+        assert time_until(lambda: reachable(a, b), 10) is not None, dump(lab)
         routes_before = {n.name: n.routes() for n in (n1, n2)}
         peers_before = {n.name: peer_subnets(n) for n in (n1, n2)}
         assert all(len(p) == 1 for p in peers_before.values()), peers_before
@@ -70,7 +70,7 @@ def test_etcd_outage_keeps_pods_talking_and_daemons_reconnect():
             reconnect = {}
             for node in (n1, n2):
                 # a daemon is back when its watch resumed (it logs so) and etcd answers it again
-                took = wait_until(lambda: "etcd is back; resuming the watch" in node.log_text(), 30)
+                took = time_until(lambda: "etcd is back; resuming the watch" in node.log_text(), 30)
                 assert took is not None, f"{node.name} did not resume its watch:\n{node.log_text()[-3000:]}"
                 reconnect[node.name] = time.monotonic() - returned
             sent, received = finish(90)
@@ -87,7 +87,7 @@ def test_etcd_outage_keeps_pods_talking_and_daemons_reconnect():
         ready = time.monotonic()
         c = lab.add_pod(n3)
         pairs = [(a, c), (b, c), (c, a), (c, b)]
-        joined = wait_until(lambda: all(reachable(x, y) for x, y in pairs), 10, interval=0.05)
+        joined = time_until(lambda: all(reachable(x, y) for x, y in pairs), 10, interval=0.05)
         join_seconds = time.monotonic() - ready
         assert joined is not None and join_seconds <= 5.0, f"n3 reachable after {join_seconds:.1f}s\n{dump(lab)}"
         print(f"\nFIGURE etcd-outage: {OUTAGE:.0f}s outage, transfer intact ({sent.split()[1]} bytes), "
@@ -219,16 +219,16 @@ def test_etcd_cluster_member_and_leader_loss_interrupt_neither_renewal_nor_watch
             lab.wait_ready(node)
         n1, n2 = lab.nodes
         a, b = lab.add_pod(n1), lab.add_pod(n2)
-        assert wait_until(lambda: reachable(a, b), 10) is not None, dump(lab)
+        assert time_until(lambda: reachable(a, b), 10) is not None, dump(lab)
         leases = _lease_ids(lab.nodes, etcd)
         assert all(leases.values()), leases
 
         # the daemons talk to the first endpoint; make sure that one is not the leader
         first = etcd.members[0]
-        assert wait_until(lambda: etcd.leader() is not None, 10) is not None
+        assert time_until(lambda: etcd.leader() is not None, 10) is not None
         if etcd.leader() is first:
             etcd.ctl("move-leader", etcd.member_id(etcd.members[1]))
-            assert wait_until(lambda: etcd.leader() not in (None, first), 10) is not None
+            assert time_until(lambda: etcd.leader() not in (None, first), 10) is not None
 
         figures = {}
         fake = 0
@@ -243,12 +243,12 @@ def test_etcd_cluster_member_and_leader_loss_interrupt_neither_renewal_nor_watch
                                 "BackendType": "udp", "BackendData": None})
             etcd.ctl("put", subnet_key(subnet), value)
             put_at = time.monotonic()
-            seen = wait_until(lambda: all(subnet in peer_subnets(n) for n in lab.nodes), 30)
+            seen = time_until(lambda: all(subnet in peer_subnets(n) for n in lab.nodes), 30)
             assert seen is not None, f"{step}: the watch missed a new lease\n{dump(lab)}"
             figures[step] = time.monotonic() - since  # from the failure to the lease seen everywhere
             assert time.monotonic() - put_at < 30
             etcd.ctl("del", subnet_key(subnet))
-            gone = wait_until(lambda: all(subnet not in peer_subnets(n) for n in lab.nodes), 30)
+            gone = time_until(lambda: all(subnet not in peer_subnets(n) for n in lab.nodes), 30)
             assert gone is not None, f"{step}: the watch missed a deleted lease\n{dump(lab)}"
 
         def renewal_still_works(step: str, over: float) -> None:
@@ -272,7 +272,7 @@ def test_etcd_cluster_member_and_leader_loss_interrupt_neither_renewal_nor_watch
         finally:
             os.killpg(first.proc.pid, signal.SIGCONT)
             etcd.frozen.remove(first)
-        assert wait_until(lambda: first.ctl("endpoint", "health", check=False).returncode == 0, 20) is not None
+        assert time_until(lambda: first.ctl("endpoint", "health", check=False).returncode == 0, 20) is not None
 
         # 2. the leader is stopped
         leader = etcd.leader()
@@ -284,7 +284,7 @@ def test_etcd_cluster_member_and_leader_loss_interrupt_neither_renewal_nor_watch
             renewal_still_works("leader stopped", ttl + 3)
         finally:
             leader.start(wait=False)
-        assert wait_until(lambda: leader.ctl("endpoint", "health", check=False).returncode == 0, 30) is not None
+        assert time_until(lambda: leader.ctl("endpoint", "health", check=False).returncode == 0, 30) is not None
 
         # 3. the member n1 talks to is cut off from the other members (its clients still reach it)
         used = status(n1)["etcd"]["endpoint"]
@@ -302,7 +302,7 @@ def test_etcd_cluster_member_and_leader_loss_interrupt_neither_renewal_nor_watch
             for rule in rules:
                 cut_off.sh("iptables", "-D", *rule, "-j", "DROP", check=False)
             etcd.frozen.remove(etcd.members[index])
-        assert wait_until(lambda: reachable(a, b) and reachable(b, a), 10) is not None
+        assert time_until(lambda: reachable(a, b) and reachable(b, a), 10) is not None
         for node in lab.nodes:
             assert "LeaseLost" not in node.log_text() and "re-claimed" not in node.log_text(), node.log_text()
         print("\nFIGURE etcd-cluster: a new lease seen by both daemons " + ", ".join(

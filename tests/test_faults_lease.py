@@ -16,6 +16,7 @@ import pytest
 
 from flanneld_py.lab.cluster import Cluster, Node
 
+from flanneld_py.lab.checks import time_until
 from test_faults_support import (
     alive,
     continuous_ping,
@@ -24,7 +25,6 @@ from test_faults_support import (
     peer_subnets,
     reachable,
     start,
-    wait_until,
 )
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -42,15 +42,15 @@ def test_dead_node_loses_its_lease_and_route_and_its_subnet_comes_free():
         for node in (n1, n2, n3):
             lab.wait_ready(node)
         p1, p2, p3 = (lab.add_pod(node) for node in (n1, n2, n3))
-        assert wait_until(lambda: reachable(p1, p3) and reachable(p2, p3), 10) is not None, dump(lab)
+        assert time_until(lambda: reachable(p1, p3) and reachable(p2, p3), 10) is not None, dump(lab)
         dead = str(n3.subnet_env().subnet)
         assert all(dead in peer_subnets(node) for node in (n1, n2))
 
         lab.stop_daemon(n3, signal.SIGKILL)  # no cleanup, no revoke: only the TTL frees it
         killed = time.monotonic()
-        expired = wait_until(lambda: dead.replace("/", "-") not in lab.leases(), 15)
+        expired = time_until(lambda: dead.replace("/", "-") not in lab.leases(), 15)
         assert expired is not None, f"lease {dead} still in etcd 15 s after its node died"
-        forgotten = wait_until(lambda: all(dead not in peer_subnets(node) for node in (n1, n2)), 5)
+        forgotten = time_until(lambda: all(dead not in peer_subnets(node) for node in (n1, n2)), 5)
         assert forgotten is not None, f"{dead} still routed after its lease expired\n{dump(lab)}"
         route_gone = time.monotonic() - killed
         # the overlay now answers "net unreachable" for the dead node's pods at once
@@ -60,7 +60,7 @@ def test_dead_node_loses_its_lease_and_route_and_its_subnet_comes_free():
         start(lab, n4, *ttl)
         assert str(n4.subnet_env().subnet) == dead, "the expired subnet was not free for a new node"
         p4 = lab.add_pod(n4)
-        assert wait_until(lambda: reachable(p1, p4) and reachable(p4, p2), 10) is not None, dump(lab)
+        assert time_until(lambda: reachable(p1, p4) and reachable(p4, p2), 10) is not None, dump(lab)
         assert all(alive(node) for node in (n1, n2, n4))
         print(f"\nFIGURE node-loss: ttl 5s, lease gone {expired:.1f}s and route gone everywhere "
               f"{route_gone:.1f}s after SIGKILL; subnet {dead} reused by a new node")
@@ -73,7 +73,7 @@ def test_restart_under_ping_keeps_subnet_and_loses_under_a_second():
         start(lab, n2)
         lab.wait_ready(n1)
         a, b = lab.add_pod(n1), lab.add_pod(n2)
-        assert wait_until(lambda: reachable(a, b), 10) is not None, dump(lab)
+        assert time_until(lambda: reachable(a, b), 10) is not None, dump(lab)
         results = {}
         for node in (n2, n1):
             before = node.subnet_env().subnet
@@ -130,7 +130,7 @@ def test_ten_daemons_racing_for_eight_subnets():
         assert len(etcd_lease_ids(lab)) == 8, lab.etcd.ctl("lease", "list").stdout if lab.etcd else ""
         # and the 8 winners talk to each other
         pods = [lab.add_pod(n) for n in ready[:3]]
-        assert wait_until(lambda: reachable(pods[0], pods[1]) and reachable(pods[2], pods[0]), 10) is not None
+        assert time_until(lambda: reachable(pods[0], pods[1]) and reachable(pods[2], pods[0]), 10) is not None
         races = sum(n.log_text().count("was taken by another node a moment ago") for n in lab.nodes)
         print(f"\nFIGURE races: 10 daemons, 8 subnets: 8 distinct leases, 2 exits (code 1, 'no free subnet'), "
               f"{races} lost races retried, 8 etcd leases left")

@@ -16,6 +16,7 @@ import pytest
 
 from flanneld_py.lab.cluster import Cluster
 
+from flanneld_py.lab.checks import time_until
 from test_faults_support import (
     PREFIX,
     alive,
@@ -24,7 +25,6 @@ from test_faults_support import (
     peer_subnets,
     reachable,
     start,
-    wait_until,
 )
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -62,7 +62,7 @@ def test_broken_records_are_logged_once_and_skipped():
         start(lab, n2)
         lab.wait_ready(n1)
         a, b = lab.add_pod(n1), lab.add_pod(n2)
-        assert wait_until(lambda: reachable(a, b) and reachable(b, a), 10) is not None, dump(lab)
+        assert time_until(lambda: reachable(a, b) and reachable(b, a), 10) is not None, dump(lab)
 
         for name, value in BROKEN_AT_RUN + BROKEN_AT_START:  # new ones, and the old ones again
             put(name, value)
@@ -70,7 +70,7 @@ def test_broken_records_are_logged_once_and_skipped():
         for name, value in BROKEN_AT_RUN:
             put(name, value)  # twice: still one report
         for node in (n1, n2):
-            assert wait_until(lambda: "10.244.70.0/24" in peer_subnets(node), 10) is not None, dump(lab)
+            assert time_until(lambda: "10.244.70.0/24" in peer_subnets(node), 10) is not None, dump(lab)
 
         # the config breaks at run time, twice in two ways, is deleted, then restored
         valid_config = json.dumps(lab.config)
@@ -102,6 +102,6 @@ def test_broken_records_are_logged_once_and_skipped():
             assert log_count(node, "Network='nonsense'") == 2, log[-3000:]
             assert log_count(node, "network config /coreos.com/network/config was deleted") == 1, log[-3000:]
             assert log_count(node, "is the one in use again") == 1, log[-3000:]
-            assert wait_until(lambda: "10.244.70.0/24" in peer_subnets(node), 1) is not None
+            assert time_until(lambda: "10.244.70.0/24" in peer_subnets(node), 1) is not None
         print(f"\nFIGURE records: {len(BROKEN_AT_START) + len(BROKEN_AT_RUN)} broken lease records and 3 bad "
               f"config states, each logged once per daemon, none fatal; the valid rest served")

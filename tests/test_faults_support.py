@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -22,18 +21,6 @@ from flanneld_py.lab.netns import Netns, run
 from flanneld_py.ops.control import query
 
 PREFIX = "/coreos.com/network"
-
-
-def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.1) -> float | None:
-    """Seconds until ``predicate()`` held (None if it never did within ``timeout``)."""
-    start = time.monotonic()
-    deadline = start + timeout
-    while True:
-        if predicate():
-            return time.monotonic() - start
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(interval)
 
 
 def control_socket(node: Node) -> str:

@@ -23,7 +23,8 @@ from flanneld_py.lab.cluster import ETCD_HOST, PREFIX, Cluster
 from flanneld_py.lab.etcd import EtcdMember
 from flanneld_py.lab.netns import run
 
-from test_faults_support import dump, reachable, start, wait_until
+from flanneld_py.lab.checks import time_until
+from test_faults_support import dump, reachable, start
 
 pytestmark = [
     pytest.mark.netns,
@@ -97,7 +98,7 @@ def test_tls_etcd_with_client_certificates_and_clear_errors():
         leases = json.loads(etcd.ctl("get", "--prefix", f"{PREFIX}/subnets/", "-w", "json", tls=ctl_tls).stdout)
         assert len(leases.get("kvs", [])) == 2
         a, b = lab.add_pod(n1), lab.add_pod(n2)
-        assert wait_until(lambda: reachable(a, b), 10) is not None, dump(lab)
+        assert time_until(lambda: reachable(a, b), 10) is not None, dump(lab)
         lab.stop_daemon(n2)
 
         wrong = {

@@ -26,6 +26,7 @@ import pytest
 from flanneld_py.core.packet import checksum
 from flanneld_py.lab.cluster import Cluster, Node
 
+from flanneld_py.lab.checks import time_until
 from test_faults_support import (
     alive,
     background,
@@ -37,7 +38,6 @@ from test_faults_support import (
     status,
     udp_snmp,
     underlay_host,
-    wait_until,
 )
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -281,7 +281,7 @@ def test_hostile_datagrams_are_all_counted_and_none_from_a_non_peer_reaches_a_po
         start(lab, friend)
         lab.wait_ready(victim)
         p1, p2 = lab.add_pod(victim), lab.add_pod(friend)
-        assert wait_until(lambda: reachable(p2, p1), 10) is not None, dump(lab)
+        assert time_until(lambda: reachable(p2, p1), 10) is not None, dump(lab)
         own = victim.subnet_env().subnet
         peer_subnet = friend.subnet_env().subnet
         peers = {peer_subnet: friend.address}
@@ -320,7 +320,7 @@ def test_hostile_datagrams_are_all_counted_and_none_from_a_non_peer_reaches_a_po
             # the listener saw nothing from the floods: only the one datagram the real overlay carries now
             p2.sh(sys.executable, "-c", f"import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
                                         f".sendto(b'hi', ('{victim_ip}', 9999))")
-            assert wait_until(lambda: os.path.exists(heard) and open(heard).read().strip(), 5) is not None
+            assert time_until(lambda: os.path.exists(heard) and open(heard).read().strip(), 5) is not None
             time.sleep(0.3)
         with open(heard) as handle:
             lines = handle.read().split()
