@@ -1,8 +1,9 @@
 """Every datagram the offloaded udp path puts on the wire is one valid inner IPv4 packet.
 
 A bulk pod-to-pod TCP transfer is captured on the sender's underlay interface
-with UDP segmentation offload off there (so the capture shows the datagrams
-the wire carries, not GSO super-packets), and each datagram is checked with
+with UDP segmentation offload off on both nodes (so the capture shows the
+datagrams the wire carries, not GSO super-packets, in both directions: the
+data one way, runs of ACKs sent with one GSO call the other), and each is checked with
 scapy as the oracle: the payload is exactly one IPv4 packet, no larger than
 flannel0's MTU, with correct IP and TCP checksums, as a flannel peer expects.
 """
@@ -49,7 +50,8 @@ def test_bulk_transfer_datagrams_are_valid_inner_packets(tmp_path):
         src, dst = lab.add_pod(lab.nodes[0]), lab.add_pod(lab.nodes[1])
         sender = lab.nodes[0]
         mtu = sender.subnet_env().mtu
-        sender.netns.sh("ethtool", "-K", "eth0", "tx-udp-segmentation", "off")
+        for node in lab.nodes:  # both directions: data one way, runs of ACKs the other
+            node.netns.sh("ethtool", "-K", "eth0", "tx-udp-segmentation", "off")
         capture = str(tmp_path / "underlay.pcap")
         dump = sender.netns.popen("tcpdump", "-i", "eth0", "-s", "0", "-U", "-n", "-w", capture, "udp port 8285",
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -67,6 +67,34 @@ class BatchStats:
         self.buckets[min(count.bit_length(), 7)] += 1
 
 
+class _SendRun:
+    """Equal-size packets to one peer, back to back, waiting for one GSO send."""
+
+    def __init__(self, buffer: bytearray) -> None:
+        self.view = memoryview(buffer)
+        self.capacity = len(buffer)
+        self.reset()
+
+    def reset(self) -> None:
+        self.addr: tuple[str, int] = ("", 0)
+        self.seglen = 0
+        self.count = 0
+        self.used = 0
+
+    def fits(self, length: int, addr: tuple[str, int]) -> bool:
+        return self.count == 0 or (
+            length == self.seglen and addr == self.addr
+            and self.count < MAX_GSO_SEGMENTS and self.used + length <= self.capacity
+        )
+
+    def append(self, packet: memoryview, length: int, addr: tuple[str, int]) -> None:
+        if self.count == 0:
+            self.addr, self.seglen = addr, length
+        self.view[self.used : self.used + length] = packet[:length]
+        self.used += length
+        self.count += 1
+
+
 class Pump:
     """Moves packets between flannel0 and the UDP socket for one :class:`Engine`."""
 
@@ -86,6 +114,7 @@ class Pump:
         self._seg_view = memoryview(self._seg_out).cast("B")
         self._merge_buf = bytearray(MAX_PACKET)
         self._merge_view = memoryview(self._merge_buf)
+        self._run = _SendRun(bytearray(MAX_GSO_BYTES))
         self.tun_batches = BatchStats()
         self.udp_batches = BatchStats()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -139,6 +168,7 @@ class Pump:
         now = self._now()
         for index in range(count):
             self._egress_offloaded(self._tun_views[index], self._tun_sizes[index], now)
+        self._flush_run()  # within the same wakeup: batching adds no delay
         if self.engine.replies:
             self._write_replies()
 
@@ -154,8 +184,9 @@ class Pump:
             peer = engine.outbound(packet, length)
             if peer is not None:
                 peer.last_tx = now
-                self._send_one(packet[:length], peer.addr)
+                self._queue_small(packet, length, peer.addr)
             return
+        self._flush_run()
         if kind != GSO_TCPV4:
             engine.drops[Drop.NOT_IPV4] += 1
             return
@@ -168,6 +199,25 @@ class Pump:
         peer.tx_bytes += total - length
         self._send_segments(total, seglen, segments, peer.addr)
 
+    def _queue_small(self, packet: memoryview, length: int, addr: tuple[str, int]) -> None:
+        """Gather a run of equal-size packets to one peer (a UDP flood, a stream of small
+        writes) into one GSO send; anything else flushes the run first."""
+        run = self._run
+        if not self.conn.gso or not run.fits(length, addr):
+            self._flush_run()
+            if not self.conn.gso:
+                self._send_one(packet[:length], addr)
+                return
+        run.append(packet, length, addr)
+
+    def _flush_run(self) -> None:
+        run = self._run
+        if run.count == 1:
+            self._send_one(run.view[: run.used], run.addr)
+        elif run.count:
+            self._send_segments_from(run.view, run.used, run.seglen, run.addr)
+        run.reset()
+
     def _send_one(self, data: memoryview, addr: tuple[str, int]) -> None:
         try:
             self.conn.sock.sendto(data, addr)
@@ -176,7 +226,9 @@ class Pump:
 
     def _send_segments(self, total: int, seglen: int, segments: int, addr: tuple[str, int]) -> None:
         """Send ``segments`` back-to-back datagrams: GSO runs when possible, else one by one."""
-        view = self._seg_view
+        self._send_segments_from(self._seg_view, total, seglen, addr)
+
+    def _send_segments_from(self, view: memoryview, total: int, seglen: int, addr: tuple[str, int]) -> None:
         per_send = min(MAX_GSO_SEGMENTS, MAX_GSO_BYTES // seglen) if self.conn.gso else 1
         sock = self.conn.sock
         start = 0
@@ -193,14 +245,15 @@ class Pump:
             except OSError as exc:
                 if end - start > seglen and exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT):
                     self.conn.disable_gso(exc)
-                    self._send_segments_plain(start, end, seglen, addr)
+                    self._send_segments_plain(view, start, end, seglen, addr)
                 else:
                     self.engine.drops[Drop.UDP_SEND_FAILED] += -(-(end - start) // seglen)
             start = end
 
-    def _send_segments_plain(self, start: int, end: int, seglen: int, addr: tuple[str, int]) -> None:
+    def _send_segments_plain(self, view: memoryview, start: int, end: int, seglen: int,
+                             addr: tuple[str, int]) -> None:
         for offset in range(start, end, seglen):
-            self._send_one(self._seg_view[offset : min(end, offset + seglen)], addr)
+            self._send_one(view[offset : min(end, offset + seglen)], addr)
 
     def _write_replies(self) -> None:
         prefix = ZERO_VNET_HDR if self.tun.offload else b""
