@@ -148,15 +148,20 @@ def replace_neigh(netlink: Netlink, ifindex: int, ip: IPv4Address, mac: str) -> 
                  state=NUD_PERMANENT)
 
 
-def delete_neigh(netlink: Netlink, ifindex: int, ip: IPv4Address) -> bool:
-    """Remove the entry for ``ip``; False if there was none."""
+def _delete_neighbour_entry(netlink: Netlink, **match: object) -> bool:
+    """One ``neigh del``; False if the entry (or its device) was already gone."""
     try:
-        netlink.call("neigh", "del", family=AF_INET, ifindex=ifindex, dst=str(ip))
+        netlink.call("neigh", "del", **match)
     except NetlinkError as exc:
         if exc.code in _GONE:
             return False
         raise
     return True
+
+
+def delete_neigh(netlink: Netlink, ifindex: int, ip: IPv4Address) -> bool:
+    """Remove the entry for ``ip``; False if there was none."""
+    return _delete_neighbour_entry(netlink, family=AF_INET, ifindex=ifindex, dst=str(ip))
 
 
 def permanent_neighbours(netlink: Netlink, ifindex: int) -> list[tuple[IPv4Address, str]]:
@@ -180,14 +185,8 @@ def replace_fdb(netlink: Netlink, ifindex: int, mac: str, dst: IPv4Address) -> N
 
 def delete_fdb(netlink: Netlink, ifindex: int, mac: str, dst: IPv4Address) -> bool:
     """Remove the FDB entry ``mac -> dst``; False if there was none."""
-    try:
-        netlink.call("neigh", "del", family=AF_BRIDGE, ifindex=ifindex, lladdr=mac, dst=str(dst),
-                     state=NUD_PERMANENT | NUD_NOARP, flags=NTF_SELF)
-    except NetlinkError as exc:
-        if exc.code in _GONE:
-            return False
-        raise
-    return True
+    return _delete_neighbour_entry(netlink, family=AF_BRIDGE, ifindex=ifindex, lladdr=mac, dst=str(dst),
+                                   state=NUD_PERMANENT | NUD_NOARP, flags=NTF_SELF)
 
 
 def fdb_entries(netlink: Netlink, ifindex: int) -> list[tuple[str, IPv4Address]]:
