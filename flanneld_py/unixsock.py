@@ -6,7 +6,7 @@ import os
 import socket
 import stat
 
-__all__ = ["SocketPathBusy", "claim_socket_path"]
+__all__ = ["SocketPathBusy", "claim_socket_path", "socket_answers"]
 
 
 class SocketPathBusy(OSError):
@@ -25,11 +25,17 @@ def claim_socket_path(path: str) -> None:
         return
     if not stat.S_ISSOCK(mode):
         raise SocketPathBusy(f"{path} exists and is not a socket; remove it or choose another path")
+    if socket_answers(path):
+        raise SocketPathBusy(f"another process already serves on {path}")
+    os.unlink(path)
+
+
+def socket_answers(path: str, timeout: float = 1.0) -> bool:
+    """True if a process accepts connections on the unix socket ``path`` (a stale file does not)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
+        probe.settimeout(timeout)
         try:
             probe.connect(path)
         except OSError:
-            os.unlink(path)
-            return
-    raise SocketPathBusy(f"another process already serves on {path}")
+            return False
+    return True

@@ -40,6 +40,7 @@ from flanneld_py.lab.cluster import Cluster, Node, cni_plugin_argv
 from flanneld_py.lab.netns import Netns
 
 from flanneld_py.lab.checks import time_until
+from flanneld_py.unixsock import socket_answers
 from test_faults_support import start
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -150,15 +151,6 @@ def ask(path: str, request: bytes) -> dict:  # type: ignore[type-arg]
     return json.loads(b"".join(chunks))  # type: ignore[no-any-return]
 
 
-def _answers(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        try:
-            sock.connect(path)
-        except OSError:
-            return False
-    return True
-
-
 def _killpg(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -257,7 +249,7 @@ def test_cni_killed_during_add_leaks_nothing_and_never_hands_out_an_address_twic
 
             # the race behind a killed shim, made tight: an ADD abandoned right after it was sent,
             # and the runtime's DEL for it 0-15 ms later, while the daemon may still be adding
-            assert time_until(lambda: _answers(node.cni_socket), 20) is not None, node.log_text()[-3000:]
+            assert time_until(lambda: socket_answers(node.cni_socket), 20) is not None, node.log_text()[-3000:]
             abandoned: list[PodNs] = []
             for index in range(RACES):
                 pod = runtime.new_pod("r")

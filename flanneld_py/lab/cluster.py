@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv4Network
 
 from ..core.subnetenv import SubnetEnv
+from ..unixsock import socket_answers
 from .etcd import EtcdMember
 from .netns import Netns, run, unique_tag
 
@@ -245,7 +246,7 @@ class Cluster:
             if node.daemon is not None and node.daemon.poll() is not None:
                 raise RuntimeError(f"flanneld-py on {node.name} exited {node.daemon.returncode}:\n{node.log_text()[-3000:]}")
             if os.path.exists(node.subnet_file) and (
-                    not self.wait_for_cni_socket or os.path.exists(node.cni_socket)):
+                    not self.wait_for_cni_socket or socket_answers(node.cni_socket)):
                 return
             time.sleep(0.1)
         raise TimeoutError(f"flanneld-py on {node.name} not ready after {timeout}s:\n{node.log_text()[-3000:]}")
