@@ -158,7 +158,10 @@ class Cluster:
 
     def _build(self) -> None:
         self.switch = self._ns("sw")
-        self.switch.ip("link", "add", "br0", "type", "bridge")
+        # A fixed MAC: a bridge otherwise takes its lowest port's MAC, which changes when a
+        # port joins later (an outside host, an intruder), and then etcd's address behind
+        # br0 stays unreachable until every node's neighbour entry for it expires.
+        self.switch.ip("link", "add", "br0", "address", "02:00:5e:00:53:fe", "type", "bridge")
         self.switch.ip("addr", "add", f"{ETCD_HOST}/24", "dev", "br0")
         self.switch.ip("link", "set", "br0", "up")
         if self._start_etcd:
