@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +45,24 @@ from .unixsock import SocketPathBusy
 __all__ = ["Daemon", "DaemonState", "FatalError"]
 
 log = logging.getLogger("flanneld_py")
+
+
+STOP_DEADLINE = 4.5  # seconds from a stop signal to a forced exit (the promise: stopped within 5 s)
+
+
+def _exit_if_stuck(deadline: float) -> None:
+    """A last resort for a shutdown that hangs (say, a kernel call that never returns in a
+    worker thread): exit anyway, so that a restart is not blocked until systemd's SIGKILL.
+    The lease and the datapath are kept as on any stop without --cleanup-on-exit."""
+
+    def give_up() -> None:
+        log.error("shutdown did not finish within %.0fs; exiting anyway", deadline)
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(deadline, give_up)
+    timer.daemon = True
+    timer.start()
 
 
 class FatalError(RuntimeError):
@@ -111,6 +131,7 @@ class Daemon:
     def _request_stop(self, signum: int | None = None) -> None:
         if signum is not None and not self.stopping.is_set():
             log.info("received %s, shutting down", signal.Signals(signum).name)
+            _exit_if_stuck(STOP_DEADLINE)
         self.stopping.set()
 
     def _set_phase(self, phase: str) -> None:

@@ -53,7 +53,9 @@ class Netlink:
         self._lock = threading.Lock()
 
     def close(self) -> None:
-        self._ipr.close()
+        """Close the socket, after any call in flight (never under another thread's request)."""
+        with self._lock:
+            self._ipr.close()
 
     def __enter__(self) -> Netlink:
         return self
