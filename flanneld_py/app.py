@@ -9,9 +9,11 @@ everyone's. A stop signal or a fatal error ends both and shuts down in order.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +23,7 @@ from ipaddress import IPv4Address
 from .backend.base import Backend, BackendContext
 from .backend.registry import create_backend
 from .cni.models import ConfigDefaults
+from .cancellation import cancel_and_wait
 from .cni.server import CniServer
 from .core.lease import BadRecord, KeyDeleted, KeyPut, LeaseAttrs, LeaseError, LeaseEvent, LeaseWatcher
 from .core.netconfig import ConfigError, NetworkConfig, parse_network_config
@@ -50,19 +53,36 @@ log = logging.getLogger("flanneld_py")
 STOP_DEADLINE = 4.5  # seconds from a stop signal to a forced exit (the promise: stopped within 5 s)
 
 
-def _exit_if_stuck(deadline: float) -> None:
+def _exit_if_stuck(deadline: float, step: Callable[[], str], loop: asyncio.AbstractEventLoop) -> None:
     """A last resort for a shutdown that hangs (say, a kernel call that never returns in a
     worker thread): exit anyway, so that a restart is not blocked until systemd's SIGKILL.
-    The lease and the datapath are kept as on any stop without --cleanup-on-exit."""
+    The lease and the datapath are kept as on any stop without --cleanup-on-exit. The log
+    says which step hung and where every thread was, for the bug report."""
 
     def give_up() -> None:
-        log.error("shutdown did not finish within %.0fs; exiting anyway", deadline)
+        log.error("shutdown did not finish within %.0fs (stuck at: %s); exiting anyway; "
+                  "task and thread stacks follow on stderr", deadline, step())
+        for task in list(asyncio.all_tasks(loop)):
+            print(f"task {task.get_name()}: {' -> '.join(_await_chain(task.get_coro()))}", file=sys.stderr)
+        faulthandler.dump_traceback(all_threads=True)
         logging.shutdown()
         os._exit(1)
 
     timer = threading.Timer(deadline, give_up)
     timer.daemon = True
     timer.start()
+
+
+def _await_chain(coro: object) -> list[str]:
+    """Where a coroutine waits, through the coroutines and async generators it awaits."""
+    chain = []
+    while coro is not None and len(chain) < 32:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            chain.append(f"{frame.f_code.co_name} ({os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno})")
+        coro = (getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+                or getattr(coro, "gi_yieldfrom", None))
+    return chain
 
 
 class FatalError(RuntimeError):
@@ -101,6 +121,7 @@ class Daemon:
         self.watcher: LeaseWatcher | None = None
         self.stopping = asyncio.Event()
         self._extras: list[object] = []  # started services with an async close()
+        self._shutdown_step = "stopping the running tasks"
         self.on_state_change: list[Callable[[DaemonState], None]] = []  # run on every phase change
 
     # --- lifecycle ---------------------------------------------------------------
@@ -131,7 +152,7 @@ class Daemon:
     def _request_stop(self, signum: int | None = None) -> None:
         if signum is not None and not self.stopping.is_set():
             log.info("received %s, shutting down", signal.Signals(signum).name)
-            _exit_if_stuck(STOP_DEADLINE)
+            _exit_if_stuck(STOP_DEADLINE, lambda: self._shutdown_step, asyncio.get_running_loop())
         self.stopping.set()
 
     def _set_phase(self, phase: str) -> None:
@@ -176,11 +197,7 @@ class Daemon:
         if task in done:
             stop.cancel()
             return task.result()
-        task.cancel()
-        try:
-            await task
-        except (asyncio.CancelledError, Exception):
-            pass
+        await cancel_and_wait([task])
         return None
 
     def _make_backend(self, config: NetworkConfig, iface: InterfaceInfo, public_ip: IPv4Address) -> Backend:
@@ -229,9 +246,7 @@ class Daemon:
             asyncio.create_task(self.stopping.wait(), name="stop"),
         ]
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        await cancel_and_wait(pending)
         for task in done:
             if task.get_name() != "stop" and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
@@ -239,14 +254,18 @@ class Daemon:
     async def _shutdown(self) -> None:
         self._set_phase("stopping")
         for extra in reversed(self._extras):
+            self._shutdown_step = f"closing {type(extra).__name__}"
             try:
                 await extra.close()  # type: ignore[attr-defined]
             except Exception as exc:
                 log.warning("closing %s: %s", type(extra).__name__, exc)
         if self.state.backend is not None:
+            self._shutdown_step = f"stopping the {self.state.backend.type_name} backend"
             await self.state.backend.stop(cleanup=self.options.cleanup_on_exit)
+        self._shutdown_step = "closing the etcd client"
         await self.registry.close()
         if self.netlink is not None:
+            self._shutdown_step = "closing the netlink socket"
             await asyncio.to_thread(self.netlink.close)
         log.info("stopped (lease kept so that a restart gets the same subnet)")
 

@@ -90,7 +90,7 @@ def lab():
     with Cluster(nodes=2) as cluster:
         for node in cluster.nodes:
             cluster.start_daemon(
-                node, f"--healthz-ip=127.0.0.1", f"--healthz-port={PORT}", f"--control-socket={control_socket(node)}",
+                node, "--healthz-ip=127.0.0.1", f"--healthz-port={PORT}", f"--control-socket={control_socket(node)}",
                 "--ip-masq", f"--subnet-lease-ttl={LEASE_TTL}", wait=False,
             )
         for node in cluster.nodes:

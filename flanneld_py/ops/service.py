@@ -21,6 +21,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ..cancellation import cancel_and_wait
 from ..firewall import Iptables
 from .control import ControlServer
 from .health import EtcdProbe, HealthServer, etcd_staleness, health_verdict
@@ -165,9 +166,7 @@ class Operations:
             self._last_failed = failed
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         if self.masq is not None:
             await self.masq.close(cleanup=self.options.cleanup_on_exit)

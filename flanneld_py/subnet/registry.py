@@ -296,7 +296,8 @@ class EtcdRegistry:
         """Await one request on ``client``, mapping aetcd's errors onto ours."""
         endpoint = self.endpoint if client is None else client.target
         try:
-            result = await asyncio.wait_for(awaitable, self._timeout + 1)
+            async with asyncio.timeout(self._timeout + 1):  # not wait_for: it can drop a cancellation
+                result = await awaitable
         except _TRANSIENT as exc:
             self.errors += 1
             detail = str(exc) or type(exc).__name__
