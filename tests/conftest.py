@@ -1,4 +1,5 @@
-"""Shared fixtures: a real etcd on loopback, and a guard against leftover namespaces."""
+"""Shared fixtures: a real etcd on loopback, one CNI node per module, and a guard against
+leftover namespaces."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from cni_helpers import CniNode
 from flanneld_py.lab.etcd import EtcdMember
 
 
@@ -29,6 +31,16 @@ def etcd() -> Iterator[EtcdMember]:
             yield member
         finally:
             member.stop()
+
+
+@pytest.fixture(scope="module")
+def cni_node() -> Iterator[CniNode]:
+    """A node namespace with a CNI server, shared by one module's tests (each makes its own network)."""
+    node = CniNode.create()
+    try:
+        yield node
+    finally:
+        node.close()
 
 
 def _lab_namespaces() -> set[str]:

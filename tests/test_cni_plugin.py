@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from cni_helpers import CniNetwork, CniNode, pod_state, with_prev_result
+from cni_helpers import CLUSTER, CniNetwork, CniNode, pod_state, with_prev_result
 from flanneld_py.cni.models import Attachment
 from flanneld_py.cni.wiring import host_veth_name
 
@@ -24,25 +24,16 @@ MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _index = itertools.count(1)
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[CniNode]:
-    node = CniNode.create()
-    try:
-        yield node
-    finally:
-        node.close()
-
-
-def make_network(lab: CniNode, prefixlen: int = 24, **kwargs: Any) -> CniNetwork:
+def make_network(cni_node: CniNode, prefixlen: int = 24, **kwargs: Any) -> CniNetwork:
     index = next(_index)
-    net = CniNetwork(lab, index, IPv4Network(f"10.244.{index}.0/{prefixlen}"), **kwargs)
+    net = CniNetwork(cni_node, index, IPv4Network(f"10.244.{index}.0/{prefixlen}"), **kwargs)
     net.write_subnet_file()
     return net
 
 
 @pytest.fixture
-def net(lab: CniNode) -> Iterator[CniNetwork]:
-    network = make_network(lab)
+def net(cni_node: CniNode) -> Iterator[CniNetwork]:
+    network = make_network(cni_node)
     try:
         yield network
     finally:
@@ -66,13 +57,13 @@ def assert_spec_result(result: dict[str, Any], version: str, net: CniNetwork, sa
     address = IPv4Interface(ip["address"])
     assert address.network == net.subnet and address.ip != net.subnet.network_address + 1
     assert ip["gateway"] == str(net.subnet.network_address + 1)
-    assert result["routes"] == [{"dst": "0.0.0.0/0", "gw": ip["gateway"]}]
+    assert result["routes"] == [{"dst": str(CLUSTER), "gw": ip["gateway"]}, {"dst": "0.0.0.0/0", "gw": ip["gateway"]}]
     assert isinstance(result["dns"], dict)
     return address
 
 
-def host_link(lab: CniNode, name: str) -> dict[str, Any]:
-    (link,) = json.loads(lab.node.ip("-d", "-j", "link", "show", "dev", name).stdout)
+def host_link(cni_node: CniNode, name: str) -> dict[str, Any]:
+    (link,) = json.loads(cni_node.node.ip("-d", "-j", "link", "show", "dev", name).stdout)
     return link  # type: ignore[no-any-return]
 
 
@@ -80,7 +71,7 @@ def host_link(lab: CniNode, name: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_add_check_del_in_each_version(net: CniNetwork, lab: CniNode, version: str) -> None:
+def test_add_check_del_in_each_version(net: CniNetwork, cni_node: CniNode, version: str) -> None:
     pod = net.pod("a")
     conf = net.conf(version, dns={"nameservers": ["10.96.0.10"], "search": ["cluster.local"]})
     result = net.invoke("ADD", conf, container="ctr-a", netns=pod).ok()
@@ -93,10 +84,10 @@ def test_add_check_del_in_each_version(net: CniNetwork, lab: CniNode, version: s
     container = result["interfaces"][result["ips"][0]["interface"]]
     assert container["mac"] == state["mac"]
     host = next(i for i in result["interfaces"] if "sandbox" not in i)
-    link = host_link(lab, host["name"])
+    link = host_link(cni_node, host["name"])
     assert link["master"] == net.bridge and link["mtu"] == 1472 and "UP" in link["flags"]
     assert link["linkinfo"]["info_slave_data"]["hairpin"] is True
-    bridge = json.loads(lab.node.ip("-j", "addr", "show", "dev", net.bridge).stdout)[0]
+    bridge = json.loads(cni_node.node.ip("-j", "addr", "show", "dev", net.bridge).stdout)[0]
     assert f"{net.subnet.network_address + 1}/24" in [f"{a['local']}/{a['prefixlen']}" for a in bridge["addr_info"]]
     assert net.reservations() == {str(address.ip): "ctr-a\neth0"}
 
@@ -146,11 +137,11 @@ def test_pods_on_the_same_bridge_reach_each_other(net: CniNetwork) -> None:
     net.delete(b, "ctr-b")
 
 
-def test_gso_max_size_hook_caps_both_ends(net: CniNetwork, lab: CniNode) -> None:
+def test_gso_max_size_hook_caps_both_ends(net: CniNetwork, cni_node: CniNode) -> None:
     pod = net.pod("a")
     result = net.add(pod, "ctr-a", gsoMaxSize=63000)
     host = next(i for i in result["interfaces"] if "sandbox" not in i)["name"]
-    assert host_link(lab, host)["gso_max_size"] == 63000
+    assert host_link(cni_node, host)["gso_max_size"] == 63000
     (inner,) = json.loads(pod.ip("-d", "-j", "link", "show", "eth0").stdout)
     assert inner["gso_max_size"] == 63000
     net.delete(pod, "ctr-a")
@@ -201,13 +192,13 @@ def test_del_without_cni_netns_still_cleans_up(net: CniNetwork) -> None:
 # --- addresses -------------------------------------------------------------
 
 
-def test_addresses_survive_a_server_restart_and_are_not_reused_at_once(net: CniNetwork, lab: CniNode) -> None:
+def test_addresses_survive_a_server_restart_and_are_not_reused_at_once(net: CniNetwork, cni_node: CniNode) -> None:
     a, b, c = net.pod("a"), net.pod("b"), net.pod("c")
     first = net.add(a, "ctr-a")["ips"][0]["address"]
     second = net.add(b, "ctr-b")["ips"][0]["address"]
-    lab.server.stop()
+    cni_node.server.stop()
     assert net.invoke("ADD", net.conf(), container="ctr-c", netns=c).error()["code"] == 11
-    lab.server.start()
+    cni_node.server.start()
     net.delete(a, "ctr-a")
     third = net.add(c, "ctr-c")["ips"][0]["address"]
     assert len({first, second, third}) == 3  # round-robin: the freed first address waits its turn
@@ -216,8 +207,8 @@ def test_addresses_survive_a_server_restart_and_are_not_reused_at_once(net: CniN
     net.delete(c, "ctr-c")
 
 
-def test_a_full_subnet_is_a_clear_error_and_leaks_nothing(lab: CniNode) -> None:
-    net = make_network(lab, prefixlen=29)  # .1 is the gateway: .2 to .6 for pods
+def test_a_full_subnet_is_a_clear_error_and_leaks_nothing(cni_node: CniNode) -> None:
+    net = make_network(cni_node, prefixlen=29)  # .1 is the gateway: .2 to .6 for pods
     try:
         pods = [net.pod(str(i)) for i in range(6)]
         for i, pod in enumerate(pods[:5]):
@@ -248,10 +239,10 @@ def test_twenty_concurrent_adds_get_twenty_addresses(net: CniNetwork) -> None:
     assert net.reservations() == {} and net.host_veths() == []
 
 
-def test_two_hundred_add_del_cycles_leave_nothing_behind(net: CniNetwork, lab: CniNode) -> None:
+def test_two_hundred_add_del_cycles_leave_nothing_behind(net: CniNetwork, cni_node: CniNode) -> None:
     pod = net.pod("a")
-    assert lab.server.proc is not None
-    fds = f"/proc/{lab.server.proc.pid}/fd"
+    assert cni_node.server.proc is not None
+    fds = f"/proc/{cni_node.server.proc.pid}/fd"
     net.add(pod, "warm-up")
     net.delete(pod, "warm-up")
     open_before = len(os.listdir(fds))
@@ -294,24 +285,24 @@ def test_status_follows_the_subnet_file(net: CniNetwork) -> None:
 # --- masquerade ------------------------------------------------------------
 
 
-def test_masquerades_when_the_daemon_does_not(lab: CniNode) -> None:
-    net = make_network(lab, ipmasq=False)
+def test_masquerades_when_the_daemon_does_not(cni_node: CniNode) -> None:
+    net = make_network(cni_node, ipmasq=False)
     try:
         pod = net.pod("a")
         result = net.add(pod, "ctr-a")
         address = result["ips"][0]["address"].split("/")[0]
-        nat = lab.node.sh("iptables", "-t", "nat", "-S").stdout
+        nat = cni_node.node.sh("iptables", "-t", "nat", "-S").stdout
         (jump,) = [line for line in nat.splitlines() if f"-s {address}/32" in line]
         chain = jump.rsplit(" ", 1)[-1]
         assert f"-A {chain} -d 10.244.0.0/16" in nat and "-j MASQUERADE" in nat
         check = net.invoke("CHECK", with_prev_result(net.conf(), result), container="ctr-a", netns=pod)
         assert check.ok() is None
         net.delete(pod, "ctr-a")
-        assert chain not in lab.node.sh("iptables", "-t", "nat", "-S").stdout
+        assert chain not in cni_node.node.sh("iptables", "-t", "nat", "-S").stdout
         # A pod whose DEL never came: GC removes its chain along with its address.
         net.add(pod, "ctr-b")
         assert net.invoke("GC", net.conf("1.1.0", **{"cni.dev/valid-attachments": []})).ok() is None
-        assert "FLP-" not in lab.node.sh("iptables", "-t", "nat", "-S").stdout
+        assert "FLP-" not in cni_node.node.sh("iptables", "-t", "nat", "-S").stdout
         assert net.reservations() == {}
         net.delete(pod, "ctr-b")
     finally:

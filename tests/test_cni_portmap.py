@@ -38,18 +38,9 @@ with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as con
 """
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[CniNode]:
-    node = CniNode.create()
-    try:
-        yield node
-    finally:
-        node.close()
-
-
 @pytest.fixture
-def net(lab: CniNode) -> Iterator[CniNetwork]:
-    network = CniNetwork(lab, 90, IPv4Network("10.244.90.0/24"))
+def net(cni_node: CniNode) -> Iterator[CniNetwork]:
+    network = CniNetwork(cni_node, 90, IPv4Network("10.244.90.0/24"))
     network.write_subnet_file()
     try:
         yield network
@@ -58,15 +49,15 @@ def net(lab: CniNode) -> Iterator[CniNetwork]:
 
 
 @pytest.fixture
-def outside(lab: CniNode) -> Iterator[Netns]:
+def outside(cni_node: CniNode) -> Iterator[Netns]:
     """A client beyond the node: 198.51.100.2, the node being 198.51.100.1."""
-    client = Netns.create(f"cnit-{lab.tag}-out")
+    client = Netns.create(f"cnit-{cni_node.tag}-out")
     try:
-        client.ip("link", "add", "up0", "type", "veth", "peer", "name", "cnitout", "netns", lab.node.name)
+        client.ip("link", "add", "up0", "type", "veth", "peer", "name", "cnitout", "netns", cni_node.node.name)
         client.ip("addr", "add", "198.51.100.2/24", "dev", "up0")
         client.ip("link", "set", "up0", "up")
-        lab.node.ip("addr", "add", "198.51.100.1/24", "dev", "cnitout")
-        lab.node.ip("link", "set", "cnitout", "up")
+        cni_node.node.ip("addr", "add", "198.51.100.1/24", "dev", "cnitout")
+        cni_node.node.ip("link", "set", "cnitout", "up")
         yield client
     finally:
         client.delete()  # takes the veth pair along
@@ -77,8 +68,8 @@ def portmap_env(command: str, pod: Netns, container: str) -> dict[str, str]:
             "CNI_PATH": str(REFERENCE_PLUGINS)}
 
 
-def portmap(lab: CniNode, command: str, pod: Netns, container: str, conf: dict[str, Any]) -> Any:
-    return run_plugin(lab.node, [str(PORTMAP)], portmap_env(command, pod, container), json.dumps(conf)).ok()
+def portmap(cni_node: CniNode, command: str, pod: Netns, container: str, conf: dict[str, Any]) -> Any:
+    return run_plugin(cni_node.node, [str(PORTMAP)], portmap_env(command, pod, container), json.dumps(conf)).ok()
 
 
 def fetch(ns: Netns, host: str, port: int) -> str:
@@ -86,7 +77,7 @@ def fetch(ns: Netns, host: str, port: int) -> str:
 
 
 @pytest.mark.skipif(not PORTMAP.exists(), reason="needs Debian's containernetworking-plugins")
-def test_a_mapped_host_port_reaches_the_pod(lab: CniNode, net: CniNetwork, outside: Netns) -> None:
+def test_a_mapped_host_port_reaches_the_pod(cni_node: CniNode, net: CniNetwork, outside: Netns) -> None:
     pod = net.pod("a")
     conf = net.conf("1.0.0")
     ours = net.add(pod, "ctr-pm")
@@ -95,31 +86,31 @@ def test_a_mapped_host_port_reaches_the_pod(lab: CniNode, net: CniNetwork, outsi
                "capabilities": {"portMappings": True},
                "runtimeConfig": {"portMappings": [{"hostPort": HOST_PORT, "containerPort": POD_PORT,
                                                    "protocol": "tcp"}]}}
-    final = portmap(lab, "ADD", pod, "ctr-pm", with_prev_result(mapping, ours))
+    final = portmap(cni_node, "ADD", pod, "ctr-pm", with_prev_result(mapping, ours))
     assert final["ips"] == ours["ips"] and final["interfaces"] == ours["interfaces"]
 
     listener = pod.popen(sys.executable, "-c", LISTENER, stdout=subprocess.PIPE)
     try:
         assert listener.stdout is not None and listener.stdout.readline().strip() == b"ready"
         gateway = str(net.subnet.network_address + 1)
-        assert fetch(lab.node, gateway, HOST_PORT).startswith("hello from the pod")
+        assert fetch(cni_node.node, gateway, HOST_PORT).startswith("hello from the pod")
         assert fetch(outside, "198.51.100.1", HOST_PORT) == "hello from the pod to 198.51.100.2"
-        assert fetch(lab.node, pod_ip, POD_PORT).startswith("hello from the pod")
+        assert fetch(cni_node.node, pod_ip, POD_PORT).startswith("hello from the pod")
     finally:
         listener.kill()
         listener.wait()
 
     # CHECK runs down the chain with the chain's final result.
     assert net.invoke("CHECK", with_prev_result(conf, final), container="ctr-pm", netns=pod).ok() is None
-    check = run_plugin(lab.node, [str(PORTMAP)], portmap_env("CHECK", pod, "ctr-pm"),
+    check = run_plugin(cni_node.node, [str(PORTMAP)], portmap_env("CHECK", pod, "ctr-pm"),
                        json.dumps(with_prev_result(mapping, final)))
     # portmap 1.1.x looks for ip6tables rules it never made for an IPv4-only pod
     # (containernetworking/plugins#819); anything else is a real failure.
     assert check.code == 0 or "could not check ipv6 dnat" in check.error()["msg"], check
 
     # DEL runs the chain in reverse.
-    assert portmap(lab, "DEL", pod, "ctr-pm", with_prev_result(mapping, final)) is None
+    assert portmap(cni_node, "DEL", pod, "ctr-pm", with_prev_result(mapping, final)) is None
     net.delete(pod, "ctr-pm")
-    nat = lab.node.sh("iptables", "-t", "nat", "-S").stdout
+    nat = cni_node.node.sh("iptables", "-t", "nat", "-S").stdout
     assert f"--dport {HOST_PORT}" not in nat and pod_ip not in nat
     assert net.reservations() == {} and net.host_veths() == ["cnitout"]  # only the outside link is left

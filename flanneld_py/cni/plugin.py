@@ -202,7 +202,11 @@ def load_subnet_env(path: str) -> SubnetEnv:
 def pod_link(request: Request, env: SubnetEnv, address: IPv4Interface) -> PodLink:
     conf: NetConf = request.config
     gateway = env.gateway
-    dst = DEFAULT_ROUTE if conf.is_default_gateway else env.network
+    # flannel's delegation: the Network through the bridge, and with isDefaultGateway the
+    # default route as well (the bridge plugin's addition)
+    routes = [Route(env.network, gateway.ip)]
+    if conf.is_default_gateway:
+        routes.append(Route(DEFAULT_ROUTE, gateway.ip))
     return PodLink(
         netns=request.netns,
         ifname=request.ifname,
@@ -210,7 +214,7 @@ def pod_link(request: Request, env: SubnetEnv, address: IPv4Interface) -> PodLin
         bridge=conf.bridge,
         gateway=gateway,
         address=address,
-        routes=(Route(dst, gateway.ip),),
+        routes=tuple(routes),
         mtu=env.mtu,
         hairpin=conf.hairpin_mode,
         forwarding=conf.is_default_gateway,

@@ -91,7 +91,7 @@ def dns_check(server: Pod, client: Pod, name: str = "demo.cluster.local", answer
             if proc.poll() is not None:
                 raise RuntimeError(f"dnsmasq failed: {proc.stderr.read() if proc.stderr else ''}")
             out = client.sh("dig", f"@{server.ip.ip}", name, "+short", "+time=1", "+tries=1", check=False).stdout.strip()
-            if out:
+            if out and not out.startswith(";;"):  # ";; communications error": dnsmasq not listening yet
                 return out
             time.sleep(0.3)
         return out
