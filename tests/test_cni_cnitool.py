@@ -8,6 +8,7 @@ tool from Debian's source package (``.ci/build-cnitool``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -65,11 +66,15 @@ def runtime(cni_node: CniNode) -> Iterator[Runtime]:
         link = bindir / name
         if not link.exists():
             link.symlink_to(target)
+    made = [d for d in (LIBCNI_CACHE.parent, LIBCNI_CACHE) if not d.exists()]
     try:
         yield Runtime(cni_node, confdir, bindir)
     finally:
         for cached in LIBCNI_CACHE.glob(f"cnitool-{cni_node.tag}-*"):
             cached.unlink(missing_ok=True)
+        for directory in reversed(made):  # libcni's directories, if this test made them and they are empty
+            with contextlib.suppress(OSError):
+                directory.rmdir()
         shutil.rmtree(confdir, ignore_errors=True)
 
 
