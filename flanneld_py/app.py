@@ -16,14 +16,15 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
+from typing import Any, TypeVar
 
 from .backend.base import Backend, BackendContext
 from .backend.registry import create_backend
-from .cni.models import ConfigDefaults
 from .cancellation import cancel_and_wait
+from .cni.models import ConfigDefaults
 from .cni.server import CniServer
 from .core.lease import BadRecord, KeyDeleted, KeyPut, LeaseAttrs, LeaseError, LeaseEvent, LeaseWatcher
 from .core.netconfig import ConfigError, NetworkConfig, parse_network_config
@@ -48,6 +49,7 @@ from .unixsock import SocketPathBusy
 __all__ = ["Daemon", "DaemonState", "FatalError"]
 
 log = logging.getLogger("flanneld_py")
+_T = TypeVar("_T")
 
 
 STOP_DEADLINE = 4.5  # seconds from a stop signal to a forced exit (the promise: stopped within 5 s)
@@ -75,7 +77,7 @@ def _exit_if_stuck(deadline: float, step: Callable[[], str], loop: asyncio.Abstr
 
 def _await_chain(coro: object) -> list[str]:
     """Where a coroutine waits, through the coroutines and async generators it awaits."""
-    chain = []
+    chain: list[str] = []
     while coro is not None and len(chain) < 32:
         frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None) or getattr(coro, "gi_frame", None)
         if frame is not None:
@@ -189,10 +191,10 @@ class Daemon:
         self.state.ready = True
         self._set_phase("running")
 
-    async def _until_stopped(self, awaitable):  # type: ignore[no-untyped-def]
-        """Await ``awaitable`` unless a stop signal comes first (then None)."""
-        task = asyncio.ensure_future(awaitable)
-        stop = asyncio.ensure_future(self.stopping.wait())
+    async def _until_stopped(self, work: Coroutine[Any, Any, _T]) -> _T | None:
+        """Await ``work`` unless a stop signal comes first (then None)."""
+        task = asyncio.create_task(work)
+        stop = asyncio.create_task(self.stopping.wait())
         done, _ = await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
             stop.cancel()

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 RECANCEL_EVERY = 0.2  # seconds between cancellations of a task that has not ended
 
 
-async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]]) -> None:
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
     """Cancel ``tasks`` and wait until all have ended, cancelling again those that go on.
 
     Their errors are retrieved (not raised): the caller is tearing down and

@@ -7,6 +7,7 @@ then turns lease events into datapath state. The daemon owns the order.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Protocol
@@ -64,7 +65,7 @@ class Backend(Protocol):
         """Create and configure the datapath for our subnet."""
         ...
 
-    async def apply(self, events: list[LeaseEvent]) -> None:
+    async def apply(self, events: Sequence[LeaseEvent]) -> None:
         """Converge the datapath on peer lease changes (never called with our own lease)."""
         ...
 

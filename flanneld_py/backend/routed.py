@@ -24,7 +24,7 @@ import asyncio
 import errno
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 from typing import Protocol
@@ -171,7 +171,9 @@ class Reconciler:
         return self._apply(plan(wanted, self.kernel.dump(wanted.scope), prune=prune))
 
     def _apply(self, changes: Plan) -> PassResult:
-        added, removed, failed = [], [], []
+        added: list[Entry] = []
+        removed: list[Entry] = []
+        failed: list[tuple[Entry, str]] = []
         for entry in changes.remove:
             if self._try(self.kernel.remove, entry, failed):
                 removed.append(entry)
@@ -366,7 +368,7 @@ class RoutedBackend:
             entries |= self._peer_entries(lease).entries
         return Wanted(self._scope(), frozenset(entries))
 
-    async def apply(self, events: list[LeaseEvent]) -> None:
+    async def apply(self, events: Sequence[LeaseEvent]) -> None:
         assert self._loop is not None, "apply() before start()"
         for event in events:
             if isinstance(event, LeaseAdded):

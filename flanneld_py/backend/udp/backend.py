@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from ipaddress import IPv4Interface, IPv4Network
 
 from ...core.lease import LeaseAdded, LeaseAttrs, LeaseEvent, LeaseRemoved
@@ -109,7 +110,7 @@ class UdpBackend:
         _accept_local_source(TUN_NAME)
         return index
 
-    async def apply(self, events: list[LeaseEvent]) -> None:
+    async def apply(self, events: Sequence[LeaseEvent]) -> None:
         assert self.engine is not None, "apply() before start()"
         for event in events:
             if isinstance(event, LeaseAdded):
