@@ -90,7 +90,7 @@ def measure_cni(pods: int, tag: str, step: Callable[[str], None]) -> dict[str, A
                 "pods": pods,
                 "tag": tag,
                 "plugins": {
-                    OURS: {"argv": [sys.executable, "-I", "-S", cni_plugin_argv()[-1]], "config": ours,
+                    OURS: {"argv": cni_plugin_argv(), "config": ours,
                            "warm": paths["wo"], "pods": [paths[f"o{i}"] for i in range(pods)]},
                     REFERENCE: {"argv": [os.path.join(REFERENCE_CNI, "bridge")], "config": reference,
                                 "warm": paths["wr"], "pods": [paths[f"r{i}"] for i in range(pods)]},

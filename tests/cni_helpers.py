@@ -24,10 +24,12 @@ from typing import Any
 from flanneld_py.cni.models import Attachment
 from flanneld_py.cni.wiring import host_veth_name
 from flanneld_py.core.subnetenv import SubnetEnv
+from flanneld_py.lab.cluster import cni_plugin_argv
 from flanneld_py.lab.netns import Netns, unique_tag
 
 REPO = Path(__file__).resolve().parents[1]
-SHIM = REPO / "cni" / "flannel_py.py"
+PYTHON_SHIM = REPO / "cni" / "flannel_py.py"
+PLUGIN = cni_plugin_argv()  # the compiled shim when built (FLANNEL_PY_PLUGIN=python: the Python one)
 CLUSTER = IPv4Network("10.244.0.0/16")
 REFERENCE_PLUGINS = Path("/usr/lib/cni")
 
@@ -201,7 +203,7 @@ class CniNetwork:
         variables.update(env or {})
         variables = {k: v for k, v in variables.items() if v}
         stdin = conf if isinstance(conf, (str, bytes)) else json.dumps(conf)
-        return run_plugin(self.lab.node, [str(SHIM)], variables, stdin)
+        return run_plugin(self.lab.node, PLUGIN, variables, stdin)
 
     def add(self, pod: Netns, container: str, version: str = "1.0.0", **extra: Any) -> dict[str, Any]:
         result = self.invoke("ADD", self.conf(version, **extra), container=container, netns=pod).ok()

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from cni_helpers import CLUSTER, REFERENCE_PLUGINS, SHIM, CniNetwork, CniNode, pod_state, run_plugin
+from cni_helpers import CLUSTER, PLUGIN, PYTHON_SHIM, REFERENCE_PLUGINS, CniNetwork, CniNode, pod_state, run_plugin
 from flanneld_py.lab.netns import Netns
 
 pytestmark = pytest.mark.netns
@@ -62,7 +62,8 @@ def runtime(cni_node: CniNode) -> Iterator[Runtime]:
     confdir, bindir = cni_node.workdir / "net.d", cni_node.workdir / "bin"
     confdir.mkdir(exist_ok=True)
     bindir.mkdir(exist_ok=True)
-    for name, target in (("flannel-py", SHIM), ("portmap", REFERENCE_PLUGINS / "portmap")):
+    plugin = Path(PLUGIN[0]) if len(PLUGIN) == 1 else PYTHON_SHIM  # the Python shim runs by its shebang
+    for name, target in (("flannel-py", plugin), ("portmap", REFERENCE_PLUGINS / "portmap")):
         link = bindir / name
         if not link.exists():
             link.symlink_to(target)

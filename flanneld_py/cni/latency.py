@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from ..core.subnetenv import SubnetEnv
+from ..lab.cluster import cni_plugin_argv
 from ..lab.netns import Netns, unique_tag
 
 __all__ = ["Plugin", "PluginTiming", "compare", "time_plugins"]
 
 REPO = Path(__file__).resolve().parents[2]
-SHIM = REPO / "cni" / "flannel_py.py"
 REFERENCE = Path("/usr/lib/cni")
 # After each plugin's DELs: lets flanneld-py finish removing pods (it does so after answering
 # DEL), so that neither the other plugin nor the next ADD is timed while the kernel is busy.
@@ -124,7 +124,7 @@ def compare(pods: int = 50, rounds: int = 1, sync_del: bool = False) -> dict[str
                      "isDefaultGateway": True, "hairpinMode": True, "mtu": 1472,
                      "ipam": {"type": "host-local", "subnet": "10.244.6.0/24", "dataDir": str(workdir / "ref")}}
         plan = {"paths": paths, "rounds": rounds, "plugins": {
-            "flannel-py": {"argv": [str(SHIM)], "config": ours},
+            "flannel-py": {"argv": cni_plugin_argv(), "config": ours},
             "bridge+host-local": {"argv": [str(REFERENCE / "bridge")], "config": reference, "ifname": "eth1"},
         }}
         plan_file = workdir / "plan.json"

@@ -203,7 +203,24 @@ def _decode(raw: bytes) -> dict[str, Any]:
                        str(exc)) from None
     if not isinstance(wire, dict):
         raise CniError(ErrorCode.DECODE_FAILURE, "the request from the flannel-py plugin is not an object")
+    if isinstance(wire.get("config_text"), str):  # the compiled shim sends stdin as it came
+        wire["config"] = _config_from_stdin(wire.pop("config_text"))
     return wire
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _config_from_stdin(text: str) -> dict[str, Any]:
+    """The network config as the runtime wrote it, checked as the Python shim checks it."""
+    try:
+        config = json.loads(text, parse_constant=_not_json)
+    except ValueError as exc:
+        raise CniError(ErrorCode.DECODE_FAILURE, "cannot decode the network config on stdin", str(exc)) from None
+    if not isinstance(config, dict):
+        raise CniError(ErrorCode.INVALID_CONFIG, "the network config on stdin must be a JSON object")
+    return config
 
 
 # --- standalone entry ------------------------------------------------------

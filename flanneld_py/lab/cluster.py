@@ -21,24 +21,36 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv4Network
+from pathlib import Path
 
 from ..core.subnetenv import SubnetEnv
 from ..unixsock import socket_answers
 from .etcd import EtcdMember
 from .netns import Netns, run, unique_tag
 
-__all__ = ["Cluster", "DaemonArgv", "Node", "Pod", "cni_plugin_argv"]
+__all__ = ["COMPILED_PLUGIN", "Cluster", "DaemonArgv", "Node", "Pod", "cni_plugin_argv"]
 
 UNDERLAY = IPv4Network("198.51.100.0/24")
 ETCD_HOST = "198.51.100.254"
 PREFIX = "/coreos.com/network"
 
 
-def cni_plugin_argv() -> list[str]:
-    """How to run the flannel-py CNI plugin from this checkout or installation."""
+# built by .ci/setup from cni/flannel_py_shim.c: what a node installs as /opt/cni/bin/flannel-py
+COMPILED_PLUGIN = Path(__file__).resolve().parents[2] / "cni" / "bin" / "flannel-py"
+
+
+def cni_plugin_argv(kind: str | None = None) -> list[str]:
+    """How to run the flannel-py CNI plugin: the compiled shim when this checkout has it built,
+    else the Python shim. ``kind`` ("compiled" or "python", default ``$FLANNEL_PY_PLUGIN``)
+    forces one."""
+    kind = kind or os.environ.get("FLANNEL_PY_PLUGIN") or ("compiled" if COMPILED_PLUGIN.exists() else "python")
+    if kind == "compiled":
+        if not os.access(COMPILED_PLUGIN, os.X_OK):
+            raise FileNotFoundError(f"{COMPILED_PLUGIN} is not built: run .ci/setup (cc and cni/flannel_py_shim.c)")
+        return [str(COMPILED_PLUGIN)]
     import flannel_py
 
-    return [sys.executable, "-sS", flannel_py.__file__]
+    return [sys.executable, "-I", "-S", flannel_py.__file__]  # as its shebang runs it
 
 
 @dataclass

@@ -1,0 +1,112 @@
+"""The compiled shim (cni/flannel_py_shim.c) answers exactly as the Python shim does.
+
+Both are run as a runtime runs them, on the same inputs: VERSION, every kind of
+malformed input, JSON corner cases (escapes, duplicate keys, nesting, numbers,
+NaN, a byte-order mark, bad UTF-8), no daemon, and requests the daemon judges.
+Outputs must be equal but for ``details``, which quotes each side's own error text.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from cni_helpers import CniNode, run_plugin
+from flanneld_py.lab.cluster import COMPILED_PLUGIN, cni_plugin_argv
+
+pytestmark = [pytest.mark.netns,
+              pytest.mark.skipif(not COMPILED_PLUGIN.exists(), reason=f"{COMPILED_PLUGIN} not built: run .ci/setup")]
+
+ADD_ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "agree-1", "CNI_NETNS": "/var/run/netns/nowhere",
+           "CNI_IFNAME": "eth0"}
+
+
+def both(node: CniNode, env: dict[str, str], stdin: bytes) -> tuple[tuple[int, Any], tuple[int, Any]]:
+    """(exit code, output without details) of the Python shim and of the compiled one."""
+    answers = []
+    for kind in ("python", "compiled"):
+        run = run_plugin(node.node, cni_plugin_argv(kind), env, stdin)
+        output = run.output
+        if isinstance(output, dict):
+            output.pop("details", None)
+        answers.append((run.code, output))
+    return answers[0], answers[1]
+
+
+def config(**extra: Any) -> dict[str, Any]:
+    return {"cniVersion": "1.0.0", "name": "agree", "type": "flannel-py", **extra}
+
+
+# stdin cases judged by the shims alone (the socket named, if any, does not exist)
+ALONE = {
+    "valid, no daemon": json.dumps(config(daemonSocket="/nonexistent/cni.sock")).encode(),
+    "default socket absent": json.dumps(config(daemonSocket="")).encode(),
+    "escaped socket path": b'{"cniVersion":"1.0.0","name":"a","daemonSocket":"\\/nonexistent\\/x\\u00e9.sock"}',
+    "bad json": b'{"cniVersion": "1.0.0",',
+    "trailing garbage": b'{"cniVersion": "1.0.0"} x',
+    "empty stdin": b"",
+    "only whitespace": b" \n\t ",
+    "not an object": b'["cniVersion", "1.0.0"]',
+    "a bare string": b'"1.0.0"',
+    "no cniVersion": b'{"name": "a"}',
+    "empty cniVersion": b'{"cniVersion": ""}',
+    "cniVersion not a string": b'{"cniVersion": 1.0}',
+    "unknown version": b'{"cniVersion": "9.9.9"}',
+    "duplicate keys: the last wins": b'{"cniVersion": "9.9.9", "cniVersion": "0.4.0", "daemonSocket": "/nonexistent/a"}',
+    "nested daemonSocket is not the config's": b'{"cniVersion": "1.0.0", "args": {"daemonSocket": "/tmp"}, '
+                                               b'"daemonSocket": "/nonexistent/b"}',
+    "numbers of every form": b'{"cniVersion": "1.0.0", "n": [0, -1, 1.5, 2e10, -3.25E-7, 1e+2], '
+                             b'"daemonSocket": "/nonexistent/c"}',
+    "bad number": b'{"cniVersion": "1.0.0", "n": 01}',
+    "NaN": b'{"cniVersion": "1.0.0", "n": NaN}',
+    "bad literal": b'{"cniVersion": "1.0.0", "t": tru}',
+    "byte-order mark": b'\xef\xbb\xbf{"cniVersion": "1.0.0"}',
+    "bad UTF-8": b'{"cniVersion": "1.0.0", "name": "\xff"}',
+    "overlong UTF-8": b'{"cniVersion": "1.0.0", "name": "\xc0\xaf"}',
+    "control character in a string": b'{"cniVersion": "1.0.0", "name": "a\tb"}',
+    "deep nesting": b'{"cniVersion": "1.0.0", "x": ' + b"[" * 300 + b"]" * 300 + b', "daemonSocket": "/nonexistent/d"}',
+    "unicode in values": '{"cniVersion": "1.0.0", "name": "réseau-网络", "daemonSocket": "/nonexistent/e"}'.encode(),
+}
+
+
+@pytest.mark.parametrize("case", list(ALONE))
+@pytest.mark.parametrize("command", ["ADD", "DEL", "STATUS", "VERSION"])
+def test_same_answer_without_the_daemon(cni_node: CniNode, case: str, command: str) -> None:
+    env = {**ADD_ENV, "CNI_COMMAND": command}
+    python, compiled = both(cni_node, env, ALONE[case])
+    assert compiled == python
+
+
+@pytest.mark.parametrize(("case", "env"), [
+    ("no CNI_COMMAND", {k: v for k, v in ADD_ENV.items() if k != "CNI_COMMAND"}),
+    ("empty CNI_COMMAND", {**ADD_ENV, "CNI_COMMAND": ""}),
+    ("unknown CNI_COMMAND", {**ADD_ENV, "CNI_COMMAND": "RESET"}),
+    ("ADD without CNI_NETNS", {k: v for k, v in ADD_ENV.items() if k != "CNI_NETNS"}),
+    ("ADD without any", {"CNI_COMMAND": "ADD"}),
+    ("DEL without CNI_IFNAME", {**{k: v for k, v in ADD_ENV.items() if k != "CNI_IFNAME"}, "CNI_COMMAND": "DEL"}),
+    ("CHECK without CNI_CONTAINERID", {**{k: v for k, v in ADD_ENV.items() if k != "CNI_CONTAINERID"},
+                                       "CNI_COMMAND": "CHECK"}),
+])
+def test_same_answer_for_a_bad_environment(cni_node: CniNode, case: str, env: dict[str, str]) -> None:
+    python, compiled = both(cni_node, env, json.dumps(config(daemonSocket="/nonexistent/f")).encode())
+    assert compiled == python
+
+
+@pytest.mark.parametrize(("case", "command", "conf"), [
+    ("bad network name", "ADD", config(name="bad name!")),
+    ("bad key type", "ADD", config(isDefaultGateway="yes")),
+    ("CHECK without prevResult", "CHECK", config()),
+    ("GC before 1.1.0", "GC", config()),
+    ("DEL of nothing", "DEL", config()),
+    ("absent namespace", "ADD", config()),
+    ("missing subnet file", "ADD", config(subnetFile="/nonexistent/subnet.env")),
+    ("STATUS without a subnet file", "STATUS", {**config(subnetFile="/nonexistent/subnet.env"), "cniVersion": "1.1.0"}),
+])
+def test_same_answer_from_the_daemon(cni_node: CniNode, case: str, command: str, conf: dict[str, Any]) -> None:
+    conf = {**conf, "daemonSocket": cni_node.server.socket_path, "dataDir": str(cni_node.workdir / "agree")}
+    env = {**ADD_ENV, "CNI_COMMAND": command, "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAME=a"}
+    python, compiled = both(cni_node, env, json.dumps(conf).encode())
+    assert compiled == python
+    assert python[0] in (0, 1) and (python[1] is None or isinstance(python[1], dict))
