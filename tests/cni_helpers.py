@@ -15,7 +15,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network
 from pathlib import Path
@@ -147,6 +148,13 @@ class CniNetwork:
     ipmasq: bool = True
     pods: list[Netns] = field(default_factory=list)
 
+    @classmethod
+    def create(cls, lab: CniNode, index: int, prefixlen: int = 24, **kwargs: Any) -> CniNetwork:
+        """Network ``index`` with the node subnet 10.244.<index>.0/<prefixlen> and its subnet file."""
+        net = cls(lab, index, IPv4Network(f"10.244.{index}.0/{prefixlen}"), **kwargs)
+        net.write_subnet_file()
+        return net
+
     @property
     def name(self) -> str:
         return f"net{self.index}"
@@ -267,3 +275,14 @@ def pod_state(pod: Netns, ifname: str = "eth0") -> dict[str, Any]:
 
 def with_prev_result(conf: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
     return {**conf, "prevResult": result}
+
+
+@contextmanager
+def cni_network(lab: CniNode, index: int, **kwargs: Any) -> Iterator[CniNetwork]:
+    """A :class:`CniNetwork` removed again (pods, bridge) when the block ends."""
+    net = CniNetwork.create(lab, index, **kwargs)
+    try:
+        yield net
+    finally:
+        net.close()
+

@@ -15,13 +15,23 @@ import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from cni_helpers import CLUSTER, PLUGIN, PYTHON_SHIM, REFERENCE_PLUGINS, CniNetwork, CniNode, pod_state, run_plugin
+from cni_helpers import (
+    CLUSTER,
+    PLUGIN,
+    PYTHON_SHIM,
+    REFERENCE_PLUGINS,
+    CniNetwork,
+    CniNode,
+    cni_network,
+    pod_state,
+    run_plugin,
+)
 from flanneld_py.lab.netns import Netns
 
 pytestmark = pytest.mark.netns
@@ -81,12 +91,8 @@ def runtime(cni_node: CniNode) -> Iterator[Runtime]:
 
 @pytest.fixture
 def net(cni_node: CniNode) -> Iterator[CniNetwork]:
-    network = CniNetwork(cni_node, 95, IPv4Network("10.244.95.0/24"))
-    network.write_subnet_file()
-    try:
+    with cni_network(cni_node, 95) as network:
         yield network
-    finally:
-        network.close()
 
 
 def cnitool_container_id(pod: Netns) -> str:

@@ -8,7 +8,7 @@ import os
 import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface
 from typing import Any
 
 import pytest
@@ -25,10 +25,7 @@ _index = itertools.count(1)
 
 
 def make_network(cni_node: CniNode, prefixlen: int = 24, **kwargs: Any) -> CniNetwork:
-    index = next(_index)
-    net = CniNetwork(cni_node, index, IPv4Network(f"10.244.{index}.0/{prefixlen}"), **kwargs)
-    net.write_subnet_file()
-    return net
+    return CniNetwork.create(cni_node, next(_index), prefixlen, **kwargs)
 
 
 @pytest.fixture

@@ -6,12 +6,11 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
-from ipaddress import IPv4Network
 from typing import Any
 
 import pytest
 
-from cni_helpers import REFERENCE_PLUGINS, CniNetwork, CniNode, run_plugin, with_prev_result
+from cni_helpers import REFERENCE_PLUGINS, CniNetwork, CniNode, cni_network, run_plugin, with_prev_result
 from flanneld_py.lab.netns import Netns
 
 pytestmark = pytest.mark.netns
@@ -40,12 +39,8 @@ with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as con
 
 @pytest.fixture
 def net(cni_node: CniNode) -> Iterator[CniNetwork]:
-    network = CniNetwork(cni_node, 90, IPv4Network("10.244.90.0/24"))
-    network.write_subnet_file()
-    try:
+    with cni_network(cni_node, 90) as network:
         yield network
-    finally:
-        network.close()
 
 
 @pytest.fixture

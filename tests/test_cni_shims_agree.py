@@ -9,12 +9,12 @@ Outputs must be equal but for ``details``, which quotes each side's own error te
 from __future__ import annotations
 
 import json
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface
 from typing import Any
 
 import pytest
 
-from cni_helpers import CniNetwork, CniNode, pod_state, run_plugin, with_prev_result
+from cni_helpers import CniNode, cni_network, pod_state, run_plugin, with_prev_result
 from flanneld_py.lab.cluster import COMPILED_PLUGIN, cni_plugin_argv
 
 pytestmark = [pytest.mark.netns,
@@ -116,10 +116,7 @@ def test_same_answer_from_the_daemon(cni_node: CniNode, case: str, command: str,
 @pytest.mark.parametrize("kind", ["python", "compiled"])
 def test_a_pod_wired_through_either_shim(cni_node: CniNode, kind: str) -> None:
     """ADD, CHECK and DEL of a real pod through each build (the other tests run the compiled one)."""
-    index = 97 if kind == "python" else 98
-    net = CniNetwork(cni_node, index, IPv4Network(f"10.244.{index}.0/24"))
-    net.write_subnet_file()
-    try:
+    with cni_network(cni_node, 97 if kind == "python" else 98) as net:
         pod = net.pod(kind[0])
         conf = net.conf("1.0.0")
         env = {"CNI_CONTAINERID": f"agree-{kind}", "CNI_NETNS": pod.path, "CNI_IFNAME": "eth0"}
@@ -134,5 +131,3 @@ def test_a_pod_wired_through_either_shim(cni_node: CniNode, kind: str) -> None:
         deleted = run_plugin(cni_node.node, cni_plugin_argv(kind), {**env, "CNI_COMMAND": "DEL"}, json.dumps(conf))
         assert deleted.ok() is None
         net.wait_removed(f"agree-{kind}")
-    finally:
-        net.close()
