@@ -339,14 +339,16 @@ def test_vxlan_direct_routing_uses_plain_routes_on_one_segment() -> None:
         start(cluster, *cluster.nodes)
         a, b = cluster.nodes
 
-        def direct() -> bool:
-            route = our_routes(a).get(str(b.subnet_env().subnet))
-            return route is not None and route.get("gateway") == b.address and route.get("dev") == "eth0"
+        def direct(node: Node, peer: Node) -> bool:
+            route = our_routes(node).get(str(peer.subnet_env().subnet))
+            return route is not None and route.get("gateway") == peer.address and route.get("dev") == "eth0"
 
-        assert wait_until(direct, 5), our_routes(a)
+        # both ways: the reply needs the peer's route as much as the request needs ours
+        assert wait_until(lambda: direct(a, b) and direct(b, a), 5), (our_routes(a), our_routes(b))
         assert permanent_neighbours(a) == {} and fdb(a) == set()
-        assert a.netns.sh("ping", "-c1", "-W2", "-I", str(a.subnet_env().subnet.network_address),
-                          str(b.subnet_env().subnet.network_address), check=False).returncode == 0
+        source, target = str(a.subnet_env().subnet.network_address), str(b.subnet_env().subnet.network_address)
+        assert wait_until(lambda: a.netns.sh("ping", "-c1", "-W1", "-I", source, target,
+                                             check=False).returncode == 0, 5)
 
 
 # --- udp ---------------------------------------------------------------------------------------------
