@@ -9,6 +9,7 @@ Outputs must be equal but for ``details``, which quotes each side's own error te
 from __future__ import annotations
 
 import json
+import random
 from ipaddress import IPv4Interface
 from typing import Any
 
@@ -61,6 +62,10 @@ ALONE = {
     "numbers of every form": b'{"cniVersion": "1.0.0", "n": [0, -1, 1.5, 2e10, -3.25E-7, 1e+2], '
                              b'"daemonSocket": "/nonexistent/c"}',
     "bad number": b'{"cniVersion": "1.0.0", "n": 01}',
+    **{f"bad number {text}": b'{"cniVersion": "1.0.0", "n": ' + text.encode() + b'}'
+       for text in ("+1", "--1", "1.", ".5", "1e", "1e+", "-", "0x1", "1_0", "Infinity", "-Infinity")},
+    **{f"bad literal {text}": b'{"cniVersion": "1.0.0", "t": ' + text.encode() + b'}'
+       for text in ("True", "nul", "nulll", "falsey", "undefined")},
     "NaN": b'{"cniVersion": "1.0.0", "n": NaN}',
     "bad literal": b'{"cniVersion": "1.0.0", "t": tru}',
     "byte-order mark": b'\xef\xbb\xbf{"cniVersion": "1.0.0"}',
@@ -131,3 +136,28 @@ def test_a_pod_wired_through_either_shim(cni_node: CniNode, kind: str) -> None:
         deleted = run_plugin(cni_node.node, cni_plugin_argv(kind), {**env, "CNI_COMMAND": "DEL"}, json.dumps(conf))
         assert deleted.ok() is None
         net.wait_removed(f"agree-{kind}")
+
+
+def test_same_answer_for_mutated_configs(cni_node: CniNode) -> None:
+    """A seeded differential run: 150 random byte-level mutations of a config (JSON syntax
+    characters, digits, escapes, bytes that break UTF-8), judged by both builds alone."""
+    rng = random.Random(20261126)
+    base = json.dumps({"cniVersion": "1.0.0", "name": "a", "type": "flannel-py", "daemonSocket": "/nonexistent/g",
+                       "args": {"x": [1, 2.5, -3e2, True, None, "é\\\""]}}).encode()
+    alphabet = b'{}[]",:\\ 0123456789eE.-+tfnulr\xff\xc3\xa9'
+    differences = []
+    for _ in range(150):
+        data = bytearray(base)
+        for _ in range(rng.randint(1, 4)):
+            position = rng.randrange(len(data))
+            roll = rng.random()
+            if roll < 0.4:
+                del data[position]
+            elif roll < 0.8:
+                data[position:position] = bytes([rng.choice(alphabet)])
+            else:
+                data[position] = rng.randrange(256)
+        python, compiled = both(cni_node, ADD_ENV, bytes(data))
+        if python != compiled:
+            differences.append((bytes(data), python, compiled))
+    assert not differences, differences[:3]
