@@ -495,8 +495,9 @@ int main(void) {
     int unavailable = !strcmp(command, "STATUS") ? NOT_AVAILABLE : TRY_AGAIN_LATER;
 
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
-    if (strlen(path) >= sizeof addr.sun_path)
-        return fail(version, TRY_AGAIN_LATER, path, "daemonSocket is longer than a unix socket path may be");
+    if (strlen(path) >= sizeof addr.sun_path)  /* what Python's connect() says of it */
+        return fail(version, unavailable, "AF_UNIX path too long",
+                    "flanneld-py is not running on this node (no answer on %s); the runtime will retry", path);
     strcpy(addr.sun_path, path);
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0 || connect(fd, (struct sockaddr *)&addr, sizeof addr) < 0)

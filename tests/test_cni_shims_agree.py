@@ -45,6 +45,7 @@ def config(**extra: Any) -> dict[str, Any]:
 ALONE = {
     "valid, no daemon": json.dumps(config(daemonSocket="/nonexistent/cni.sock")).encode(),
     "default socket absent": json.dumps(config(daemonSocket="")).encode(),
+    "socket path too long": json.dumps(config(daemonSocket="/nonexistent/" + "x" * 200)).encode(),
     "escaped socket path": b'{"cniVersion":"1.0.0","name":"a","daemonSocket":"\\/nonexistent\\/x\\u00e9.sock"}',
     "bad json": b'{"cniVersion": "1.0.0",',
     "trailing garbage": b'{"cniVersion": "1.0.0"} x',
