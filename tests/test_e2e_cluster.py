@@ -14,7 +14,7 @@ import pytest
 
 from flanneld_py.lab.checks import dns_check, ping_matrix, tcp_transfer, wait_until
 from flanneld_py.lab.cluster import Cluster, Node, Pod
-from flanneld_py.lab.netns import Netns, run
+from flanneld_py.lab.netns import Netns
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -138,12 +138,7 @@ def test_datagram_from_non_peer_never_reaches_a_pod(cluster):
     friend = cluster.nodes[1].pods[0]
     listener = _count_received(victim, 9999, seconds=4)
     with Netns.create(f"fp{cluster.tag}x") as intruder:
-        port = f"p{cluster.tag}x"
-        run(["ip", "link", "add", port, "netns", cluster.switch.name, "type", "veth", "peer", "name", "eth0",
-             "netns", intruder.name])
-        cluster.switch.ip("link", "set", port, "master", "br0", "up")
-        intruder.ip("addr", "add", "198.51.100.200/24", "dev", "eth0")
-        intruder.ip("link", "set", "eth0", "up")
+        cluster.plug_into_underlay(intruder, "x", "198.51.100.200")
         inner = bytes(IP(src=str(friend.ip.ip), dst=str(victim.ip.ip)) / UDP(sport=1, dport=9999) / Raw(b"evil"))
         sender = (
             "import socket,sys\n"

@@ -31,6 +31,7 @@ from test_faults_support import (
     peer_subnets,
     reachable,
     start,
+    start_together,
     status,
     subnet_key,
 )
@@ -43,9 +44,7 @@ OUTAGE = 30.0
 def test_etcd_outage_keeps_pods_talking_and_daemons_reconnect():
     with Cluster(nodes=3) as lab:
         n1, n2, n3 = lab.nodes
-        start(lab, n1, wait=False)
-        start(lab, n2)
-        lab.wait_ready(n1)
+        start_together(lab, (n1, n2))
         a, b = lab.add_pod(n1), lab.add_pod(n2)
         assert time_until(lambda: reachable(a, b), 10) is not None, dump(lab)
         routes_before = {n.name: n.routes() for n in (n1, n2)}
@@ -127,17 +126,11 @@ class EtcdCluster:
 
     def _build(self) -> None:
         lab = self.lab
-        assert lab.switch is not None
         initial = ",".join(f"m{i}=http://{ip}:2380" for i, ip in enumerate(MEMBER_IPS))
         for i, ip in enumerate(MEMBER_IPS):
             ns = Netns.create(f"fp{lab.tag}e{i}")
             self.namespaces.append(ns)
-            port = f"p{lab.tag}e{i}"
-            run(["ip", "link", "add", port, "netns", lab.switch.name, "type", "veth", "peer", "name", "eth0",
-                 "netns", ns.name])
-            lab.switch.ip("link", "set", port, "master", "br0", "up")
-            ns.ip("addr", "add", f"{ip}/24", "dev", "eth0")
-            ns.ip("link", "set", "eth0", "up")
+            lab.plug_into_underlay(ns, f"e{i}", ip)
             self.members.append(EtcdMember(f"m{i}", ip, lab.workdir, netns=ns, initial_cluster=initial))
         for member in self.members:
             member.start(wait=False)
@@ -213,10 +206,7 @@ def test_etcd_cluster_member_and_leader_loss_interrupt_neither_renewal_nor_watch
     with Cluster(nodes=2, start_etcd=False) as lab, EtcdCluster(lab) as etcd:
         etcd.ctl("put", f"{PREFIX}/config", json.dumps(lab.config))
         args = (f"--etcd-endpoints={etcd.endpoints}", f"--subnet-lease-ttl={ttl}s")
-        for node in lab.nodes:
-            start(lab, node, *args, wait=False)
-        for node in lab.nodes:
-            lab.wait_ready(node)
+        start_together(lab, lab.nodes, *args)
         n1, n2 = lab.nodes
         a, b = lab.add_pod(n1), lab.add_pod(n2)
         assert time_until(lambda: reachable(a, b), 10) is not None, dump(lab)

@@ -25,6 +25,7 @@ from test_faults_support import (
     peer_subnets,
     reachable,
     start,
+    start_together,
 )
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -37,10 +38,7 @@ def test_dead_node_loses_its_lease_and_route_and_its_subnet_comes_free():
     ttl = ("--subnet-lease-ttl=5s",)
     with Cluster(nodes=4, config=config) as lab:
         n1, n2, n3, n4 = lab.nodes
-        for node in (n1, n2, n3):
-            start(lab, node, *ttl, wait=False)
-        for node in (n1, n2, n3):
-            lab.wait_ready(node)
+        start_together(lab, (n1, n2, n3), *ttl)
         p1, p2, p3 = (lab.add_pod(node) for node in (n1, n2, n3))
         assert time_until(lambda: reachable(p1, p3) and reachable(p2, p3), 10) is not None, dump(lab)
         dead = str(n3.subnet_env().subnet)
@@ -69,9 +67,7 @@ def test_dead_node_loses_its_lease_and_route_and_its_subnet_comes_free():
 def test_restart_under_ping_keeps_subnet_and_loses_under_a_second():
     with Cluster(nodes=2) as lab:
         n1, n2 = lab.nodes
-        start(lab, n1, wait=False)
-        start(lab, n2)
-        lab.wait_ready(n1)
+        start_together(lab, (n1, n2))
         a, b = lab.add_pod(n1), lab.add_pod(n2)
         assert time_until(lambda: reachable(a, b), 10) is not None, dump(lab)
         results = {}

@@ -25,6 +25,7 @@ from test_faults_support import (
     peer_subnets,
     reachable,
     start,
+    start_together,
 )
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -58,9 +59,7 @@ def test_broken_records_are_logged_once_and_skipped():
         for name, value in BROKEN_AT_START:
             put(name, value)
         n1, n2, n3 = lab.nodes
-        start(lab, n1, wait=False)
-        start(lab, n2)
-        lab.wait_ready(n1)
+        start_together(lab, (n1, n2))
         a, b = lab.add_pod(n1), lab.add_pod(n2)
         assert time_until(lambda: reachable(a, b) and reachable(b, a), 10) is not None, dump(lab)
 

@@ -13,11 +13,11 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from flanneld_py.lab.cluster import Cluster, Node, Pod
-from flanneld_py.lab.netns import Netns, run
+from flanneld_py.lab.netns import Netns
 from flanneld_py.ops.control import query
 
 PREFIX = "/coreos.com/network"
@@ -30,6 +30,15 @@ def control_socket(node: Node) -> str:
 def start(cluster: Cluster, node: Node, *extra: str, wait: bool = True) -> None:
     """The node's daemon, with its own control socket (``status`` per node)."""
     cluster.start_daemon(node, f"--control-socket={control_socket(node)}", *extra, wait=wait)
+
+
+def start_together(cluster: Cluster, nodes: Sequence[Node], *extra: str) -> None:
+    """Start the daemons of ``nodes`` at once (they race for leases as real nodes do), then
+    wait until each is ready."""
+    for node in nodes:
+        start(cluster, node, *extra, wait=False)
+    for node in nodes:
+        cluster.wait_ready(node)
 
 
 def status(node: Node) -> dict:  # type: ignore[type-arg]
@@ -71,15 +80,9 @@ def etcd_lease_ids(cluster: Cluster) -> list[str]:
 @contextlib.contextmanager
 def underlay_host(cluster: Cluster, suffix: str, address: str) -> Iterator[Netns]:
     """A namespace on the lab's underlay switch with ``address``/24 (e.g. an intruder)."""
-    assert cluster.switch is not None
     ns = Netns.create(f"fp{cluster.tag}{suffix}")
     try:
-        port = f"p{cluster.tag}{suffix}"
-        run(["ip", "link", "add", port, "netns", cluster.switch.name, "type", "veth", "peer", "name", "eth0",
-             "netns", ns.name])
-        cluster.switch.ip("link", "set", port, "master", "br0", "up")
-        ns.ip("addr", "add", f"{address}/24", "dev", "eth0")
-        ns.ip("link", "set", "eth0", "up")
+        cluster.plug_into_underlay(ns, suffix, address)
         yield ns
     finally:
         ns.delete()
@@ -122,15 +125,10 @@ class PingStats:
 # while replies are missing, which would hide the very loss we measure.
 PINGER = r"""
 import json, os, select, socket, struct, sys, time
+from flanneld_py.core.packet import checksum
 dst, seconds, interval = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
 ident = os.getpid() & 0xFFFF
-
-def checksum(data):
-    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 sent, got = 0, set()
 start = time.monotonic()

@@ -24,7 +24,7 @@ from flanneld_py.lab.etcd import EtcdMember
 from flanneld_py.lab.netns import run
 
 from flanneld_py.lab.checks import time_until
-from test_faults_support import dump, reachable, start
+from test_faults_support import dump, reachable, start, start_together
 
 pytestmark = [
     pytest.mark.netns,
@@ -91,10 +91,7 @@ def test_tls_etcd_with_client_certificates_and_clear_errors():
             return out
 
         n1, n2 = lab.nodes
-        for node in lab.nodes:
-            start(lab, node, *flags(f"{pki['ca']}.crt", pki["client"]), wait=False)
-        for node in lab.nodes:
-            lab.wait_ready(node)
+        start_together(lab, lab.nodes, *flags(f"{pki['ca']}.crt", pki["client"]))
         leases = json.loads(etcd.ctl("get", "--prefix", f"{PREFIX}/subnets/", "-w", "json", tls=ctl_tls).stdout)
         assert len(leases.get("kvs", [])) == 2
         a, b = lab.add_pod(n1), lab.add_pod(n2)

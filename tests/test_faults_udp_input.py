@@ -34,7 +34,7 @@ from test_faults_support import (
     dump,
     paced_transfer,
     reachable,
-    start,
+    start_together,
     status,
     udp_snmp,
     underlay_host,
@@ -277,9 +277,7 @@ while True:
 def test_hostile_datagrams_are_all_counted_and_none_from_a_non_peer_reaches_a_pod():
     with Cluster(nodes=2) as lab, tempfile.TemporaryDirectory(prefix="flanneld-faults-") as tmp:
         victim, friend = lab.nodes
-        start(lab, victim, wait=False)
-        start(lab, friend)
-        lab.wait_ready(victim)
+        start_together(lab, (victim, friend))
         p1, p2 = lab.add_pod(victim), lab.add_pod(friend)
         assert time_until(lambda: reachable(p2, p1), 10) is not None, dump(lab)
         own = victim.subnet_env().subnet

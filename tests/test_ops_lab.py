@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from flanneld_py.lab.checks import wait_until
 from flanneld_py.lab.cluster import Cluster, Node, Pod
-from flanneld_py.lab.netns import Netns, run
+from flanneld_py.lab.netns import Netns
 from flanneld_py.ops.ipmasq import masq_rules, restore_lines
 from flanneld_py.ops.service import MONITOR_SECONDS
 
@@ -70,15 +70,9 @@ def flannel0_ip(node: Node) -> str:
 
 
 def add_outside_host(cluster: Cluster) -> Netns:
-    assert cluster.switch is not None
     ns = Netns.create(f"fp{cluster.tag}out")
     try:
-        port = f"p{cluster.tag}out"
-        run(["ip", "link", "add", port, "netns", cluster.switch.name, "type", "veth",
-             "peer", "name", "eth0", "netns", ns.name])
-        cluster.switch.ip("link", "set", port, "master", "br0", "up")
-        ns.ip("addr", "add", f"{OUTSIDE}/24", "dev", "eth0")
-        ns.ip("link", "set", "eth0", "up")
+        cluster.plug_into_underlay(ns, "out", OUTSIDE)
     except BaseException:
         ns.delete()
         raise

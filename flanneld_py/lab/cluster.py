@@ -163,6 +163,18 @@ class Cluster:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def plug_into_underlay(self, ns: Netns, suffix: str, address: str) -> None:
+        """Cable ``ns`` to the underlay switch: its eth0, up, with ``address``/24 (a node, an
+        etcd member, an outside host or an intruder). The caller owns ``ns``; the switch
+        port (``p<tag><suffix>``) goes with it."""
+        assert self.switch is not None
+        port = f"p{self.tag}{suffix}"
+        run(["ip", "link", "add", port, "netns", self.switch.name, "type", "veth", "peer", "name", "eth0",
+             "netns", ns.name])
+        self.switch.ip("link", "set", port, "master", "br0", "up")
+        ns.ip("addr", "add", f"{address}/{UNDERLAY.prefixlen}", "dev", "eth0")
+        ns.ip("link", "set", "eth0", "up")
+
     def _ns(self, suffix: str) -> Netns:
         ns = Netns.create(f"fp{self.tag}{suffix}")
         self._namespaces.append(ns)
@@ -184,14 +196,9 @@ class Cluster:
             self.add_node(index)
 
     def add_node(self, index: int) -> Node:
-        assert self.switch is not None
         ns = self._ns(f"n{index}")
-        port = f"p{self.tag}n{index}"
-        run(["ip", "link", "add", port, "netns", self.switch.name, "type", "veth", "peer", "name", "eth0", "netns", ns.name])
-        self.switch.ip("link", "set", port, "master", "br0", "up")
         address = str(UNDERLAY.network_address + index)
-        ns.ip("addr", "add", f"{address}/24", "dev", "eth0")
-        ns.ip("link", "set", "eth0", "up")
+        self.plug_into_underlay(ns, f"n{index}", address)
         ns.sh("sysctl", "-qw", "net.ipv4.ip_forward=1")
         workdir = os.path.join(self.workdir, f"n{index}")
         os.makedirs(workdir, exist_ok=True)
