@@ -328,9 +328,26 @@ class EtcdRegistry:
 
     # --- config --------------------------------------------------------------
 
+    @property
+    def config_key(self) -> bytes:
+        return f"{self.prefix}/config".encode()
+
     async def get_config(self) -> bytes | None:
-        found = await self.request("get", f"{self.prefix}/config".encode())
+        found = await self.request("get", self.config_key)
         return None if found is None else bytes(found.value)
+
+    async def get_config_revision(self) -> tuple[bytes | None, int]:
+        """The raw network config (None if absent) and the store revision it was read at."""
+        result = await self.request("get_prefix", self.config_key)
+        value = next((bytes(kv.value) for kv in result if bytes(kv.key) == self.config_key), None)
+        return value, result.header.revision
+
+    async def watch_config(self, start_revision: int) -> AsyncIterator[tuple[bytes | None, int]]:
+        """The raw config at each change from ``start_revision`` on (None: deleted), with its revision."""
+        async with aclosing(self._watch(self.config_key, start_revision, prefix=False)) as events:
+            async for event in events:
+                value = bytes(event.kv.value) if event.kind == EventKind.PUT else None
+                yield value, int(event.kv.mod_revision)
 
     # --- subnets -------------------------------------------------------------
 
@@ -392,23 +409,6 @@ class EtcdRegistry:
         """Remaining TTL of an etcd lease, or -1 if it does not exist."""
         info = await self.request("get_lease_info", lease_id, keys=False)
         return int(info.TTL)
-
-    async def get_config_revision(self) -> tuple[bytes | None, int]:
-        """The raw network config (None if absent) and the store revision it was read at."""
-        result = await self.request("get_prefix", self.config_key)
-        value = next((bytes(kv.value) for kv in result if bytes(kv.key) == self.config_key), None)
-        return value, result.header.revision
-
-    @property
-    def config_key(self) -> bytes:
-        return f"{self.prefix}/config".encode()
-
-    async def watch_config(self, start_revision: int) -> AsyncIterator[tuple[bytes | None, int]]:
-        """The raw config at each change from ``start_revision`` on (None: deleted), with its revision."""
-        async with aclosing(self._watch(self.config_key, start_revision, prefix=False)) as events:
-            async for event in events:
-                value = bytes(event.kv.value) if event.kind == EventKind.PUT else None
-                yield value, int(event.kv.mod_revision)
 
     async def watch_subnets(self, start_revision: int) -> AsyncIterator[tuple[list[KeyPut | KeyDeleted], int]]:
         """Batches of subnet events from ``start_revision`` on, each with its revision.
