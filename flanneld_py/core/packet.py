@@ -134,7 +134,8 @@ def fold(total: int) -> int:
 
 
 def checksum(data: bytes | bytearray | memoryview) -> int:
-    """The Internet checksum (RFC 1071) of a buffer whose checksum field is zero."""
+    """The Internet checksum (RFC 1071) of a buffer: the value to store in its checksum field
+    when that field holds zero (or, for CHECKSUM_PARTIAL, the pseudo-header's partial sum)."""
     raw = bytes(data)
     if len(raw) % 2:
         raw += b"\x00"

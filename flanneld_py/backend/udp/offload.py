@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...core.packet import fold
+from ...core.packet import checksum, fold
 
 __all__ = [
     "GSO_NONE",
@@ -70,10 +70,7 @@ class VnetHeader:
 
 def complete_checksum(packet: bytearray | memoryview, n: int, start: int, offset: int, udp: bool) -> None:
     """Finish a CHECKSUM_PARTIAL packet: the field holds the pseudo-header sum already."""
-    region = bytes(packet[start:n])
-    if len(region) % 2:
-        region += b"\x00"
-    value = 0xFFFF - fold(int.from_bytes(region, "big"))
+    value = checksum(packet[start:n])
     if udp and value == 0:
         value = 0xFFFF
     _U16.pack_into(packet, start + offset, value)
@@ -205,7 +202,7 @@ def _segment_odd(
             keep &= ~(_TCP_FIN | _TCP_PSH)
         segment[ip_len + 13] = flags & keep & 0xFF
         _U16.pack_into(segment, 10, 0)
-        _U16.pack_into(segment, 10, 0xFFFF - fold(int.from_bytes(segment[:ip_len], "big")))
+        _U16.pack_into(segment, 10, checksum(segment[:ip_len]))
         _U16.pack_into(segment, ip_len + 16, 0)
         body = bytes(segment[ip_len:]) + (b"\x00" if (len(segment) - ip_len) % 2 else b"")
         pseudo = int.from_bytes(segment[12:20], "big") + 6 + len(segment) - ip_len
@@ -290,7 +287,7 @@ def merge_tcp4(batch: np.ndarray, count: int, seglen: int, total: int, hlen: int
     packet = memoryview(out)[base : base + length]
     _U16.pack_into(packet, 2, length)
     _U16.pack_into(packet, 10, 0)
-    _U16.pack_into(packet, 10, 0xFFFF - fold(int.from_bytes(packet[:20], "big")))
+    _U16.pack_into(packet, 10, checksum(packet[:20]))
     _U16.pack_into(packet, 36, fold(int.from_bytes(packet[12:20], "big") + 6 + length - 20))
     VNET_HDR.pack_into(out, 0, NEEDS_CSUM, GSO_TCPV4, hlen, mss, 20, 16)
     return base + length
