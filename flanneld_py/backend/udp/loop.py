@@ -197,7 +197,7 @@ class Pump:
         total, seglen, segments = segment_tcp4(packet, length, gso_size, self._seg_out)
         peer.tx_packets += segments - 1
         peer.tx_bytes += total - length
-        self._send_segments(total, seglen, segments, peer.addr)
+        self._send_segments(self._seg_view, total, seglen, peer.addr)
 
     def _queue_small(self, packet: memoryview, length: int, addr: tuple[str, int]) -> None:
         """Gather a run of equal-size packets to one peer (a UDP flood, a stream of small
@@ -215,7 +215,7 @@ class Pump:
         if run.count == 1:
             self._send_one(run.view[: run.used], run.addr)
         elif run.count:
-            self._send_segments_from(run.view, run.used, run.seglen, run.addr)
+            self._send_segments(run.view, run.used, run.seglen, run.addr)
         run.reset()
 
     def _send_one(self, data: memoryview, addr: tuple[str, int]) -> None:
@@ -224,11 +224,9 @@ class Pump:
         except OSError:
             self.engine.drops[Drop.UDP_SEND_FAILED] += 1
 
-    def _send_segments(self, total: int, seglen: int, segments: int, addr: tuple[str, int]) -> None:
-        """Send ``segments`` back-to-back datagrams: GSO runs when possible, else one by one."""
-        self._send_segments_from(self._seg_view, total, seglen, addr)
-
-    def _send_segments_from(self, view: memoryview, total: int, seglen: int, addr: tuple[str, int]) -> None:
+    def _send_segments(self, view: memoryview, total: int, seglen: int, addr: tuple[str, int]) -> None:
+        """Send ``view[:total]``, back-to-back datagrams of ``seglen`` (the last may be shorter):
+        GSO runs when possible, else one by one."""
         per_send = min(MAX_GSO_SEGMENTS, MAX_GSO_BYTES // seglen) if self.conn.gso else 1
         sock = self.conn.sock
         start = 0
