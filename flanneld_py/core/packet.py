@@ -47,6 +47,7 @@ class Drop(IntEnum):
     NO_ROUTE = 9
     TUN_WRITE_FAILED = 10
     UDP_SEND_FAILED = 11
+    BAD_OFFLOAD_HEADER = 12  # a flannel0 read whose virtio-net header does not fit its packet
 
     @property
     def label(self) -> str:

@@ -19,9 +19,7 @@ import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 
-import numpy as np
-
-from .offload import header_rows
+from .offload import plain_ipv4_batch
 from ...core.packet import (
     Drop,
     check_ipv4,
@@ -142,12 +140,12 @@ class Engine:
         peer.rx_bytes += n
         return peer
 
-    def inbound_batch(self, batch: np.ndarray, count: int, seglen: int, total: int, source_ip: str) -> Peer | None:
+    def inbound_batch(self, batch: memoryview, count: int, seglen: int, total: int, source_ip: str) -> Peer | None:
         """Accept a whole GRO batch (``count`` datagrams of ``seglen``, the last shorter) at once.
 
-        The vectorised equivalent of :meth:`inbound` for the common case, a
+        The batch equivalent of :meth:`inbound` for the common case, a
         burst of plain IPv4 packets from one peer's subnet to ours. Returns
-        False without touching any counter when any datagram needs a closer
+        None without touching any counter when any datagram needs a closer
         look; the caller then runs :meth:`inbound` on each, so drops are
         counted exactly as on the one-by-one path.
         """
@@ -157,25 +155,14 @@ class Engine:
         peer = self.peers.get(first_src & self.subnet_mask)
         if peer is None or peer.public_ip != source_ip:
             return None
-        headers = header_rows(batch, count, seglen, 20)
-        if (headers[:, 0] != 0x45).any():
-            return None
-        lengths = headers[:, 2:4].copy().view(">u2").ravel()
-        full = count - 1
-        if (lengths[:full] != seglen).any() or int(lengths[full]) != total - full * seglen:
-            return None
-        if (headers.copy().view("<u2").sum(axis=1, dtype=np.uint32) % 0xFFFF).any():
-            return None  # a valid header sums to 0 mod 65535, in either byte order
-        addresses = headers[:, 12:20].copy().view(">u4")
-        if ((addresses[:, 0] & self.subnet_mask) != int(peer.subnet.network_address)).any():
-            return None
-        if ((addresses[:, 1] & self.subnet_mask) != self.own_net).any():
+        if not plain_ipv4_batch(batch, count, seglen, total, int(peer.subnet.network_address), self.own_net,
+                                self.subnet_mask):
             return None
         peer.rx_packets += count
         peer.rx_bytes += total
         return peer
 
-    def inbound_flow(self, header: np.ndarray, count: int, total: int, source_ip: str) -> Peer | None:
+    def inbound_flow(self, header: memoryview, count: int, total: int, source_ip: str) -> Peer | None:
         """Accept ``count`` datagrams of one verified flow (see ``tcp_flow_header_len``),
         whose headers equal ``header`` but for lengths, ids and checksums, by checking
         the first. None, with no counter touched, sends the batch to the general path."""

@@ -10,10 +10,11 @@ Two shapes of the same stages:
 
 * plain: one inner packet per read and per ``sendto``/``write``;
 * offload (TUN virtio-net headers, UDP GSO/GRO): a read from flannel0 may
-  be a TCP super-packet, split by :func:`segment_tcp4` and sent with one GSO
+  be a TCP super-packet, split by ``segment_tcp4`` and sent with one GSO
   ``sendmsg``; a GRO read from the socket may hold many datagrams, checked
-  together by :meth:`Engine.inbound_batch` and written back as one
-  coalesced super-packet by :func:`coalesce_tcp4`.
+  together (``tcp_flow_header_len``, :meth:`Engine.inbound_batch`) and, when
+  they are one TCP flow, written back as one super-packet (``merge_tcp4``).
+  The stages come from :mod:`.offload` (compiled, or the NumPy reference).
 
 Either way every datagram on the wire is one complete inner IPv4 packet no
 larger than flannel0's MTU, and every packet ends forwarded or counted as a
@@ -28,24 +29,12 @@ import errno
 import os
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from ...core.packet import Drop
 from .engine import Engine
-from .offload import (
-    GSO_NONE,
-    GSO_TCPV4,
-    NEEDS_CSUM,
-    VNET_HDR,
-    VNET_HDR_LEN,
-    ZERO_VNET_HDR,
-    complete_checksum,
-    merge_tcp4,
-    segment_tcp4,
-    tcp_flow_header_len,
-)
+from .offload import complete_checksum, merge_tcp4, segment_tcp4, tcp_flow_header_len
 from .tun import TunDevice
 from .udpconn import GRO_CMSG_SPACE, MAX_GSO_BYTES, MAX_GSO_SEGMENTS, UdpConn, gro_segment_size, gso_control
+from .vnet import GSO_NONE, GSO_TCPV4, NEEDS_CSUM, VNET_HDR, VNET_HDR_LEN, ZERO_VNET_HDR
 
 __all__ = ["BatchStats", "Pump"]
 
@@ -108,10 +97,10 @@ class Pump:
         self._tun_sizes = [0] * batch
         self._udp_buf = bytearray(MAX_PACKET)
         self._udp_view = memoryview(self._udp_buf)
-        self._udp_array = np.frombuffer(self._udp_buf, dtype=np.uint8)
         # segmentation output: a 64 KB super-packet grows by one header per segment
-        self._seg_out = np.zeros(2 * MAX_PACKET, dtype=np.uint8)
-        self._seg_view = memoryview(self._seg_out).cast("B")
+        # (at TCP's minimum MSS of 88 and the longest headers, to ~155 KB)
+        self._seg_out = bytearray(4 * MAX_PACKET)
+        self._seg_view = memoryview(self._seg_out)
         self._merge_buf = bytearray(MAX_PACKET)
         self._merge_view = memoryview(self._merge_buf)
         self._run = _SendRun(bytearray(MAX_GSO_BYTES))
@@ -180,7 +169,11 @@ class Pump:
         kind = gso_type & 0x7F
         if kind == GSO_NONE:
             if flags & NEEDS_CSUM and length > 9:
-                complete_checksum(packet, length, csum_start, csum_offset, udp=packet[9] == _PROTO_UDP)
+                try:
+                    complete_checksum(packet, length, csum_start, csum_offset, packet[9] == _PROTO_UDP)
+                except ValueError:
+                    engine.drops[Drop.BAD_OFFLOAD_HEADER] += 1
+                    return
             peer = engine.outbound(packet, length)
             if peer is not None:
                 peer.last_tx = now
@@ -193,8 +186,14 @@ class Pump:
         peer = engine.outbound(packet, length)
         if peer is None:
             return
+        try:
+            total, seglen, segments = segment_tcp4(packet, length, gso_size, self._seg_out)
+        except ValueError:
+            peer.tx_packets -= 1
+            peer.tx_bytes -= length
+            engine.drops[Drop.BAD_OFFLOAD_HEADER] += 1
+            return
         peer.last_tx = now
-        total, seglen, segments = segment_tcp4(packet, length, gso_size, self._seg_out)
         peer.tx_packets += segments - 1
         peer.tx_bytes += total - length
         self._send_segments(self._seg_view, total, seglen, peer.addr)
@@ -327,7 +326,7 @@ class Pump:
         super-packet; other batches are checked together and written one by one; any
         doubt sends each datagram through the one-by-one checks, so drops count exactly."""
         segments = -(-nbytes // seglen)
-        batch = self._udp_array[VNET_HDR_LEN : VNET_HDR_LEN + nbytes]
+        batch = self._udp_view[VNET_HDR_LEN : VNET_HDR_LEN + nbytes]
         hlen = tcp_flow_header_len(batch, segments, seglen, nbytes)
         if hlen:
             peer = self.engine.inbound_flow(batch, segments, nbytes, source)

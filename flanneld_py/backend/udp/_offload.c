@@ -1,0 +1,319 @@
+/* SPDX-License-Identifier: Apache-2.0
+ *
+ * flanneld_py.backend.udp._offload: the compiled build of the offload
+ * stages (segmentation, flow checks, merging, checksum completion).
+ *
+ * Same functions, arguments, results and bytes as the NumPy reference in
+ * offload_numpy.py, which the tests hold this module to. Why a compiled
+ * build: per 64 KB super-packet the NumPy build makes ~25 calls whose
+ * fixed cost (~1-3 us each, array objects, dispatch) outweighs the work;
+ * here each stage is one call that touches each byte once or twice.
+ *
+ * Every function checks its lengths against the buffers it was given and
+ * raises ValueError instead of reading or writing outside them: the
+ * buffers hold packets from the network and from local pods.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define VNET_HDR_LEN 10
+#define NEEDS_CSUM 1
+#define GSO_TCPV4 1
+#define TCP_FIN 0x01
+#define TCP_PSH 0x08
+#define TCP_ACK 0x10
+#define TCP_CWR 0x80
+
+static inline uint16_t get16(const uint8_t *p) { return (uint16_t)((p[0] << 8) | p[1]); }
+static inline uint32_t get32(const uint8_t *p) {
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+static inline void put16(uint8_t *p, uint32_t v) { p[0] = (uint8_t)(v >> 8); p[1] = (uint8_t)v; }
+static inline void put32(uint8_t *p, uint32_t v) {
+    p[0] = (uint8_t)(v >> 24); p[1] = (uint8_t)(v >> 16); p[2] = (uint8_t)(v >> 8); p[3] = (uint8_t)v;
+}
+
+/* Sum of a region's little-endian 16-bit words (an odd last byte as a word
+ * of its own, low byte), added to acc. The ones'-complement sum does not
+ * depend on byte order, so folding this and swapping the two bytes gives
+ * the big-endian sum; 32-bit loads let the compiler vectorise the loop. */
+static inline uint64_t sum_le(const uint8_t *p, size_t len, uint64_t acc) {
+    while (len >= 4) {
+        uint32_t word;
+        memcpy(&word, p, 4);
+        acc += word;
+        p += 4;
+        len -= 4;
+    }
+    if (len >= 2) {
+        uint16_t word;
+        memcpy(&word, p, 2);
+        acc += word;
+        p += 2;
+        len -= 2;
+    }
+    if (len)
+        acc += *p;
+    return acc;
+}
+
+/* A little-endian-domain sum folded to 16 bits and returned in network
+ * order, as core.packet.fold: a non-zero multiple of 0xFFFF is 0xFFFF. */
+static inline uint32_t fold_be(uint64_t acc) {
+    while (acc >> 16)
+        acc = (acc & 0xFFFF) + (acc >> 16);
+    return (uint32_t)(((acc & 0xFF) << 8) | (acc >> 8));
+}
+
+static inline uint32_t checksum(const uint8_t *p, size_t len, uint64_t acc) {
+    return 0xFFFF - fold_be(sum_le(p, len, acc));
+}
+
+/* The TCP/UDP pseudo-header (addresses, protocol, length) as a sum. */
+static inline uint64_t pseudo_sum(const uint8_t *ip, uint8_t proto, uint32_t l4_len) {
+    uint8_t pseudo[12];
+    memcpy(pseudo, ip + 12, 8);
+    pseudo[8] = 0;
+    pseudo[9] = proto;
+    put16(pseudo + 10, l4_len);
+    return sum_le(pseudo, sizeof pseudo, 0);
+}
+
+static PyObject *fail(const char *what) {
+    PyErr_SetString(PyExc_ValueError, what);
+    return NULL;
+}
+
+/* segment_tcp4(packet, n, mss, out) -> (total, segment_len, count) */
+static PyObject *segment_tcp4(PyObject *self, PyObject *args) {
+    Py_buffer in, out;
+    Py_ssize_t n, mss;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*nnw*", &in, &n, &mss, &out))
+        return NULL;
+    const uint8_t *p = in.buf;
+    uint8_t *o = out.buf;
+    if (n < 40 || n > in.len || mss < 1 || mss > 0xFFFF) {
+        fail("segment_tcp4: packet or MSS out of range");
+        goto done;
+    }
+    Py_ssize_t ip_len = (p[0] & 0x0F) * 4;
+    if (ip_len < 20 || ip_len + 20 > n) {
+        fail("segment_tcp4: bad IP header length");
+        goto done;
+    }
+    Py_ssize_t tcp_len = (p[ip_len + 12] >> 4) * 4;
+    Py_ssize_t hlen = ip_len + tcp_len;
+    if (tcp_len < 20 || hlen > n) {
+        fail("segment_tcp4: bad TCP header length");
+        goto done;
+    }
+    Py_ssize_t payload = n - hlen;
+    Py_ssize_t count = payload > 0 ? (payload + mss - 1) / mss : 1;
+    Py_ssize_t seglen = hlen + mss;
+    Py_ssize_t full = count - 1;
+    Py_ssize_t last_payload = payload - full * mss;
+    Py_ssize_t total = full * seglen + hlen + last_payload;
+    if (total > out.len || hlen + last_payload > 0xFFFF || (full && seglen > 0xFFFF)) {
+        fail("segment_tcp4: output buffer too small");
+        goto done;
+    }
+    uint8_t flags = p[ip_len + 13];
+    uint32_t ident = get16(p + 4), seq = get32(p + ip_len + 4);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        uint8_t *seg = o + i * seglen;
+        Py_ssize_t length = hlen + (i < full ? mss : last_payload);
+        memcpy(seg, p, hlen);
+        memcpy(seg + hlen, p + hlen + i * mss, length - hlen);
+        uint8_t keep = 0xFF;
+        if (i > 0)
+            keep &= (uint8_t)~TCP_CWR; /* CWR on the first segment only */
+        if (i < full)
+            keep &= (uint8_t)~(TCP_FIN | TCP_PSH); /* FIN and PSH on the last only */
+        seg[ip_len + 13] = flags & keep;
+        put16(seg + 2, (uint32_t)length);
+        put16(seg + 4, (ident + (uint32_t)i) & 0xFFFF);
+        put16(seg + 10, 0);
+        put32(seg + ip_len + 4, seq + (uint32_t)(i * mss));
+        put16(seg + ip_len + 16, 0);
+        put16(seg + 10, checksum(seg, ip_len, 0));
+        uint64_t pseudo = pseudo_sum(seg, 6, (uint32_t)(length - ip_len));
+        put16(seg + ip_len + 16, checksum(seg + ip_len, length - ip_len, pseudo));
+    }
+    result = Py_BuildValue("nnn", total, seglen, count);
+done:
+    PyBuffer_Release(&in);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+/* Byte ranges of a TCP/IPv4 header (no IP options) that every segment of
+ * one flow shares: all but length, id, IP checksum, sequence number, flags
+ * and TCP checksum (as offload_numpy._fixed_bytes). */
+static const int fixed_ranges[][2] = {{0, 2}, {6, 10}, {12, 24}, {28, 33}, {34, 36}};
+
+/* Lengths a caller may pass for a batch of count datagrams of seglen bytes
+ * (the last shorter) in a buffer of size bytes: small enough not to
+ * overflow, and total within the buffer. */
+static int batch_fits(Py_ssize_t count, Py_ssize_t seglen, Py_ssize_t total, Py_ssize_t size) {
+    return count >= 0 && count <= 0x10000 && seglen >= 0 && seglen <= 0x10000 && total >= 0 && total <= size;
+}
+
+static int ip_header_valid(const uint8_t *h) { return sum_le(h, 20, 0) % 0xFFFF == 0; }
+
+/* tcp_flow_header_len(batch, count, seglen, total) -> header length or 0 */
+static PyObject *tcp_flow_header_len(PyObject *self, PyObject *args) {
+    Py_buffer in;
+    Py_ssize_t count, seglen, total, hlen = 0;
+    if (!PyArg_ParseTuple(args, "y*nnn", &in, &count, &seglen, &total))
+        return NULL;
+    const uint8_t *b = in.buf;
+    if (!batch_fits(count, seglen, total, in.len)) {
+        PyBuffer_Release(&in);
+        return fail("tcp_flow_header_len: batch lengths out of range");
+    }
+    if (count < 2 || seglen < 40 || total - (count - 1) * seglen < 40)
+        goto done;
+    if (b[0] != 0x45 || b[9] != 6 || (b[6] & 0x3F) || b[7])
+        goto done;
+    Py_ssize_t data_offset = b[32] >> 4;
+    if (data_offset < 5)
+        goto done;
+    Py_ssize_t full = count - 1, candidate = 20 + data_offset * 4;
+    Py_ssize_t mss = seglen - candidate, last_len = total - full * seglen;
+    if (mss <= 0 || last_len <= candidate)
+        goto done;
+    uint32_t seq0 = get32(b + 24);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        const uint8_t *h = b + i * seglen;
+        if (i > 0) {
+            for (size_t r = 0; r < sizeof fixed_ranges / sizeof fixed_ranges[0]; r++)
+                if (memcmp(h + fixed_ranges[r][0], b + fixed_ranges[r][0], fixed_ranges[r][1] - fixed_ranges[r][0]))
+                    goto done;
+            if (memcmp(h + 38, b + 38, candidate - 38))
+                goto done;
+        }
+        uint8_t flags = h[33];
+        if (i < full ? flags != TCP_ACK : (flags != TCP_ACK && flags != (TCP_ACK | TCP_PSH)))
+            goto done;
+        if (get16(h + 2) != (i < full ? seglen : last_len))
+            goto done;
+        if (!ip_header_valid(h))
+            goto done;
+        if (get32(h + 24) != seq0 + (uint32_t)(i * mss))
+            goto done;
+    }
+    hlen = candidate;
+done:
+    PyBuffer_Release(&in);
+    return PyLong_FromSsize_t(hlen);
+}
+
+/* merge_tcp4(batch, count, seglen, total, hlen, out) -> bytes written to out */
+static PyObject *merge_tcp4(PyObject *self, PyObject *args) {
+    Py_buffer in, out;
+    Py_ssize_t count, seglen, total, hlen;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*nnnnw*", &in, &count, &seglen, &total, &hlen, &out))
+        return NULL;
+    const uint8_t *b = in.buf;
+    Py_ssize_t full = count - 1, mss = seglen - hlen, length = total - full * hlen;
+    if (!batch_fits(count, seglen, total, in.len) || count < 2 || hlen < 40 || mss <= 0 || total - full * seglen <= hlen
+        || length > 0xFFFF || VNET_HDR_LEN + length > out.len) {
+        fail("merge_tcp4: batch lengths out of range");
+        goto done;
+    }
+    uint8_t *vnet = out.buf, *packet = vnet + VNET_HDR_LEN, *dest = packet + hlen;
+    memcpy(packet, b, hlen);
+    for (Py_ssize_t i = 0; i < full; i++, dest += mss)
+        memcpy(dest, b + i * seglen + hlen, mss);
+    memcpy(dest, b + full * seglen + hlen, total - full * seglen - hlen);
+    packet[33] = b[full * seglen + 33]; /* the last segment's flags (PSH) */
+    put16(packet + 2, (uint32_t)length);
+    put16(packet + 10, 0);
+    put16(packet + 10, checksum(packet, 20, 0));
+    /* CHECKSUM_PARTIAL: the field holds the pseudo-header sum, the kernel adds the rest */
+    put16(packet + 36, fold_be(pseudo_sum(packet, 6, (uint32_t)(length - 20))));
+    uint16_t header[5] = {NEEDS_CSUM | (GSO_TCPV4 << 8), (uint16_t)hlen, (uint16_t)mss, 20, 16};
+    for (int i = 0; i < 5; i++) { /* little-endian, as the virtio-net header wants */
+        vnet[2 * i] = (uint8_t)header[i];
+        vnet[2 * i + 1] = (uint8_t)(header[i] >> 8);
+    }
+    result = PyLong_FromSsize_t(VNET_HDR_LEN + length);
+done:
+    PyBuffer_Release(&in);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+/* plain_ipv4_batch(batch, count, seglen, total, src_net, dst_net, mask) -> bool:
+ * every datagram a plain IPv4 header (no options) with the right length and
+ * checksum, its source in src_net and its destination in dst_net. */
+static PyObject *plain_ipv4_batch(PyObject *self, PyObject *args) {
+    Py_buffer in;
+    Py_ssize_t count, seglen, total;
+    unsigned long src_net, dst_net, mask;
+    int ok = 0;
+    if (!PyArg_ParseTuple(args, "y*nnnkkk", &in, &count, &seglen, &total, &src_net, &dst_net, &mask))
+        return NULL;
+    const uint8_t *b = in.buf;
+    if (!batch_fits(count, seglen, total, in.len)) {
+        PyBuffer_Release(&in);
+        return fail("plain_ipv4_batch: batch lengths out of range");
+    }
+    Py_ssize_t full = count - 1, last_len = total - full * seglen;
+    if (count < 1 || seglen < 20 || last_len < 20)
+        goto done;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        const uint8_t *h = b + i * seglen;
+        if (h[0] != 0x45 || get16(h + 2) != (i < full ? seglen : last_len) || !ip_header_valid(h))
+            goto done;
+        if ((get32(h + 12) & mask) != src_net || (get32(h + 16) & mask) != dst_net)
+            goto done;
+    }
+    ok = 1;
+done:
+    PyBuffer_Release(&in);
+    return PyBool_FromLong(ok);
+}
+
+/* complete_checksum(packet, n, start, offset, udp) -> None: finish a
+ * CHECKSUM_PARTIAL packet whose checksum field holds the pseudo-header sum. */
+static PyObject *complete_checksum(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    Py_ssize_t n, start, offset;
+    int udp;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "w*nnnp", &buf, &n, &start, &offset, &udp))
+        return NULL;
+    if (n > buf.len || start < 0 || start > n || offset < 0 || start + offset + 2 > n) {
+        fail("complete_checksum: start or offset outside the packet");
+        goto done;
+    }
+    uint8_t *p = buf.buf;
+    uint32_t value = checksum(p + start, n - start, 0);
+    if (udp && value == 0)
+        value = 0xFFFF;
+    put16(p + start + offset, value);
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&buf);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"segment_tcp4", segment_tcp4, METH_VARARGS, "Split a TCP/IPv4 super-packet into MSS-sized packets."},
+    {"tcp_flow_header_len", tcp_flow_header_len, METH_VARARGS, "Header length if a GRO batch is one plain in-order TCP flow, else 0."},
+    {"merge_tcp4", merge_tcp4, METH_VARARGS, "Write a checked flow as one TCP super-packet with a GSO virtio header."},
+    {"plain_ipv4_batch", plain_ipv4_batch, METH_VARARGS, "True if every datagram is a plain valid IPv4 packet between two subnets."},
+    {"complete_checksum", complete_checksum, METH_VARARGS, "Finish a CHECKSUM_PARTIAL packet's TCP or UDP checksum."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_offload", "Compiled offload stages of the udp backend (see offload_numpy.py).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__offload(void) { return PyModule_Create(&module); }
