@@ -298,3 +298,10 @@ def test_builds_complete_checksums_identically(data, start, offset, udp):
         except ValueError:
             results.append(None)
     assert results[0] == results[1]
+
+
+def test_build_choice():
+    assert offload.load("numpy")[0] == "numpy" and offload.load("auto")[0] == "c" and offload.load("")[0] == "c"
+    with pytest.raises(ValueError, match="choose auto, c or numpy"):
+        offload.load("fast")
+    assert offload.IMPL == "c"  # what the daemon runs here: the tests need the compiled build

@@ -18,6 +18,7 @@ from ...netlink import RouteSpec
 from ..base import BackendContext, PeerStats
 from ..kernel_state import udp_own_entries
 from ..routed import NetlinkKernel, ReconcileLoop, Reconciler
+from . import offload
 from .engine import Engine
 from .loop import Pump
 from .tun import TunDevice, open_tun
@@ -87,9 +88,10 @@ class UdpBackend:
         self.pump.start()
         self._tun.set_persistent(True)
         self._keep(own_subnet, index)
-        log.info("udp backend up: %s mtu %d, listening on %s:%d (offloads: tun %s, gso %s, gro %s)",
+        log.info("udp backend up: %s mtu %d, listening on %s:%d (offloads: tun %s, gso %s, gro %s; %s stages)",
                  TUN_NAME, self.mtu, self.ctx.iface.address, self.port,
-                 _on_off(self._tun.offload), _on_off(self._conn.gso), _on_off(self._conn.gro))
+                 _on_off(self._tun.offload), _on_off(self._conn.gso), _on_off(self._conn.gro),
+                 "compiled" if offload.IMPL == "c" else "NumPy")
 
     def _keep(self, own_subnet: IPv4Network, index: int) -> None:
         """Restore flannel0's address and the Network route if they vanish (checked every 5 s)."""

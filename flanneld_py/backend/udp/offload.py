@@ -32,8 +32,8 @@ def load(choice: str | None = None) -> tuple[str, ModuleType]:
     """The build to use: ``(name, module)``; ``choice`` defaults to the environment's.
 
     Raises:
-        ImportError: ``c`` was asked for and the extension was not built.
-        ValueError: an unknown choice.
+        ValueError: an unknown choice, or ``c`` asked for and not built (the daemon
+            reports either as a fatal configuration error).
     """
     choice = (choice if choice is not None else os.environ.get(IMPL_VARIABLE, "")).strip().lower() or "auto"
     if choice not in ("auto", *_MODULES):
@@ -43,8 +43,8 @@ def load(choice: str | None = None) -> tuple[str, ModuleType]:
             return "c", importlib.import_module(_MODULES["c"], __package__)
         except ImportError:
             if choice == "c":
-                raise ImportError(f"{IMPL_VARIABLE}=c but the compiled offload module was not built "
-                                  "(reinstall the package with a C compiler present)") from None
+                raise ValueError(f"{IMPL_VARIABLE}=c but the compiled offload stages were not built: install "
+                                 "gcc and the Python headers, then reinstall flanneld-py") from None
     return "numpy", importlib.import_module(_MODULES["numpy"], __package__)
 
 
