@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
@@ -121,7 +121,9 @@ class Cluster:
     ``daemon_argv_builder`` replaces the command that runs on each node (default:
     flanneld-py with :meth:`default_daemon_argv`), e.g. flannel's own flanneld;
     ``wait_for_cni_socket=False`` is for such a daemon, which serves no CNI
-    socket: it is then ready once the subnet file exists.
+    socket: it is then ready once the subnet file exists. ``node_daemon_args``
+    adds flags to single nodes, by node index (node ``n2`` is index 2), also
+    when a test restarts them.
     """
 
     def __init__(
@@ -132,6 +134,7 @@ class Cluster:
         config: dict | None = None,  # type: ignore[type-arg]
         tag: str | None = None,
         daemon_args: tuple[str, ...] = (),
+        node_daemon_args: Mapping[int, tuple[str, ...]] | None = None,
         start_etcd: bool = True,
         daemon_argv_builder: DaemonArgv | None = None,
         wait_for_cni_socket: bool = True,
@@ -140,6 +143,7 @@ class Cluster:
         self.node_count = nodes
         self.config = config or {"Network": network, "Backend": backend or {"Type": "udp"}}
         self.daemon_args = daemon_args
+        self.node_daemon_args = dict(node_daemon_args or {})  # by node index, kept across restarts
         self.workdir = tempfile.mkdtemp(prefix=f"flanneld-lab-{self.tag}-")
         self.switch: Netns | None = None
         self.etcd: EtcdMember | None = None
@@ -248,6 +252,7 @@ class Cluster:
             f"--cni-socket={node.cni_socket}",
             f"--control-socket={os.path.join(node.workdir, 'control.sock')}",
             *self.daemon_args,
+            *self.node_daemon_args.get(node.index, ()),
             *extra,
         ]
 
