@@ -92,9 +92,9 @@ class Pump:
         self.tun = tun
         self.conn = conn
         self.batch = batch
-        self._tun_bufs = [bytearray(MAX_PACKET) for _ in range(batch)]
-        self._tun_views = [memoryview(b) for b in self._tun_bufs]
-        self._tun_sizes = [0] * batch
+        # one read buffer, reused: each packet is sent, or copied into the GSO run, before the next read
+        self._tun_buf = bytearray(MAX_PACKET)
+        self._tun_view = memoryview(self._tun_buf)
         self._udp_buf = bytearray(MAX_PACKET)
         self._udp_view = memoryview(self._udp_buf)
         # segmentation output: a 64 KB super-packet grows by one header per segment
@@ -133,13 +133,13 @@ class Pump:
     # --- flannel0 -> UDP ---------------------------------------------------------
 
     def _on_tun_plain(self) -> None:
-        count = self.tun.read_batch(self._tun_bufs, self._tun_sizes)
-        self.tun_batches.record(count)
         engine = self.engine
         sendto = self.conn.sock.sendto
+        read, buf, view = self.tun.read_into, self._tun_buf, self._tun_view
         now = self._now()
-        for index in range(count):
-            view, size = self._tun_views[index], self._tun_sizes[index]
+        count = 0
+        while count < self.batch and (size := read(buf)):
+            count += 1
             peer = engine.outbound(view, size)
             if peer is None:
                 continue
@@ -148,16 +148,19 @@ class Pump:
                 sendto(view[:size], peer.addr)
             except OSError:
                 engine.drops[Drop.UDP_SEND_FAILED] += 1
+        self.tun_batches.record(count)
         if engine.replies:
             self._write_replies()
 
     def _on_tun_offload(self) -> None:
-        count = self.tun.read_batch(self._tun_bufs, self._tun_sizes)
-        self.tun_batches.record(count)
+        read, buf, view = self.tun.read_into, self._tun_buf, self._tun_view
         now = self._now()
-        for index in range(count):
-            self._egress_offloaded(self._tun_views[index], self._tun_sizes[index], now)
+        count = 0
+        while count < self.batch and (size := read(buf)):
+            count += 1
+            self._egress_offloaded(view, size, now)
         self._flush_run()  # within the same wakeup: batching adds no delay
+        self.tun_batches.record(count)
         if self.engine.replies:
             self._write_replies()
 

@@ -1,8 +1,8 @@
 """The TUN device ``flannel0``: opened with the TUNSETIFF ioctl (pyroute2 gives no fd).
 
-The device side of the udp backend, like wireguard-go's ``tun/``: it reads and
-writes whole IP packets in batches, so that offloads can change what one
-``read_batch`` returns without changing the loop above it.
+The device side of the udp backend, like wireguard-go's ``tun/``: one read is
+one IP packet, or with offloads on a virtio-net header and a packet that may be
+a TCP super-packet; the loop above decides what to do with either.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import logging
 import os
 import struct
 from dataclasses import dataclass
+
+from .vnet import VNET_HDR_LEN
 
 __all__ = ["TunDevice", "open_tun"]
 
@@ -25,7 +27,6 @@ IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
-VNET_HDR_LEN = 10
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +39,12 @@ class TunDevice:
     name: str
     offload: bool = False  # reads and writes carry a virtio-net header; TSO super-packets
 
-    def read_batch(self, bufs: list[bytearray], sizes: list[int]) -> int:
-        """Read up to ``len(bufs)`` packets without blocking; how many were read."""
-        count = 0
-        readv = os.readv
-        fd = self.fd
-        for buf in bufs:
-            try:
-                sizes[count] = readv(fd, (buf,))
-            except BlockingIOError:
-                break
-            count += 1
-        return count
+    def read_into(self, buf: bytearray) -> int:
+        """Read one packet into ``buf`` without blocking; its size, or 0 when none is queued."""
+        try:
+            return os.readv(self.fd, (buf,))
+        except BlockingIOError:
+            return 0
 
     def write(self, packet: bytes | bytearray | memoryview) -> None:
         os.write(self.fd, packet)
