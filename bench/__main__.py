@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure flanneld-py's datapaths side by side in network namespaces (needs root).",
     )
     parser.add_argument("--modes", type=parse_modes, default=DEFAULT_MODES,
-                        help=f"comma-separated, any of {', '.join(DEFAULT_MODES)} (default: all); "
-                             "flannel-udp comes with --flanneld")
+                        help=f"comma-separated, any of {', '.join(DEFAULT_MODES)} (default: these) or c-relay "
+                             "(the smallest C relay, a reference); flannel-udp comes with --flanneld")
     parser.add_argument("--rounds", type=positive, default=3,
                         help="rounds; the modes alternate within each round (default: 3)")
     parser.add_argument("--quick", action="store_true", help="short tests: a run that takes about a minute per two modes")

@@ -9,6 +9,10 @@
   the daemon (UDP backend), pods wired as flannel's own CNI plugin does it:
   ``bridge`` + ``host-local`` from ``/usr/lib/cni`` with the subnet and MTU
   of the daemon's subnet file.
+* ``c-relay`` (a reference, asked for by name): the ``udp`` lab, whose daemons
+  are then stopped (``flannel0`` and the routes stay) and replaced by
+  ``c_relay.c``, the smallest C relay, one packet per read and per
+  ``sendto``: what any design that wakes a process per packet costs here.
 
 Every testbed is a context manager; leaving it (also by Ctrl-C) kills the
 daemons and deletes every namespace and file the lab made.
@@ -17,6 +21,7 @@ daemons and deletes every namespace and file the lab made.
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,7 +44,8 @@ __all__ = [
 
 DEFAULT_MODES = ("bare", "host-gw", "vxlan", "udp")
 FLANNELD_PY_MODES = ("host-gw", "vxlan", "udp")
-ALL_MODES = (*DEFAULT_MODES, "flannel-udp")
+ALL_MODES = (*DEFAULT_MODES, "c-relay", "flannel-udp")
+C_RELAY_SOURCE = os.path.join(os.path.dirname(__file__), "c_relay.c")
 REFERENCE_CNI = "/usr/lib/cni"
 CONNECT_TIMEOUT = 20.0
 
@@ -144,6 +150,23 @@ def _build_flannel(cluster: Cluster) -> Testbed:
     return Testbed("flannel-udp", src, dst, _daemon_pids(cluster), cluster)
 
 
+def _build_c_relay(cluster: Cluster) -> Testbed:
+    """The udp lab with each daemon replaced by the C relay (flannel0 and its route outlive the daemon)."""
+    binary = os.path.join(cluster.workdir, "c-relay")
+    compiled = subprocess.run(["cc", "-O2", "-o", binary, C_RELAY_SOURCE], capture_output=True, text=True)
+    if compiled.returncode != 0:
+        raise ModeError(f"mode c-relay needs a C compiler: {compiled.stderr.strip()[-500:]}")
+    bed = _build_flanneld_py(cluster, "c-relay")
+    n1, n2 = cluster.nodes
+    for node, peer in ((n1, n2), (n2, n1)):
+        cluster.stop_daemon(node)
+        with open(node.log_path, "ab") as log:  # its errors show where a daemon's would
+            node.daemon = node.netns.popen(binary, "flannel0", node.address, peer.address,
+                                           stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    bed.daemon_pids = _daemon_pids(cluster)
+    return bed
+
+
 def make_cluster(mode: str, flanneld: str | None = None, tag: str | None = None) -> Cluster:
     """The (not yet entered) lab for ``mode``."""
     tag = tag or unique_tag()
@@ -151,6 +174,8 @@ def make_cluster(mode: str, flanneld: str | None = None, tag: str | None = None)
         return Cluster(nodes=2, tag=tag, start_etcd=False)
     if mode in FLANNELD_PY_MODES:
         return Cluster(nodes=2, backend={"Type": mode}, tag=tag)
+    if mode == "c-relay":  # offloads off: the relay reattaches to flannel0 as a plain TUN device
+        return Cluster(nodes=2, backend={"Type": "udp"}, tag=tag, daemon_args=("--offload=false",))
     if mode == "flannel-udp":
         if not flanneld:
             raise ModeError("mode flannel-udp needs --flanneld PATH")
@@ -173,6 +198,8 @@ def open_testbed(mode: str, flanneld: str | None = None, tag: str | None = None)
                 bed = _build_bare(cluster)
             elif mode == "flannel-udp":
                 bed = _build_flannel(cluster)
+            elif mode == "c-relay":
+                bed = _build_c_relay(cluster)
             else:
                 bed = _build_flanneld_py(cluster, mode)
             took = wait_reachable(bed.src, bed.dst)
