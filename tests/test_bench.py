@@ -1,4 +1,4 @@
-"""End to end: ``python3 -m bench --quick --modes udp,vxlan --rounds 1`` in real namespaces.
+"""End to end: ``python3 -m bench --quick --modes udp,vxlan,c-relay --rounds 1`` in real namespaces.
 
 Checks that every output file exists, that every figure is present and
 positive (loss may honestly be zero), that the numbers hang together, and
@@ -53,12 +53,12 @@ def _check_figure(where: str, entry: dict[str, Any], key: str) -> None:
 
 @pytest.mark.netns
 @pytest.mark.slow
-def test_quick_bench_udp_vxlan(tmp_path: Path) -> None:
+def test_quick_bench_udp_vxlan_c_relay(tmp_path: Path) -> None:
     out = tmp_path / "out"
     iperf_before = set(_processes(("iperf3",)))
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--modes", "udp,vxlan", "--rounds", "1", "--out", str(out)],
+        [sys.executable, "-m", "bench", "--quick", "--modes", "udp,vxlan,c-relay", "--rounds", "1", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     took = time.monotonic() - started
@@ -75,7 +75,7 @@ def test_quick_bench_udp_vxlan(tmp_path: Path) -> None:
     results = json.loads((out / "results.json").read_text())
     assert results["failures"] == []
     assert results["machine"]["cpus"] >= 1 and results["machine"]["kernel"]
-    assert set(results["modes"]) == {"udp", "vxlan"}
+    assert set(results["modes"]) == {"udp", "vxlan", "c-relay"}
     for mode, summary in results["modes"].items():
         assert summary["status"] == "ok", summary["errors"]
         for fig in DATAPATH_FIGURES:
@@ -99,7 +99,7 @@ def test_quick_bench_udp_vxlan(tmp_path: Path) -> None:
             assert entry["figures"][fig.key] > 0, (plugin, fig.key)
 
     report = (out / "report.md").read_text()
-    for needle in ("| **udp** |", "| **vxlan** |", "flannel-py", "bridge+host-local", "Machine:"):
+    for needle in ("| **udp** |", "| **vxlan** |", "| **c-relay** |", "flannel-py", "bridge+host-local", "Machine:"):
         assert needle in report
 
     # nothing left behind
