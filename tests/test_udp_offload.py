@@ -268,8 +268,11 @@ def test_builds_judge_and_merge_gro_batches_identically(payload, mss, mutations,
 @given(data=st.binary(min_size=0, max_size=300), n=st.integers(-5, 400), a=st.integers(-5, 400),
        b=st.integers(-5, 400), c=st.integers(-5, 400), h=st.integers(-5, 100))
 def test_compiled_build_stays_inside_its_buffers(data, n, a, b, c, h):
-    """Any lengths with any bytes: a result or a ValueError, never a read or write outside the buffers
-    (the C build checks its arguments; an ASan build runs this same test clean)."""
+    """Any lengths with any bytes: a result or a ValueError, never a read or write outside the buffers.
+
+    The C build checks its arguments. Overruns would not crash here; to see them, build the
+    module with ``-fsanitize=address,undefined`` and run this file with ``PYTHONMALLOC=malloc``
+    and libasan preloaded (done for session 3's change: clean)."""
     out = bytearray(len(data) + 64)
     calls = [
         lambda: C.segment_tcp4(bytearray(data), n, a, out),
