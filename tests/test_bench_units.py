@@ -247,7 +247,8 @@ def test_add_ratios_uses_medians_of_the_same_run() -> None:
     add_ratios(modes)
     assert modes["udp"]["ratios"]["vs_vxlan"]["tcp_1_gbps"] == pytest.approx(0.25)
     assert modes["udp"]["ratios"]["vs_bare"]["tcp_1_gbps"] == pytest.approx(0.2)
-    assert modes["vxlan"]["ratios"]["vs_vxlan"]["tcp_4_gbps"] == pytest.approx(1.0)
+    assert modes["udp"]["ratios"]["vs_vxlan"]["tcp_4_gbps"] == pytest.approx(4.0 / 16.0)
+    assert modes["bare"]["ratios"]["vs_vxlan"]["tcp_1_gbps"] == pytest.approx(10.0 / 8.0)
     assert "daemon_peak_rss_mib" not in modes["udp"]["ratios"]["vs_bare"]  # bare has no daemon
 
 

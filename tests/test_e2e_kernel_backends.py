@@ -9,62 +9,27 @@ it, in order, and each leaves it as it found it except the last (peer removal).
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import signal
-import subprocess
-import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from ipaddress import IPv4Interface
 
 import pytest
 
 from flanneld_py.lab.checks import ping_matrix, tcp_transfer, wait_until
-from flanneld_py.lab.cluster import PREFIX, Cluster, Node
-from flanneld_py.lab.netns import Netns, run
+from flanneld_py.lab.cluster import PREFIX, Cluster, Node, Pod
+from flanneld_py.lab.netns import run
+from lab_helpers import start
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 KERNEL_BACKENDS = ["vxlan", "host-gw"]
 RTPROT_FLANNEL = "252"
 VXLAN_DEV = "flannel.1"
+WAIT = 20.0  # seconds: a generous deadline for a condition (the daemons converge in well under 1 s)
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-
-
-def _cni_server_available() -> bool:
-    return importlib.util.find_spec("flanneld_py.cni.server") is not None
-
-
-def start(cluster: Cluster, *nodes: Node, extra: tuple[str, ...] = (), timeout: float = 30.0) -> None:
-    """Start daemons (all at once) and wait until each has its datapath up.
-
-    Up = a subnet file written by this run and, once the CNI server is part of
-    the build, its socket; this does not depend on the CNI plugin being done.
-    """
-    began = time.time() - 1
-    for node in nodes:
-        cluster.start_daemon(node, *extra, wait=False)
-    for node in nodes:
-        if not wait_until(lambda: _ready(node, began), timeout, 0.1):
-            raise TimeoutError(f"daemon on {node.name} not ready:\n{node.log_text()[-3000:]}")
-
-
-def _ready(node: Node, began: float) -> bool:
-    assert node.daemon is not None
-    if node.daemon.poll() is not None:
-        raise RuntimeError(f"daemon on {node.name} exited {node.daemon.returncode}:\n{node.log_text()[-3000:]}")
-    try:
-        fresh = os.stat(node.subnet_file).st_mtime >= began
-    except FileNotFoundError:
-        return False
-    return fresh and (not _cni_server_available() or os.path.exists(node.cni_socket))
 
 
 def stop(cluster: Cluster, node: Node, sig: int = signal.SIGTERM) -> int | None:
@@ -161,37 +126,9 @@ def converged(kind: str, cluster: Cluster, timeout: float) -> list[str]:
     return problems
 
 
-@dataclass
-class NodeEndpoint:
-    """A stand-in pod while the CNI plugin is not available: a gateway address on a bridge in the node."""
-
-    name: str
-    netns: Netns
-    ip: IPv4Interface
-
-    def sh(self, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return self.netns.sh(*cmd, check=check, timeout=timeout)
-
-    def ping(self, address: str, count: int = 1, timeout: float = 2) -> bool:
-        proc = self.sh("ping", "-c", str(count), "-W", str(int(timeout)), "-i", "0.2", "-I", str(self.ip.ip),
-                       address, check=False)
-        return proc.returncode == 0
-
-
-def endpoints(cluster: Cluster) -> list:  # type: ignore[type-arg]
-    """One pod per node through the real CNI plugin, or node-level endpoints if it is not there yet."""
-    try:
-        return [cluster.add_pod(node) for node in cluster.nodes]
-    except (ImportError, RuntimeError, OSError) as exc:
-        warnings.warn(f"CNI plugin not usable ({exc}); testing connectivity at node level", stacklevel=2)
-    out = []
-    for node in cluster.nodes:
-        gateway = IPv4Interface(f"{node.subnet_env().subnet.network_address + 1}/24")
-        node.netns.ip("link", "add", "fpt0", "type", "bridge")
-        node.netns.ip("addr", "add", str(gateway), "dev", "fpt0")
-        node.netns.ip("link", "set", "fpt0", "up")
-        out.append(NodeEndpoint(f"{node.name}ep", node.netns, gateway))
-    return out
+def endpoints(cluster: Cluster) -> list[Pod]:
+    """One pod per node through the real CNI plugin; a CNI failure fails the test."""
+    return [cluster.add_pod(node) for node in cluster.nodes]
 
 
 # --- the kernel backends --------------------------------------------------------------------------
@@ -202,13 +139,13 @@ def lab(request: pytest.FixtureRequest) -> Iterator[tuple[str, Cluster]]:
     kind = request.param
     with Cluster(nodes=3, backend={"Type": kind}) as cluster:
         start(cluster, *cluster.nodes)
-        assert converged(kind, cluster, timeout=5) == []
+        assert converged(kind, cluster, timeout=WAIT) == []
         yield kind, cluster
 
 
 def test_every_node_has_every_peers_entries(lab: tuple[str, Cluster]) -> None:
     kind, cluster = lab
-    assert converged(kind, cluster, timeout=5) == []
+    assert converged(kind, cluster, timeout=WAIT) == []
     for node in cluster.nodes:
         env = node.subnet_env()
         if kind == "vxlan":
@@ -255,7 +192,7 @@ def test_vxlan_device_deleted_by_hand_comes_back_with_its_mac(lab: tuple[str, Cl
     node.netns.ip("link", "del", VXLAN_DEV)
     assert wait_until(lambda: device_exists(node), 10), node.log_text()[-2000:]
     assert device_mac(node) == mac
-    assert converged(kind, cluster, timeout=3) == []
+    assert converged(kind, cluster, timeout=WAIT) == []
     assert f"{VXLAN_DEV} was deleted; recreated it with VTEP MAC {mac}" in node.log_text()
 
 
@@ -273,7 +210,7 @@ def test_unusable_peer_is_refused_with_one_log_line(lab: tuple[str, Cluster]) ->
     node = cluster.nodes[0]
     cluster.etcd.ctl("put", f"{PREFIX}/subnets/{name}", json.dumps(record))
     try:
-        assert wait_until(lambda: expected in node.log_text(), 5), node.log_text()[-2000:]
+        assert wait_until(lambda: expected in node.log_text(), WAIT), node.log_text()[-2000:]
         assert name.replace("-", "/") not in our_routes(node)
     finally:
         cluster.etcd.ctl("del", f"{PREFIX}/subnets/{name}")
@@ -292,7 +229,7 @@ def test_restart_keeps_subnet_vtep_mac_and_kernel_state(lab: tuple[str, Cluster]
         assert device_mac(node) == mac
         assert lease_of(cluster, node)["BackendData"]["VtepMAC"] == mac
         assert "reusing VTEP MAC" in node.log_text()
-    assert converged(kind, cluster, timeout=5) == []
+    assert converged(kind, cluster, timeout=WAIT) == []
 
 
 def test_cleanup_on_exit_removes_everything(lab: tuple[str, Cluster]) -> None:
@@ -306,7 +243,7 @@ def test_cleanup_on_exit_removes_everything(lab: tuple[str, Cluster]) -> None:
     assert not device_exists(node)
     # back to normal; for vxlan the new VTEP MAC must replace the old one on the peers
     start(cluster, node)
-    assert converged(kind, cluster, timeout=5) == []
+    assert converged(kind, cluster, timeout=WAIT) == []
     if kind == "vxlan":
         for other in (cluster.nodes[0], cluster.nodes[2]):
             assert len(fdb(other)) == 2 and len(permanent_neighbours(other)) == 2
@@ -329,8 +266,8 @@ def test_removed_peer_disappears_from_the_others(lab: tuple[str, Cluster]) -> No
             for n in rest
         )
 
-    assert wait_until(vanished, 5), [our_routes(n) for n in rest]
-    assert converged(kind, cluster, timeout=1) == []
+    assert wait_until(vanished, WAIT), [our_routes(n) for n in rest]
+    assert converged(kind, cluster, timeout=WAIT) == []
     assert all(f"peer removed: {subnet}" in n.log_text() for n in rest)
 
 
@@ -344,11 +281,11 @@ def test_vxlan_direct_routing_uses_plain_routes_on_one_segment() -> None:
             return route is not None and route.get("gateway") == peer.address and route.get("dev") == "eth0"
 
         # both ways: the reply needs the peer's route as much as the request needs ours
-        assert wait_until(lambda: direct(a, b) and direct(b, a), 5), (our_routes(a), our_routes(b))
+        assert wait_until(lambda: direct(a, b) and direct(b, a), WAIT), (our_routes(a), our_routes(b))
         assert permanent_neighbours(a) == {} and fdb(a) == set()
         source, target = str(a.subnet_env().subnet.network_address), str(b.subnet_env().subnet.network_address)
         assert wait_until(lambda: a.netns.sh("ping", "-c1", "-W1", "-I", source, target,
-                                             check=False).returncode == 0, 5)
+                                             check=False).returncode == 0, WAIT)
 
 
 # --- udp ---------------------------------------------------------------------------------------------

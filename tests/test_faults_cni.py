@@ -41,7 +41,7 @@ from flanneld_py.lab.netns import Netns
 
 from flanneld_py.lab.checks import time_until
 from flanneld_py.unixsock import socket_answers
-from test_faults_support import start
+from lab_helpers import start
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 

@@ -22,7 +22,7 @@ from flanneld_py.lab.etcd import EtcdMember, etcdctl_argv
 from flanneld_py.lab.netns import Netns, run
 
 from flanneld_py.lab.checks import time_until
-from test_faults_support import (
+from lab_helpers import (
     PREFIX,
     alive,
     debug_dump,
@@ -31,7 +31,6 @@ from test_faults_support import (
     peer_subnets,
     reachable,
     start,
-    start_together,
     status,
     subnet_key,
 )
@@ -44,7 +43,7 @@ OUTAGE = 30.0
 def test_etcd_outage_keeps_pods_talking_and_daemons_reconnect():
     with Cluster(nodes=3) as lab:
         n1, n2, n3 = lab.nodes
-        start_together(lab, (n1, n2))
+        start(lab, n1, n2)
         a, b = lab.add_pod(n1), lab.add_pod(n2)
         assert time_until(lambda: reachable(a, b), 10) is not None, dump(lab)
         routes_before = {n.name: n.routes() for n in (n1, n2)}
@@ -206,7 +205,7 @@ def test_etcd_cluster_member_and_leader_loss_interrupt_neither_renewal_nor_watch
     with Cluster(nodes=2, start_etcd=False) as lab, EtcdCluster(lab) as etcd:
         etcd.ctl("put", f"{PREFIX}/config", json.dumps(lab.config))
         args = (f"--etcd-endpoints={etcd.endpoints}", f"--subnet-lease-ttl={ttl}s")
-        start_together(lab, lab.nodes, *args)
+        start(lab, *lab.nodes, extra=args)
         n1, n2 = lab.nodes
         a, b = lab.add_pod(n1), lab.add_pod(n2)
         assert time_until(lambda: reachable(a, b), 10) is not None, dump(lab)

@@ -17,7 +17,7 @@ import pytest
 from flanneld_py.lab.cluster import Cluster, Node
 
 from flanneld_py.lab.checks import time_until
-from test_faults_support import (
+from lab_helpers import (
     alive,
     continuous_ping,
     dump,
@@ -25,7 +25,6 @@ from test_faults_support import (
     peer_subnets,
     reachable,
     start,
-    start_together,
 )
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -38,7 +37,7 @@ def test_dead_node_loses_its_lease_and_route_and_its_subnet_comes_free():
     ttl = ("--subnet-lease-ttl=5s",)
     with Cluster(nodes=4, config=config) as lab:
         n1, n2, n3, n4 = lab.nodes
-        start_together(lab, (n1, n2, n3), *ttl)
+        start(lab, n1, n2, n3, extra=ttl)
         p1, p2, p3 = (lab.add_pod(node) for node in (n1, n2, n3))
         assert time_until(lambda: reachable(p1, p3) and reachable(p2, p3), 10) is not None, dump(lab)
         dead = str(n3.subnet_env().subnet)
@@ -55,7 +54,7 @@ def test_dead_node_loses_its_lease_and_route_and_its_subnet_comes_free():
         out = p1.sh("ping", "-c", "1", "-W", "1", str(p3.ip.ip), check=False).stdout
         assert "Unreachable" in out, out
 
-        start(lab, n4, *ttl)
+        start(lab, n4, extra=ttl)
         assert str(n4.subnet_env().subnet) == dead, "the expired subnet was not free for a new node"
         p4 = lab.add_pod(n4)
         assert time_until(lambda: reachable(p1, p4) and reachable(p4, p2), 10) is not None, dump(lab)
@@ -67,7 +66,7 @@ def test_dead_node_loses_its_lease_and_route_and_its_subnet_comes_free():
 def test_restart_under_ping_keeps_subnet_and_loses_under_a_second():
     with Cluster(nodes=2) as lab:
         n1, n2 = lab.nodes
-        start_together(lab, (n1, n2))
+        start(lab, n1, n2)
         a, b = lab.add_pod(n1), lab.add_pod(n2)
         assert time_until(lambda: reachable(a, b), 10) is not None, dump(lab)
         results = {}
@@ -96,7 +95,7 @@ def test_ten_daemons_racing_for_eight_subnets():
               "Backend": {"Type": "udp"}}
     with Cluster(nodes=10, config=config) as lab:
         for node in lab.nodes:
-            start(lab, node, wait=False)
+            lab.start_daemon(node, wait=False)
         deadline = time.monotonic() + 60
         outcome: dict[str, str] = {}
         while len(outcome) < len(lab.nodes) and time.monotonic() < deadline:
@@ -150,7 +149,7 @@ def test_stop_signal_at_any_point_of_start_up_ends_cleanly():
         longest = 0.0
         for moment in moments:
             began = time.time()
-            start(lab, n2, wait=False)
+            lab.start_daemon(n2, wait=False)
             if moment == "ready":
                 assert time_until(lambda: os.path.exists(n2.cni_socket)
                                   and os.stat(n2.subnet_file).st_mtime >= began, 30, 0.005) is not None

@@ -17,7 +17,7 @@ import pytest
 from flanneld_py.lab.cluster import Cluster
 
 from flanneld_py.lab.checks import time_until
-from test_faults_support import (
+from lab_helpers import (
     PREFIX,
     alive,
     dump,
@@ -25,7 +25,6 @@ from test_faults_support import (
     peer_subnets,
     reachable,
     start,
-    start_together,
 )
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -59,7 +58,7 @@ def test_broken_records_are_logged_once_and_skipped():
         for name, value in BROKEN_AT_START:
             put(name, value)
         n1, n2, n3 = lab.nodes
-        start_together(lab, (n1, n2))
+        start(lab, n1, n2)
         a, b = lab.add_pod(n1), lab.add_pod(n2)
         assert time_until(lambda: reachable(a, b) and reachable(b, a), 10) is not None, dump(lab)
 
@@ -80,7 +79,7 @@ def test_broken_records_are_logged_once_and_skipped():
         time.sleep(0.3)
         # a node starting now refuses clearly, without a traceback
         lab.etcd.ctl("put", f"{PREFIX}/config", '{"Network": "nonsense"}')
-        start(lab, n3, wait=False)
+        lab.start_daemon(n3, wait=False)
         assert n3.daemon is not None
         code = n3.daemon.wait(timeout=30)
         assert code == 1, n3.log_text()

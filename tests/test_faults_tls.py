@@ -24,7 +24,7 @@ from flanneld_py.lab.etcd import EtcdMember
 from flanneld_py.lab.netns import run
 
 from flanneld_py.lab.checks import time_until
-from test_faults_support import dump, reachable, start, start_together
+from lab_helpers import dump, reachable, start
 
 pytestmark = [
     pytest.mark.netns,
@@ -91,7 +91,7 @@ def test_tls_etcd_with_client_certificates_and_clear_errors():
             return out
 
         n1, n2 = lab.nodes
-        start_together(lab, lab.nodes, *flags(f"{pki['ca']}.crt", pki["client"]))
+        start(lab, *lab.nodes, extra=flags(f"{pki['ca']}.crt", pki["client"]))
         leases = json.loads(etcd.ctl("get", "--prefix", f"{PREFIX}/subnets/", "-w", "json", tls=ctl_tls).stdout)
         assert len(leases.get("kvs", [])) == 2
         a, b = lab.add_pod(n1), lab.add_pod(n2)
@@ -116,7 +116,7 @@ def test_tls_etcd_with_client_certificates_and_clear_errors():
             with open(n2.log_path, "w"):
                 pass  # a fresh log per case
             t0 = time.monotonic()
-            start(lab, n2, *args, wait=False)
+            lab.start_daemon(n2, *args, wait=False)
             assert n2.daemon is not None
             try:
                 code = n2.daemon.wait(timeout=FAIL_WITHIN)

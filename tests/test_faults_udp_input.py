@@ -27,14 +27,14 @@ from flanneld_py.core.packet import checksum
 from flanneld_py.lab.cluster import Cluster, Node
 
 from flanneld_py.lab.checks import time_until
-from test_faults_support import (
+from lab_helpers import (
     alive,
     background,
     continuous_ping,
     dump,
     paced_transfer,
     reachable,
-    start_together,
+    start,
     status,
     udp_snmp,
     underlay_host,
@@ -277,7 +277,7 @@ while True:
 def test_hostile_datagrams_are_all_counted_and_none_from_a_non_peer_reaches_a_pod():
     with Cluster(nodes=2) as lab, tempfile.TemporaryDirectory(prefix="flanneld-faults-") as tmp:
         victim, friend = lab.nodes
-        start_together(lab, (victim, friend))
+        start(lab, victim, friend)
         p1, p2 = lab.add_pod(victim), lab.add_pod(friend)
         assert time_until(lambda: reachable(p2, p1), 10) is not None, dump(lab)
         own = victim.subnet_env().subnet

@@ -8,7 +8,6 @@ import pytest
 
 from flanneld_py.ops.ipmasq import (
     MasqApplier,
-    Rule,
     forward_rules,
     masq_rules,
     restore_lines,
@@ -169,7 +168,3 @@ def test_remove_all_deletes_rules_and_chains():
     app.ensure()
     app.remove_all()
     assert ipt.chains == {("nat", "POSTROUTING"): [], ("filter", "FORWARD"): []}
-
-
-def test_rule_is_hashable_value():
-    assert Rule("nat", "X", ("-j", "RETURN")) == Rule("nat", "X", ("-j", "RETURN"))

@@ -26,6 +26,7 @@ from flanneld_py.lab.cluster import Cluster, Node, Pod
 from flanneld_py.lab.netns import Netns
 from flanneld_py.ops.ipmasq import masq_rules, restore_lines
 from flanneld_py.ops.service import MONITOR_SECONDS
+from lab_helpers import control_socket, start, underlay_host
 
 pytestmark = [pytest.mark.netns, pytest.mark.etcd, pytest.mark.slow]
 
@@ -61,41 +62,17 @@ class Lab:
         return self.cluster.nodes[1]
 
 
-def control_socket(node: Node) -> str:
-    return f"{node.workdir}/control.sock"
-
-
 def flannel0_ip(node: Node) -> str:
     return str(node.subnet_env().subnet.network_address)
-
-
-def add_outside_host(cluster: Cluster) -> Netns:
-    ns = Netns.create(f"fp{cluster.tag}out")
-    try:
-        cluster.plug_into_underlay(ns, "out", OUTSIDE)
-    except BaseException:
-        ns.delete()
-        raise
-    return ns
 
 
 @pytest.fixture(scope="module")
 def lab():
     with Cluster(nodes=2) as cluster:
-        for node in cluster.nodes:
-            cluster.start_daemon(
-                node, "--healthz-ip=127.0.0.1", f"--healthz-port={PORT}", f"--control-socket={control_socket(node)}",
-                "--ip-masq", f"--subnet-lease-ttl={LEASE_TTL}", wait=False,
-            )
-        for node in cluster.nodes:
-            cluster.wait_ready(node)
-        outside = add_outside_host(cluster)
-        try:
+        start(cluster, *cluster.nodes, extra=("--healthz-ip=127.0.0.1", f"--healthz-port={PORT}", "--ip-masq",
+                                              f"--subnet-lease-ttl={LEASE_TTL}"))
+        with underlay_host(cluster, "out", OUTSIDE) as outside:
             yield Lab(cluster, outside, [cluster.add_pod(node) for node in cluster.nodes])
-        finally:
-            outside.delete()
-
-
 
 
 def http_get(node: Node, path: str) -> tuple[int, str]:
@@ -266,9 +243,8 @@ def test_rules_deleted_by_hand_come_back(lab):
         return n1.netns.sh("iptables", "-t", "nat", "-C", rule.chain, *rule.spec, check=False).returncode == 0
 
     assert not present(jump)
-    started = time.monotonic()
-    assert wait_until(lambda: present(jump) and present(masquerade), timeout=10), "rules not restored within 10 s"
-    assert time.monotonic() - started < 10
+    # the daemon re-checks every 5 s; 30 s is a generous deadline for that, not a speed claim
+    assert wait_until(lambda: present(jump) and present(masquerade), timeout=30), "rules not restored"
     listed = n1.netns.sh("iptables", "-t", "nat", "-S", "FLANNEL-POSTRTG").stdout.splitlines()[1:]
     assert listed == restore_lines(rules[1:], [False] * 6)["nat"]  # all back, in flannel's order
     assert metrics(n1)[("flanneld_ipmasq_repairs_total", ())] >= 1

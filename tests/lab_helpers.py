@@ -1,8 +1,9 @@
-"""Shared pieces of the fault tests (``test_faults_*.py``): no tests here.
+"""Shared pieces of the end-to-end and fault tests (no tests here).
 
 Everything runs inside the lab's namespaces: daemons get a control socket in
-their node's workdir, traffic generators run in pod or node namespaces, and
-whatever a helper starts it also stops (context managers), also on failure.
+their node's workdir (the lab's default), traffic generators run in pod or node
+namespaces, and whatever a helper starts it also stops (context managers), also
+on failure.
 """
 
 from __future__ import annotations
@@ -27,18 +28,17 @@ def control_socket(node: Node) -> str:
     return os.path.join(node.workdir, "control.sock")
 
 
-def start(cluster: Cluster, node: Node, *extra: str, wait: bool = True) -> None:
-    """The node's daemon, with its own control socket (``status`` per node)."""
-    cluster.start_daemon(node, f"--control-socket={control_socket(node)}", *extra, wait=wait)
+def start(cluster: Cluster, *nodes: Node, extra: Sequence[str] = (), timeout: float = 30.0) -> None:
+    """The one way tests start daemons: those of ``nodes`` at once (they race for leases as
+    real nodes do), then wait until each is ready (``Cluster.wait_ready``: subnet file
+    written and the CNI socket answering, which a stopped daemon's socket does not).
 
-
-def start_together(cluster: Cluster, nodes: Sequence[Node], *extra: str) -> None:
-    """Start the daemons of ``nodes`` at once (they race for leases as real nodes do), then
-    wait until each is ready."""
+    Each daemon has its own control socket, ``control_socket(node)``, for ``status``.
+    """
     for node in nodes:
-        start(cluster, node, *extra, wait=False)
+        cluster.start_daemon(node, f"--control-socket={control_socket(node)}", *extra, wait=False)
     for node in nodes:
-        cluster.wait_ready(node)
+        cluster.wait_ready(node, timeout=timeout)
 
 
 def status(node: Node) -> dict:  # type: ignore[type-arg]
