@@ -92,10 +92,10 @@ def underlay_host(cluster: Cluster, suffix: str, address: str) -> Iterator[Netns
 
 
 @contextlib.contextmanager
-def background(argv: list[str]) -> Iterator[subprocess.Popen[str]]:
-    """A process that is killed (whole group) on the way out if it still runs."""
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+def background(argv: list[str], stdin: bool = False) -> Iterator[subprocess.Popen[str]]:
+    """A process that is killed (whole group) on the way out if it still runs; ``stdin``: a pipe to it."""
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         yield proc
     finally:
@@ -122,7 +122,8 @@ class PingStats:
 
 
 # ICMP echo at a fixed rate from a raw socket; iputils ping slows down by itself
-# while replies are missing, which would hide the very loss we measure.
+# while replies are missing, which would hide the very loss we measure. With seconds 0
+# it sends until a line arrives on stdin; either way it then waits 1 s for late replies.
 PINGER = r"""
 import json, os, select, socket, struct, sys, time
 from flanneld_py.core.packet import checksum
@@ -132,7 +133,8 @@ ident = os.getpid() & 0xFFFF
 
 sent, got = 0, set()
 start = time.monotonic()
-end = start + seconds
+end = start + seconds if seconds > 0 else float("inf")
+readers = [sock] if seconds > 0 else [sock, sys.stdin]
 next_send = start
 print("started", flush=True)
 while True:
@@ -146,7 +148,11 @@ while True:
         sent += 1
         next_send = start + sent * interval
     wait = max(0.0, min(next_send if now < end else end + 1.0, end + 1.0) - time.monotonic())
-    if select.select([sock], [], [], wait)[0]:
+    ready = select.select(readers, [], [], wait)[0]
+    if sys.stdin in ready:
+        sys.stdin.readline()
+        readers, end = [sock], time.monotonic()
+    if sock in ready:
         data = sock.recv(2048)
         offset = (data[0] & 15) * 4
         kind, _, _, rid, seq = struct.unpack_from("!BBHHH", data, offset)
@@ -161,15 +167,16 @@ print(json.dumps({"sent": sent, "received": len(got), "longest_gap": longest}), 
 
 
 @contextlib.contextmanager
-def continuous_ping(src: Pod, dst: Pod, seconds: float, interval: float = 0.01
+def continuous_ping(src: Pod, dst: Pod, seconds: float | None, interval: float = 0.01
                     ) -> Iterator[Callable[[], PingStats]]:
-    """Echo requests every ``interval`` for ``seconds`` from ``src`` to ``dst``; ``result()`` waits for the end."""
-    argv = src.netns.argv(sys.executable, "-c", PINGER, str(dst.ip.ip), str(seconds), str(interval))
-    with background(argv) as proc:
+    """Echo requests every ``interval`` from ``src`` to ``dst`` for ``seconds`` (None: until
+    ``result()`` is called); ``result()`` waits for the end."""
+    argv = src.netns.argv(sys.executable, "-c", PINGER, str(dst.ip.ip), str(seconds or 0), str(interval))
+    with background(argv, stdin=seconds is None) as proc:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "started"
 
         def result() -> PingStats:
-            out, err = proc.communicate(timeout=seconds + 30)
+            out, err = proc.communicate("stop\n" if seconds is None else None, timeout=(seconds or 0) + 30)
             assert proc.returncode == 0, err
             doc = json.loads(out.strip().splitlines()[-1])
             return PingStats(doc["sent"], doc["received"], interval, doc["longest_gap"])

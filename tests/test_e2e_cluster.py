@@ -8,13 +8,13 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from flanneld_py.lab.checks import dns_check, ping_matrix, tcp_transfer, wait_until
 from flanneld_py.lab.cluster import Cluster, Node, Pod
 from flanneld_py.lab.netns import Netns
+from lab_helpers import start, status
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -29,6 +29,7 @@ BACKENDS = {
     "vxlan": ("vxlan", (), {}),
     "host-gw": ("host-gw", (), {}),
 }
+WAIT = 30.0  # seconds: a generous deadline for a condition, not a speed claim
 
 
 @pytest.fixture(scope="module", params=list(BACKENDS))
@@ -36,13 +37,11 @@ def cluster(request):
     backend, flags, node_flags = BACKENDS[request.param]
     with Cluster(nodes=3, backend={"Type": backend}, daemon_args=flags, node_daemon_args=node_flags) as lab:
         lab.backend_type = backend
-        lab.start_all()
+        start(lab, *lab.nodes)
         for node in lab.nodes:
             lab.add_pod(node)
             lab.add_pod(node)
         yield lab
-
-
 
 
 def test_leases_are_flannel_records(cluster):
@@ -78,12 +77,12 @@ def test_dns_across_nodes(cluster):
 def test_restart_keeps_subnet_and_traffic(cluster):
     node = cluster.nodes[1]
     before = node.subnet_env().subnet
-    assert cluster.stop_daemon(node, signal.SIGTERM, timeout=5) == 0, node.log_text()[-2000:]
-    cluster.start_daemon(node)
+    assert cluster.stop_daemon(node, signal.SIGTERM, timeout=WAIT) == 0, node.log_text()[-2000:]  # exit 0: no stop watchdog fired
+    start(cluster, node)
     assert node.subnet_env().subnet == before
     assert len(cluster.leases()) == 3
     a, b = cluster.nodes[0].pods[0], node.pods[0]
-    assert wait_until(lambda: a.ping(str(b.ip.ip)) and b.ping(str(a.ip.ip)), 10)
+    assert wait_until(lambda: a.ping(str(b.ip.ip)) and b.ping(str(a.ip.ip)), WAIT)
 
 
 def _unreachable_from(pod: Pod, target: Pod) -> bool:
@@ -95,12 +94,12 @@ def _peer_route_gone(node: Node, subnet: str) -> bool:
     return not any(route.get("dst") == subnet for route in node.routes())
 
 
-def test_removed_peer_disappears_within_5s(cluster):
+def test_removed_peer_disappears(cluster):
+    # how fast an event reaches the kernel is a bench figure (bench/scale.py); here, that it does
     gone = cluster.nodes[2]
     subnet = gone.subnet_env().subnet
     cluster.stop_daemon(gone, signal.SIGKILL)
     cluster.etcd.ctl("del", f"/coreos.com/network/subnets/{subnet.network_address}-{subnet.prefixlen}")
-    start = time.monotonic()
     watcher = cluster.nodes[0]
     if cluster.backend_type == "udp":
         # flannel0 routes the whole Network; a peer that is gone answers "net unreachable" at once.
@@ -110,23 +109,21 @@ def test_removed_peer_disappears_within_5s(cluster):
     else:
         def gone_now() -> bool:
             return all(_peer_route_gone(n, str(subnet)) for n in cluster.nodes[:2])
-    assert wait_until(gone_now, 5), "peer still routed 5 s after its lease was deleted"
-    assert time.monotonic() - start <= 5.5
+    assert wait_until(gone_now, WAIT), "peer still routed after its lease was deleted"
     # bring it back for the tests that follow: same subnet from its subnet file
-    cluster.start_daemon(gone)
+    start(cluster, gone)
     assert gone.subnet_env().subnet == subnet
-    assert wait_until(lambda: watcher.pods[0].ping(str(gone.pods[0].ip.ip)), 10)
+    assert wait_until(lambda: watcher.pods[0].ping(str(gone.pods[0].ip.ip)), WAIT)
 
 
-def _count_received(pod: Pod, port: int, seconds: float) -> subprocess.Popen[str]:
+def _listen_until_marker(pod: Pod, port: int) -> subprocess.Popen[str]:
+    """Counts datagrams to ``port`` until one says b"hi" (sent last, through the real overlay)."""
     code = (
-        "import socket,sys,time\n"
-        "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.bind(('0.0.0.0',%d)); s.settimeout(0.2)\n"
-        "print('ready',flush=True); n=0; end=time.time()+%f\n"
-        "while time.time()<end:\n"
-        "    try: s.recv(2048); n+=1\n"
-        "    except socket.timeout: pass\n"
-        "print(n,flush=True)\n" % (port, seconds)
+        "import socket\n"
+        "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.bind(('0.0.0.0',%d)); s.settimeout(%f)\n"
+        "print('ready',flush=True); n=0\n"
+        "while s.recv(2048)!=b'hi': n+=1\n"
+        "print(n,flush=True)\n" % (port, WAIT)
     )
     proc = subprocess.Popen(pod.netns.argv(sys.executable, "-c", code), stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
@@ -141,7 +138,8 @@ def test_datagram_from_non_peer_never_reaches_a_pod(cluster):
 
     victim = cluster.nodes[0].pods[0]
     friend = cluster.nodes[1].pods[0]
-    listener = _count_received(victim, 9999, seconds=4)
+    listener = _listen_until_marker(victim, 9999)
+    dropped_before = status(cluster.nodes[0])["drops"].get("not_a_peer", 0)
     with Netns.create(f"fp{cluster.tag}x") as intruder:
         cluster.plug_into_underlay(intruder, "x", "198.51.100.200")
         inner = bytes(IP(src=str(friend.ip.ip), dst=str(victim.ip.ip)) / UDP(sport=1, dport=9999) / Raw(b"evil"))
@@ -152,8 +150,14 @@ def test_datagram_from_non_peer_never_reaches_a_pod(cluster):
             "for _ in range(50): s.sendto(data,('198.51.100.1',8285))\n"
         )
         intruder.sh(sys.executable, "-c", sender, inner.hex())
-        # a control packet through the real overlay proves the listener hears legitimate traffic
+        # every one of the 50 reached the daemon and was dropped as not_a_peer (nothing else on
+        # this cluster sends to port 8285 from outside the leases)
+        assert wait_until(lambda: status(cluster.nodes[0])["drops"].get("not_a_peer", 0) - dropped_before == 50,
+                          WAIT), status(cluster.nodes[0])["drops"]
+        # a control packet through the real overlay, sent after them, proves the listener hears
+        # legitimate traffic (anything of the intruder's that got through would come before it)
         friend.sh(sys.executable, "-c",
                   f"import socket; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); s.sendto(b'hi',('{victim.ip.ip}',9999))")
-        out, _ = listener.communicate(timeout=15)
-    assert out.strip() == "1", f"pod received {out.strip()} datagrams; only the one from the real peer may arrive"
+        out, _ = listener.communicate(timeout=WAIT + 10)
+    assert listener.returncode == 0, "the listener never heard the real peer's datagram"
+    assert out.strip() == "0", f"pod received {out.strip()} datagrams from the intruder"

@@ -6,7 +6,14 @@ subnet, inner destinations elsewhere, GRO/GSO batches of all of these) are
 sent from a namespace that is not a peer and from a peer's namespace. The
 daemon must stay up, its drop counters must account for every datagram
 exactly (per reason, against an oracle written from the documented rules),
-nothing from the non-peer may reach a pod, and pod traffic must carry on.
+nothing from the non-peer may reach a pod, and pod traffic (pings from a
+third node, so that they are not counted with the flood) must carry on.
+
+The sender waits, every ``WINDOW`` datagrams, until the daemon has counted all
+it sent so far: the daemon's socket never holds more than a window, so the
+kernel never has to drop one for want of room on any machine, and a datagram
+the daemon lost shows as a count that never arrives. The rate the daemon
+drained is printed as a figure, not asserted.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import pytest
 
 from flanneld_py.core.packet import checksum
 from flanneld_py.lab.cluster import Cluster, Node
+from flanneld_py.lab.netns import Netns
 
 from flanneld_py.lab.checks import time_until
 from lab_helpers import (
@@ -45,17 +53,20 @@ pytestmark = [pytest.mark.netns, pytest.mark.slow]
 PER_SENDER = 50_000
 INTRUDER = "198.51.100.200"
 MAX_GSO_SEGMENTS = 32
-RATE = 20_000  # datagrams/s: well within what the daemon drains on a busy 2-core machine
+# datagrams in flight at most: a window of these (even the 20 oversized ones of up to 60 kB
+# first) takes a few MB of the daemon's 8 MiB receive buffer
+WINDOW = 1000
 
 # The sender: records are <u8 gso><u16 seglen><u32 length><bytes>; a gso record is
-# one sendmsg with UDP_SEGMENT (the receiver's GRO socket gets it as one batch).
+# one sendmsg with UDP_SEGMENT (the receiver's GRO socket gets it as one batch). After
+# each window it prints "sent <datagrams so far>" and waits for a line on stdin.
 SENDER = r"""
 import socket, struct, sys, time
-path, target, rate = sys.argv[1], sys.argv[2], float(sys.argv[3])
+path, target, window = sys.argv[1], sys.argv[2], int(sys.argv[3])
 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
 data = open(path, "rb").read()
-offset, sent, start = 0, 0, time.monotonic()
+offset, sent, paused = 0, 0, 0
 while offset < len(data):
     gso, seglen, length = struct.unpack_from("!BHI", data, offset)
     offset += 7
@@ -72,10 +83,11 @@ while offset < len(data):
             break
         except BlockingIOError:
             time.sleep(0.001)
-    ahead = start + sent / rate - time.monotonic()
-    if ahead > 0:
-        time.sleep(ahead)
-print(sent, flush=True)
+    if sent - paused >= window:
+        print("sent", sent, flush=True)
+        sys.stdin.readline()
+        paused = sent
+print("done", sent, flush=True)
 """
 
 
@@ -248,17 +260,30 @@ def counters(node: Node, peer_subnet: str) -> tuple[Counter, int]:  # type: igno
     return Counter(doc["drops"]), rx
 
 
-def settle(node: Node, peer_subnet: str, timeout: float = 30) -> tuple[Counter, int]:  # type: ignore[type-arg]
-    """Counters once they stopped moving (the daemon drained its socket)."""
-    last = counters(node, peer_subnet)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
-        now = counters(node, peer_subnet)
-        if now == last:
-            return now
-        last = now
-    return last
+def counted(node: Node, peer_subnet: str) -> int:
+    """Datagrams the daemon has dealt with: dropped (any reason) or forwarded from ``peer_subnet``."""
+    drops, rx = counters(node, peer_subnet)
+    return sum(drops.values()) + rx
+
+
+def flood(node: Node, netns: Netns, path: str, peer_subnet: str) -> tuple[int, float]:
+    """Send the records in ``path`` from ``netns`` to ``node``, a window at a time; (datagrams, seconds)."""
+    base = counted(node, peer_subnet)
+    argv = netns.argv(sys.executable, "-c", SENDER, path, node.address, str(WINDOW))
+    t0 = time.monotonic()
+    with background(argv, stdin=True) as sender:
+        assert sender.stdin is not None and sender.stdout is not None
+        while True:
+            word, number = sender.stdout.readline().split()
+            sent = int(number)
+            # a generous deadline: a daemon that lost datagrams never gets there
+            if time_until(lambda: counted(node, peer_subnet) - base >= sent, 60, 0.02) is None:
+                raise AssertionError(f"of {sent} datagrams sent the daemon counted {counted(node, peer_subnet) - base}"
+                                     f"; kernel: {udp_snmp(node.netns)}\n{node.log_text()[-3000:]}")
+            if word == "done":
+                return sent, time.monotonic() - t0
+            sender.stdin.write("\n")
+            sender.stdin.flush()
 
 
 LISTENER = r"""
@@ -275,14 +300,14 @@ while True:
 
 
 def test_hostile_datagrams_are_all_counted_and_none_from_a_non_peer_reaches_a_pod():
-    with Cluster(nodes=2) as lab, tempfile.TemporaryDirectory(prefix="flanneld-faults-") as tmp:
-        victim, friend = lab.nodes
-        start(lab, victim, friend)
-        p1, p2 = lab.add_pod(victim), lab.add_pod(friend)
-        assert time_until(lambda: reachable(p2, p1), 10) is not None, dump(lab)
+    with Cluster(nodes=3) as lab, tempfile.TemporaryDirectory(prefix="flanneld-faults-") as tmp:
+        victim, friend, third = lab.nodes
+        start(lab, victim, friend, third)
+        p1, p2, p3 = lab.add_pod(victim), lab.add_pod(friend), lab.add_pod(third)
+        assert time_until(lambda: reachable(p2, p1) and reachable(p3, p1), 30) is not None, dump(lab)
         own = victim.subnet_env().subnet
         peer_subnet = friend.subnet_env().subnet
-        peers = {peer_subnet: friend.address}
+        peers = {peer_subnet: friend.address, third.subnet_env().subnet: third.address}
         victim_ip = str(p1.ip.ip)
 
         floods = {
@@ -294,55 +319,57 @@ def test_hostile_datagrams_are_all_counted_and_none_from_a_non_peer_reaches_a_po
         heard = os.path.join(tmp, "heard")
         listener_argv = p1.netns.argv(sys.executable, "-c", LISTENER, heard)
         with underlay_host(lab, "x", INTRUDER) as intruder, background(listener_argv) as listener, \
-                continuous_ping(p2, p1, seconds=14.0) as pings:
+                continuous_ping(p3, p1, seconds=None) as pings:
             assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
             for name, netns in (("non-peer", intruder), ("peer", friend.netns)):
-                flood = floods[name]
+                planned = floods[name]
                 path = os.path.join(tmp, f"{name}.bin")
-                flood.write(path)
-                drops0, rx0 = settle(victim, str(peer_subnet))
+                planned.write(path)
+                drops0, rx0 = counters(victim, str(peer_subnet))
                 kernel0 = udp_snmp(victim.netns)
-                t0 = time.monotonic()
-                out = netns.sh(sys.executable, "-c", SENDER, path, victim.address, str(RATE), timeout=120).stdout
-                sent = int(out.strip())
-                drops1, rx1 = settle(victim, str(peer_subnet))
-                took = time.monotonic() - t0
+                sent, took = flood(victim, netns, path, str(peer_subnet))
+                drops1, rx1 = counters(victim, str(peer_subnet))
                 kernel1 = udp_snmp(victim.netns)
-                assert sent == flood.datagrams
+                assert sent == planned.datagrams
                 delta = drops1 - drops0
-                delta.update({k: 0 for k in flood.expected})
+                delta.update({k: 0 for k in planned.expected})
                 kernel_dropped = kernel1["RcvbufErrors"] - kernel0["RcvbufErrors"]
-                results[name] = (flood, delta, rx1 - rx0, kernel_dropped, took)
+                results[name] = (planned, delta, rx1 - rx0, kernel_dropped, took)
                 assert alive(victim), f"daemon died under the {name} flood:\n{victim.log_text()[-3000:]}"
             stats = pings()
             # the listener saw nothing from the floods: only the one datagram the real overlay carries now
             p2.sh(sys.executable, "-c", f"import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
                                         f".sendto(b'hi', ('{victim_ip}', 9999))")
-            assert time_until(lambda: os.path.exists(heard) and open(heard).read().strip(), 5) is not None
-            time.sleep(0.3)
+            assert time_until(lambda: os.path.exists(heard) and open(heard).read().strip(), 30) is not None
         with open(heard) as handle:
             lines = handle.read().split()
+        # anything of the floods that reached the pod came before the overlay's datagram
         assert lines == [b"hi".hex()], f"the pod received {len(lines)} datagrams; only the overlay's one may arrive"
 
-        for name, (flood, delta, rx, kernel_dropped, took) in results.items():
-            expected_drops = {k: v for k, v in flood.expected.items() if k != "forwarded"}
+        for name, (planned, delta, rx, kernel_dropped, took) in results.items():
+            expected_drops = {k: v for k, v in planned.expected.items() if k != "forwarded"}
             got_drops = {k: delta[k] for k in expected_drops}
+            # the window keeps the socket from filling, so none may be lost there
             assert kernel_dropped == 0, f"{name}: the kernel dropped {kernel_dropped} datagrams (socket buffer full)"
             assert got_drops == expected_drops, f"{name}: drops {dict(delta)} != expected {expected_drops}"
             unexpected = {k: v for k, v in delta.items() if k not in expected_drops and v}
             assert not unexpected, f"{name}: unexpected drops {unexpected}"
-            assert rx >= flood.expected["forwarded"], f"{name}: forwarded {rx} < {flood.expected['forwarded']}"
-            assert sum(got_drops.values()) + flood.expected["forwarded"] == flood.datagrams
+            # nothing but the flood comes from the friend's subnet meanwhile (the pings come from the third node)
+            assert rx == planned.expected["forwarded"], f"{name}: forwarded {rx} != {planned.expected['forwarded']}"
+            assert sum(got_drops.values()) + rx == planned.datagrams
         log = victim.log_text()
         assert "Traceback" not in log and "Exception in callback" not in log, log[-4000:]
-        assert alive(victim) and alive(friend)
-        assert stats.lost_seconds <= 1.0, f"pod traffic suffered: {stats}"
+        assert all(alive(node) for node in lab.nodes)
+        # pod traffic carried on: at most 1% of the pings lost (they share the daemon's socket with
+        # a window of the flood, never more)
+        assert stats.sent > 0 and stats.lost <= stats.sent // 100, f"pod traffic suffered: {stats}"
         with paced_transfer(p2, p1, 4 << 20, seconds=1) as finish:
             sent_digest, received_digest = finish(60)
         assert sent_digest == received_digest
-        for name, (flood, delta, rx, kernel_dropped, took) in results.items():
-            print(f"\nFIGURE hostile-{name}: {flood.datagrams} datagrams in {took:.1f}s, "
-                  f"all counted: {dict(sorted((k, v) for k, v in flood.expected.items()))}; "
-                  f"classes {dict(sorted(flood.classes.items()))}")
+        for name, (planned, delta, rx, kernel_dropped, took) in results.items():
+            print(f"\nFIGURE hostile-{name}: {planned.datagrams} datagrams, all counted, drained at "
+                  f"{planned.datagrams / took:,.0f}/s ({WINDOW} in flight at most): "
+                  f"{dict(sorted((k, v) for k, v in planned.expected.items()))}; "
+                  f"classes {dict(sorted(planned.classes.items()))}")
         print(f"FIGURE hostile-pods: pings during the floods {stats.received}/{stats.sent}, "
               f"transfer after intact")

@@ -11,11 +11,11 @@ import os
 import signal
 import socket
 import threading
-import time
 from dataclasses import dataclass, field
 
 import pytest
 
+from flanneld_py.lab.checks import wait_until
 from flanneld_py.lab.cluster import PREFIX, Cluster, Node
 
 pytestmark = [pytest.mark.netns, pytest.mark.etcd, pytest.mark.slow]
@@ -47,12 +47,11 @@ class Inbox:
                 if line.startswith(key + "=")]
 
     def wait_for(self, line: str, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if any(line in text.splitlines() for text, _ in self.messages):
-                return True
-            time.sleep(0.05)
-        return False
+        return wait_until(lambda: any(line in text.splitlines() for text, _ in self.messages), timeout, 0.05)
+
+    def wait_count(self, key: str, count: int, timeout: float = 30) -> bool:
+        """Until ``count`` messages carried ``key`` (a count, not a rate: no window to miss on a slow machine)."""
+        return wait_until(lambda: len(self.fields(key)) >= count, timeout, 0.05)
 
 
 def test_ready_status_watchdog_and_stopping(tmp_path):
@@ -69,11 +68,10 @@ def test_ready_status_watchdog_and_stopping(tmp_path):
             cluster.start_daemon(node, f"--control-socket={node.workdir}/control.sock", wait=False,
                                  env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
             assert inbox.wait_for("STATUS=waiting for network config", timeout=15), node.log_text()
-            time.sleep(1.0)
+            # the loop pings while the daemon waits for its config (it cannot be ready without one)
+            assert inbox.wait_count("WATCHDOG", 5), inbox.messages
             assert not os.path.exists(node.subnet_file)
             assert inbox.fields("READY") == []
-            early_pings = len(inbox.fields("WATCHDOG"))
-            assert early_pings >= 5, inbox.messages  # every 0.1 s, even while waiting for etcd
 
             cluster.put_config(cluster.config)
             assert inbox.wait_for("READY=1", timeout=20), node.log_text()
@@ -88,11 +86,10 @@ def test_ready_status_watchdog_and_stopping(tmp_path):
             assert [s for s in statuses if s in order] == order
 
             pings = len(inbox.fields("WATCHDOG"))
-            time.sleep(0.6)
-            assert len(inbox.fields("WATCHDOG")) >= pings + 3  # still pinging once running
+            assert inbox.wait_count("WATCHDOG", pings + 3), inbox.messages[-5:]  # still pinging once running
 
             assert cluster.stop_daemon(node, signal.SIGTERM) == 0, node.log_text()[-2000:]
-            assert inbox.wait_for("STOPPING=1", timeout=5)
+            assert inbox.wait_for("STOPPING=1", timeout=30)
             assert "cannot notify systemd" not in node.log_text()
         finally:
             inbox.stop()
