@@ -270,9 +270,8 @@ def test_builds_judge_and_merge_gro_batches_identically(payload, mss, mutations,
 def test_compiled_build_stays_inside_its_buffers(data, n, a, b, c, h):
     """Any lengths with any bytes: a result or a ValueError, never a read or write outside the buffers.
 
-    The C build checks its arguments. Overruns would not crash here; to see them, build the
-    module with ``-fsanitize=address,undefined`` and run this file with ``PYTHONMALLOC=malloc``
-    and libasan preloaded (done for session 3's change: clean)."""
+    The C build checks its arguments. Overruns would not crash here; CI runs this file again
+    against an ASan/UBSan build (``.ci/sanitizers``), where any overrun fails the run."""
     out = bytearray(len(data) + 64)
     calls = [
         lambda: C.segment_tcp4(bytearray(data), n, a, out),
