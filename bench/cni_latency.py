@@ -1,20 +1,30 @@
 """CNI ADD and DEL latency: ``flannel-py`` against the reference ``bridge`` + ``host-local``.
 
-A one-node lab runs the real daemon (flannel-py hands each request to it over
-its unix socket). Inside the node's namespace an agent (``python3 -m
-bench.cni_latency --agent PLAN``) plays the container runtime: one exec per
-command, CNI_* in the environment, the config on stdin, timed from fork to
-exit. Both plugins get a warm-up ADD/DEL first, then the pods are added
-alternately (ours, reference, ours, ...) into fresh namespaces of their own,
-then deleted in the same order, so drift on the machine hits both alike.
-After each DEL the agent waits, off the clock, until that plugin's veth has
-left its bridge: flannel-py answers DEL before the kernel has removed the
-veth (see the CNI section of the README), and that removal must not be
-billed to the next plugin's timing. The wait is kept as ``del_settle_ms``.
+The project's one CNI latency tool: ``bench`` runs it, and on its own (root)::
 
-flannel-py runs as its shebang says (``python3 -I -S``, with this Python);
-the reference plugins are Debian's ``containernetworking-plugins`` in
-/usr/lib/cni.
+    python3 -m bench.cni_latency --pods 50
+
+Inside a node namespace an agent (``--agent PLAN``, internal) plays the
+container runtime: one exec per command, CNI_* in the environment, the config
+on stdin, timed from fork to exit. flannel-py's shim hands each request to the
+daemon's CNI server (``python3 -m flanneld_py.cni.server``, the ``CniServer``
+the daemon runs, without the rest of the daemon); the reference plugins are
+Debian's ``containernetworking-plugins`` in /usr/lib/cni.
+
+Like for like: both plugins wire the same features (a bridge with the
+gateway, default route, hairpin mode, a per-pod masquerade chain) and do all
+of their removal inside DEL: our server runs with ``--sync-del`` for the
+headline figures. After a warm-up ADD/DEL each, the pods are added taking
+turns (ours, reference, ours, ...) into fresh namespaces of their own, then
+deleted in the same order, so drift on the machine hits both alike. Before
+each next command the agent waits, off the clock, until the last DEL's
+removal is complete (veth off the bridge, address file and masquerade chain
+gone), so no plugin's leftover work lands on another's clock. Then VERSION
+as often: each plugin's start-up alone.
+
+A second, separately labelled phase times our DEL as the daemon serves it by
+default: answered once the pod is queued for removal, the removal after it
+(``answer_first``, with ``del_settle_ms``: answer to removal complete).
 """
 
 from __future__ import annotations
@@ -22,98 +32,149 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
-from flanneld_py.lab.cluster import Cluster, cni_plugin_argv
-from flanneld_py.lab.netns import Netns, run
+from flanneld_py.core.subnetenv import SubnetEnv
+from flanneld_py.lab.checks import wait_until
+from flanneld_py.lab.cluster import cni_plugin_argv
+from flanneld_py.lab.netns import Netns, run, unique_tag
+from flanneld_py.unixsock import socket_answers
 
+from .figures import CNI_FIGURES
 from .modes import REFERENCE_CNI
-from .stats import percentile
+from .stats import percentile, ratio
 
 __all__ = ["OURS", "REFERENCE", "measure_cni", "summarize"]
 
 OURS = "flannel-py"
 REFERENCE = "bridge+host-local"
 REPO = Path(__file__).resolve().parents[1]
+NETWORK = IPv4Network("10.244.0.0/16")
+OUR_SUBNET = IPv4Network("10.244.5.0/24")
+REFERENCE_SUBNET = IPv4Network("10.244.6.0/24")
+MTU = 1472
+# nat chains each plugin makes per pod for its masquerading
+CHAIN_PREFIX = {OURS: "FLP-", REFERENCE: "CNI-"}
+REMOVAL_TIMEOUT = 30.0  # s: a generous deadline for a DEL's removal to finish
 
 
-def summarize(add_ms: Sequence[float], del_ms: Sequence[float]) -> dict[str, float]:
-    """p50/p99 of ADD and DEL (keys of :data:`bench.figures.CNI_FIGURES`)."""
-    return {
+def summarize(add_ms: Sequence[float], del_ms: Sequence[float],
+              version_ms: Sequence[float] = ()) -> dict[str, float]:
+    """p50/p99 of ADD and DEL, and p50 of VERSION if timed (keys of :data:`bench.figures.CNI_FIGURES`)."""
+    out = {
         "add_p50_ms": percentile(add_ms, 50),
         "add_p99_ms": percentile(add_ms, 99),
         "del_p50_ms": percentile(del_ms, 50),
         "del_p99_ms": percentile(del_ms, 99),
     }
+    if version_ms:
+        out["version_p50_ms"] = percentile(version_ms, 50)
+    return out
 
 
-def _free_subnet(taken: Sequence[str], network: str = "10.244.0.0/16") -> str:
-    used = {IPv4Network(s) for s in taken}
-    for subnet in reversed(list(IPv4Network(network).subnets(new_prefix=24))[1:-1]):
-        if not any(subnet.overlaps(u) for u in used):
-            return str(subnet)
-    raise RuntimeError("no free /24 left for the reference plugin")
+def plugin_configs(workdir: Path, subnet_file: Path, socket_path: str, tag: str) -> dict[str, dict[str, Any]]:
+    """The two configs, with the same features: gateway, default route, hairpin, masquerade, MTU."""
+    return {
+        OURS: {"cniVersion": "1.0.0", "name": f"cbr0-{tag}", "type": "flannel-py", "bridge": "cni0",
+               "isDefaultGateway": True, "hairpinMode": True, "ipMasq": True, "subnetFile": str(subnet_file),
+               "dataDir": str(workdir / "ours"), "daemonSocket": socket_path},
+        REFERENCE: {"cniVersion": "1.0.0", "name": f"ref-{tag}", "type": "bridge", "bridge": "cniref0",
+                    "isGateway": True, "isDefaultGateway": True, "hairpinMode": True, "ipMasq": True, "mtu": MTU,
+                    "ipam": {"type": "host-local", "subnet": str(REFERENCE_SUBNET),
+                             "dataDir": str(workdir / "ref")}},
+    }
 
 
 def measure_cni(pods: int, tag: str, step: Callable[[str], None]) -> dict[str, Any]:
-    """Time ``pods`` ADDs and DELs of each plugin on one lab node; raw times and figures.
+    """Time ``pods`` ADDs, DELs and VERSIONs of each plugin in one node namespace; raw times and figures.
 
     Raises:
-        RuntimeError: the lab, the daemon or a plugin failed.
+        RuntimeError: a namespace, the CNI server or a plugin failed.
     """
-    step("CNI: one-node lab")
-    with Cluster(nodes=1, backend={"Type": "udp"}, tag=tag) as cluster:
-        cluster.start_all()
-        node = cluster.nodes[0]
-        step(f"CNI: {2 * pods + 2} pod namespaces")
-        namespaces: list[Netns] = []
-        try:
-            for name in ["wo", "wr"] + [f"{kind}{i}" for i in range(pods) for kind in ("o", "r")]:
-                namespaces.append(Netns.create(f"fp{tag}c{name}"))
-            leases = [name.replace("-", "/") for name in cluster.leases()]
-            workdir = Path(cluster.workdir)
-            ours = cluster.cni_config(node)
-            reference = {
-                "cniVersion": "1.0.0", "name": f"ref-{tag}", "type": "bridge", "bridge": "cniref0",
-                "isGateway": True, "isDefaultGateway": True, "hairpinMode": True,
-                "mtu": node.subnet_env().mtu,
-                "ipam": {"type": "host-local", "subnet": _free_subnet(leases), "dataDir": str(workdir / "ref-ipam")},
-            }
-            paths = {ns.name.removeprefix(f"fp{tag}c"): ns.path for ns in namespaces}
-            plan = {
-                "pods": pods,
-                "tag": tag,
-                "plugins": {
-                    OURS: {"argv": cni_plugin_argv(), "config": ours,
-                           "warm": paths["wo"], "pods": [paths[f"o{i}"] for i in range(pods)]},
-                    REFERENCE: {"argv": [os.path.join(REFERENCE_CNI, "bridge")], "config": reference,
-                                "warm": paths["wr"], "pods": [paths[f"r{i}"] for i in range(pods)]},
-                },
-            }
-            plan_file = workdir / "cni-plan.json"
-            plan_file.write_text(json.dumps(plan))
-            step(f"CNI: {pods} ADDs and DELs per plugin")
-            proc = run(node.netns.argv(sys.executable, "-m", "bench.cni_latency", "--agent", str(plan_file)),
-                       timeout=60 + pods * 10, cwd=str(REPO))
-            times = json.loads(proc.stdout)
-        finally:
-            for ns in reversed(namespaces):
-                ns.delete()
+    step(f"CNI: a node and {3 * pods + 2} pod namespaces")
+    workdir = Path(tempfile.mkdtemp(prefix=f"flanneld-lab-{tag}-cni-"))
+    namespaces: list[Netns] = []
+    try:
+        node = Netns.create(f"fp{tag}cn")
+        namespaces.append(node)
+        node.ip("link", "set", "lo", "up")
+        names = ["wo", "wr"] + [f"{kind}{i}" for i in range(pods) for kind in ("o", "r", "a")]
+        for name in names:
+            namespaces.append(Netns.create(f"fp{tag}c{name}"))
+        paths = {ns.name.removeprefix(f"fp{tag}c"): ns.path for ns in namespaces[1:]}
+        subnet_file = workdir / "subnet.env"
+        subnet_file.write_text(SubnetEnv(NETWORK, OUR_SUBNET, MTU, False).render())
+        socket_path = str(workdir / "cni.sock")
+        configs = plugin_configs(workdir, subnet_file, socket_path, tag)
+
+        def plan(phase: str, plugins: Sequence[str], pod_kind: dict[str, str], version: bool) -> dict[str, Any]:
+            return {"tag": f"{tag}-{phase}", "version": version, "plugins": {
+                name: {"argv": cni_plugin_argv() if name == OURS else [os.path.join(REFERENCE_CNI, "bridge")],
+                       "config": configs[name], "warm": paths["wo" if name == OURS else "wr"],
+                       "pods": [paths[f"{pod_kind[name]}{i}"] for i in range(pods)]}
+                for name in plugins}}
+
+        step(f"CNI: {pods} ADDs, DELs and VERSIONs per plugin, our DEL waiting for its removal")
+        with cni_server(node, socket_path, workdir, sync_del=True):
+            headline = run_plan(node, workdir, plan("sync", (OURS, REFERENCE), {OURS: "o", REFERENCE: "r"},
+                                                    version=True), pods)
+        step(f"CNI: {pods} ADDs and DELs, our DEL answering first")
+        with cni_server(node, socket_path, workdir, sync_del=False):
+            first = run_plan(node, workdir, plan("first", (OURS,), {OURS: "a"}, version=False), pods)[OURS]
+    finally:
+        for ns in reversed(namespaces):
+            ns.delete()
+        shutil.rmtree(workdir, ignore_errors=True)
     out: dict[str, Any] = {"pods": pods, "plugins": {}}
-    for name, timing in times.items():
-        gone = [d + s for d, s in zip(timing["del_ms"], timing["del_settle_ms"])]
-        out["plugins"][name] = {
-            "figures": summarize(timing["add_ms"], timing["del_ms"]),
-            "del_until_gone": {"p50_ms": percentile(gone, 50), "p99_ms": percentile(gone, 99)},
-            **timing,
-        }
+    for name, timing in headline.items():
+        out["plugins"][name] = {"figures": summarize(timing["add_ms"], timing["del_ms"], timing["version_ms"]),
+                                **timing}
+    ours, ref = out["plugins"][OURS]["figures"], out["plugins"][REFERENCE]["figures"]
+    out["ratios"] = {f.key: ratio(ours[f.key], ref[f.key]) for f in CNI_FIGURES}  # like for like
+    gone = [d + s for d, s in zip(first["del_ms"], first["del_settle_ms"])]
+    out["answer_first"] = {"figures": summarize(first["add_ms"], first["del_ms"]),
+                           "del_until_gone": {"p50_ms": percentile(gone, 50), "p99_ms": percentile(gone, 99)},
+                           **first}
     return out
+
+
+@contextmanager
+def cni_server(node: Netns, socket_path: str, workdir: Path, sync_del: bool) -> Iterator[None]:
+    """The daemon's CNI server on its own in ``node``, stopped on the way out."""
+    with open(workdir / "server.log", "ab") as log:
+        server = node.popen(sys.executable, "-m", "flanneld_py.cni.server", "--socket", socket_path,
+                            *(["--sync-del"] if sync_del else []), stdout=log, stderr=subprocess.STDOUT,
+                            cwd=str(REPO), env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        if not wait_until(lambda: server.poll() is not None or socket_answers(socket_path), 30) \
+                or server.poll() is not None:
+            raise RuntimeError(f"CNI server did not start: {(workdir / 'server.log').read_text()[-2000:]}")
+        yield
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def run_plan(node: Netns, workdir: Path, plan: dict[str, Any], pods: int) -> dict[str, dict[str, list[float]]]:
+    plan_file = workdir / f"plan-{plan['tag']}.json"
+    plan_file.write_text(json.dumps(plan))
+    proc = run(node.argv(sys.executable, "-m", "bench.cni_latency", "--agent", str(plan_file)),
+               timeout=120 + pods * 10, cwd=str(REPO))
+    return json.loads(proc.stdout)  # type: ignore[no-any-return]
 
 
 # --- the agent, inside the node's namespace ------------------------------------------------
@@ -137,42 +198,44 @@ def _exec(argv: Sequence[str], config: bytes, command: str, netns: str, containe
     return elapsed
 
 
-def bridge_ports(bridge: str) -> int:
-    """How many ports ``bridge`` has in this namespace (0 if it does not exist yet)."""
+def pod_state(name: str, config: dict[str, Any]) -> tuple[int, int, int]:
+    """What ``name``'s pods hold in this namespace: (bridge ports, address files, masquerade chains)."""
     try:
-        return len(os.listdir(f"/sys/class/net/{bridge}/brif"))
+        ports = len(os.listdir(f"/sys/class/net/{config['bridge']}/brif"))
     except FileNotFoundError:
-        return 0
+        ports = 0
+    data_dir = config.get("dataDir") or config["ipam"]["dataDir"]
+    store = Path(data_dir) / config["name"]
+    addresses = sum(1 for f in store.iterdir() if re.fullmatch(r"[0-9.]+", f.name)) if store.is_dir() else 0
+    rules = subprocess.run(["iptables", "-w", "-t", "nat", "-S"], capture_output=True, text=True, check=True).stdout
+    chains = sum(1 for line in rules.splitlines() if line.startswith(f"-N {CHAIN_PREFIX[name]}"))
+    return ports, addresses, chains
 
 
-def _settle(bridge: str, want: int, timeout: float = 5.0) -> float:
-    """Wait (untimed for the figures) until ``bridge`` is down to ``want`` ports; ms it took."""
+def _removed(name: str, config: dict[str, Any], left: int) -> float:
+    """Wait (off the clock) until at most ``left`` pods of ``name`` remain wired; ms it took."""
     start = time.perf_counter()
-    while bridge_ports(bridge) > want:
-        if time.perf_counter() - start > timeout:
-            raise RuntimeError(f"{bridge} still has {bridge_ports(bridge)} ports {timeout:g}s after DEL (want {want})")
-        time.sleep(0.0005)
+    if not wait_until(lambda: all(count <= left for count in pod_state(name, config)), REMOVAL_TIMEOUT, 0.001):
+        raise RuntimeError(f"{name}: {pod_state(name, config)} (ports, addresses, chains) "
+                           f"{REMOVAL_TIMEOUT:g}s after DEL, want {left} each")
     return (time.perf_counter() - start) * 1000
 
 
 def run_agent(plan: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
-    """Warm each plugin up, then ADD pod i with each plugin in turn, then DEL them the same way.
+    """Warm each plugin up, ADD pod i with each plugin in turn, DEL them the same way, then VERSION.
 
-    After every DEL the agent waits, off the clock, until the plugin's veth is
-    gone from its bridge, so a plugin that answers DEL before the kernel is
-    done does not slow the next plugin's timing; that wait is recorded as
-    ``del_settle_ms`` (DEL answered to veth gone).
+    After every DEL the agent waits, off the clock, until the removal is
+    complete, recorded as ``del_settle_ms`` (DEL answered to removal done).
     """
     plugins = plan["plugins"]
     configs = {name: json.dumps(spec["config"]).encode() for name, spec in plugins.items()}
-    bridges = {name: spec["config"]["bridge"] for name, spec in plugins.items()}
     for name, spec in plugins.items():
         _exec(spec["argv"], configs[name], "ADD", spec["warm"], f"warm-{plan['tag']}")
         _exec(spec["argv"], configs[name], "DEL", spec["warm"], f"warm-{plan['tag']}")
-        _settle(bridges[name], 0)
+        _removed(name, spec["config"], 0)
     out: dict[str, dict[str, list[float]]] = {
-        name: {"add_ms": [], "del_ms": [], "del_settle_ms": []} for name in plugins}
-    pods = plan["pods"]
+        name: {"add_ms": [], "del_ms": [], "del_settle_ms": [], "version_ms": []} for name in plugins}
+    pods = len(next(iter(plugins.values()))["pods"])
     for i in range(pods):
         for name, spec in plugins.items():
             out[name]["add_ms"].append(
@@ -181,16 +244,26 @@ def run_agent(plan: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
         for name, spec in plugins.items():
             out[name]["del_ms"].append(
                 _exec(spec["argv"], configs[name], "DEL", spec["pods"][i], f"bench-{plan['tag']}-{i}"))
-            out[name]["del_settle_ms"].append(_settle(bridges[name], pods - i - 1))
+            out[name]["del_settle_ms"].append(_removed(name, spec["config"], pods - i - 1))
+    if plan["version"]:
+        for _ in range(pods):
+            for name, spec in plugins.items():
+                out[name]["version_ms"].append(_exec(spec["argv"], configs[name], "VERSION", "", ""))
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m bench.cni_latency")
-    parser.add_argument("--agent", required=True, help="plan file written by measure_cni (internal)")
+    parser = argparse.ArgumentParser(prog="python3 -m bench.cni_latency", description=__doc__.split("\n")[0])
+    parser.add_argument("--pods", type=int, default=50)
+    parser.add_argument("--agent", help=argparse.SUPPRESS)  # a plan file written by measure_cni
     args = parser.parse_args(argv)
-    plan = json.loads(Path(args.agent).read_text())
-    print(json.dumps(run_agent(plan)))
+    if args.agent:
+        print(json.dumps(run_agent(json.loads(Path(args.agent).read_text()))))
+        return 0
+    from .report import cni_lines  # only for the stand-alone report
+
+    results = measure_cni(args.pods, unique_tag(), lambda label: print(label, file=sys.stderr, flush=True))
+    print("\n".join(cni_lines({**results, "status": "ok"})))
     return 0
 
 

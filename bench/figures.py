@@ -50,6 +50,7 @@ CNI_FIGURES: tuple[Figure, ...] = (
     Figure("add_p99_ms", "ADD p99", "ms", "lower", decimals=1),
     Figure("del_p50_ms", "DEL p50", "ms", "lower", decimals=1),
     Figure("del_p99_ms", "DEL p99", "ms", "lower", decimals=1),
+    Figure("version_p50_ms", "start-up alone (VERSION) p50", "ms", "lower", decimals=1),
 )
 
 SCALE_FIGURES: tuple[Figure, ...] = (

@@ -19,15 +19,13 @@ from typing import Any
 
 from flanneld_py.lab.netns import Netns, run, unique_tag
 
-from .cni_latency import OURS, REFERENCE, measure_cni
+from .cni_latency import measure_cni
 from .datapath import Plan, figures_from_round, measure_round
-from .figures import CNI_FIGURES
 from .machine import describe_machine, loadavg
 from .modes import FLANNELD_PY_MODES, open_testbed
 from .progress import Progress
 from .report import add_ratios, summarize_mode, write_outputs
 from .scale import ScaleSpec, measure_scale
-from .stats import ratio
 
 __all__ = ["BenchOptions", "rotate", "run_bench"]
 
@@ -151,8 +149,6 @@ class _Run:
             return {"status": "failed", "pods": self.plan.cni_pods, "error": self.fail("CNI latency", exc)}
         finally:
             self.progress.done = target
-        ours, ref = out["plugins"][OURS]["figures"], out["plugins"][REFERENCE]["figures"]
-        out["ratios"] = {f.key: ratio(ours[f.key], ref[f.key]) for f in CNI_FIGURES}
         out["status"] = "ok"
         return out
 

@@ -97,6 +97,9 @@ def test_quick_bench_udp_vxlan_c_relay(tmp_path: Path) -> None:
         assert len(entry["add_ms"]) == 50 and len(entry["del_ms"]) == 50
         for fig in CNI_FIGURES:
             assert entry["figures"][fig.key] > 0, (plugin, fig.key)
+    assert set(cni["ratios"]) == {fig.key for fig in CNI_FIGURES}
+    first = cni["answer_first"]  # our default DEL, on a line of its own
+    assert len(first["del_ms"]) == 50 and first["figures"]["del_p50_ms"] > 0
 
     report = (out / "report.md").read_text()
     for needle in ("| **udp** |", "| **vxlan** |", "| **c-relay** |", "flannel-py", "bridge+host-local", "Machine:"):

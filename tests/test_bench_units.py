@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from bench.__main__ import parse_modes
-from bench.cni_latency import _free_subnet, summarize
+from bench.cni_latency import summarize
 from bench.datapath import figures_from_round
 from bench.figures import DATAPATH_FIGURES, MAY_BE_ZERO, figure
 from bench.machine import parse_cpuinfo_model, parse_meminfo_gib, parse_os_release
@@ -267,8 +267,10 @@ def _results(modes: dict[str, Any]) -> dict[str, Any]:
         "machine": {"cpu_model": "Test CPU", "cpus": 2, "memory_gib": 4.0, "kernel": "6.1", "flanneld_py": "0.1.0"},
         "modes": modes,
         "cni": {"status": "ok", "pods": 50, "plugins": {
-            "flannel-py": {"figures": summarize([10.0, 12.0], [8.0, 9.0])},
-            "bridge+host-local": {"figures": summarize([20.0, 22.0], [30.0, 31.0])}},
+            "flannel-py": {"figures": summarize([10.0, 12.0], [28.0, 29.0], [1.0])},
+            "bridge+host-local": {"figures": summarize([20.0, 22.0], [30.0, 31.0], [2.0])}},
+            "answer_first": {"figures": summarize([10.0, 12.0], [3.0, 4.0]),
+                             "del_until_gone": {"p50_ms": 25.0, "p99_ms": 27.0}},
             "ratios": {"add_p50_ms": 0.5}},
         "scale": {"status": "not run"},
         "failures": [{"what": "vxlan, round 1", "error": "ModeError: backend not available"}],
@@ -287,7 +289,10 @@ def test_render_report_shows_every_mode_and_failures() -> None:
     assert "| udp | 0.20× |" in text  # vs bare
     assert "Each mode's median over vxlan's" not in text  # vxlan failed: no ratio table for it
     assert "ModeError: backend not available" in text
-    assert "| flannel-py | 11.0 |" in text
+    assert "| flannel-py (DEL waits for its removal: `--sync-del`) | 11.0 | 12.0 | 28.5 | 29.0 | 1.0 |" in text
+    assert "| bridge+host-local | 21.0 | 22.0 | 30.5 | 31.0 | 2.0 |" in text
+    assert "| flannel-py, DEL answering first (the default; not like for like) | 11.0 | 12.0 | 3.5 | 4.0 | — |" in text
+    assert "p50 25.0 / p99 27.0 ms" in text
     assert "Test CPU, 2 CPUs" in text
 
 
@@ -346,13 +351,13 @@ def test_progress_prints_one_line_per_step_off_a_terminal() -> None:
 # --- CNI and scale helpers -------------------------------------------------------------------------
 
 
-def test_cni_summarize_and_free_subnet() -> None:
+def test_cni_summarize() -> None:
     figures = summarize([float(v) for v in range(1, 101)], [5.0] * 50)
     assert figures["add_p50_ms"] == pytest.approx(50.5)
     assert figures["add_p99_ms"] == pytest.approx(99.01)
     assert figures["del_p99_ms"] == 5.0
-    assert _free_subnet(["10.244.7.0/24"]) == "10.244.254.0/24"
-    assert _free_subnet(["10.244.254.0/24"]) == "10.244.253.0/24"
+    assert "version_p50_ms" not in figures  # not timed: no figure
+    assert summarize([1.0], [2.0], [3.0, 1.0, 2.0])["version_p50_ms"] == 2.0
 
 
 def test_scale_subnet_len() -> None:

@@ -1,28 +1,32 @@
-"""The latency comparison bench/ relies on: it runs, reports both plugins, and cleans up."""
+"""The CNI latency tool (bench/cni_latency.py): both plugins timed like for like, nothing left behind."""
 
 from __future__ import annotations
 
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
-from flanneld_py.cni.latency import PluginTiming, compare, percentile
+from bench.cni_latency import OURS, REFERENCE, measure_cni
+from bench.figures import CNI_FIGURES
+from flanneld_py.lab.netns import unique_tag
 
-pytestmark = pytest.mark.netns
-
-
-def test_percentiles() -> None:
-    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
-    assert percentile([1.0] * 9 + [100.0], 90) == 100.0
-    timing = PluginTiming([1.0, 2.0], [3.0], [0.5]).summary()
-    assert timing["add_p50"] == 2.0 and timing["del_p50"] == 3.0 and timing["version_p50"] == 0.5
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 
-def test_compare_reports_both_plugins_and_leaves_nothing() -> None:
-    report = compare(pods=3)
-    assert report["pods"] == 3 and report["sync_del"] is False
-    for name in ("flannel-py", "bridge+host-local"):
-        assert set(report[name]) == {"add_p50", "add_p90", "del_p50", "del_p90", "version_p50"}
-        assert all(value > 0 for value in report[name].values())
-    after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert "cnilat-" not in after
+def test_measures_both_plugins_like_for_like_and_leaves_nothing() -> None:
+    tag = unique_tag()
+    steps: list[str] = []
+    out = measure_cni(3, tag, steps.append)
+    assert len(steps) == 3  # bench/runner.py's STEPS_CNI
+    for name in (OURS, REFERENCE):
+        entry = out["plugins"][name]
+        assert len(entry["add_ms"]) == len(entry["del_ms"]) == len(entry["version_ms"]) == 3
+        assert all(entry["figures"][fig.key] > 0 for fig in CNI_FIGURES), (name, entry["figures"])
+    assert set(out["ratios"]) == {fig.key for fig in CNI_FIGURES}
+    first = out["answer_first"]
+    assert len(first["del_ms"]) == len(first["del_settle_ms"]) == 3
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert f"fp{tag}" not in namespaces
+    assert not list(Path(tempfile.gettempdir()).glob(f"flanneld-lab-{tag}-*"))
