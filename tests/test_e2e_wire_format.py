@@ -59,9 +59,11 @@ def test_bulk_transfer_datagrams_are_valid_inner_packets(tmp_path, monkeypatch, 
             node.netns.sh("ethtool", "-K", "eth0", "tx-udp-segmentation", "off")
         capture = str(tmp_path / "underlay.pcap")
         dump = sender.netns.popen("tcpdump", "-i", "eth0", "-s", "0", "-U", "-n", "-w", capture, "udp port 8285",
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            time.sleep(1.0)
+            assert dump.stderr is not None
+            started = dump.stderr.readline().decode()  # tcpdump says so once it captures
+            assert "listening on eth0" in started, started
             result = tcp_transfer(src, dst, 16 * 1024 * 1024)
             time.sleep(0.5)
         finally:
