@@ -5,7 +5,9 @@
  * (proxy.c) moves packets, without its route table, TTL handling or checks.
  * It is a reference, not a datapath: what any design that wakes a process
  * for each packet costs on this machine, measured in the same run as the
- * others. Usage: c-relay TUN LOCAL_IP PEER_IP (port 8285 both ends).
+ * others. Its UDP socket has the daemon's buffer sizes; the TUN device is the
+ * daemon's flannel0 (same queue length). Offloads are off on both (as with
+ * --offload=false). Usage: c-relay TUN LOCAL_IP PEER_IP (port 8285 both ends).
  */
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -31,10 +33,24 @@ static int open_tun(const char *name) {
     return fd;
 }
 
+/* The daemon's socket buffers (udpconn.py: 8 MiB each way, the FORCE variants as root,
+ * past net.core.[rw]mem_max), so the reference is never weaker than what it is compared with. */
+#define SOCKET_BUFFER (8 * 1024 * 1024)
+
+static void grow_buffers(int fd) {
+    int size = SOCKET_BUFFER;
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof size) < 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
+    if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof size) < 0)
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
+}
+
 static int open_udp(const char *local, struct sockaddr_in *peer, const char *peer_ip) {
     int fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK, 0);
     struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons(8285)};
     *peer = addr;
+    if (fd >= 0)
+        grow_buffers(fd);
     if (fd < 0 || inet_pton(AF_INET, local, &addr.sin_addr) != 1 || inet_pton(AF_INET, peer_ip, &peer->sin_addr) != 1
         || bind(fd, (struct sockaddr *)&addr, sizeof addr) < 0) {
         perror("c-relay: UDP socket");
