@@ -11,10 +11,12 @@ different things that both really happen:
 * the daemon is killed (SIGKILL) at a random moment of ADD; it is restarted,
   and the runtime sends DEL.
 
-Three workers do this concurrently, then some pods are deleted, and a GC
-names the survivors. Afterwards nothing may be left but the survivors' veths,
-address files and masquerade chains, every survivor holds the address it was
-given, and no address is held twice.
+Three workers do this concurrently; every other ADD of theirs is left alone
+and must succeed under the others' kills and DELs. Then some pods are
+deleted, and a GC names the survivors. Afterwards nothing may be left but the
+survivors' veths, address files and masquerade chains, every survivor holds
+the address it was given and reaches its gateway, and no address is held
+twice.
 """
 
 from __future__ import annotations
