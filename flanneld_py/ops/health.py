@@ -22,7 +22,7 @@ from .snapshot import Snapshot
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
-    from ..subnet.registry import EtcdRegistry
+    from .snapshot import StoreView
 
 __all__ = ["EtcdProbe", "HealthServer", "etcd_staleness", "health_verdict"]
 
@@ -88,7 +88,7 @@ class EtcdProbe:
     registry, so they count in its error and reconnect counters.
     """
 
-    def __init__(self, registry: EtcdRegistry, interval: float,
+    def __init__(self, registry: StoreView, interval: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = registry
         self.interval = interval

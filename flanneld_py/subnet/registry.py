@@ -22,6 +22,7 @@ from aetcd import rpc
 from aetcd.rtypes import EventKind
 
 from ..core.lease import KeyDeleted, KeyPut
+from .store import EtcdAuthError, EtcdUnavailable, StoredSubnet, WatchCompacted
 
 __all__ = [
     "EtcdAuthError",
@@ -34,18 +35,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-class EtcdUnavailable(ConnectionError):
-    """No etcd endpoint answered in time; the caller retries with backoff."""
-
-
-class EtcdAuthError(PermissionError):
-    """TLS or credentials were refused: retrying will not help, the operator must act."""
-
-
-class WatchCompacted(Exception):
-    """The watch revision was compacted away; the caller must re-list."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,16 +81,6 @@ class EtcdTls:
             return (f"etcd at {endpoint} ended the TLS session: it does not accept --etcd-certfile={self.certfile}; "
                     f"check that etcd's --trusted-ca-file signed it ({detail})")
         return f"TLS with etcd at {endpoint} failed: {detail}"
-
-
-@dataclass(frozen=True, slots=True)
-class StoredSubnet:
-    """A subnet key as etcd holds it."""
-
-    name: str
-    value: bytes
-    lease_id: int
-    mod_revision: int
 
 
 # A member that dies silently (frozen, powered off, cut off by a firewall) keeps a
