@@ -106,7 +106,11 @@ class LeaseRunner:
             while True:
                 deadline = self.policy.get_timer()
                 timeout = None if deadline is None else max(0.0, deadline - self._loop.time())
-                done, _ = await asyncio.wait(lanes, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if lanes:
+                    done, _ = await asyncio.wait(lanes, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                else:  # both lanes wait for a timer (a renewal, a retry after an outage)
+                    done = set()
+                    await asyncio.sleep(timeout or 0.0)
                 for task in done:
                     lanes.discard(task)
                     task.result()  # a fatal action or a bug ends the daemon
