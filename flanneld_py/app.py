@@ -16,7 +16,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable, Coroutine, Sequence
 from ipaddress import IPv4Address
 from typing import Any, TypeVar

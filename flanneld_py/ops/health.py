@@ -22,6 +22,7 @@ from .snapshot import Snapshot
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
+
     from .snapshot import StoreView
 
 __all__ = ["EtcdProbe", "HealthServer", "etcd_staleness", "health_verdict"]
@@ -164,7 +165,7 @@ class HealthServer:
             ).encode()
             writer.write(head if method == "HEAD" else head + body)
             await writer.drain()
-        except (asyncio.TimeoutError, ValueError, ConnectionError, asyncio.LimitOverrunError):
+        except (TimeoutError, ValueError, ConnectionError, asyncio.LimitOverrunError):
             pass  # a bad or slow client gets no answer
         finally:
             writer.close()

@@ -24,11 +24,11 @@ from typing import Any
 from ..cancellation import cancel_and_wait
 from ..errors import FatalError
 from ..firewall import Iptables
+from ..state import DaemonState
 from .control import ControlServer
 from .health import EtcdProbe, HealthServer, etcd_staleness, health_verdict
 from .ipmasq import MasqApplier, Rule, forward_rules, masq_rules
 from .notify import Notifier, watchdog_interval, watchdog_loop
-from ..state import DaemonState
 from .snapshot import DaemonView, Snapshot, take_snapshot
 
 __all__ = ["Operations", "status_line"]

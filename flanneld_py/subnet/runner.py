@@ -194,9 +194,9 @@ async def follow_config(registry: Registry, running: NetworkConfig) -> None:
     backoff = Backoff(first=1.0, ceiling=30.0)
     while True:
         try:
-            raw, revision = await registry.get_config_revision()
+            raw, read_at = await registry.get_config_revision()
             reported = _report(judge_config(raw, running, reported, registry.prefix))
-            async for raw, revision in registry.watch_config(revision + 1):
+            async for raw, _revision in registry.watch_config(read_at + 1):
                 reported = _report(judge_config(raw, running, reported, registry.prefix))
                 backoff.reset()
         except WatchCompacted:
