@@ -23,7 +23,7 @@ from .snapshot import Snapshot
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
 
-    from .snapshot import StoreView
+    from ..subnet.store import StoreStats
 
 __all__ = ["EtcdProbe", "HealthServer", "etcd_staleness", "health_verdict"]
 
@@ -89,7 +89,7 @@ class EtcdProbe:
     registry, so they count in its error and reconnect counters.
     """
 
-    def __init__(self, registry: StoreView, interval: float,
+    def __init__(self, registry: StoreStats, interval: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = registry
         self.interval = interval

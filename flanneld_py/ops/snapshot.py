@@ -20,25 +20,11 @@ from .. import __version__
 from ..backend.base import BatchCount, CountsBatches, CountsDrops, PeerStats
 from ..options import DaemonOptions
 from ..state import DaemonState
+from ..subnet.store import StoreStats
 
-__all__ = ["BatchView", "DaemonView", "Snapshot", "StoreView", "take_snapshot"]
+__all__ = ["BatchView", "DaemonView", "Snapshot", "take_snapshot"]
 
 BatchView = BatchCount  # the name the operations side has used
-
-
-class StoreView(Protocol):
-    """What operations read of the subnet store: where it is, how it fares, and one cheap read."""
-
-    @property
-    def endpoint(self) -> str: ...
-
-    @property
-    def errors(self) -> int: ...
-
-    @property
-    def reconnects(self) -> int: ...
-
-    async def get_config(self) -> bytes | None: ...
 
 
 class DaemonView(Protocol):
@@ -51,7 +37,7 @@ class DaemonView(Protocol):
     def state(self) -> DaemonState: ...
 
     @property
-    def store(self) -> StoreView: ...
+    def store(self) -> StoreStats: ...
 
     @property
     def on_state_change(self) -> list[Callable[[DaemonState], None]]: ...

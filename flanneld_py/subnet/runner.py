@@ -160,7 +160,7 @@ class LeaseRunner:
                 await self.apply(changes)
             case Renew(own):
                 try:
-                    renewed = await self.manager.renew(own)
+                    renewed = await self.manager.renew(own)  # re-claims if the etcd lease ran out
                 except LeaseLost as exc:
                     return policy.reclaim_lost(str(exc))
                 self.hold(renewed)

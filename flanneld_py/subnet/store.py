@@ -17,6 +17,7 @@ __all__ = [
     "EtcdAuthError",
     "EtcdUnavailable",
     "Registry",
+    "StoreStats",
     "StoredSubnet",
     "SubnetBatch",
     "WatchCompacted",
@@ -48,15 +49,8 @@ class StoredSubnet:
 SubnetBatch = tuple[list[KeyPut | KeyDeleted], int]  # events and the revision they happened at
 
 
-class Registry(Protocol):
-    """flannel's records: ``<prefix>/config`` and ``<prefix>/subnets/<name>``, with etcd leases.
-
-    Every method may raise :class:`EtcdUnavailable` (retry later) or
-    :class:`EtcdAuthError` (the operator must act).
-    """
-
-    @property
-    def prefix(self) -> str: ...
+class StoreStats(Protocol):
+    """What operations read of the store: where it is, how it fares, and one cheap read."""
 
     @property
     def endpoint(self) -> str: ...
@@ -67,9 +61,20 @@ class Registry(Protocol):
     @property
     def reconnects(self) -> int: ...
 
-    async def close(self) -> None: ...
-
     async def get_config(self) -> bytes | None: ...
+
+
+class Registry(StoreStats, Protocol):
+    """flannel's records: ``<prefix>/config`` and ``<prefix>/subnets/<name>``, with etcd leases.
+
+    Every method may raise :class:`EtcdUnavailable` (retry later) or
+    :class:`EtcdAuthError` (the operator must act).
+    """
+
+    @property
+    def prefix(self) -> str: ...
+
+    async def close(self) -> None: ...
 
     async def get_config_revision(self) -> tuple[bytes | None, int]:
         """The raw network config (None if absent) and the store revision it was read at."""
