@@ -311,3 +311,20 @@ def test_acquire_retries_while_etcd_is_away():
         assert (await claim).attrs == attrs(1)
 
     run(body)
+
+
+def test_a_config_changed_at_run_time_is_reported_once_and_its_return_too():
+    from flanneld_py.subnet.runner import judge_config
+
+    raw = json.dumps(EIGHT).encode()
+    other = json.dumps({**EIGHT, "Network": "10.245.0.0/16", "SubnetMin": "10.245.1.0", "SubnetMax": "10.245.8.0"}).encode()
+    assert judge_config(raw, CONFIG, None, "/p") == (None, None)
+    reported, line = judge_config(other, CONFIG, None, "/p")
+    assert reported == other and line is not None and line.level == "warning" and "/p/config changed" in line.message
+    assert judge_config(other, CONFIG, reported, "/p") == (other, None), "said once"
+    reported, line = judge_config(b"{", CONFIG, reported, "/p")
+    assert line is not None and "is now invalid" in line.message
+    reported, line = judge_config(None, CONFIG, reported, "/p")
+    assert reported == b"" and line is not None and "was deleted" in line.message
+    back = judge_config(raw, CONFIG, reported, "/p")[1]
+    assert back is not None and back.level == "info" and "the one in use again" in back.message

@@ -101,7 +101,7 @@ class EtcdProbe:
         return None if self.answered_at is None else max(0.0, self.clock() - self.answered_at)
 
     async def run(self) -> None:
-        from ..subnet.registry import EtcdAuthError, EtcdUnavailable
+        from ..subnet.store import EtcdAuthError, EtcdUnavailable
 
         warned = False
         while True:
