@@ -328,3 +328,25 @@ def test_a_config_changed_at_run_time_is_reported_once_and_its_return_too():
     assert reported == b"" and line is not None and "was deleted" in line.message
     back = judge_config(raw, CONFIG, reported, "/p")[1]
     assert back is not None and back.level == "info" and "the one in use again" in back.message
+
+
+def test_a_watch_that_ends_without_an_error_counts_as_lost_etcd():
+    class Ending(MemoryRegistry):
+        watches = 0
+
+        async def watch_subnets(self, start_revision: int):  # type: ignore[no-untyped-def,override]
+            self.watches += 1
+            return
+            yield
+
+    store = Ending()
+
+    async def body() -> None:
+        node = await _joined(store, 1)
+        task = node.start()
+        await until(lambda: store.watches >= 2, "the watch started again")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(body)

@@ -181,6 +181,7 @@ class LeaseRunner:
             case Watch(start):
                 async for batch, revision in self.registry.watch_subnets(start):
                     await self._perform(policy.watched(batch, revision))
+                raise EtcdUnavailable("the watch ended")  # a store's watch ends only by an error; never wait on nothing
         return []
 
 
