@@ -1,6 +1,8 @@
+import asyncio
+
 import pytest
 
-from flanneld_py.subnet.registry import EtcdTls, _prefix_end, endpoints_use_https, parse_endpoints
+from flanneld_py.subnet.registry import EtcdTls, _prefix_end, diagnose_tls, endpoints_use_https, parse_endpoints
 from flanneld_py.subnet.store import EtcdAuthError
 
 
@@ -37,3 +39,26 @@ def test_tls_failures_name_the_flag_to_fix():
     assert "requires a client certificate" in tls.refused_by_server("a:2379", "alert")
     with_cert = EtcdTls(cafile="/etc/ca.pem", certfile="/etc/c.pem", keyfile="/etc/k.pem")
     assert "does not accept --etcd-certfile=/etc/c.pem" in with_cert.refused_by_server("a:2379", "bad certificate")
+
+
+def test_tls_diagnosis_of_a_server_that_does_not_speak_tls_or_is_down():
+    async def body() -> tuple[str | None, str | None]:
+        async def plain(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(1)
+            writer.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            writer.close()
+
+        server = await asyncio.start_server(plain, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            not_tls = await diagnose_tls(EtcdTls(https=True), f"127.0.0.1:{port}")
+        finally:
+            server.close()
+            await server.wait_closed()
+        down = await diagnose_tls(EtcdTls(https=True), f"127.0.0.1:{port}")  # nobody listens now
+        return not_tls, down
+
+    not_tls, down = asyncio.run(body())
+    assert not_tls is not None and not_tls.startswith("TLS with etcd at 127.0.0.1:") and "serve TLS" in not_tls
+    assert "client certificate" not in not_tls
+    assert down is None, "an unreachable member is an outage, not a TLS problem"

@@ -96,6 +96,9 @@ class EtcdTls:
         return (f"etcd at {endpoint} ended the TLS session: it does not accept --etcd-certfile={self.certfile}; "
                 f"check that etcd's --trusted-ca-file signed it ({detail})")
 
+    def failed(self, endpoint: str, detail: str) -> str:
+        return f"TLS with etcd at {endpoint} failed: {detail} (does it serve TLS on that port?)"
+
 
 async def diagnose_tls(tls: EtcdTls, endpoint: str, timeout: float = 2.0) -> str | None:
     """Why TLS with ``endpoint`` fails, in the operator's terms; None if it does not (or cannot be reached).
@@ -116,19 +119,28 @@ async def diagnose_tls(tls: EtcdTls, endpoint: str, timeout: float = 2.0) -> str
     except ssl.SSLCertVerificationError as exc:
         return tls.cannot_verify(endpoint, exc.verify_message or "certificate verify failed")
     except ssl.SSLError as exc:
-        return tls.refused_by_server(endpoint, exc.reason or "handshake failed")
+        return _tls_verdict(tls, endpoint, exc)
     except (OSError, TimeoutError):
         return None
     try:
         async with asyncio.timeout(timeout):
             await reader.read(1)
     except ssl.SSLError as exc:
-        return tls.refused_by_server(endpoint, exc.reason or "alert")
+        return _tls_verdict(tls, endpoint, exc)
     except (OSError, TimeoutError):
         return None
     finally:
         writer.close()
     return None
+
+
+def _tls_verdict(tls: EtcdTls, endpoint: str, exc: ssl.SSLError) -> str:
+    """An alert from the server means it refused our certificate (or its absence), by
+    OpenSSL's reason code (e.g. ``TLSV13_ALERT_CERTIFICATE_REQUIRED``); else TLS itself failed."""
+    reason = exc.reason or type(exc).__name__
+    if "ALERT" in reason:
+        return tls.refused_by_server(endpoint, reason)
+    return tls.failed(endpoint, reason)
 
 
 # A member that dies silently (frozen, powered off, cut off by a firewall) keeps a
