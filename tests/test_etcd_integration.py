@@ -12,7 +12,9 @@ import pytest
 from flanneld_py.core.lease import KeyDeleted, KeyPut, LeaseAttrs
 from flanneld_py.core.netconfig import parse_network_config
 from flanneld_py.subnet.manager import LeaseLost, LocalManager, NoFreeSubnet
-from flanneld_py.subnet.registry import EtcdRegistry, EtcdUnavailable, WatchCompacted
+from flanneld_py.subnet.registry import EtcdRegistry
+from flanneld_py.subnet.runner import wait_for_config
+from flanneld_py.subnet.store import EtcdUnavailable, WatchCompacted
 
 pytestmark = pytest.mark.etcd
 PREFIX = "/coreos.com/network"
@@ -42,8 +44,7 @@ async def _with(etcd, body):
 
 def test_config_missing_then_present(etcd):
     async def body(reg):
-        manager = LocalManager(reg)
-        waiter = asyncio.ensure_future(manager.wait_for_config())
+        waiter = asyncio.ensure_future(wait_for_config(reg))
         await asyncio.sleep(1.5)
         assert not waiter.done()
         etcd.ctl("put", f"{PREFIX}/config", json.dumps(EIGHT))

@@ -8,9 +8,9 @@ import json
 import pytest
 
 from flanneld_py.ops.health import EtcdProbe, HealthServer, etcd_staleness, health_verdict
-from flanneld_py.subnet.registry import EtcdUnavailable
 from flanneld_py.ops.metrics import build_registry
 from flanneld_py.ops.snapshot import Snapshot
+from flanneld_py.subnet.store import EtcdUnavailable
 
 NOW = 1_800_000_000.0
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from ..core.lease import LeaseAttrs, LeaseEvent
 from ..core.netconfig import NetworkConfig
 from ..netlink import InterfaceInfo, Netlink
 
-__all__ = ["Backend", "BackendContext", "PeerStats"]
+__all__ = ["Backend", "BackendContext", "BatchCount", "CountsBatches", "CountsDrops", "PeerStats"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +42,15 @@ class PeerStats:
     rx_bytes: int = 0
     last_tx: float = 0.0
     last_rx: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class BatchCount:
+    """Wakeups of one hot-loop direction by packets moved: ``buckets[i]`` counts
+    wakeups whose packet count has bit length ``i`` (0, 1, 2-3, 4-7, ... 64+)."""
+
+    wakeups: int
+    buckets: tuple[int, ...]
 
 
 class Backend(Protocol):
@@ -79,3 +88,20 @@ class Backend(Protocol):
     async def stop(self, cleanup: bool) -> None:
         """Stop forwarding; with ``cleanup`` also remove the kernel state we made."""
         ...
+
+
+# Optional abilities: a backend has them or not, and says so by having the method.
+
+
+@runtime_checkable
+class CountsDrops(Protocol):
+    """Dropped packets by reason label (a backend that forwards in userspace)."""
+
+    def drop_counts(self) -> dict[str, int]: ...
+
+
+@runtime_checkable
+class CountsBatches(Protocol):
+    """Packets moved per wakeup, by direction (a backend with a batching hot loop)."""
+
+    def batch_counts(self) -> dict[str, BatchCount]: ...

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
+from typing import Any
 
 from ..core.subnetenv import SubnetEnv
 from ..unixsock import socket_answers
@@ -107,8 +108,9 @@ class Node:
         except FileNotFoundError:
             return ""
 
-    def routes(self) -> list[dict]:  # type: ignore[type-arg]
-        return json.loads(self.netns.ip("-j", "route", "show").stdout or "[]")
+    def routes(self) -> list[dict[str, Any]]:
+        routes: list[dict[str, Any]] = json.loads(self.netns.ip("-j", "route", "show").stdout or "[]")
+        return routes
 
 
 DaemonArgv = Callable[["Cluster", Node, tuple[str, ...]], list[str]]

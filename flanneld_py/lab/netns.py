@@ -18,7 +18,8 @@ def unique_tag() -> str:
 
 def run(argv: Sequence[str], *, check: bool = True, timeout: float = 60, **kwargs: object) -> subprocess.CompletedProcess[str]:
     """Run a command, capture its output as text, raise with stderr on failure."""
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, **kwargs)  # type: ignore[call-overload]
+    proc: subprocess.CompletedProcess[str] = subprocess.run(  # type: ignore[call-overload]
+        list(argv), capture_output=True, text=True, timeout=timeout, **kwargs)
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
     return proc
@@ -54,7 +55,8 @@ class Netns:
         return run(["ip", "-n", self.name, *args], check=check)
 
     def popen(self, *cmd: str, **kwargs: object) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(self.argv(*cmd), **kwargs)  # type: ignore[call-overload]
+        proc: subprocess.Popen[bytes] = subprocess.Popen(self.argv(*cmd), **kwargs)  # type: ignore[call-overload]
+        return proc
 
     def kill_processes(self) -> None:
         """Kill whatever still runs in the namespace (``ip netns pids``)."""

@@ -8,17 +8,14 @@ The daemon knows one entry point, :func:`attach_operations`; the CLI imports
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 from .service import Operations
-
-if TYPE_CHECKING:
-    from ..app import Daemon
+from .snapshot import DaemonView
 
 __all__ = ["attach_operations"]
 
 
-async def attach_operations(daemon: Daemon) -> list[Operations]:
+async def attach_operations(daemon: DaemonView) -> list[Operations]:
     """Start notify, watchdog, health/metrics, control socket and ip-masq for ``daemon``.
 
     Returns the closeables (``await x.close()``) for the daemon's shutdown.

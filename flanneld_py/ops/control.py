@@ -63,7 +63,7 @@ class ControlServer:
                 reply = {"error": f"unknown command {command!r} (try: status)"}
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError, ValueError):
+        except (TimeoutError, ConnectionError, ValueError):
             pass
         finally:
             writer.close()

@@ -22,7 +22,8 @@ from .snapshot import Snapshot
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
-    from ..subnet.registry import EtcdRegistry
+
+    from ..subnet.store import StoreStats
 
 __all__ = ["EtcdProbe", "HealthServer", "etcd_staleness", "health_verdict"]
 
@@ -88,7 +89,7 @@ class EtcdProbe:
     registry, so they count in its error and reconnect counters.
     """
 
-    def __init__(self, registry: EtcdRegistry, interval: float,
+    def __init__(self, registry: StoreStats, interval: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.registry = registry
         self.interval = interval
@@ -100,7 +101,7 @@ class EtcdProbe:
         return None if self.answered_at is None else max(0.0, self.clock() - self.answered_at)
 
     async def run(self) -> None:
-        from ..subnet.registry import EtcdAuthError, EtcdUnavailable
+        from ..subnet.store import EtcdAuthError, EtcdUnavailable
 
         warned = False
         while True:
@@ -164,7 +165,7 @@ class HealthServer:
             ).encode()
             writer.write(head if method == "HEAD" else head + body)
             await writer.drain()
-        except (asyncio.TimeoutError, ValueError, ConnectionError, asyncio.LimitOverrunError):
+        except (TimeoutError, ValueError, ConnectionError, asyncio.LimitOverrunError):
             pass  # a bad or slow client gets no answer
         finally:
             writer.close()

@@ -1,4 +1,4 @@
-"""Wiring of the operations pieces around one :class:`~flanneld_py.app.Daemon`.
+"""Wiring of the operations pieces around the daemon (seen through :class:`~.snapshot.DaemonView`).
 
 Started at the very beginning of ``Daemon.run()``, before etcd is reached:
 
@@ -19,18 +19,17 @@ import contextlib
 import logging
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..cancellation import cancel_and_wait
+from ..errors import FatalError
 from ..firewall import Iptables
+from ..state import DaemonState
 from .control import ControlServer
 from .health import EtcdProbe, HealthServer, etcd_staleness, health_verdict
 from .ipmasq import MasqApplier, Rule, forward_rules, masq_rules
 from .notify import Notifier, watchdog_interval, watchdog_loop
-from .snapshot import Snapshot, take_snapshot
-
-if TYPE_CHECKING:
-    from ..app import Daemon, DaemonState
+from .snapshot import DaemonView, Snapshot, take_snapshot
 
 __all__ = ["Operations", "status_line"]
 
@@ -51,13 +50,13 @@ def status_line(snap: Snapshot, code: int, body: Mapping[str, Any]) -> str:
 
 
 class Operations:
-    def __init__(self, daemon: Daemon, environ: Mapping[str, str]) -> None:
+    def __init__(self, daemon: DaemonView, environ: Mapping[str, str]) -> None:
         self.daemon = daemon
         self.options = daemon.options
         self.notifier = Notifier.from_environ(environ)
         self.watchdog = watchdog_interval(environ, os.getpid())
         self.staleness = etcd_staleness(self.options.subnet_lease_ttl)
-        self.etcd_probe = EtcdProbe(daemon.registry, self.staleness / 3)
+        self.etcd_probe = EtcdProbe(daemon.store, self.staleness / 3)
         self.masq: MasqApplier | None = None
         self.health: HealthServer | None = None
         self.control: ControlServer | None = None
@@ -97,8 +96,6 @@ class Operations:
         self._tasks.append(asyncio.create_task(coro, name=name))
 
     async def _start_health(self) -> None:
-        from ..app import FatalError  # app imports this package
-
         from .metrics import build_registry  # prometheus_client costs ~9 MB: only load it when serving metrics
 
         self.health = HealthServer(self.snapshot, build_registry(self.snapshot), self.staleness)

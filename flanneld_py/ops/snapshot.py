@@ -12,26 +12,35 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 from .. import __version__
-from ..backend.base import PeerStats
+from ..backend.base import BatchCount, CountsBatches, CountsDrops, PeerStats
+from ..options import DaemonOptions
+from ..state import DaemonState
+from ..subnet.store import StoreStats
 
-if TYPE_CHECKING:
-    from ..app import Daemon
+__all__ = ["BatchView", "DaemonView", "Snapshot", "take_snapshot"]
 
-__all__ = ["BatchView", "Snapshot", "take_snapshot"]
+BatchView = BatchCount  # the name the operations side has used
 
 
-@dataclass(frozen=True, slots=True)
-class BatchView:
-    """Wakeups of one hot-loop direction by packets moved: ``buckets[i]`` counts
-    wakeups whose packet count has bit length ``i`` (0, 1, 2-3, 4-7, ... 64+)."""
+class DaemonView(Protocol):
+    """The daemon as operations see it: read-only, plus a hook on phase changes."""
 
-    wakeups: int
-    buckets: tuple[int, ...]
+    @property
+    def options(self) -> DaemonOptions: ...
+
+    @property
+    def state(self) -> DaemonState: ...
+
+    @property
+    def store(self) -> StoreStats: ...
+
+    @property
+    def on_state_change(self) -> list[Callable[[DaemonState], None]]: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -119,32 +128,17 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
 
-@runtime_checkable
-class CountsDrops(Protocol):
-    """Optional backend ability: dropped packets by reason label."""
-
-    def drop_counts(self) -> dict[str, int]: ...
+def _batches(backend: object) -> dict[str, BatchCount]:
+    return backend.batch_counts() if isinstance(backend, CountsBatches) else {}
 
 
-def _batches(backend: object) -> dict[str, BatchView]:
-    from ..backend.udp.backend import UdpBackend  # the only backend with a hot loop so far
-
-    if not isinstance(backend, UdpBackend) or backend.pump is None:
-        return {}
-    pump = backend.pump
-    return {
-        name: BatchView(stats.wakeups, tuple(stats.buckets))
-        for name, stats in (("tun", pump.tun_batches), ("udp", pump.udp_batches))
-    }
-
-
-def take_snapshot(daemon: Daemon, etcd_silence: float | None, ipmasq_repairs: int = 0) -> Snapshot:
+def take_snapshot(daemon: DaemonView, etcd_silence: float | None, ipmasq_repairs: int = 0) -> Snapshot:
     """Read the daemon now. Runs on the event loop (cheap: no I/O, no locks).
 
     ``etcd_silence`` comes from the etcd probe (see :class:`~.health.EtcdProbe`).
     """
     state = daemon.state
-    registry = daemon.registry
+    store = daemon.store
     wall = time.time()
     config, own, backend = state.config, state.lease, state.backend
     peers: tuple[PeerStats, ...] = ()
@@ -167,9 +161,9 @@ def take_snapshot(daemon: Daemon, etcd_silence: float | None, ipmasq_repairs: in
         lease_id=None if own is None else own.lease_id,
         lease_expires_at=state.lease_expires_at,
         datapath_up=backend is not None and backend.is_up(),
-        etcd_endpoint=registry.endpoint,
-        etcd_errors=registry.errors,
-        etcd_reconnects=registry.reconnects,
+        etcd_endpoint=store.endpoint,
+        etcd_errors=store.errors,
+        etcd_reconnects=store.reconnects,
         etcd_silence=etcd_silence,
         peers=peers,
         loop_time=asyncio.get_running_loop().time(),

@@ -1,1 +1,2 @@
-"""The subnet manager: leases in etcd (registry = storage, manager = policy)."""
+"""Subnet leases in a store: ``store`` (the interface), ``registry`` (etcd), ``memory`` (tests),
+``manager`` (which subnet to claim), ``runner`` (runs :mod:`flanneld_py.core.lease_policy`)."""

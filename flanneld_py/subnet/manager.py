@@ -1,4 +1,4 @@
-"""LocalManager: subnet lease policy on top of the etcd registry.
+"""LocalManager: which subnet to claim and how, on top of a subnet store (:class:`~.store.Registry`).
 
 Acquisition order (flannel's): a lease that already carries our PublicIP,
 else the subnet from the previous subnet file if free, else a random free
@@ -9,16 +9,15 @@ life of the claim instead of a new grant per renewal.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Network
 
 from ..core.lease import LeaseAttrs, LeaseError, choose_subnet, format_subnet_key, parse_subnet_key
-from ..core.netconfig import NetworkConfig, parse_network_config
-from ..core.renewal import Backoff
-from .registry import EtcdRegistry, EtcdUnavailable, StoredSubnet
+from ..core.lease_policy import OwnLease
+from ..core.netconfig import NetworkConfig
+from .store import Registry, StoredSubnet
 
 __all__ = ["LeaseLost", "LocalManager", "NoFreeSubnet", "OwnLease"]
 
@@ -34,23 +33,11 @@ class LeaseLost(RuntimeError):
 
 
 @dataclass(frozen=True, slots=True)
-class OwnLease:
-    subnet: IPv4Network
-    attrs: LeaseAttrs
-    lease_id: int
-    ttl: int
-
-    @property
-    def name(self) -> str:
-        return format_subnet_key(self.subnet)
-
-
-@dataclass(frozen=True, slots=True)
 class _Listing:
     records: list[StoredSubnet]
 
     def taken(self) -> set[IPv4Network]:
-        out = set()
+        out: set[IPv4Network] = set()
         for record in self.records:
             try:
                 out.add(parse_subnet_key(record.name))
@@ -74,7 +61,7 @@ class _Listing:
 class LocalManager:
     def __init__(
         self,
-        registry: EtcdRegistry,
+        registry: Registry,
         lease_ttl: int = 24 * 3600,
         rng: random.Random | None = None,
         max_attempts: int = 64,
@@ -83,39 +70,6 @@ class LocalManager:
         self.lease_ttl = lease_ttl
         self.rng = rng or random.Random()
         self.max_attempts = max_attempts
-
-    async def wait_for_config(self, stopping: asyncio.Event | None = None) -> NetworkConfig:
-        """Read ``<prefix>/config``, waiting (and saying so) while it is missing or etcd is away.
-
-        An invalid config raises :class:`ConfigError` at once.
-        """
-        backoff = Backoff(first=1.0, ceiling=10.0)
-        warned = False
-        while True:
-            try:
-                raw = await self.registry.get_config()
-            except EtcdUnavailable as exc:
-                log.warning("waiting for etcd: %s", exc)
-                raw = None
-            else:
-                if raw is not None:
-                    return parse_network_config(raw)
-                if not warned:
-                    log.warning(
-                        "network config %s/config is missing; waiting for it "
-                        "(e.g. etcdctl put %s/config '{\"Network\": \"10.244.0.0/16\"}')",
-                        self.registry.prefix, self.registry.prefix,
-                    )
-                    warned = True
-            delay = backoff.next()
-            if stopping is None:
-                await asyncio.sleep(delay)
-            else:
-                try:
-                    await asyncio.wait_for(stopping.wait(), delay)
-                except asyncio.TimeoutError:
-                    continue
-                raise asyncio.CancelledError("stopping while waiting for the network config")
 
     async def acquire(
         self, config: NetworkConfig, attrs: LeaseAttrs, previous: IPv4Network | None = None

@@ -1,51 +1,45 @@
-"""EtcdRegistry: flannel's keys in etcd through the v3 API (aetcd), and nothing else.
+"""EtcdRegistry: flannel's keys in etcd through the v3 gRPC API, and nothing else.
 
 Policy (which subnet, when to renew, what a race means) lives in
-:mod:`flanneld_py.subnet.manager`; this module only stores and reads.
+:mod:`flanneld_py.subnet.manager` and :mod:`flanneld_py.core.lease_policy`;
+this module only stores and reads. The channel is ours (TLS, keepalive,
+require-leader, a private subchannel pool); the request and stub classes are
+the ones aetcd generates from etcd's protos (:mod:`aetcd.rpc`). Errors are told
+apart by gRPC status code; a TLS failure, which gRPC reports as UNAVAILABLE
+with only a text, is diagnosed by a handshake of our own with :mod:`ssl`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 import logging
-from collections.abc import AsyncIterator
+import ssl
+import time
+from collections.abc import AsyncGenerator, Awaitable, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import aetcd
-import aetcd.exceptions as etcd_errors
 import grpc
 from aetcd import rpc
-from aetcd.rtypes import EventKind
 
 from ..core.lease import KeyDeleted, KeyPut
+from .store import EtcdAuthError, EtcdUnavailable, StoredSubnet, SubnetBatch, WatchCompacted
 
 __all__ = [
     "EtcdAuthError",
-    "EtcdTls",
-    "endpoints_use_https",
-    "EtcdUnavailable",
     "EtcdRegistry",
+    "EtcdTls",
+    "EtcdUnavailable",
     "StoredSubnet",
     "WatchCompacted",
+    "endpoints_use_https",
+    "parse_endpoints",
 ]
 
 log = logging.getLogger(__name__)
-
-
-class EtcdUnavailable(ConnectionError):
-    """No etcd endpoint answered in time; the caller retries with backoff."""
-
-
-class EtcdAuthError(PermissionError):
-    """TLS or credentials were refused: retrying will not help, the operator must act."""
-
-
-class WatchCompacted(Exception):
-    """The watch revision was compacted away; the caller must re-list."""
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,10 +53,13 @@ class EtcdTls:
     def enabled(self) -> bool:
         return bool(self.https or self.cafile or self.certfile or self.keyfile)
 
-    def credentials(self) -> grpc.ChannelCredentials:
-        """The gRPC credentials; :class:`EtcdAuthError` naming the flag if a file cannot be used."""
+    def _check_pair(self) -> None:
         if bool(self.certfile) != bool(self.keyfile):
             raise EtcdAuthError("--etcd-certfile and --etcd-keyfile go together (a client certificate needs its key)")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """The gRPC credentials; :class:`EtcdAuthError` naming the flag if a file cannot be used."""
+        self._check_pair()
 
         def read(flag: str, path: str | None) -> bytes | None:
             if not path:
@@ -79,29 +76,71 @@ class EtcdTls:
             certificate_chain=read("--etcd-certfile", self.certfile),
         )
 
-    def explain(self, endpoint: str, detail: str) -> str:
-        """Why a TLS failure happened, in the operator's terms (which flag and file to check)."""
-        lowered = detail.lower()
-        if "verify" in lowered or "issuer" in lowered or "peer name" in lowered:
-            ca = f"--etcd-cafile={self.cafile}" if self.cafile else "the system's CAs (no --etcd-cafile given)"
-            return f"cannot verify the certificate of etcd at {endpoint} with {ca}: {detail}"
-        if "unwrap failed" in lowered or "tsi_data_corrupted" in lowered or "alert" in lowered:
-            if not self.certfile:
-                return (f"etcd at {endpoint} ended the TLS session: it requires a client certificate "
-                        f"(give --etcd-certfile and --etcd-keyfile) ({detail})")
-            return (f"etcd at {endpoint} ended the TLS session: it does not accept --etcd-certfile={self.certfile}; "
-                    f"check that etcd's --trusted-ca-file signed it ({detail})")
-        return f"TLS with etcd at {endpoint} failed: {detail}"
+    def ssl_context(self) -> ssl.SSLContext:
+        """The same trust and client certificate as :meth:`credentials`, for :func:`diagnose_tls`."""
+        self._check_pair()
+        context = ssl.create_default_context(cafile=self.cafile or None)
+        if self.certfile and self.keyfile:
+            context.load_cert_chain(self.certfile, self.keyfile)
+        context.set_alpn_protocols(["h2"])
+        return context
+
+    def cannot_verify(self, endpoint: str, detail: str) -> str:
+        ca = f"--etcd-cafile={self.cafile}" if self.cafile else "the system's CAs (no --etcd-cafile given)"
+        return f"cannot verify the certificate of etcd at {endpoint} with {ca}: {detail}"
+
+    def refused_by_server(self, endpoint: str, detail: str) -> str:
+        if not self.certfile:
+            return (f"etcd at {endpoint} ended the TLS session: it requires a client certificate "
+                    f"(give --etcd-certfile and --etcd-keyfile) ({detail})")
+        return (f"etcd at {endpoint} ended the TLS session: it does not accept --etcd-certfile={self.certfile}; "
+                f"check that etcd's --trusted-ca-file signed it ({detail})")
+
+    def failed(self, endpoint: str, detail: str) -> str:
+        return f"TLS with etcd at {endpoint} failed: {detail} (does it serve TLS on that port?)"
 
 
-@dataclass(frozen=True, slots=True)
-class StoredSubnet:
-    """A subnet key as etcd holds it."""
+async def diagnose_tls(tls: EtcdTls, endpoint: str, timeout: float = 2.0) -> str | None:
+    """Why TLS with ``endpoint`` fails, in the operator's terms; None if it does not (or cannot be reached).
 
-    name: str
-    value: bytes
-    lease_id: int
-    mod_revision: int
+    gRPC reports every TLS failure as UNAVAILABLE with only a text, so we shake
+    hands ourselves: a certificate we cannot verify is a typed error at once; a
+    client certificate the server refuses comes as an alert after the handshake
+    (TLS 1.3), where an accepting server sends its HTTP/2 settings instead.
+    """
+    host, _, port = endpoint.rpartition(":")
+    try:
+        context = tls.ssl_context()
+    except (OSError, ssl.SSLError):
+        return None  # the files were readable for gRPC; leave the verdict to it
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, int(port), ssl=context, server_hostname=host)
+    except ssl.SSLCertVerificationError as exc:
+        return tls.cannot_verify(endpoint, exc.verify_message or "certificate verify failed")
+    except ssl.SSLError as exc:
+        return _tls_verdict(tls, endpoint, exc)
+    except (OSError, TimeoutError):
+        return None
+    try:
+        async with asyncio.timeout(timeout):
+            await reader.read(1)
+    except ssl.SSLError as exc:
+        return _tls_verdict(tls, endpoint, exc)
+    except (OSError, TimeoutError):
+        return None
+    finally:
+        writer.close()
+    return None
+
+
+def _tls_verdict(tls: EtcdTls, endpoint: str, exc: ssl.SSLError) -> str:
+    """An alert from the server means it refused our certificate (or its absence), by
+    OpenSSL's reason code (e.g. ``TLSV13_ALERT_CERTIFICATE_REQUIRED``); else TLS itself failed."""
+    reason = exc.reason or type(exc).__name__
+    if "ALERT" in reason:
+        return tls.refused_by_server(endpoint, reason)
+    return tls.failed(endpoint, reason)
 
 
 # A member that dies silently (frozen, powered off, cut off by a firewall) keeps a
@@ -125,69 +164,146 @@ CHANNEL_OPTIONS = {
     "grpc.http2.max_pings_without_data": 0,
 }
 
-_AUTH_MARKERS = ("ssl", "handshake", "certificate", "tls", "authenticat", "permission denied")
-# With TLS, etcd rejects a client certificate by a TLS alert after the handshake,
-# which gRPC reports as a failed unwrap of the first record.
-_TLS_MARKERS = ("unwrap failed", "tsi_data_corrupted")
-_TRANSIENT = (
-    etcd_errors.ConnectionFailedError,
-    etcd_errors.ConnectionTimeoutError,
-    etcd_errors.InternalError,
-    etcd_errors.WatchTimeoutError,  # a member that accepts the connection but never answers
-    asyncio.TimeoutError,
-)
+# Codes after which another try (on the next endpoint) may work. CANCELLED: the
+# channel was closed under the call by another request's failover.
+_TRANSIENT_CODES = frozenset({
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+})
+_REFUSED_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 
 
-class _Client(aetcd.Client):
-    """aetcd's client with a TLS-capable channel (aetcd itself only dials plaintext)."""
+class WatchNotCreated(TimeoutError):
+    """A member accepted the watch stream but never confirmed the watch."""
 
-    def __init__(self, target: str, credentials: grpc.ChannelCredentials | None, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        self._target = target
-        self._credentials = credentials
-        self._connect_lock = asyncio.Lock()
 
-    @property
-    def target(self) -> str:
-        return self._target
+def _prefix_end(prefix: bytes) -> bytes:
+    """The end of etcd's key range that holds every key starting with ``prefix``."""
+    trimmed = prefix.rstrip(b"\xff")
+    return trimmed[:-1] + bytes([trimmed[-1] + 1]) if trimmed else b"\0"
 
-    async def connect(self) -> None:
-        async with self._connect_lock:  # requests that start together share one channel
-            if not self._connected.is_set():
-                await self._connect()
 
-    async def _connect(self) -> None:
-        options = list(self._options.items())
-        if self._credentials is not None:
-            self.channel = rpc.secure_channel(self._target, self._credentials, options=options)
+class _Member:
+    """One gRPC channel to one etcd member, and the few calls flannel's records need."""
+
+    def __init__(self, target: str, credentials: grpc.ChannelCredentials | None,
+                 username: str | None, password: str | None, timeout: float) -> None:
+        self.target = target
+        options = list(CHANNEL_OPTIONS.items())
+        if credentials is not None:
+            self.channel = grpc.aio.secure_channel(target, credentials, options=options)
         else:
-            self.channel = rpc.insecure_channel(self._target, options=options)
+            self.channel = grpc.aio.insecure_channel(target, options=options)
+        self.kv = rpc.KVStub(self.channel)
+        self.leases = rpc.LeaseStub(self.channel)
+        self.watches = rpc.WatchStub(self.channel)
+        self.timeout = timeout
         # A member cut off from the leader ends our watch and answers "no leader" (etcd's
         # WithRequireLeader): else a partitioned member would keep a silent watch open.
-        metadata: list[tuple[str, str]] = [("hasleader", "true")]
-        if self._username is not None:
-            self.auth_stub = rpc.AuthStub(self.channel)
-            try:
-                resp = await self.auth_stub.Authenticate(
-                    rpc.AuthenticateRequest(name=self._username, password=self._password),
-                    timeout=self._timeout,
-                )
-            except grpc.aio.AioRpcError as exc:
-                await self.channel.close()
-                etcd_errors._handle_exception(exc)
-            metadata.append(("token", resp.token))
-        self.metadata = tuple(metadata)
-        self.kvstub = rpc.KVStub(self.channel)
-        self.clusterstub = rpc.ClusterStub(self.channel)
-        self.leasestub = rpc.LeaseStub(self.channel)
-        self.maintenancestub = rpc.MaintenanceStub(self.channel)
-        self._watcher = aetcd.watcher.Watcher(rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata)
-        self._connected.set()
+        self.metadata: tuple[tuple[str, str], ...] = (("hasleader", "true"),)
+        self._username = username
+        self._password = password
+
+    async def authenticate(self) -> None:
+        """Trade the username and password for a token (nothing to do without them)."""
+        if self._username is None:
+            return
+        stub = rpc.AuthStub(self.channel)
+        request = rpc.AuthenticateRequest(name=self._username, password=self._password or "")
+        try:
+            reply = await stub.Authenticate(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:  # etcd's "authentication failed"
+                raise EtcdAuthError(f"etcd at {self.target} refused the credentials: {exc.details()}") from None
+            raise
+        self.metadata = (*self.metadata, ("token", reply.token))
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def range(self, key: bytes, prefix: bool = False) -> Any:
+        request = rpc.RangeRequest(key=key, range_end=_prefix_end(key) if prefix else b"")
+        return await self.kv.Range(request, timeout=self.timeout, metadata=self.metadata)
+
+    async def put_if(self, key: bytes, value: bytes, lease_id: int, *, mod_revision: int) -> bool:
+        """Put only if the key's mod revision is ``mod_revision`` (0: only if absent)."""
+        compare = rpc.Compare(key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, mod_revision=mod_revision)
+        if mod_revision == 0:
+            compare = rpc.Compare(key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, create_revision=0)
+        put = rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value, lease=lease_id))
+        reply = await self.kv.Txn(rpc.TxnRequest(compare=[compare], success=[put], failure=[]),
+                                  timeout=self.timeout, metadata=self.metadata)
+        return bool(reply.succeeded)
+
+    async def grant(self, ttl: int) -> int:
+        reply = await self.leases.LeaseGrant(rpc.LeaseGrantRequest(TTL=ttl), timeout=self.timeout,
+                                             metadata=self.metadata)
+        return int(reply.ID)
+
+    async def keepalive(self, lease_id: int) -> int:
+        call = self.leases.LeaseKeepAlive(iter([rpc.LeaseKeepAliveRequest(ID=lease_id)]),
+                                          timeout=self.timeout, metadata=self.metadata)
+        try:
+            async for reply in call:
+                return int(reply.TTL)
+            return 0
+        finally:
+            call.cancel()
+
+    async def revoke(self, lease_id: int) -> None:
+        try:
+            await self.leases.LeaseRevoke(rpc.LeaseRevokeRequest(ID=lease_id), timeout=self.timeout,
+                                          metadata=self.metadata)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:  # already gone: what we wanted
+                raise
+
+    async def time_to_live(self, lease_id: int) -> int:
+        reply = await self.leases.LeaseTimeToLive(rpc.LeaseTimeToLiveRequest(ID=lease_id, keys=False),
+                                                  timeout=self.timeout, metadata=self.metadata)
+        return int(reply.TTL)
+
+    async def watch(self, key: bytes, start_revision: int, prefix: bool) -> AsyncGenerator[Any, None]:
+        """etcd's events for ``key`` (or every key under it) from ``start_revision``, one at a time.
+
+        Raises :class:`WatchCompacted`, :class:`WatchNotCreated`, or gRPC's error
+        when the stream breaks (a member without a leader ends it so).
+        """
+        create = rpc.WatchCreateRequest(key=key, range_end=_prefix_end(key) if prefix else b"",
+                                        start_revision=start_revision)
+        call = self.watches.Watch(metadata=self.metadata)
+        try:
+            await call.write(rpc.WatchRequest(create_request=create))
+            created = False
+            while True:
+                if created:
+                    reply = await call.read()
+                else:
+                    try:
+                        async with asyncio.timeout(self.timeout):
+                            reply = await call.read()
+                    except TimeoutError:
+                        raise WatchNotCreated(f"watch on {self.target} was not confirmed") from None
+                if reply is grpc.aio.EOF:
+                    raise EtcdUnavailable(f"watch on {self.target} ended")
+                created = created or reply.created
+                if reply.compact_revision:
+                    raise WatchCompacted()
+                if reply.canceled:
+                    raise EtcdUnavailable(f"watch on {self.target} cancelled: {reply.cancel_reason}")
+                for event in reply.events:
+                    yield event
+        finally:
+            call.cancel()
 
 
-async def _close_quietly(client: _Client) -> None:
+async def _close_quietly(member: _Member) -> None:
     try:
-        await client.close()
+        await member.close()
     except Exception:  # closing a dead channel may fail; nothing to keep
         pass
 
@@ -238,7 +354,8 @@ class EtcdRegistry:
         self._password = password
         self._timeout = timeout
         self._index = 0
-        self._client: _Client | None = None
+        self._member: _Member | None = None
+        self._connecting: asyncio.Lock | None = None
         self.errors = 0
         self.reconnects = 0
         self.last_success: float | None = None  # time.monotonic() of the last answer
@@ -251,63 +368,56 @@ class EtcdRegistry:
     def subnets_prefix(self) -> bytes:
         return f"{self.prefix}/subnets/".encode()
 
+    @property
+    def config_key(self) -> bytes:
+        return f"{self.prefix}/config".encode()
+
     def subnet_key(self, name: str) -> bytes:
         return self.subnets_prefix + name.encode()
 
     async def close(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
-            await _close_quietly(client)
+        if self._member is not None:
+            member, self._member = self._member, None
+            await _close_quietly(member)
 
-    async def _connected(self) -> _Client:
-        client = self._client
-        if client is None:
-            if self._tls is not None and self._credentials is None:
-                self._credentials = self._tls.credentials()
-            client = _Client(
-                self.endpoint,
-                self._credentials,
-                username=self._username,
-                password=self._password,
-                timeout=self._timeout,
-                options=CHANNEL_OPTIONS,
-            )
-            self._client = client  # before connecting, so that a failure fails over from it
-            await self._call(client.connect(), client)
-        return client
+    async def _connected(self) -> _Member:
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:  # requests that start together share one channel
+            member = self._member
+            if member is None:
+                if self._tls is not None and self._credentials is None:
+                    self._credentials = self._tls.credentials()
+                member = _Member(self.endpoint, self._credentials, self._username, self._password, self._timeout)
+                self._member = member  # before authenticating, so that a failure fails over from it
+                await self._call(member.authenticate(), member)
+        return member
 
-    async def _failover(self, client: _Client | None) -> None:
-        """Move to the next endpoint because ``client`` failed.
+    async def _failover(self, member: _Member | None) -> None:
+        """Move to the next endpoint because ``member`` failed.
 
-        Requests and the watch share one client: when several of them fail
-        on it together, only the first moves on (closing the client ends the
+        Requests and the watch share one channel: when several of them fail
+        on it together, only the first moves on (closing the channel ends the
         others' calls, which then fail without skipping another endpoint).
         """
-        if self._client is client:
+        if self._member is member:
             # Move on before closing: closing ends the watch, whose retry must
             # already find the next endpoint, not reconnect to this one.
-            self._client = None
+            self._member = None
             self._index = (self._index + 1) % len(self.endpoints)
             self.reconnects += 1
-        if client is not None:
-            await _close_quietly(client)
+        if member is not None:
+            await _close_quietly(member)
 
-    async def _call(self, awaitable, client: _Client | None):  # type: ignore[no-untyped-def]
-        """Await one request on ``client``, mapping aetcd's errors onto ours."""
-        endpoint = self.endpoint if client is None else client.target
+    async def _call(self, awaitable: Awaitable[_T], member: _Member) -> _T:
+        """Await one request on ``member``, mapping gRPC's errors onto ours."""
         try:
             async with asyncio.timeout(self._timeout + 1):  # not wait_for: it can drop a cancellation
                 result = await awaitable
-        except _TRANSIENT as exc:
-            self.errors += 1
-            detail = str(exc) or type(exc).__name__
-            lowered = detail.lower()
-            if self._tls is not None and any(marker in lowered for marker in _AUTH_MARKERS + _TLS_MARKERS):
-                raise EtcdAuthError(self._tls.explain(endpoint, detail)) from None
-            if any(marker in lowered for marker in _AUTH_MARKERS):
-                raise EtcdAuthError(f"etcd at {endpoint} refused us: {detail}") from None
-            await self._failover(client)
-            raise EtcdUnavailable(f"etcd at {endpoint} unreachable: {detail}") from None
+        except grpc.aio.AioRpcError as exc:
+            raise await self._classify(exc.code(), exc.details() or exc.code().name, member) from None
+        except TimeoutError:
+            raise await self._classify(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer in time", member) from None
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is None or task.cancelling():
@@ -315,139 +425,125 @@ class EtcdRegistry:
             # Not our cancellation: grpc ends the calls of a channel that another
             # request closed when it failed over, and this was one of them.
             self.errors += 1
-            raise EtcdUnavailable(f"request to etcd at {endpoint} cut off by a failover") from None
-        except etcd_errors.UnauthenticatedError as exc:
-            self.errors += 1
-            raise EtcdAuthError(f"etcd at {self.endpoint} refused the credentials: {exc}") from None
+            raise EtcdUnavailable(f"request to etcd at {member.target} cut off by a failover") from None
         self.last_success = time.monotonic()
         return result
 
-    async def request(self, method: str, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
-        client = await self._connected()
-        return await self._call(getattr(client, method)(*args, **kwargs), client)
+    async def _classify(self, code: grpc.StatusCode, detail: str, member: _Member) -> Exception:
+        """Our error for a failed call: fatal when the operator must act, else fail over."""
+        self.errors += 1
+        if code in _REFUSED_CODES:
+            return EtcdAuthError(f"etcd at {member.target} refused the credentials: {detail}")
+        if code == grpc.StatusCode.UNAVAILABLE and self._tls is not None:
+            problem = await diagnose_tls(self._tls, member.target)
+            if problem is not None:
+                return EtcdAuthError(problem)
+        if code not in _TRANSIENT_CODES:
+            log.warning("etcd at %s answered %s: %s; trying the next endpoint", member.target, code.name, detail)
+        await self._failover(member)
+        return EtcdUnavailable(f"etcd at {member.target} unreachable: {detail}")
 
     # --- config --------------------------------------------------------------
 
-    @property
-    def config_key(self) -> bytes:
-        return f"{self.prefix}/config".encode()
-
     async def get_config(self) -> bytes | None:
-        found = await self.request("get", self.config_key)
-        return None if found is None else bytes(found.value)
+        value, _revision = await self.get_config_revision()
+        return value
 
     async def get_config_revision(self) -> tuple[bytes | None, int]:
         """The raw network config (None if absent) and the store revision it was read at."""
-        result = await self.request("get_prefix", self.config_key)
-        value = next((bytes(kv.value) for kv in result if bytes(kv.key) == self.config_key), None)
-        return value, result.header.revision
+        member = await self._connected()
+        reply = await self._call(member.range(self.config_key), member)
+        value = next((bytes(kv.value) for kv in reply.kvs), None)
+        return value, int(reply.header.revision)
 
-    async def watch_config(self, start_revision: int) -> AsyncIterator[tuple[bytes | None, int]]:
+    async def watch_config(self, start_revision: int) -> AsyncGenerator[tuple[bytes | None, int], None]:
         """The raw config at each change from ``start_revision`` on (None: deleted), with its revision."""
         async with aclosing(self._watch(self.config_key, start_revision, prefix=False)) as events:
             async for event in events:
-                value = bytes(event.kv.value) if event.kind == EventKind.PUT else None
+                value = bytes(event.kv.value) if event.type == rpc.Event.PUT else None
                 yield value, int(event.kv.mod_revision)
 
     # --- subnets -------------------------------------------------------------
 
+    def _subnet(self, kv: Any) -> StoredSubnet:
+        name = bytes(kv.key)[len(self.subnets_prefix):].decode(errors="replace")
+        return StoredSubnet(name, bytes(kv.value), int(kv.lease), int(kv.mod_revision))
+
     async def list_subnets(self) -> tuple[list[StoredSubnet], int]:
         """All subnet records and the store revision they were read at."""
-        result = await self.request("get_prefix", self.subnets_prefix)
-        start = len(self.subnets_prefix)
-        records = [
-            StoredSubnet(bytes(kv.key)[start:].decode(errors="replace"), bytes(kv.value), kv.lease, kv.mod_revision)
-            for kv in result
-        ]
-        return records, result.header.revision
+        member = await self._connected()
+        reply = await self._call(member.range(self.subnets_prefix, prefix=True), member)
+        return [self._subnet(kv) for kv in reply.kvs], int(reply.header.revision)
 
     async def get_subnet(self, name: str) -> StoredSubnet | None:
-        found = await self.request("get", self.subnet_key(name))
-        if found is None:
-            return None
-        return StoredSubnet(name, bytes(found.value), found.lease, found.mod_revision)
+        member = await self._connected()
+        reply = await self._call(member.range(self.subnet_key(name)), member)
+        found: Iterable[Any] = reply.kvs
+        return next((self._subnet(kv) for kv in found), None)
 
     async def grant(self, ttl: int) -> int:
-        lease = await self.request("lease", ttl)
-        return int(lease.id)
+        member = await self._connected()
+        return await self._call(member.grant(ttl), member)
 
     async def create_subnet(self, name: str, value: bytes, lease_id: int) -> bool:
         """Create the key only if absent, bound to ``lease_id``; False if it exists."""
-        client = await self._connected()
-        key = self.subnet_key(name)
-        ok, _ = await self._call(client.transaction(
-            compare=[client.transactions.create(key) == 0],
-            success=[client.transactions.put(key, value, lease=lease_id)],
-            failure=[],
-        ), client)
-        return bool(ok)
+        member = await self._connected()
+        return await self._call(member.put_if(self.subnet_key(name), value, lease_id, mod_revision=0), member)
 
     async def update_subnet(self, name: str, value: bytes, lease_id: int, mod_revision: int) -> bool:
         """Rewrite our own key only if nobody changed it since ``mod_revision``."""
-        client = await self._connected()
+        member = await self._connected()
         key = self.subnet_key(name)
-        ok, _ = await self._call(client.transaction(
-            compare=[client.transactions.mod(key) == mod_revision],
-            success=[client.transactions.put(key, value, lease=lease_id)],
-            failure=[],
-        ), client)
-        return bool(ok)
+        return await self._call(member.put_if(key, value, lease_id, mod_revision=mod_revision), member)
 
     async def keepalive(self, lease_id: int) -> int:
         """Refresh the etcd lease; its new TTL in seconds, 0 if it no longer exists."""
-        reply = await self.request("refresh_lease", lease_id)
-        return 0 if reply is None else int(reply.TTL)
+        member = await self._connected()
+        return max(0, await self._call(member.keepalive(lease_id), member))
 
     async def revoke(self, lease_id: int) -> None:
-        try:
-            await self.request("revoke_lease", lease_id)
-        except etcd_errors.ClientError as exc:
-            if "not found" not in str(exc):
-                raise
+        member = await self._connected()
+        await self._call(member.revoke(lease_id), member)
 
     async def lease_ttl(self, lease_id: int) -> int:
         """Remaining TTL of an etcd lease, or -1 if it does not exist."""
-        info = await self.request("get_lease_info", lease_id, keys=False)
-        return int(info.TTL)
+        member = await self._connected()
+        return await self._call(member.time_to_live(lease_id), member)
 
-    async def watch_subnets(self, start_revision: int) -> AsyncIterator[tuple[list[KeyPut | KeyDeleted], int]]:
+    async def watch_subnets(self, start_revision: int) -> AsyncGenerator[SubnetBatch, None]:
         """Batches of subnet events from ``start_revision`` on, each with its revision.
 
         Raises :class:`WatchCompacted` when that revision is gone and
         :class:`EtcdUnavailable` when the stream breaks; the caller resumes
         from the last revision it saw plus one.
         """
-        start = len(self.subnets_prefix)
         async with aclosing(self._watch(self.subnets_prefix, start_revision, prefix=True)) as events:
             async for event in events:
-                name = bytes(event.kv.key)[start:].decode(errors="replace")
+                name = bytes(event.kv.key)[len(self.subnets_prefix):].decode(errors="replace")
                 item: KeyPut | KeyDeleted
-                if event.kind == EventKind.PUT:
+                if event.type == rpc.Event.PUT:
                     item = KeyPut(name, bytes(event.kv.value))
                 else:
                     item = KeyDeleted(name)
                 yield [item], int(event.kv.mod_revision)
 
-    async def _watch(self, key: bytes, start_revision: int, prefix: bool) -> AsyncIterator[Any]:
-        """aetcd's events for ``key`` (or every key under it), with our errors (see watch_subnets)."""
-        client = await self._connected()
-        start_watch = client.watch_prefix if prefix else client.watch
+    async def _watch(self, key: bytes, start_revision: int, prefix: bool) -> AsyncGenerator[Any, None]:
+        """etcd's events for ``key`` (or every key under it), with our errors (see watch_subnets)."""
+        member = await self._connected()
         try:
-            watch = await self._call(start_watch(key, start_revision=start_revision), client)
-        except etcd_errors.RevisionCompactedError:
-            raise WatchCompacted() from None
-        try:
-            async for event in watch:
-                self.last_success = time.monotonic()
-                yield event
-        except etcd_errors.RevisionCompactedError:
-            raise WatchCompacted() from None
-        except (*_TRANSIENT, grpc.aio.AioRpcError, etcd_errors.ClientError) as exc:
+            async with aclosing(member.watch(key, start_revision, prefix)) as events:
+                async for event in events:
+                    self.last_success = time.monotonic()
+                    yield event
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise
+            # Not our cancellation: another request failed over and closed the channel.
             self.errors += 1
-            await self._failover(client)
-            raise EtcdUnavailable(f"watch on {client.target} broke: {exc}") from None
-        finally:
-            try:
-                await watch.cancel()
-            except Exception:  # the stream may already be gone
-                pass
+            raise EtcdUnavailable(f"watch on {member.target} cut off by a failover") from None
+        except (grpc.aio.AioRpcError, WatchNotCreated, EtcdUnavailable) as exc:
+            self.errors += 1
+            await self._failover(member)
+            detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            raise EtcdUnavailable(f"watch on {member.target} broke: {detail}") from None

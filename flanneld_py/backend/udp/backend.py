@@ -15,7 +15,7 @@ from ipaddress import IPv4Interface, IPv4Network
 from ...core.lease import LeaseAdded, LeaseAttrs, LeaseEvent, LeaseRemoved
 from ...core.packet import Drop
 from ...netlink import RouteSpec
-from ..base import BackendContext, PeerStats
+from ..base import BackendContext, BatchCount, PeerStats
 from ..kernel_state import udp_own_entries
 from ..routed import NetlinkKernel, ReconcileLoop, Reconciler
 from . import offload
@@ -138,6 +138,12 @@ class UdpBackend:
             PeerStats(p.subnet, p.public_ip, p.tx_packets, p.tx_bytes, p.rx_packets, p.rx_bytes, p.last_tx, p.last_rx)
             for p in self.engine.peers.values()
         ]
+
+    def batch_counts(self) -> dict[str, BatchCount]:
+        if self.pump is None:
+            return {}
+        return {name: BatchCount(stats.wakeups, tuple(stats.buckets))
+                for name, stats in (("tun", self.pump.tun_batches), ("udp", self.pump.udp_batches))}
 
     def drop_counts(self) -> dict[str, int]:
         if self.engine is None:

@@ -1,4 +1,7 @@
-"""The explicit map from ``Backend.Type`` to backend class (no registration by import)."""
+"""The backend factory: an explicit map from ``Backend.Type`` to backend class (no registration by import).
+
+("Registry" is the subnet store's name, as in flannel: :mod:`flanneld_py.subnet.registry`.)
+"""
 
 from __future__ import annotations
 

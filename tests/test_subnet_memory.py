@@ -1,0 +1,352 @@
+"""LocalManager and the lease runner against the in-memory subnet store: races, compaction,
+a lost key, an outage. The same scenarios run against real etcd in test_etcd_integration.py
+and, with whole daemons, in the fault suite."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Sequence
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from flanneld_py.core.lease import KeyDeleted, KeyPut, LeaseAdded, LeaseAttrs, LeaseEvent, LeaseRemoved
+from flanneld_py.core.lease_policy import LeasePolicy, OwnLease
+from flanneld_py.core.netconfig import parse_network_config
+from flanneld_py.errors import FatalError
+from flanneld_py.subnet.manager import LeaseLost, LocalManager, NoFreeSubnet
+from flanneld_py.subnet.memory import MemoryRegistry
+from flanneld_py.subnet.runner import LeaseRunner, acquire_lease, wait_for_config
+from flanneld_py.subnet.store import EtcdUnavailable, WatchCompacted
+
+EIGHT = {"Network": "10.244.0.0/16", "SubnetMin": "10.244.1.0", "SubnetMax": "10.244.8.0"}
+CONFIG = parse_network_config(json.dumps(EIGHT))
+DEADLINE = 10.0
+
+
+def attrs(n: int) -> LeaseAttrs:
+    return LeaseAttrs(IPv4Address(f"198.51.100.{n}"), "udp", None)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run(body):  # type: ignore[no-untyped-def]
+    return asyncio.run(asyncio.wait_for(body(), DEADLINE))
+
+
+async def until(condition, what: str) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# --- the store itself -----------------------------------------------------------------
+
+
+def test_leases_expire_with_their_keys_and_revisions_count_changes():
+    clock = Clock()
+    store = MemoryRegistry(clock=clock)
+
+    async def body() -> None:
+        lease = await store.grant(10)
+        assert await store.create_subnet("10.244.1.0-24", b"v", lease)
+        assert not await store.create_subnet("10.244.1.0-24", b"w", lease)
+        record = await store.get_subnet("10.244.1.0-24")
+        assert record is not None and record.lease_id == lease
+        assert not await store.update_subnet("10.244.1.0-24", b"x", lease, record.mod_revision - 1)
+        assert await store.update_subnet("10.244.1.0-24", b"x", lease, record.mod_revision)
+        clock.now += 5
+        assert await store.lease_ttl(lease) == 5
+        assert await store.keepalive(lease) == 10
+        clock.now += 11
+        assert await store.lease_ttl(lease) == -1 and await store.keepalive(lease) == 0
+        assert await store.list_subnets() == ([], store.revision)
+        await store.revoke(lease)  # already gone: fine
+
+    run(body)
+
+
+def test_watch_replays_from_a_revision_and_raises_on_compaction_and_outage():
+    store = MemoryRegistry()
+
+    async def body() -> None:
+        _, start = await store.list_subnets()
+        store.put_subnet("10.244.3.0-24", b"a")
+        store.put_config(b"{}")
+        store.delete_subnet("10.244.3.0-24")
+        seen = []
+        async for events, revision in store.watch_subnets(start + 1):
+            seen += events
+            if len(seen) == 2:
+                break
+        assert seen == [KeyPut("10.244.3.0-24", b"a"), KeyDeleted("10.244.3.0-24")]
+        store.compact()
+        with pytest.raises(WatchCompacted):
+            async for _ in store.watch_subnets(start + 1):
+                pass
+
+        async def watch_all() -> None:
+            async for _ in store.watch_subnets(store.revision + 1):
+                pass
+
+        watching = asyncio.create_task(watch_all())
+        await asyncio.sleep(0.01)
+        store.fail()
+        with pytest.raises(EtcdUnavailable):
+            await watching
+        with pytest.raises(EtcdUnavailable):
+            await store.get_config()
+        store.recover()
+        assert await store.get_config() == b"{}"
+
+    run(body)
+
+
+def test_config_waits_while_missing_or_unreachable():
+    store = MemoryRegistry()
+    store.fail()
+
+    async def body() -> None:
+        waiter = asyncio.create_task(wait_for_config(store))
+        await asyncio.sleep(0.05)
+        store.recover()
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        store.put_config(json.dumps(EIGHT).encode())
+        assert (await waiter).subnet_count == 8
+
+    run(body)
+
+
+# --- LocalManager ------------------------------------------------------------------------
+
+
+def test_claim_is_reused_after_restart_with_the_same_etcd_lease():
+    store = MemoryRegistry()
+
+    async def body() -> None:
+        first = await LocalManager(store, lease_ttl=3600).acquire(CONFIG, attrs(1))
+        again = await LocalManager(store, lease_ttl=3600).acquire(CONFIG, attrs(1))
+        assert again.subnet == first.subnet and again.lease_id == first.lease_id
+        assert store.live_leases() == [first.lease_id]
+        wanted = IPv4Network("10.244.6.0/24") if first.subnet != IPv4Network("10.244.6.0/24") else IPv4Network("10.244.7.0/24")
+        previous = await LocalManager(store).acquire(CONFIG, attrs(2), previous=wanted)
+        assert previous.subnet == wanted
+
+    run(body)
+
+
+def test_twenty_claimants_race_for_eight_subnets():
+    store = MemoryRegistry()
+
+    async def claim(n: int) -> OwnLease | NoFreeSubnet:
+        try:
+            return await LocalManager(store, rng=random.Random(n)).acquire(CONFIG, attrs(n))
+        except NoFreeSubnet as exc:
+            return exc
+
+    async def body() -> list[OwnLease | NoFreeSubnet]:
+        return list(await asyncio.gather(*(claim(n) for n in range(1, 21))))
+
+    results = run(body)
+    winners = [r for r in results if isinstance(r, OwnLease)]
+    assert len(winners) == 8 and len({w.subnet for w in winners}) == 8
+    assert all("no free subnet" in str(r) for r in results if isinstance(r, NoFreeSubnet))
+    assert len(store.live_leases()) == 8, "losers must revoke the leases they granted"
+
+
+def test_a_lost_race_tries_another_subnet():
+    store = MemoryRegistry()
+
+    class Racing(MemoryRegistry):
+        """Another node takes the subnet between our listing and our create, once."""
+
+        async def create_subnet(self, name: str, value: bytes, lease_id: int) -> bool:
+            if not self.raced:
+                self.raced = True
+                self.put_subnet(name, attrs(99).to_json())
+            return await super().create_subnet(name, value, lease_id)
+
+    store = Racing()
+    store.raced = False  # type: ignore[attr-defined]
+
+    async def body() -> None:
+        own = await LocalManager(store).acquire(CONFIG, attrs(1), previous=IPv4Network("10.244.2.0/24"))
+        assert own.subnet != IPv4Network("10.244.2.0/24")
+        assert store.live_leases() == [own.lease_id]
+
+    run(body)
+
+
+def test_expired_lease_is_reclaimed_or_lost():
+    clock = Clock()
+    store = MemoryRegistry(clock=clock)
+
+    async def body() -> None:
+        manager = LocalManager(store, lease_ttl=2)
+        own = await manager.acquire(CONFIG, attrs(4))
+        clock.now += 3  # the lease ran out: the key is gone
+        renewed = await manager.renew(own)
+        assert renewed.subnet == own.subnet and renewed.lease_id != own.lease_id
+        await store.revoke(renewed.lease_id)
+        store.put_subnet(own.name, attrs(99).to_json(), await store.grant(60))
+        with pytest.raises(LeaseLost, match="held by another node"):
+            await manager.renew(renewed)
+
+    run(body)
+
+
+# --- the runner: policy + manager + store, as the daemon runs them --------------------------
+
+
+class Harness:
+    def __init__(self, store: MemoryRegistry, own: OwnLease, ttl: int = 3600) -> None:
+        self.store = store
+        self.manager = LocalManager(store, lease_ttl=ttl)
+        self.applied: list[LeaseEvent] = []
+        self.held: list[OwnLease] = []
+        self.own = own
+
+    async def apply(self, events: Sequence[LeaseEvent]) -> None:
+        self.applied.extend(events)
+
+    def start(self, margin: float = 0.0) -> asyncio.Task[None]:
+        policy = LeasePolicy(CONFIG, self.own, margin, asyncio.get_running_loop().time())
+        return asyncio.create_task(LeaseRunner(policy, self.manager, self.apply, self.held.append).run())
+
+    def added(self) -> set[IPv4Network]:
+        return {e.lease.subnet for e in self.applied if isinstance(e, LeaseAdded)}
+
+    def removed(self) -> set[IPv4Network]:
+        return {e.lease.subnet for e in self.applied if isinstance(e, LeaseRemoved)}
+
+
+async def _joined(store: MemoryRegistry, n: int, ttl: int = 3600) -> Harness:
+    own = await LocalManager(store, lease_ttl=ttl).acquire(CONFIG, attrs(n))
+    return Harness(store, own, ttl)
+
+
+def test_runner_follows_peers_through_compaction_and_an_outage():
+    store = MemoryRegistry()
+    store.put_config(json.dumps(EIGHT).encode())
+
+    async def body() -> None:
+        node = await _joined(store, 1)
+        peer = await LocalManager(store).acquire(CONFIG, attrs(2))
+        task = node.start()
+        await until(lambda: peer.subnet in node.added(), "the listed peer")
+        store.compact()
+        third = await LocalManager(store).acquire(CONFIG, attrs(3))
+        await until(lambda: third.subnet in node.added(), "a peer after compaction")
+        store.fail()
+        await asyncio.sleep(0.2)
+        assert not task.done() and not node.removed(), "an outage keeps every route"
+        store.recover()
+        store.delete_subnet(peer.name)
+        await until(lambda: peer.subnet in node.removed(), "a removal after the outage")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(body)
+
+
+def test_runner_reclaims_our_deleted_key_and_dies_when_it_is_taken():
+    store = MemoryRegistry()
+
+    async def body() -> None:
+        node = await _joined(store, 1)
+        task = node.start()
+        await asyncio.sleep(0.05)
+        store.delete_subnet(node.own.name)
+        await until(lambda: bool(node.held), "the re-claim")
+        assert node.held[-1].subnet == node.own.subnet
+        assert (await store.get_subnet(node.own.name)) is not None
+        store.put_subnet(node.own.name, attrs(9).to_json())
+        with pytest.raises(FatalError, match="rewritten for 198.51.100.9"):
+            await task
+
+    run(body)
+
+
+def test_runner_renews_and_retries_renewal_through_an_outage():
+    store = MemoryRegistry(clock=Clock())  # the etcd lease never runs out: this is about retries
+
+    async def body() -> None:
+        node = await _joined(store, 1, ttl=1)  # renew every ttl/3
+        task = node.start(margin=3600)
+        await until(lambda: len(node.held) >= 2, "two renewals")
+        store.fail()
+        await asyncio.sleep(0.6)
+        store.recover()
+        count = len(node.held)
+        await until(lambda: len(node.held) > count, "a renewal after the outage")
+        assert {own.lease_id for own in node.held} == {node.own.lease_id}, "one etcd lease throughout"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(body)
+
+
+def test_acquire_retries_while_etcd_is_away():
+    store = MemoryRegistry()
+    store.fail()
+
+    async def body() -> None:
+        claim = asyncio.create_task(acquire_lease(LocalManager(store), CONFIG, attrs(1), None))
+        await asyncio.sleep(0.1)
+        assert not claim.done()
+        store.recover()
+        assert (await claim).attrs == attrs(1)
+
+    run(body)
+
+
+def test_a_config_changed_at_run_time_is_reported_once_and_its_return_too():
+    from flanneld_py.subnet.runner import judge_config
+
+    raw = json.dumps(EIGHT).encode()
+    other = json.dumps({**EIGHT, "Network": "10.245.0.0/16", "SubnetMin": "10.245.1.0", "SubnetMax": "10.245.8.0"}).encode()
+    assert judge_config(raw, CONFIG, None, "/p") == (None, None)
+    reported, line = judge_config(other, CONFIG, None, "/p")
+    assert reported == other and line is not None and line.level == "warning" and "/p/config changed" in line.message
+    assert judge_config(other, CONFIG, reported, "/p") == (other, None), "said once"
+    reported, line = judge_config(b"{", CONFIG, reported, "/p")
+    assert line is not None and "is now invalid" in line.message
+    reported, line = judge_config(None, CONFIG, reported, "/p")
+    assert reported == b"" and line is not None and "was deleted" in line.message
+    back = judge_config(raw, CONFIG, reported, "/p")[1]
+    assert back is not None and back.level == "info" and "the one in use again" in back.message
+
+
+def test_a_watch_that_ends_without_an_error_counts_as_lost_etcd():
+    class Ending(MemoryRegistry):
+        watches = 0
+
+        async def watch_subnets(self, start_revision: int):  # type: ignore[no-untyped-def,override]
+            self.watches += 1
+            return
+            yield
+
+    store = Ending()
+
+    async def body() -> None:
+        node = await _joined(store, 1)
+        task = node.start()
+        await until(lambda: store.watches >= 2, "the watch started again")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(body)
