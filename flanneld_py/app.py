@@ -172,6 +172,8 @@ class Daemon:
         if config is None:
             return
         self.state.config = config
+        for warning in config.warnings:
+            log.warning("%s", warning)
         log.info("network %s, subnets /%d, backend %s", config.network, config.subnet_len, config.backend.type)
         backend = self._make_backend(config, iface, public_ip)
         self._set_phase("acquiring lease")
