@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .. import __version__
 from ..backend.base import PeerStats
+from .diagnose import NodeProblem
 
 if TYPE_CHECKING:
     from ..app import Daemon
@@ -61,6 +62,9 @@ class Snapshot:
     peer_events: int = 0
     ip_masq: bool = False
     ipmasq_repairs: int = 0
+    forward_rules: bool = False
+    forward_repairs: int = 0
+    problems: tuple[NodeProblem, ...] = ()  # node settings that break the overlay (ops.diagnose)
 
     @property
     def lease_remaining(self) -> float | None:
@@ -112,6 +116,8 @@ class Snapshot:
             "batches": {name: {"wakeups": b.wakeups, "buckets": list(b.buckets)} for name, b in self.batches.items()},
             "peer_events": self.peer_events,
             "ip_masq": {"enabled": self.ip_masq, "repairs": self.ipmasq_repairs},
+            "forward_rules": {"enabled": self.forward_rules, "repairs": self.forward_repairs},
+            "problems": [{"problem": p.code, "message": p.message, "fatal": p.fatal} for p in self.problems],
         }
 
 
@@ -138,7 +144,8 @@ def _batches(backend: object) -> dict[str, BatchView]:
     }
 
 
-def take_snapshot(daemon: Daemon, etcd_silence: float | None, ipmasq_repairs: int = 0) -> Snapshot:
+def take_snapshot(daemon: Daemon, etcd_silence: float | None, ipmasq_repairs: int = 0, *,
+                  forward_repairs: int = 0, problems: tuple[NodeProblem, ...] = ()) -> Snapshot:
     """Read the daemon now. Runs on the event loop (cheap: no I/O, no locks).
 
     ``etcd_silence`` comes from the etcd probe (see :class:`~.health.EtcdProbe`).
@@ -178,4 +185,7 @@ def take_snapshot(daemon: Daemon, etcd_silence: float | None, ipmasq_repairs: in
         peer_events=state.peer_events,
         ip_masq=daemon.options.ip_masq,
         ipmasq_repairs=ipmasq_repairs,
+        forward_rules=daemon.options.iptables_forward_rules,
+        forward_repairs=forward_repairs,
+        problems=problems,
     )
