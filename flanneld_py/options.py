@@ -283,7 +283,7 @@ class _Reading:
             self.ignored_klog.append(f"{origin}={value}" if not KLOG_FLAGS[name] or value != "true" else origin)
             return
         if name == "version":
-            self.version = _parsed(go_bool, value, origin)
+            self.version = bool(_parsed(go_bool, value, origin))
             return
         flag = _BY_NAME[name]
         parsed = _parsed(flag.parse, value, origin)
