@@ -201,11 +201,6 @@ class Netlink:
         hint = self.route_hint(choice.iface_can_reach) if choice.iface_can_reach else None
         return choose_underlay(self.links(), choice, self._default_route_index(), hint)
 
-    def interface_info(self, name_or_address: str | None) -> InterfaceInfo:
-        """The underlay interface: by name, by one of its addresses, or the default route's."""
-        choice = UnderlayChoice(iface=(name_or_address,) if name_or_address else ())
-        return underlay_info(self.select_underlay(choice))
-
     def _default_route_index(self) -> int | None:
         for msg in self.call("get_routes", family=2, table=254):
             if msg["dst_len"] == 0 and msg.get_attr("RTA_OIF"):
