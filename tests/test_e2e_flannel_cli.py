@@ -218,3 +218,18 @@ def test_ip_forward_0_is_logged_once_shown_and_fails_health():
         assert wait_until(lambda: _http_get(node, PORT, "/healthz")[0] == 200, timeout=15)
         assert _problem_gauges(node, PORT)["ip_forward_disabled"] == 0
         assert "node problem cleared: ip_forward_disabled" in node.log_text()
+
+
+@pytest.mark.netns
+@pytest.mark.etcd
+@pytest.mark.slow
+def test_vxlan_backend_mtu_is_honoured_and_unknown_keys_are_named_once():
+    config = {"Network": "10.244.0.0/16", "Netwrk": "typo", "Backend": {"Type": "VXLAN", "MTU": 1400, "Prot": 1}}
+    with Cluster(nodes=1, config=config) as lab:
+        (node,) = lab.nodes
+        lab.start_daemon(node)
+        assert node.subnet_env().mtu == 1350
+        link = json.loads(node.netns.ip("-j", "link", "show", "flannel.1").stdout)[0]
+        assert link["mtu"] == 1350
+        warnings = [line for line in node.log_text().splitlines() if "network config: ignoring" in line]
+        assert len(warnings) == 1 and "Netwrk" in warnings[0] and "Backend.Prot" in warnings[0], warnings
