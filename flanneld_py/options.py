@@ -179,6 +179,7 @@ FLAGS: tuple[Flag, ...] = (
     _f("subnet-file", _string, "/run/flannel/subnet.env", "where to write the subnet file"),
     _f("subnet-lease-renew-margin", go_int, 60, "renew the lease this many minutes before it expires (1-1439)"),
     _f("ip-masq", go_bool, False, "masquerade traffic that leaves the overlay network"),
+    _f("ip-masq-fully-random-disable", go_bool, False, "masquerade without --random-fully (a flanneld v0.22+ flag)"),
     _f("iptables-forward-rules", go_bool, True, "accept forwarding to and from the Network in the FORWARD chain"),
     _f("iptables-resync", go_int, 5, "seconds between checks of the iptables rules"),
     _f("healthz-ip", _string, "0.0.0.0", "address of the health and metrics endpoint"),
@@ -208,6 +209,8 @@ UNSUPPORTED_FLAGS: dict[str, tuple[bool, str]] = {
     "net-config-path": (False, "a network config file is not supported; flanneld-py reads the config from "
                         "etcd: etcdctl put /coreos.com/network/config \"$(cat FILE)\""),
     "public-ipv6": (False, "IPv6 is not supported yet; flanneld-py runs IPv4 networks only: remove the flag"),
+    "ip-blackhole-route": (True, "a blackhole route for the node's subnet (a flanneld v0.24+ flag) is not "
+                           "supported yet: remove the flag"),
 }
 # klog's flags (k8s.io/klog v1 InitFlags): name -> is a bool flag. flanneld itself lists only
 # -v, -vmodule and -log_backtrace_at; the rest are accepted too, as unit files copied from
@@ -249,6 +252,7 @@ class DaemonOptions:
     subnet_file: str = "/run/flannel/subnet.env"
     subnet_lease_renew_margin: int = 60
     ip_masq: bool = False
+    ip_masq_fully_random_disable: bool = False
     iptables_forward_rules: bool = True
     iptables_resync: int = 5
     healthz_ip: str = "0.0.0.0"

@@ -214,3 +214,10 @@ def test_durations():
     assert parse_duration("1h30m") == 5400
     assert parse_duration("500ms") == 0.5
     assert parse_duration("7") == 7
+
+
+def test_newer_flanneld_flags():
+    assert read(["--ip-masq-fully-random-disable"])[0].ip_masq_fully_random_disable is True
+    assert read([])[0].ip_masq_fully_random_disable is False
+    with pytest.raises(UsageError, match="ip-blackhole-route"):
+        read(["--ip-blackhole-route"])

@@ -171,7 +171,8 @@ class Operations:
             self.forward = RuleApplier(Iptables(), forward, interval, random_fully=False, label="forward rules")
             self.forward.start()
         if self.options.ip_masq:
-            self.masq = RuleApplier(Iptables(), masq, interval, label="ip-masq")
+            random_fully = False if self.options.ip_masq_fully_random_disable else None  # None: ask iptables
+            self.masq = RuleApplier(Iptables(), masq, interval, random_fully=random_fully, label="ip-masq")
             self.masq.start()
 
     async def _monitor(self) -> None:
