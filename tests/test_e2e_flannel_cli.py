@@ -233,3 +233,36 @@ def test_vxlan_backend_mtu_is_honoured_and_unknown_keys_are_named_once():
         assert link["mtu"] == 1350
         warnings = [line for line in node.log_text().splitlines() if "network config: ignoring" in line]
         assert len(warnings) == 1 and "Netwrk" in warnings[0] and "Backend.Prot" in warnings[0], warnings
+
+
+@pytest.mark.netns
+@pytest.mark.etcd
+@pytest.mark.slow
+def test_interface_flags_in_flannels_order():
+    """A missing --iface and a regex that matches nothing are skipped (and logged); --iface-can-reach
+    then takes the interface and source address of the kernel's route to etcd's address."""
+    with Cluster(nodes=1) as lab:
+        (node,) = lab.nodes
+        node.netns.ip("link", "add", "extra7", "type", "veth", "peer", "name", "extra7p")  # a second interface
+        node.netns.ip("addr", "add", "192.0.2.7/24", "dev", "extra7")
+        node.netns.ip("link", "set", "extra7", "up")
+        argv = lab.default_daemon_argv(node)
+        argv = [a for a in argv if a != "--iface=eth0"]
+        argv += ["--iface=eth9", "-iface-regex", "^wlan", f"--iface-can-reach={ETCD_HOST}"]
+        with open(node.log_path, "ab") as log:
+            node.daemon = subprocess.Popen(node.netns.argv(*argv), stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True)
+        lab.wait_ready(node)
+        text = node.log_text()
+        assert "interface candidate skipped: --iface=eth9: no interface named eth9" in text
+        assert "interface candidate skipped: --iface-regex=^wlan: matches no interface" in text
+        assert "using interface eth0 (198.51.100.1, mtu 1500), public IP 198.51.100.1" in text
+        lab.stop_daemon(node)
+
+        # a regex matches addresses before names: 192.0.2.7 is extra7's, although eth0 comes first
+        argv = [a for a in lab.default_daemon_argv(node) if a != "--iface=eth0"] + ["--iface-regex=^192\\.0\\.2\\."]
+        with open(node.log_path, "ab") as log:
+            node.daemon = subprocess.Popen(node.netns.argv(*argv), stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True)
+        lab.wait_ready(node)
+        assert "using interface extra7 (192.0.2.7, mtu 1500), public IP 192.0.2.7" in node.log_text()
