@@ -204,8 +204,12 @@ def test_ip_forward_0_is_logged_once_shown_and_fails_health():
     with Cluster(nodes=1) as lab:
         (node,) = lab.nodes
         node.netns.sh("sysctl", "-qw", "net.ipv4.ip_forward=0")
-        lab.start_daemon(node, "--healthz-ip=127.0.0.1", f"--healthz-port={PORT}", "--iptables-resync=1")
+        lab.start_daemon(node, "--healthz-ip=127.0.0.1", f"--healthz-port={PORT}", "--iptables-resync=1",
+                         "-vmodule=*=1", env={"FLANNELD_IFACES": "eth0"})
         assert wait_until(lambda: _http_get(node, PORT, "/healthz")[0] == 503, timeout=15)
+        log = node.log_text()  # what the command line said, by the way
+        assert "ignoring klog flags" in log and "-vmodule=*=1" in log
+        assert "ignoring environment variable FLANNELD_IFACES: there is no flag --ifaces" in log
         code, body = _http_get(node, PORT, "/healthz")
         doc = json.loads(body)
         assert doc["failed"] == "node" and "sysctl -w net.ipv4.ip_forward=1" in doc["reason"]
