@@ -433,7 +433,7 @@ def usage_text() -> str:
              "Each flag can also be set as FLANNELD_<FLAG> (upper case, - as _); the command line wins.", ""]
     for flag in FLAGS:
         kind = "" if flag.boolean else " value"
-        default = "" if flag.default in (None, (), "") else f" (default {flag.default})"
+        default = "" if flag.default in (None, (), "", False, 0) else f" (default {_shown(flag.default)})"
         extra = "" if flag.flannel else " [flanneld-py]"
         lines.append(f"  -{flag.name}{kind}\n        {flag.help}{default}{extra} [{flag.env}]")
     lines.append("  -version\n        print the version and exit")
@@ -442,6 +442,15 @@ def usage_text() -> str:
                  + ", ".join(f"-{name}" for name in UNSUPPORTED_FLAGS))
     lines.append("klog flags accepted and ignored: " + ", ".join(f"-{name}" for name in KLOG_FLAGS))
     return "\n".join(lines) + "\n"
+
+
+def _shown(value: object) -> str:
+    """A default as Go's --help shows it: ``true``, ``24h``."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value / 3600:g}h" if value % 3600 == 0 else f"{value:g}s"
+    return str(value)
 
 
 def parse_command_line(argv: Sequence[str], environ: Mapping[str, str] | None = None
