@@ -31,12 +31,12 @@ from . import __version__
 
 __all__ = [
     "DEFAULT_CONTROL_SOCKET",
+    "KLOG_FLAGS",
+    "UNSUPPORTED_FLAGS",
     "DaemonOptions",
     "Flag",
     "HelpRequested",
-    "KLOG_FLAGS",
     "Notice",
-    "UNSUPPORTED_FLAGS",
     "UsageError",
     "VersionRequested",
     "go_bool",
@@ -206,11 +206,11 @@ UNSUPPORTED_FLAGS: dict[str, tuple[bool, str]] = {
     "kubeconfig-file": (False, f"belongs to --kube-subnet-mgr, which is not supported; {_ETCD_ONLY}"),
     "kube-annotation-prefix": (False, f"belongs to --kube-subnet-mgr, which is not supported; {_ETCD_ONLY}"),
     "set-node-network-unavailable": (True, f"belongs to --kube-subnet-mgr, which is not supported; {_ETCD_ONLY}"),
-    "net-config-path": (False, "a network config file is not supported; flanneld-py reads the config from "
-                        "etcd: etcdctl put /coreos.com/network/config \"$(cat FILE)\""),
+    "net-config-path": (False, ("a network config file is not supported; flanneld-py reads the config from "
+                                "etcd: etcdctl put /coreos.com/network/config \"$(cat FILE)\"")),
     "public-ipv6": (False, "IPv6 is not supported yet; flanneld-py runs IPv4 networks only: remove the flag"),
-    "ip-blackhole-route": (True, "a blackhole route for the node's subnet (a flanneld v0.24+ flag) is not "
-                           "supported yet: remove the flag"),
+    "ip-blackhole-route": (True, ("a blackhole route for the node's subnet (a flanneld v0.24+ flag) is not "
+                                  "supported yet: remove the flag")),
 }
 # klog's flags (k8s.io/klog v1 InitFlags): name -> is a bool flag. flanneld itself lists only
 # -v, -vmodule and -log_backtrace_at; the rest are accepted too, as unit files copied from

@@ -163,8 +163,8 @@ def _fold_keys(doc: Mapping[str, Any], known: Iterable[str]) -> tuple[dict[str, 
 def _unknown_warning(keys: list[str], backend_type: str) -> list[str]:
     if not keys:
         return []
-    return [f"network config: ignoring {', '.join(keys)}: not a key flannel reads for a {backend_type} "
-            "network (a typo?)"]
+    return [(f"network config: ignoring {', '.join(keys)}: not a key flannel reads for a {backend_type} "
+             "network (a typo?)")]
 
 
 def _unimplemented_warnings(doc: Mapping[str, Any]) -> list[str]:

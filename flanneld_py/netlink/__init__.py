@@ -20,7 +20,14 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ..core.underlay import Link, NoUnderlay, RouteHint, Underlay, UnderlayChoice, choose_underlay
+from ..core.underlay import (
+    Link,
+    NoUnderlay,
+    RouteHint,
+    Underlay,
+    UnderlayChoice,
+    choose_underlay,
+)
 
 __all__ = ["InterfaceInfo", "Netlink", "NetlinkError", "NoUnderlay", "RouteSpec", "underlay_info"]
 

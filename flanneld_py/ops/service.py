@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 from ..cancellation import cancel_and_wait
 from ..firewall import Iptables
 from .control import ControlServer
-from .health import EtcdProbe, HealthServer, etcd_staleness, health_verdict
 from .diagnose import NodeDoctor
+from .health import EtcdProbe, HealthServer, etcd_staleness, health_verdict
 from .ipmasq import Rule, RuleApplier, forward_rules, masq_rules
 from .notify import Notifier, watchdog_interval, watchdog_loop
 from .snapshot import Snapshot, take_snapshot
