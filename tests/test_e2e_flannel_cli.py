@@ -238,6 +238,15 @@ def test_vxlan_backend_mtu_is_honoured_and_unknown_keys_are_named_once():
         assert len(warnings) == 1 and "Netwrk" in warnings[0] and "Backend.Prot" in warnings[0], warnings
 
 
+def _start_without_iface(lab: Cluster, node: Node, *args: str) -> None:
+    """The lab's daemon on ``node`` with ``args`` instead of its --iface=eth0; waits until ready."""
+    argv = [a for a in lab.default_daemon_argv(node) if a != "--iface=eth0"] + list(args)
+    with open(node.log_path, "ab") as log:
+        node.daemon = subprocess.Popen(node.netns.argv(*argv), stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+    lab.wait_ready(node)
+
+
 @pytest.mark.netns
 @pytest.mark.etcd
 @pytest.mark.slow
@@ -249,13 +258,7 @@ def test_interface_flags_in_flannels_order():
         node.netns.ip("link", "add", "extra7", "type", "veth", "peer", "name", "extra7p")  # a second interface
         node.netns.ip("addr", "add", "192.0.2.7/24", "dev", "extra7")
         node.netns.ip("link", "set", "extra7", "up")
-        argv = lab.default_daemon_argv(node)
-        argv = [a for a in argv if a != "--iface=eth0"]
-        argv += ["--iface=eth9", "-iface-regex", "^wlan", f"--iface-can-reach={ETCD_HOST}"]
-        with open(node.log_path, "ab") as log:
-            node.daemon = subprocess.Popen(node.netns.argv(*argv), stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True)
-        lab.wait_ready(node)
+        _start_without_iface(lab, node, "--iface=eth9", "-iface-regex", "^wlan", f"--iface-can-reach={ETCD_HOST}")
         text = node.log_text()
         assert "interface candidate skipped: --iface=eth9: no interface named eth9" in text
         assert "interface candidate skipped: --iface-regex=^wlan: matches no interface" in text
@@ -263,9 +266,10 @@ def test_interface_flags_in_flannels_order():
         lab.stop_daemon(node)
 
         # a regex matches addresses before names: 192.0.2.7 is extra7's, although eth0 comes first
-        argv = [a for a in lab.default_daemon_argv(node) if a != "--iface=eth0"] + ["--iface-regex=^192\\.0\\.2\\."]
-        with open(node.log_path, "ab") as log:
-            node.daemon = subprocess.Popen(node.netns.argv(*argv), stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True)
-        lab.wait_ready(node)
+        _start_without_iface(lab, node, "--iface-regex=^192\\.0\\.2\\.")
         assert "using interface extra7 (192.0.2.7, mtu 1500), public IP 192.0.2.7" in node.log_text()
+        lab.stop_daemon(node)
+
+        # --public-ip alone picks the interface that holds it
+        _start_without_iface(lab, node, "-public-ip=192.0.2.7")
+        assert node.log_text().count("using interface extra7 (192.0.2.7, mtu 1500), public IP 192.0.2.7") == 2
