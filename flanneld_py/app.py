@@ -29,8 +29,9 @@ from .core.lease import LeaseEvent
 from .core.lease_policy import LeasePolicy
 from .core.netconfig import ConfigError, NetworkConfig
 from .core.subnetenv import SubnetEnv
+from .core.underlay import NoUnderlay, UnderlayChoice
 from .errors import FatalError
-from .netlink import InterfaceInfo, Netlink
+from .netlink import InterfaceInfo, Netlink, underlay_info
 from .ops import attach_operations
 from .options import DaemonOptions
 from .state import DaemonState
@@ -141,14 +142,14 @@ class Daemon:
 
     async def _start(self) -> None:
         self.netlink = await asyncio.to_thread(Netlink)
-        iface = await asyncio.to_thread(self.netlink.interface_info, self.options.iface)
-        public_ip = IPv4Address(self.options.public_ip) if self.options.public_ip else iface.address
-        log.info("using interface %s (%s, mtu %d), public IP %s", iface.name, iface.address, iface.mtu, public_ip)
+        iface, public_ip = await self._choose_underlay()
         self._set_phase("waiting for network config")
         config = await self._until_stopped(wait_for_config(self.store))
         if config is None:
             return
         self.state.config = config
+        for warning in config.warnings:
+            log.warning("%s", warning)
         log.info("network %s, subnets /%d, backend %s", config.network, config.subnet_len, config.backend.type)
         backend = self._make_backend(config, iface, public_ip)
         self._set_phase("acquiring lease")
@@ -167,6 +168,22 @@ class Daemon:
         await self._start_services(env)
         self.state.ready = True
         self._set_phase("running")
+
+    async def _choose_underlay(self) -> tuple[InterfaceInfo, IPv4Address]:
+        """The underlay from --iface, --iface-regex, --iface-can-reach and --public-ip, as flannel picks it."""
+        assert self.netlink is not None
+        choice = UnderlayChoice(self.options.iface, self.options.iface_regex, self.options.iface_can_reach,
+                                self.options.public_ip)
+        try:
+            underlay = await asyncio.to_thread(self.netlink.select_underlay, choice)
+        except NoUnderlay as exc:
+            raise FatalError(f"cannot choose the underlay interface: {exc}") from None
+        for skipped in underlay.skipped:
+            log.info("interface candidate skipped: %s", skipped)
+        iface = underlay_info(underlay)
+        log.info("using interface %s (%s, mtu %d), public IP %s", iface.name, iface.address, iface.mtu,
+                 underlay.public_ip)
+        return iface, underlay.public_ip
 
     async def _until_stopped(self, work: Coroutine[Any, Any, _T]) -> _T | None:
         """Await ``work`` unless a stop signal comes first (then None)."""

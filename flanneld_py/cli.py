@@ -18,9 +18,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_daemon(args: list[str]) -> int:
-    from .options import parse_options
+    from .options import parse_command_line
 
-    options = parse_options(args)  # exits 2 on bad usage
+    options, notices = parse_command_line(args)  # exits 2 on bad usage
+
+    import logging
 
     import uvloop
 
@@ -28,6 +30,8 @@ def _run_daemon(args: list[str]) -> int:
     from .logs import setup_logging
 
     setup_logging(options.verbosity)
+    for notice in notices:
+        logging.getLogger("flanneld_py").log(notice.level, "%s", notice.message)
     return uvloop.run(Daemon(options).run())
 
 

@@ -79,3 +79,63 @@ def test_not_json_and_not_object():
         parse_network_config(b"{nope")
     with pytest.raises(ConfigError, match="JSON object"):
         parse_network_config("[1, 2]")
+
+
+def test_keys_match_case_insensitively_as_go_json():
+    c = parse_network_config('{"network": "10.244.0.0/16", "backend": {"type": "VXLAN", "vni": 4}}')
+    assert c.network == IPv4Network("10.244.0.0/16") and c.backend.type == "vxlan" and c.backend.vni == 4
+    assert c.warnings == ()
+
+
+def test_unknown_keys_give_one_warning_naming_them():
+    c = cfg(Network="10.244.0.0/16", Netwrk="x", SubnetLength=24, Backend={"Type": "udp", "VNI": 3, "Prot": 1})
+    assert len(c.warnings) == 1
+    for key in ("Netwrk", "SubnetLength", "Backend.VNI", "Backend.Prot"):
+        assert key in c.warnings[0]
+
+
+def test_ipv6_keys_are_flannel_keys_not_unknown():
+    c = cfg(Network="10.244.0.0/16", EnableIPv6=False, IPv6Network="fd00::/56", IPv6SubnetLen=64,
+            IPv6SubnetMin="fd00::100", IPv6SubnetMax="fd00::ff00", EnableIPv4=True)
+    assert c.warnings == ()
+
+
+def test_enable_ipv6_is_refused_in_one_line():
+    with pytest.raises(ConfigError) as info:
+        cfg(Network="10.244.0.0/16", EnableIPv6=True, IPv6Network="fd00::/56")
+    assert "\n" not in str(info.value) and "IPv6" in str(info.value) and "EnableIPv6" in str(info.value)
+
+
+def test_flannel_keys_we_do_not_implement_are_warned_about():
+    c = cfg(Network="10.244.0.0/16", Networks=["10.245.0.0/16"], EnableNFTables=True,
+            Backend={"Type": "vxlan", "Learning": True})
+    text = " | ".join(c.warnings)
+    assert "Networks" in text and "EnableNFTables" in text and "Learning" in text
+    assert cfg(Network="10.244.0.0/16", EnableNFTables=False).warnings == ()
+
+
+@pytest.mark.parametrize("kind", ["ipip", "wireguard", "ipsec", "alloc", "extension", "gce", "aws-vpc",
+                                  "ali-vpc", "tencent-vpc", "WireGuard"])
+def test_flannel_backends_we_lack_are_fatal_and_list_ours(kind):
+    with pytest.raises(ConfigError) as info:
+        cfg(Network="10.244.0.0/16", Backend={"Type": kind})
+    text = str(info.value)
+    assert kind.lower() in text and "udp, vxlan, host-gw" in text and "\n" not in text
+
+
+def test_vxlan_mtu_is_the_underlay_mtu_to_assume():
+    c = cfg(Network="10.244.0.0/16", Backend={"Type": "vxlan", "MTU": 1400})
+    assert c.backend.mtu == 1400 and c.backend.underlay_mtu(9000) == 1400 and c.warnings == ()
+    assert cfg(Network="10.244.0.0/16", Backend={"Type": "vxlan"}).backend.underlay_mtu(9000) == 9000
+    with pytest.raises(ConfigError, match="Backend.MTU"):
+        cfg(Network="10.244.0.0/16", Backend={"Type": "vxlan", "MTU": 100})
+
+
+@pytest.mark.parametrize("kind", ["udp", "host-gw"])
+def test_mtu_is_unknown_to_flannels_udp_and_host_gw(kind):
+    c = cfg(Network="10.244.0.0/16", Backend={"Type": kind, "MTU": 1400})
+    assert c.backend.mtu is None and "Backend.MTU" in c.warnings[0]
+
+
+def test_warnings_do_not_change_what_the_config_means():
+    assert cfg(Network="10.244.0.0/16", Extra=1) == cfg(Network="10.244.0.0/16")

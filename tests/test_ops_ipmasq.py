@@ -1,4 +1,5 @@
-"""--ip-masq: flannel's rule lists, restore payloads, and the applier's repair logic (fake iptables)."""
+"""flannel's iptables sets (masquerade, FORWARD accept): rule lists, restore payloads, and the
+applier's repair logic (fake iptables)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from ipaddress import IPv4Network
 import pytest
 
 from flanneld_py.ops.ipmasq import (
-    MasqApplier,
+    RuleApplier,
     forward_rules,
     masq_rules,
     restore_lines,
@@ -47,7 +48,7 @@ def test_every_rule_is_commented():
 def test_forward_rules_match_flannel():
     fc = ["-m", "comment", "--comment", "flanneld forward"]
     assert [(r.table, r.chain, list(r.spec)) for r in forward_rules(NET)] == [
-        ("filter", "FORWARD", [*fc, "-j", "FLANNEL-FWD"]),
+        ("filter", "FORWARD", [*fc, "-j", "FLANNEL-FWD"]),  # inserted at the top, as flannel's -I
         ("filter", "FLANNEL-FWD", ["-s", "10.244.0.0/16", *fc, "-j", "ACCEPT"]),
         ("filter", "FLANNEL-FWD", ["-d", "10.244.0.0/16", *fc, "-j", "ACCEPT"]),
     ]
@@ -69,7 +70,7 @@ def test_restore_lines_delete_present_copies_then_append_in_order():
     lines = restore_lines(rules, [True, False, True])
     assert lines == {"filter": [
         '-D FORWARD -m comment --comment "flanneld forward" -j FLANNEL-FWD',
-        '-A FORWARD -m comment --comment "flanneld forward" -j FLANNEL-FWD',
+        '-I FORWARD -m comment --comment "flanneld forward" -j FLANNEL-FWD',
         '-A FLANNEL-FWD -s 10.244.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT',
         '-D FLANNEL-FWD -d 10.244.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT',
         '-A FLANNEL-FWD -d 10.244.0.0/16 -m comment --comment "flanneld forward" -j ACCEPT',
@@ -110,6 +111,8 @@ class FakeIptables:
             op, chain, *spec = shlex.split(line)
             if op == "-A":
                 self.chains[(table, chain)].append(tuple(spec))
+            elif op == "-I":
+                self.chains[(table, chain)].insert(0, tuple(spec))
             else:
                 self.chains[(table, chain)].remove(tuple(spec))
 
@@ -120,7 +123,7 @@ def applier(ipt, subnet=SUB):
     def desired(random_fully):
         return masq_rules(NET, current["subnet"], random_fully) + forward_rules(NET)
 
-    return MasqApplier(ipt, desired, random_fully=True), current
+    return RuleApplier(ipt, desired, random_fully=True), current
 
 
 def test_installs_once_then_leaves_rules_alone():
@@ -158,7 +161,7 @@ def test_a_new_subnet_replaces_the_old_rules():
 
 def test_nothing_before_the_lease_is_known():
     ipt = FakeIptables()
-    app = MasqApplier(ipt, lambda random_fully: None, random_fully=False)
+    app = RuleApplier(ipt, lambda random_fully: None, random_fully=False)
     assert app.ensure() is False and ipt.restores == 0
 
 
@@ -168,3 +171,43 @@ def test_remove_all_deletes_rules_and_chains():
     app.ensure()
     app.remove_all()
     assert ipt.chains == {("nat", "POSTROUTING"): [], ("filter", "FORWARD"): []}
+
+
+def test_jumps_into_our_chains_go_to_the_top():
+    assert [r.insert for r in masq_rules(NET, SUB, True)] == [True] + [False] * 6
+    assert [r.insert for r in forward_rules(NET)] == [True, False, False]
+    ipt = FakeIptables()
+    ipt.chains[("filter", "FORWARD")] = [("-j", "DOCKER-USER"), ("-j", "REJECT")]
+    app = RuleApplier(ipt, lambda random_fully: forward_rules(NET), random_fully=False, label="forward rules")
+    app.ensure()
+    assert ipt.chains[("filter", "FORWARD")][0][-1] == "FLANNEL-FWD"
+
+
+def test_forward_rules_alone_and_their_cleanup():
+    ipt = FakeIptables()
+    app = RuleApplier(ipt, lambda random_fully: forward_rules(NET), random_fully=False, label="forward rules")
+    assert app.ensure() is True and app.installed == forward_rules(NET)
+    assert ipt.chains[("nat", "POSTROUTING")] == [] and ("nat", "FLANNEL-POSTRTG") not in ipt.chains
+    ipt.chains[("filter", "FLANNEL-FWD")].clear()
+    assert app.ensure() is True and app.repairs == 1 and len(ipt.chains[("filter", "FLANNEL-FWD")]) == 2
+    app.remove_all()
+    assert ipt.chains == {("nat", "POSTROUTING"): [], ("filter", "FORWARD"): []}
+
+
+def test_in_place_after_a_pass():
+    import asyncio
+
+    ipt = FakeIptables()
+    app = RuleApplier(ipt, lambda random_fully: forward_rules(NET), interval=3600, random_fully=False)
+    assert app.in_place is None
+
+    async def one_pass():
+        app.start()
+        for _ in range(200):
+            if app.in_place is not None:
+                break
+            await asyncio.sleep(0.01)
+        await app.close()
+
+    asyncio.run(one_pass())
+    assert app.in_place is True

@@ -72,7 +72,7 @@ class VxlanBackend(RoutedBackend):
 
     @property
     def mtu(self) -> int:
-        return self.ctx.iface.mtu - VXLAN_OVERHEAD
+        return self.ctx.config.backend.underlay_mtu(self.ctx.iface.mtu) - VXLAN_OVERHEAD
 
     @property
     def vtep_mac(self) -> str:

@@ -1,19 +1,36 @@
-"""The cluster network config: flannel's JSON at ``<prefix>/config``.
+"""The cluster network config: flannel's JSON at ``<prefix>/config``, read as flannel reads it.
 
 Parsing applies flannel's defaults and rejects bad values with an error that
-names the field and the value, so an operator can fix the key in etcd.
+names the field and the value, so an operator can fix the key in etcd. Keys
+match case-insensitively, as Go's ``encoding/json`` matches them, and
+``Backend.Type`` is lower-cased, as flannel's backend manager does.
+
+What flanneld-py does not use is never dropped silently: keys unknown to
+flannel, and flannel keys it does not implement (``Networks``,
+``EnableNFTables``, vxlan ``Learning``), come back as
+:attr:`NetworkConfig.warnings` for the daemon to log once. A backend flannel
+has and flanneld-py lacks is a :class:`ConfigError` that lists ours; so is
+``EnableIPv6: true`` (IPv6 is not implemented yet). flannel's IPv6 keys are
+known keys: inert, as in flannel, while ``EnableIPv6`` is off.
+
+``Backend.MTU`` is honoured where flannel honours it: the vxlan backend
+(flannel v0.21.3+) takes it as the underlay MTU to assume, so ``flannel.<VNI>``
+and pods get ``MTU - 50``. flannel's udp and host-gw backends read no MTU, so
+there it is an unknown key (a warning) and the interface's MTU is used.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 __all__ = [
     "BACKEND_TYPES",
+    "FLANNEL_ONLY_BACKENDS",
     "BackendConfig",
     "ConfigError",
     "NetworkConfig",
@@ -21,6 +38,20 @@ __all__ = [
 ]
 
 BACKEND_TYPES = ("udp", "vxlan", "host-gw")
+# flannel's other backends (all versions): named in the error that refuses them
+FLANNEL_ONLY_BACKENDS = ("ipip", "wireguard", "ipsec", "alloc", "extension", "gce", "aws-vpc", "ali-vpc",
+                         "tencent-vpc")
+MIN_UNDERLAY_MTU = 576  # IPv4's minimum datagram every host must take
+# top-level keys: what we read, and flannel's keys that stay inert here
+_TOP_KEYS = ("Network", "SubnetLen", "SubnetMin", "SubnetMax", "Backend", "EnableIPv4", "EnableIPv6")
+_IPV6_KEYS = ("IPv6Network", "IPv6SubnetLen", "IPv6SubnetMin", "IPv6SubnetMax")
+_UNIMPLEMENTED_KEYS = ("Networks", "IPv6Networks", "EnableNFTables")
+# Backend keys flannel reads, per type (vxlan MTU: v0.21.3+)
+_BACKEND_KEYS = {
+    "udp": ("Type", "Port"),
+    "vxlan": ("Type", "VNI", "Port", "GBP", "DirectRouting", "MTU", "Learning"),
+    "host-gw": ("Type",),
+}
 _DEFAULT_PORTS = {"udp": 8285, "vxlan": 0, "host-gw": 0}
 VXLAN_KERNEL_PORT = 8472
 
@@ -44,11 +75,16 @@ class BackendConfig:
     vni: int = 1
     gbp: bool = False
     direct_routing: bool = False
+    mtu: int | None = None  # vxlan: the underlay MTU to assume (flannel 0.21.3+); None: the interface's
 
     @property
     def vxlan_port(self) -> int:
         """The VXLAN UDP port: flannel's 0 means the kernel's 8472."""
         return self.port or VXLAN_KERNEL_PORT
+
+    def underlay_mtu(self, interface_mtu: int) -> int:
+        """The underlay MTU the encapsulation is sized for: ``Backend.MTU`` if set, else the interface's."""
+        return self.mtu or interface_mtu
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +96,8 @@ class NetworkConfig:
     subnet_min: IPv4Network
     subnet_max: IPv4Network
     backend: BackendConfig
+    # what the daemon should log once: keys ignored, with why (not part of the config's meaning)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def subnet_count(self) -> int:
@@ -80,13 +118,15 @@ class NetworkConfig:
 def parse_network_config(raw: str | bytes) -> NetworkConfig:
     """Parse and validate flannel's network config JSON."""
     try:
-        doc = json.loads(raw)
+        loaded = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ConfigError("config", _preview(raw), f"not valid JSON ({exc})") from None
-    if not isinstance(doc, dict):
+    if not isinstance(loaded, dict):
         raise ConfigError("config", _preview(raw), "must be a JSON object")
-    if doc.get("EnableIPv6"):
-        raise ConfigError("EnableIPv6", doc["EnableIPv6"], "IPv6 networks are not supported")
+    doc, unknown = _fold_keys(loaded, (*_TOP_KEYS, *_IPV6_KEYS, *_UNIMPLEMENTED_KEYS))
+    if doc.get("EnableIPv6") not in (None, False):
+        raise ConfigError("EnableIPv6", doc["EnableIPv6"], "IPv6 networks are not supported yet; flanneld-py "
+                          "runs the IPv4 Network only: set EnableIPv6 to false or remove it")
     if doc.get("EnableIPv4") is False:
         raise ConfigError("EnableIPv4", False, "an IPv4 Network is required")
     network = _parse_network(doc.get("Network"))
@@ -98,8 +138,44 @@ def parse_network_config(raw: str | bytes) -> NetworkConfig:
     subnet_max = _parse_bound("SubnetMax", doc.get("SubnetMax"), network, subnet_len, last)
     if int(subnet_min.network_address) > int(subnet_max.network_address):
         raise ConfigError("SubnetMin", str(subnet_min.network_address), "is above SubnetMax")
-    backend = _parse_backend(doc.get("Backend"))
-    return NetworkConfig(network, subnet_len, subnet_min, subnet_max, backend)
+    backend, backend_unknown, ignored = _parse_backend(doc.get("Backend"))
+    warnings = _unknown_warning(unknown + [f"Backend.{key}" for key in backend_unknown], backend.type)
+    warnings += _unimplemented_warnings(doc) + ignored
+    return NetworkConfig(network, subnet_len, subnet_min, subnet_max, backend, tuple(warnings))
+
+
+def _fold_keys(doc: Mapping[str, Any], known: Iterable[str]) -> tuple[dict[str, Any], list[str]]:
+    """Keys matched to ``known`` as Go's encoding/json matches them (exact, else ignoring case;
+    the last of equal keys wins), and the keys that match none, in document order."""
+    exact = set(known)
+    folded = {name.lower(): name for name in exact}
+    out: dict[str, Any] = {}
+    unknown: list[str] = []
+    for key, value in doc.items():
+        name = key if key in exact else folded.get(key.lower())
+        if name is None:
+            unknown.append(key)
+        else:
+            out[name] = value
+    return out, unknown
+
+
+def _unknown_warning(keys: list[str], backend_type: str) -> list[str]:
+    if not keys:
+        return []
+    return [(f"network config: ignoring {', '.join(keys)}: not a key flannel reads for a {backend_type} "
+             "network (a typo?)")]
+
+
+def _unimplemented_warnings(doc: Mapping[str, Any]) -> list[str]:
+    out = []
+    for key in ("Networks", "IPv6Networks"):
+        if doc.get(key):
+            out.append(f"network config: ignoring {key}: flanneld-py uses Network alone")
+    if doc.get("EnableNFTables"):
+        out.append("network config: ignoring EnableNFTables: flanneld-py writes iptables rules (through "
+                   "iptables-nft where the host uses nftables)")
+    return out
 
 
 def _preview(raw: str | bytes) -> str:
@@ -154,25 +230,45 @@ def _parse_bound(
     return IPv4Network((int(address), subnet_len))
 
 
-def _parse_backend(value: Any) -> BackendConfig:
+def _parse_backend(value: Any) -> tuple[BackendConfig, list[str], list[str]]:
+    """The backend, its keys flannel does not read for its type, and warnings for ignored ones."""
     if value is None:
-        return BackendConfig()
+        return BackendConfig(), [], []
     if not isinstance(value, dict):
         raise ConfigError("Backend", value, "must be a JSON object")
-    kind = value.get("Type", "udp")
+    type_field, _ = _fold_keys(value, ("Type",))
+    kind = type_field.get("Type", "udp")
+    if not isinstance(kind, str):
+        raise ConfigError("Backend.Type", kind, f"must be a string: one of {', '.join(BACKEND_TYPES)}")
+    kind = kind.lower() or "udp"
+    if kind in FLANNEL_ONLY_BACKENDS:
+        raise ConfigError("Backend.Type", kind, f"is a flannel backend flanneld-py does not have; "
+                          f"use one of {', '.join(BACKEND_TYPES)}")
     if kind not in BACKEND_TYPES:
-        raise ConfigError("Backend.Type", kind, f"must be one of {', '.join(BACKEND_TYPES)}")
-    port = value.get("Port", _DEFAULT_PORTS[kind])
+        raise ConfigError("Backend.Type", kind, f"is not a backend; use one of {', '.join(BACKEND_TYPES)}")
+    doc, unknown = _fold_keys(value, _BACKEND_KEYS[kind])
+    port = doc.get("Port", _DEFAULT_PORTS[kind])
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
         raise ConfigError("Backend.Port", port, "must be a port number 1-65535")
     if kind == "udp" and port == 0:
         port = _DEFAULT_PORTS["udp"]
-    vni = value.get("VNI", 1)
+    vni = doc.get("VNI", 1)
     if not isinstance(vni, int) or isinstance(vni, bool) or not 0 < vni < (1 << 24):
         raise ConfigError("Backend.VNI", vni, "must be an integer 1-16777215")
-    gbp = value.get("GBP", False)
-    direct = value.get("DirectRouting", False)
-    for name, flag in (("Backend.GBP", gbp), ("Backend.DirectRouting", direct)):
+    gbp = doc.get("GBP", False)
+    direct = doc.get("DirectRouting", False)
+    learning = doc.get("Learning", False)
+    for name, flag in (("Backend.GBP", gbp), ("Backend.DirectRouting", direct), ("Backend.Learning", learning)):
         if not isinstance(flag, bool):
             raise ConfigError(name, flag, "must be true or false")
-    return BackendConfig(type=kind, port=port, vni=vni, gbp=gbp, direct_routing=direct)
+    mtu = doc.get("MTU") or None
+    if mtu is not None and (not isinstance(mtu, int) or isinstance(mtu, bool)
+                            or not MIN_UNDERLAY_MTU <= mtu <= 65535):
+        raise ConfigError("Backend.MTU", mtu, f"must be {MIN_UNDERLAY_MTU}-65535 (the underlay MTU; "
+                          "flannel.<VNI> and pods get MTU - 50)")
+    ignored = []
+    if learning:
+        ignored.append("network config: ignoring Backend.Learning=true: flanneld-py keeps VXLAN learning off "
+                       "and programs every peer's FDB entry itself")
+    backend = BackendConfig(type=kind, port=port, vni=vni, gbp=gbp, direct_routing=direct, mtu=mtu)
+    return backend, unknown, ignored

@@ -20,7 +20,16 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-__all__ = ["InterfaceInfo", "Netlink", "NetlinkError", "RouteSpec"]
+from ..core.underlay import (
+    Link,
+    NoUnderlay,
+    RouteHint,
+    Underlay,
+    UnderlayChoice,
+    choose_underlay,
+)
+
+__all__ = ["InterfaceInfo", "Netlink", "NetlinkError", "NoUnderlay", "RouteSpec", "underlay_info"]
 
 RTPROT_FLANNEL = 252  # our routes carry this protocol number, so we know which are ours
 RTNH_F_ONLINK = 4
@@ -166,30 +175,47 @@ class Netlink:
 
     # --- interface choice --------------------------------------------------
 
-    def interface_info(self, name_or_address: str | None) -> InterfaceInfo:
-        """The underlay interface: by name, by one of its addresses, or the default route's."""
-        if not name_or_address:
-            index = self._default_route_index()
-        else:
-            index = self.link_index(name_or_address) or self._index_of_address(name_or_address)
-        if index is None:
-            raise LookupError(f"no interface named or addressed {name_or_address!r}")
-        attrs = self.link_attrs(index)
-        addresses = self.ipv4_addresses(index)
-        if not addresses:
-            raise LookupError(f"interface {attrs['name']} has no IPv4 address")
-        wanted = [a for a in addresses if str(a.ip) == name_or_address]
-        chosen = (wanted or addresses)[0]
-        return InterfaceInfo(attrs["name"], index, chosen.ip, chosen.network.prefixlen, attrs["mtu"])
-
-    def _index_of_address(self, text: str) -> int | None:
+    def links(self) -> list[Link]:
+        """Every interface with its IPv4 addresses, in index order (what flannel's lookups walk)."""
+        addresses: dict[int, list[IPv4Interface]] = {}
         for msg in self.call("get_addr", family=2):
-            if msg.get_attr("IFA_ADDRESS") == text:
-                return int(msg["index"])
+            addresses.setdefault(int(msg["index"]), []).append(
+                IPv4Interface(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}"))
+        out = [Link(link.get_attr("IFLA_IFNAME"), int(link["index"]), int(link.get_attr("IFLA_MTU") or 0),
+                    tuple(addresses.get(int(link["index"]), ())))
+               for link in self.call("get_links")]
+        return sorted(out, key=lambda link: link.index)
+
+    def route_hint(self, destination: str) -> RouteHint | None:
+        """``ip route get <destination>``: the output interface and source, None without a route."""
+        try:
+            answer = self.call("route", "get", dst=destination)
+        except NetlinkError:
+            return None
+        for msg in answer:
+            index = msg.get_attr("RTA_OIF")
+            if index:
+                source = msg.get_attr("RTA_PREFSRC")
+                return RouteHint(int(index), IPv4Address(source) if source else None)
         return None
+
+    def select_underlay(self, choice: UnderlayChoice) -> Underlay:
+        """flannel's choice of the underlay interface (see :mod:`flanneld_py.core.underlay`).
+
+        Raises:
+            NoUnderlay: nothing matches the flags.
+        """
+        hint = self.route_hint(choice.iface_can_reach) if choice.iface_can_reach else None
+        return choose_underlay(self.links(), choice, self._default_route_index(), hint)
 
     def _default_route_index(self) -> int | None:
         for msg in self.call("get_routes", family=2, table=254):
             if msg["dst_len"] == 0 and msg.get_attr("RTA_OIF"):
                 return int(msg.get_attr("RTA_OIF"))
         return None
+
+
+def underlay_info(underlay: Underlay) -> InterfaceInfo:
+    """The backends' view of a chosen underlay."""
+    link, address = underlay.link, underlay.address
+    return InterfaceInfo(link.name, link.index, address.ip, address.network.prefixlen, link.mtu)

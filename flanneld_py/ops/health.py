@@ -1,8 +1,10 @@
 """``GET /healthz`` and ``GET /metrics`` on ``--healthz-ip``:``--healthz-port``.
 
 Unlike flannel's endpoint, which always answers 200, ``/healthz`` judges:
-200 while the lease is held, the datapath is up and etcd answered within the
-staleness window; 503 with the reason otherwise. The verdict is the pure
+200 while the lease is held, the datapath is up, the node forwards
+(``net.ipv4.ip_forward=1``) and etcd answered within the staleness window;
+503 with the reason otherwise. Node problems (see :mod:`.diagnose`) are listed
+in the body under ``node_problems`` either way. The verdict is the pure
 :func:`health_verdict` over a :class:`~.snapshot.Snapshot`.
 
 The server is a few lines over ``asyncio.start_server``: one request per
@@ -54,6 +56,8 @@ def health_verdict(snap: Snapshot, max_etcd_silence: float) -> tuple[int, dict[s
         "lease_expires_in_seconds": None if remaining is None else round(remaining, 1),
         "etcd_last_answer_seconds_ago": None if snap.etcd_silence is None else round(snap.etcd_silence, 1),
     }
+    if snap.problems:
+        body["node_problems"] = [{"problem": p.code, "message": p.message} for p in snap.problems]
     failed = _failed_check(snap, max_etcd_silence)
     if failed is None:
         return 200, {"status": "ok", **body}
@@ -62,7 +66,7 @@ def health_verdict(snap: Snapshot, max_etcd_silence: float) -> tuple[int, dict[s
 
 
 def _failed_check(snap: Snapshot, max_etcd_silence: float) -> tuple[str, str] | None:
-    """The first failing check (``phase``, ``lease``, ``datapath``, ``etcd``) and why."""
+    """The first failing check (``phase``, ``lease``, ``datapath``, ``node``, ``etcd``) and why."""
     if not snap.ready or snap.phase != "running":
         return "phase", f"not running: {snap.phase}"
     remaining = snap.lease_remaining
@@ -72,6 +76,9 @@ def _failed_check(snap: Snapshot, max_etcd_silence: float) -> tuple[str, str] | 
         return "lease", f"subnet lease {snap.subnet} expired {-remaining:.0f}s ago"
     if not snap.datapath_up:
         return "datapath", "datapath is down"
+    fatal = [p for p in snap.problems if p.fatal]
+    if fatal:
+        return "node", fatal[0].message
     if snap.etcd_silence is None:
         return "etcd", "etcd has not answered yet"
     if snap.etcd_silence > max_etcd_silence:

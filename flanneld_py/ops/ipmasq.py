@@ -1,8 +1,11 @@
-"""``--ip-masq``: flannel's masquerade and forward rules, kept in place.
+"""flannel's iptables rules, kept in place: masquerade (``--ip-masq``) and
+FORWARD accept (``--iptables-forward-rules``, on by default), each set on its own.
 
 The rule lists are pure functions of the Network and our subnet, identical
 to flannel's (pkg/trafficmngr/iptables), comments included, so a node moving
-between flannel and flanneld-py finds its own rules::
+between flannel and flanneld-py finds its own rules. The jumps into our
+chains are inserted at the top of POSTROUTING and FORWARD (flannel's ``-I``),
+so a host's own DROP or REJECT rules there (Docker's, firewalld's) come after::
 
     nat    POSTROUTING     -j FLANNEL-POSTRTG
     nat    FLANNEL-POSTRTG marked by kube-proxy (0x4000)        RETURN
@@ -14,10 +17,11 @@ between flannel and flanneld-py finds its own rules::
     filter FORWARD         -j FLANNEL-FWD
     filter FLANNEL-FWD     -s <network> ACCEPT; -d <network> ACCEPT
 
-:class:`MasqApplier` checks every rule with ``iptables -C`` every 5 s; if any
-is missing it re-installs the whole set in order in one ``iptables-restore``
-transaction (existing copies deleted first), as flannel does, since the order
-of the RETURN and MASQUERADE rules matters.
+A :class:`RuleApplier` per set checks every rule with ``iptables -C`` every
+``--iptables-resync`` seconds (default 5); if any is missing it re-installs
+the whole set in order in one ``iptables-restore`` transaction (existing
+copies deleted first), as flannel does, since the order of the RETURN and
+MASQUERADE rules matters.
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ from ..firewall import IptablesError
 
 __all__ = [
     "IptablesRunner",
-    "MasqApplier",
     "Rule",
+    "RuleApplier",
     "forward_rules",
     "masq_rules",
     "restore_lines",
@@ -56,11 +60,12 @@ RESYNC_SECONDS = 5.0
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """One rule as appended with ``iptables -t <table> -A <chain> <spec...>``."""
+    """One rule: ``iptables -t <table> -A <chain> <spec...>`` (``-I``, at the top, with ``insert``)."""
 
     table: str
     chain: str
     spec: tuple[str, ...]
+    insert: bool = False
 
 
 def _masq(spec: list[str], random_fully: bool) -> tuple[str, ...]:
@@ -77,7 +82,7 @@ def masq_rules(network: IPv4Network, subnet: IPv4Network, random_fully: bool) ->
     net, pod = str(network), str(subnet)
     return [
         # Jump to our chain, so our rules run before later POSTROUTING rules.
-        Rule("nat", "POSTROUTING", ("-m", "comment", "--comment", MASQ_COMMENT, "-j", POSTRTG)),
+        Rule("nat", "POSTROUTING", ("-m", "comment", "--comment", MASQ_COMMENT, "-j", POSTRTG), insert=True),
         # kube-proxy marks what it will masquerade itself: no double NAT.
         Rule("nat", POSTRTG, _ret(["-m", "mark", "--mark", KUBE_PROXY_MARK])),
         # Traffic inside the overlay keeps pod addresses.
@@ -97,7 +102,7 @@ def forward_rules(network: IPv4Network) -> list[Rule]:
     net = str(network)
     comment = ("-m", "comment", "--comment", FWD_COMMENT)
     return [
-        Rule("filter", "FORWARD", (*comment, "-j", FWD)),
+        Rule("filter", "FORWARD", (*comment, "-j", FWD), insert=True),
         Rule("filter", FWD, ("-s", net, *comment, "-j", "ACCEPT")),
         Rule("filter", FWD, ("-d", net, *comment, "-j", "ACCEPT")),
     ]
@@ -125,7 +130,7 @@ def restore_lines(rules: Sequence[Rule], present: Sequence[bool]) -> dict[str, l
         lines = out.setdefault(rule.table, [])
         if here:
             lines.append(f"-D {rule.chain} {spec}")
-        lines.append(f"-A {rule.chain} {spec}")
+        lines.append(f"{'-I' if rule.insert else '-A'} {rule.chain} {spec}")
     return out
 
 
@@ -149,23 +154,27 @@ class IptablesRunner(Protocol):
 Desired = Callable[[bool], "list[Rule] | None"]
 
 
-class MasqApplier:
+class RuleApplier:
     """Installs the rules ``desired(random_fully)`` returns (None: not yet known)
-    and re-checks them every ``interval`` seconds.
+    and re-checks them every ``interval`` seconds; ``label`` names the set in logs.
 
     ``desired`` is read on every pass, so a new subnet replaces the old rules.
     ``random_fully`` None means: ask the iptables binary on the first pass.
     The blocking iptables calls run in a worker thread, never on the event loop.
+    ``in_place`` is None until the first pass, then whether the last pass left
+    every rule installed.
     """
 
     def __init__(self, iptables: IptablesRunner, desired: Desired, interval: float = RESYNC_SECONDS,
-                 random_fully: bool | None = None) -> None:
+                 random_fully: bool | None = None, label: str = "ip-masq") -> None:
         self.iptables = iptables
         self.desired = desired
         self.interval = interval
         self.random_fully = random_fully
+        self.label = label
         self.installed: list[Rule] = []
         self.repairs = 0
+        self.in_place: bool | None = None
         self._task: asyncio.Task[None] | None = None
 
     def ensure(self) -> bool:
@@ -178,21 +187,20 @@ class MasqApplier:
         if self.installed and rules != self.installed:
             stale = [rule for rule in self.installed if rule not in rules]
             self._delete(stale)
-            log.info("ip-masq: lease changed, replaced %d rules", len(stale))
+            log.info("%s: lease changed, replaced %d rules", self.label, len(stale))
         present = [self.iptables.rule_exists(r.table, r.chain, r.spec) for r in rules]
         if all(present):
             self.installed = rules
             return False
-        for table, chain in ((r.table, r.chain) for r in rules):
-            if chain in (POSTRTG, FWD):
-                self.iptables.ensure_chain(table, chain)
+        for table, chain in _own_chains(rules):
+            self.iptables.ensure_chain(table, chain)
         for table, lines in restore_lines(rules, present).items():
             self.iptables.restore(table, lines)
         if self.installed:
             self.repairs += 1
-            log.warning("ip-masq: %d of %d rules were missing; restored them", present.count(False), len(rules))
+            log.warning("%s: %d of %d rules were missing; restored them", self.label, present.count(False), len(rules))
         else:
-            log.info("ip-masq: installed %d masquerade and forward rules", len(rules))
+            log.info("%s: installed %d rules", self.label, len(rules))
         self.installed = rules
         return True
 
@@ -202,18 +210,20 @@ class MasqApplier:
             try:
                 await asyncio.to_thread(self.ensure)
             except IptablesError as exc:
+                self.in_place = False
                 if str(exc) != failing:
-                    log.error("ip-masq: %s (retrying every %.0fs)", exc, self.interval)
+                    log.error("%s: %s (retrying every %.0fs)", self.label, exc, self.interval)
                     failing = str(exc)
             else:
+                self.in_place = bool(self.installed)
                 if failing is not None:
-                    log.info("ip-masq: rules in place again")
+                    log.info("%s: rules in place again", self.label)
                     failing = None
             await asyncio.sleep(self.interval)
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self.run(), name="ip-masq")
+            self._task = asyncio.create_task(self.run(), name=self.label)
 
     def _delete(self, rules: Sequence[Rule]) -> None:
         for rule in reversed(rules):
@@ -221,8 +231,9 @@ class MasqApplier:
 
     def remove_all(self) -> None:
         """Delete our rules and chains (blocking); for ``--cleanup-on-exit``."""
+        chains = _own_chains(self.installed)
         self._delete(self.installed)
-        for table, chain in (("nat", POSTRTG), ("filter", FWD)):
+        for table, chain in chains:
             self.iptables.delete_chain(table, chain)
         self.installed = []
 
@@ -238,7 +249,12 @@ class MasqApplier:
             try:
                 await asyncio.to_thread(self.remove_all)
             except IptablesError as exc:
-                log.warning("ip-masq: cleanup failed: %s", exc)
+                log.warning("%s: cleanup failed: %s", self.label, exc)
+
+
+def _own_chains(rules: Sequence[Rule]) -> list[tuple[str, str]]:
+    """Our chains among ``rules``' chains, each once, in order."""
+    return list(dict.fromkeys((r.table, r.chain) for r in rules if r.chain in (POSTRTG, FWD)))
 
 
 def probe_random_fully(binary: str = "iptables") -> bool:

@@ -10,7 +10,9 @@ Metric names (all ``flanneld_``): ``info``, ``ready``, ``routes``,
 ``dropped_packets_total``, ``lease_expiry_timestamp_seconds``,
 ``etcd_request_errors_total``, ``etcd_reconnects_total``,
 ``etcd_last_answer_age_seconds``, ``batch_size_packets`` (histogram),
-``peer_events_total``, ``ipmasq_repairs_total``; plus the ``process_*`` set.
+``peer_events_total``, ``ipmasq_repairs_total``, ``forward_repairs_total``,
+``node_problem`` (one series per known problem, 1 while present); plus the
+``process_*`` set.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from .diagnose import PROBLEMS
 from .snapshot import BatchView, Snapshot
 
 __all__ = ["DaemonCollector", "batch_buckets", "build_registry"]
@@ -82,6 +85,14 @@ class DaemonCollector(Collector):
                                   value=snap.peer_events)
         yield CounterMetricFamily("flanneld_ipmasq_repairs", "Times missing masquerade rules were restored.",
                                   value=snap.ipmasq_repairs)
+        yield CounterMetricFamily("flanneld_forward_repairs", "Times missing FORWARD accept rules were restored.",
+                                  value=snap.forward_repairs)
+        problems = GaugeMetricFamily("flanneld_node_problem", "1 while a node setting breaks the overlay "
+                                     "(ip_forward_disabled, forward_policy_drop).", labels=["problem"])
+        present = {p.code for p in snap.problems}
+        for code in PROBLEMS:
+            problems.add_metric([code], 1 if code in present else 0)
+        yield problems
 
     def _peers(self, snap: Snapshot) -> Iterator[Metric]:
         labels = ["peer_subnet", "peer_ip"]

@@ -9,7 +9,11 @@ Started at the very beginning of ``Daemon.run()``, before etcd is reached:
   daemon has nothing else to ask;
 * ``/healthz`` + ``/metrics`` when ``--healthz-port`` is set;
 * the control socket for ``flanneld-py status``;
-* with ``--ip-masq``, the masquerade rules once the lease is known.
+* once the lease is known, flannel's FORWARD accept rules (unless
+  ``--iptables-forward-rules=false``) and, with ``--ip-masq``, the masquerade
+  rules, each set kept in place every ``--iptables-resync`` seconds;
+* the node checks (``ip_forward``, FORWARD policy): logged, and shown in
+  status, metrics and ``/healthz``.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ from ..errors import FatalError
 from ..firewall import Iptables
 from ..state import DaemonState
 from .control import ControlServer
+from .diagnose import NodeDoctor
 from .health import EtcdProbe, HealthServer, etcd_staleness, health_verdict
-from .ipmasq import MasqApplier, Rule, forward_rules, masq_rules
+from .ipmasq import Rule, RuleApplier, forward_rules, masq_rules
 from .notify import Notifier, watchdog_interval, watchdog_loop
 from .snapshot import DaemonView, Snapshot, take_snapshot
 
@@ -57,7 +62,10 @@ class Operations:
         self.watchdog = watchdog_interval(environ, os.getpid())
         self.staleness = etcd_staleness(self.options.subnet_lease_ttl)
         self.etcd_probe = EtcdProbe(daemon.store, self.staleness / 3)
-        self.masq: MasqApplier | None = None
+        self.masq: RuleApplier | None = None
+        self.forward: RuleApplier | None = None
+        self._rules_started = False
+        self.doctor = NodeDoctor(self._forward_rules_in_place, self.options.iptables_resync)
         self.health: HealthServer | None = None
         self.control: ControlServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -66,7 +74,14 @@ class Operations:
     # --- readings -------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
-        return take_snapshot(self.daemon, self.etcd_probe.silence(), self.masq.repairs if self.masq else 0)
+        return take_snapshot(self.daemon, self.etcd_probe.silence(), self.masq.repairs if self.masq else 0,
+                             forward_repairs=self.forward.repairs if self.forward else 0,
+                             problems=self.doctor.problems)
+
+    def _forward_rules_in_place(self) -> bool | None:
+        if not self.options.iptables_forward_rules:
+            return False
+        return None if self.forward is None else self.forward.in_place
 
     def control_answer(self) -> dict[str, Any]:
         snap = self.snapshot()
@@ -82,6 +97,7 @@ class Operations:
             if self.watchdog is not None:
                 self._spawn(watchdog_loop(self.notifier, self.watchdog), "watchdog")
             self._spawn(self.etcd_probe.run(), "etcd-probe")
+            self._spawn(self.doctor.run(), "node-checks")
             if self.notifier.enabled or self.options.healthz_port:
                 self._spawn(self._monitor(), "monitor")
             if self.options.healthz_port:
@@ -119,9 +135,10 @@ class Operations:
         try:
             if self.notifier.enabled:
                 self._notify(state)
-            if (self.options.ip_masq and self.masq is None and state.phase != "stopping"
+            if (not self._rules_started and state.phase != "stopping"
                     and state.config is not None and state.lease is not None):
-                self._start_masq()
+                self._rules_started = True
+                self._start_rules()
         except Exception:  # a callback must never break the daemon's start-up
             log.exception("operations: handling phase %r failed", state.phase)
 
@@ -134,16 +151,26 @@ class Operations:
         else:
             self.notifier.status(state.phase)
 
-    def _start_masq(self) -> None:
-        def desired(random_fully: bool) -> list[Rule] | None:
-            state = self.daemon.state
+    def _start_rules(self) -> None:
+        """flannel's iptables sets, each on its own: FORWARD accept (default on) and masquerade."""
+        state = self.daemon.state
+
+        def masq(random_fully: bool) -> list[Rule] | None:
             if state.config is None or state.lease is None:
                 return None
-            network = state.config.network
-            return masq_rules(network, state.lease.subnet, random_fully) + forward_rules(network)
+            return masq_rules(state.config.network, state.lease.subnet, random_fully)
 
-        self.masq = MasqApplier(Iptables(), desired)
-        self.masq.start()
+        def forward(_random_fully: bool) -> list[Rule] | None:
+            return None if state.config is None else forward_rules(state.config.network)
+
+        interval = self.options.iptables_resync
+        if self.options.iptables_forward_rules:
+            self.forward = RuleApplier(Iptables(), forward, interval, random_fully=False, label="forward rules")
+            self.forward.start()
+        if self.options.ip_masq:
+            random_fully = False if self.options.ip_masq_fully_random_disable else None  # None: ask iptables
+            self.masq = RuleApplier(Iptables(), masq, interval, random_fully=random_fully, label="ip-masq")
+            self.masq.start()
 
     async def _monitor(self) -> None:
         """Keep systemd's STATUS current and log health transitions."""
@@ -165,8 +192,9 @@ class Operations:
     async def close(self) -> None:
         await cancel_and_wait(self._tasks)
         self._tasks.clear()
-        if self.masq is not None:
-            await self.masq.close(cleanup=self.options.cleanup_on_exit)
+        for rules in (self.masq, self.forward):
+            if rules is not None:
+                await rules.close(cleanup=self.options.cleanup_on_exit)
         for server in (self.health, self.control):
             if server is not None:
                 with contextlib.suppress(Exception):

@@ -21,6 +21,7 @@ from ..backend.base import BatchCount, CountsBatches, CountsDrops, PeerStats
 from ..options import DaemonOptions
 from ..state import DaemonState
 from ..subnet.store import StoreStats
+from .diagnose import NodeProblem
 
 __all__ = ["BatchView", "DaemonView", "Snapshot", "take_snapshot"]
 
@@ -70,6 +71,9 @@ class Snapshot:
     peer_events: int = 0
     ip_masq: bool = False
     ipmasq_repairs: int = 0
+    forward_rules: bool = False
+    forward_repairs: int = 0
+    problems: tuple[NodeProblem, ...] = ()  # node settings that break the overlay (ops.diagnose)
 
     @property
     def lease_remaining(self) -> float | None:
@@ -121,6 +125,8 @@ class Snapshot:
             "batches": {name: {"wakeups": b.wakeups, "buckets": list(b.buckets)} for name, b in self.batches.items()},
             "peer_events": self.peer_events,
             "ip_masq": {"enabled": self.ip_masq, "repairs": self.ipmasq_repairs},
+            "forward_rules": {"enabled": self.forward_rules, "repairs": self.forward_repairs},
+            "problems": [{"problem": p.code, "message": p.message, "fatal": p.fatal} for p in self.problems],
         }
 
 
@@ -132,7 +138,8 @@ def _batches(backend: object) -> dict[str, BatchCount]:
     return backend.batch_counts() if isinstance(backend, CountsBatches) else {}
 
 
-def take_snapshot(daemon: DaemonView, etcd_silence: float | None, ipmasq_repairs: int = 0) -> Snapshot:
+def take_snapshot(daemon: DaemonView, etcd_silence: float | None, ipmasq_repairs: int = 0, *,
+                  forward_repairs: int = 0, problems: tuple[NodeProblem, ...] = ()) -> Snapshot:
     """Read the daemon now. Runs on the event loop (cheap: no I/O, no locks).
 
     ``etcd_silence`` comes from the etcd probe (see :class:`~.health.EtcdProbe`).
@@ -172,4 +179,7 @@ def take_snapshot(daemon: DaemonView, etcd_silence: float | None, ipmasq_repairs
         peer_events=state.peer_events,
         ip_masq=daemon.options.ip_masq,
         ipmasq_repairs=ipmasq_repairs,
+        forward_rules=daemon.options.iptables_forward_rules,
+        forward_repairs=forward_repairs,
+        problems=problems,
     )

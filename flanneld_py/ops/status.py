@@ -70,9 +70,15 @@ def render_status(doc: dict[str, Any]) -> str:
     etcd = doc.get("etcd") or {}
     lines.append(f"etcd      {etcd.get('endpoint')}: last answer {_ago(etcd.get('last_answer_seconds_ago'))}, "
                  f"{etcd.get('errors', 0)} errors, {etcd.get('reconnects', 0)} reconnects")
-    masq = doc.get("ip_masq") or {}
-    lines.append(f"ip-masq   {'on' if masq.get('enabled') else 'off'}"
-                 + (f", {masq.get('repairs', 0)} repairs" if masq.get("enabled") else ""))
+    for label, key in (("ip-masq", "ip_masq"), ("forward", "forward_rules")):
+        rules = doc.get(key) or {}
+        lines.append(f"{label:<9} {'on' if rules.get('enabled') else 'off'}"
+                     + (f", {rules.get('repairs', 0)} repairs" if rules.get("enabled") else ""))
+    problems = doc.get("problems") or []
+    if problems:
+        lines.extend(f"node      PROBLEM: {p.get('message')}" for p in problems)
+    else:
+        lines.append("node      ok")
     peers = doc.get("peers") or []
     lines.append("")
     if peers:
