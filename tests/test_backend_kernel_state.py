@@ -12,12 +12,14 @@ import pytest
 
 from flanneld_py.backend.base import BackendContext
 from flanneld_py.backend.hostgw import HostGwBackend
+from flanneld_py.backend.kernel import Failure
 from flanneld_py.backend.kernel_state import (
     AddrSpec,
     Entry,
     FdbSpec,
     HostGwLocal,
     NeighSpec,
+    Plan,
     Scope,
     VxlanLocal,
     Wanted,
@@ -31,7 +33,8 @@ from flanneld_py.backend.kernel_state import (
     vxlan_own_entries,
     vxlan_peer_entries,
 )
-from flanneld_py.backend.routed import ReconcileLoop, Reconciler
+from flanneld_py.backend.reconcile_loop import ReconcileLoop
+from flanneld_py.backend.reconciler import Reconciler
 from flanneld_py.core.lease import Lease, LeaseAdded, LeaseAttrs, LeaseRemoved
 from flanneld_py.core.netconfig import parse_network_config
 from flanneld_py.netlink import InterfaceInfo, NetlinkError, RouteSpec
@@ -237,7 +240,19 @@ class FakeKernel:
 
     def remove(self, entry: Entry) -> None:
         self.calls.append(("remove", entry))
+        if entry in self.fail:
+            raise NetlinkError(self.fail[entry])
         self.entries.discard(entry)
+
+    def change(self, changes: Plan) -> list[Failure]:
+        failed: list[Failure] = []
+        for action, entries in ((self.remove, changes.remove), (self.add, changes.add)):
+            for entry in entries:
+                try:
+                    action(entry)
+                except NetlinkError as exc:
+                    failed.append((entry, str(exc)))
+        return failed
 
 
 def test_reconciler_converges_and_then_does_nothing() -> None:

@@ -1,0 +1,111 @@
+"""The kernel as the reconciler sees it: list what we own, apply a plan in one batch.
+
+:class:`Kernel` is the small interface (tests use an in-memory one with
+injectable failures); :class:`NetlinkKernel` is the real one, over
+:mod:`flanneld_py.netlink.batch`: every change of a plan goes out in batched
+sends, and each entry's own errno comes back, so a failure is pinned to the
+entry that caused it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Iterable
+from typing import Protocol
+
+from ..netlink import RTPROT_FLANNEL, Netlink, RouteSpec
+from ..netlink.batch import (
+    Request,
+    RtnlSocket,
+    address_request,
+    fdb_request,
+    neigh_request,
+    route_request,
+)
+from .kernel_state import AddrSpec, Entry, FdbSpec, NeighSpec, Plan, Scope, in_scope
+
+__all__ = ["Failure", "Kernel", "NetlinkKernel"]
+
+Failure = tuple[Entry, str]  # an entry the kernel refused, and why
+
+# A removal that finds nothing to remove is done; so is adding an address that is there.
+_GONE = frozenset({errno.ESRCH, errno.ENOENT, errno.ENODEV, errno.EADDRNOTAVAIL})
+_ALREADY = frozenset({errno.EEXIST})
+
+
+class Kernel(Protocol):
+    """The kernel as the reconciler sees it (synchronous: run it in a worker thread)."""
+
+    def dump(self, scope: Scope) -> list[Entry]:
+        """Every entry the kernel holds that falls in ``scope``."""
+        ...
+
+    def change(self, changes: Plan) -> list[Failure]:
+        """Make every removal, then every addition, in order; return those that failed.
+
+        An addition replaces an entry with the same identity; removing an
+        entry that is already gone is not a failure. One failed entry does
+        not stop the others.
+        """
+        ...
+
+
+def _request(entry: Entry, delete: bool) -> Request:
+    if isinstance(entry, RouteSpec):
+        return route_request(entry.dst, entry.ifindex, entry.gateway, entry.onlink, RTPROT_FLANNEL, delete)
+    if isinstance(entry, NeighSpec):
+        return neigh_request(entry.ifindex, entry.ip, entry.mac, delete)
+    if isinstance(entry, FdbSpec):
+        return fdb_request(entry.ifindex, entry.mac, entry.dst, delete)
+    return address_request(entry.ifindex, entry.address, delete)
+
+
+def _failures(entries: Iterable[Entry], codes: Iterable[int], ignore: frozenset[int]) -> list[Failure]:
+    return [(entry, os.strerror(code)) for entry, code in zip(entries, codes, strict=True)
+            if code and code not in ignore]
+
+
+class NetlinkKernel:
+    """:class:`Kernel` over batched rtnetlink; call it from worker threads (one call at a time)."""
+
+    def __init__(self, netlink: Netlink) -> None:
+        self.netlink = netlink
+        self._socket: RtnlSocket | None = None
+        self._lock = threading.Lock()
+
+    def _rtnl(self) -> RtnlSocket:
+        if self._socket is None:
+            self._socket = RtnlSocket(self.netlink.raw_socket())
+        return self._socket
+
+    def dump(self, scope: Scope) -> list[Entry]:
+        with self._lock:
+            rtnl = self._rtnl()
+            out: list[Entry] = []
+            for dst, ifindex, gateway, onlink in rtnl.routes(RTPROT_FLANNEL):
+                route = RouteSpec(dst, ifindex, gateway, onlink)
+                if in_scope(scope, route):
+                    out.append(route)
+            for index in sorted(scope.device_ifindexes):
+                out.extend(AddrSpec(index, a) for a in rtnl.ipv4_addresses(index))
+                out.extend(NeighSpec(index, ip, mac) for ip, mac in rtnl.permanent_neighbours(index))
+                out.extend(FdbSpec(index, mac, dst) for mac, dst in rtnl.fdb_entries(index))
+            return out
+
+    def change(self, changes: Plan) -> list[Failure]:
+        with self._lock:
+            rtnl = self._rtnl()
+            requests = [_request(e, delete=True) for e in changes.remove]
+            requests += [_request(e, delete=False) for e in changes.add]
+            codes = rtnl.send(requests)
+            split = len(changes.remove)
+            return (_failures(changes.remove, codes[:split], _GONE)
+                    + _failures(changes.add, codes[split:], _ALREADY))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._socket is not None:
+                self._socket.close()
+                self._socket = None
