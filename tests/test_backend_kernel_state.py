@@ -34,7 +34,8 @@ from flanneld_py.backend.kernel_state import (
     vxlan_peer_entries,
 )
 from flanneld_py.backend.reconcile_loop import ReconcileLoop
-from flanneld_py.backend.reconciler import Reconciler
+from flanneld_py.backend.reconciler import PassResult, Reconciler
+from flanneld_py.backend.vxlan import VxlanBackend
 from flanneld_py.core.lease import Lease, LeaseAdded, LeaseAttrs, LeaseRemoved
 from flanneld_py.core.netconfig import parse_network_config
 from flanneld_py.netlink import InterfaceInfo, NetlinkError, RouteSpec
@@ -398,3 +399,77 @@ def test_routed_backend_stop_removes_routes_only_with_cleanup(cleanup: bool) -> 
     asyncio.run(scenario())
     expected = {foreign} if cleanup else {foreign, route_to("10.244.2.0/24", "198.51.100.2")}
     assert kernel.entries == expected
+
+
+def test_reconcile_loop_retries_a_refused_entry_soon_not_at_the_next_timed_pass() -> None:
+    wanted = udp_own_entries(NETWORK, IPv4Network("10.244.5.0/24"), 11)
+    route = RouteSpec(NETWORK, 11)
+    kernel = FakeKernel(set(wanted.entries) - {route})
+    kernel.fail[route] = errno.ENOBUFS
+
+    async def scenario() -> bool:
+        loop = ReconcileLoop(Reconciler(kernel, lambda: wanted), "udp", interval=3600)
+        loop.start()
+        await loop.apply_plan(Plan((), (route,)), "peers")
+        assert route not in kernel.entries
+        del kernel.fail[route]  # the kernel takes it now
+        for _ in range(500):
+            if route in kernel.entries:
+                break
+            await asyncio.sleep(0.01)
+        await loop.stop()
+        return route in kernel.entries
+
+    assert asyncio.run(scenario())
+
+
+def vx_backend(kernel: FakeKernel) -> VxlanBackend:
+    config = parse_network_config('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}')
+    iface = InterfaceInfo("eth0", ETH0, IPv4Address("198.51.100.1"), 24, 1500)
+    ctx = BackendContext(config, iface, IPv4Address("198.51.100.1"), netlink=None)  # type: ignore[arg-type]
+    backend = VxlanBackend(ctx, kernel=kernel, interval=3600)
+    backend.vtep_mac = "aa:bb:cc:dd:ee:01"
+    backend._setup = lambda own_subnet: backend._set_device(FLANNEL1)  # type: ignore[method-assign]
+    backend._ensure = lambda: None  # type: ignore[method-assign]
+    return backend
+
+
+def test_a_lease_event_changes_only_its_own_entries_and_shared_ones_stay() -> None:
+    kernel = FakeKernel()
+    backend = vx_backend(kernel)
+    many = [vx_lease(f"10.244.{i}.0/24", f"198.51.100.{i}", f"aa:bb:cc:00:00:{i:02x}") for i in range(10, 60)]
+    twin_a = vx_lease("10.244.100.0/24", "198.51.100.99", MAC)  # one node, two leases: one FDB entry
+    twin_b = vx_lease("10.244.101.0/24", "198.51.100.99", MAC)
+
+    async def scenario() -> None:
+        await backend.start(IPv4Network("10.244.1.0/24"))
+        await backend.apply([LeaseAdded(lease) for lease in many])
+        kernel.calls.clear()
+        await backend.apply([LeaseAdded(twin_a), LeaseAdded(twin_b)])
+        assert len(kernel.calls) == 5 and all(kind == "add" for kind, _ in kernel.calls)  # 1 FDB, 2 neigh, 2 routes
+        kernel.calls.clear()
+        await backend.apply([LeaseRemoved(twin_a)])
+        assert {type(e) for _, e in kernel.calls} == {NeighSpec, RouteSpec}  # the FDB entry is still wanted
+        assert FdbSpec(FLANNEL1, MAC, IPv4Address("198.51.100.99")) in kernel.entries
+        kernel.calls.clear()
+        await backend.apply([LeaseRemoved(twin_b)])
+        assert FdbSpec(FLANNEL1, MAC, IPv4Address("198.51.100.99")) not in kernel.entries
+        assert len(kernel.calls) == 3
+        assert kernel.entries == backend._wanted().entries
+        await backend.stop(cleanup=False)
+
+    asyncio.run(scenario())
+
+
+def test_a_quiet_full_pass_lists_the_kernel_but_plans_and_changes_nothing() -> None:
+    wanted = Wanted(VX_SCOPE, peer_set(vx_lease()))
+    kernel = FakeKernel()
+    reconciler = Reconciler(kernel, lambda: wanted)
+    reconciler.run_pass()
+    reconciler.run_pass()  # converged: the next pass may skip planning
+    kernel.calls.clear()
+    assert reconciler.run_pass() == PassResult()
+    assert kernel.calls == []
+    kernel.entries.discard(next(iter(wanted.entries)))  # drift after a skipped pass is still seen
+    assert len(reconciler.run_pass().added) == 1
+    assert kernel.entries == wanted.entries

@@ -13,11 +13,16 @@ import errno
 import os
 import threading
 from collections.abc import Iterable
+from ipaddress import IPv4Address, IPv4Interface
 from typing import Protocol
 
 from ..netlink import RTPROT_FLANNEL, Netlink, RouteSpec
 from ..netlink.batch import (
+    AF_BRIDGE,
+    AF_INET,
+    NUD_PERMANENT,
     Request,
+    RouteRecord,
     RtnlSocket,
     address_request,
     fdb_request,
@@ -52,6 +57,22 @@ class Kernel(Protocol):
         ...
 
 
+NeighbourKey = tuple[str, int, bytes, bytes]  # "neigh", "fdb" or "addr", device, raw IPv4 address, MAC or prefix
+RawKey = bytes | NeighbourKey  # a route's: its whole message
+
+
+def _entry_of(key: RawKey, route: RouteRecord | None) -> Entry:
+    if route is not None:
+        return RouteSpec(route.dst, route.ifindex, route.gateway, route.onlink)
+    assert isinstance(key, tuple)
+    kind, index, ip, mac = key
+    if kind == "neigh":
+        return NeighSpec(index, IPv4Address(ip), mac.hex(":"))
+    if kind == "addr":
+        return AddrSpec(index, IPv4Interface((IPv4Address(ip), mac[0])))
+    return FdbSpec(index, mac.hex(":"), IPv4Address(ip))
+
+
 def _request(entry: Entry, delete: bool) -> Request:
     if isinstance(entry, RouteSpec):
         return route_request(entry.dst, entry.ifindex, entry.gateway, entry.onlink, RTPROT_FLANNEL, delete)
@@ -74,6 +95,7 @@ class NetlinkKernel:
         self.netlink = netlink
         self._socket: RtnlSocket | None = None
         self._lock = threading.Lock()
+        self._entries: dict[RawKey, Entry] = {}  # the last dump's entries by raw key
 
     def _rtnl(self) -> RtnlSocket:
         if self._socket is None:
@@ -81,18 +103,33 @@ class NetlinkKernel:
         return self._socket
 
     def dump(self, scope: Scope) -> list[Entry]:
+        """What we own, as the same entry objects from pass to pass while the kernel is unchanged."""
         with self._lock:
             rtnl = self._rtnl()
+            seen: dict[RawKey, Entry] = {}
             out: list[Entry] = []
-            for dst, ifindex, gateway, onlink in rtnl.routes(RTPROT_FLANNEL):
-                route = RouteSpec(dst, ifindex, gateway, onlink)
+            for raw, found in rtnl.route_messages(RTPROT_FLANNEL):
+                route = self._known(seen, raw, found)
                 if in_scope(scope, route):
                     out.append(route)
             for index in sorted(scope.device_ifindexes):
-                out.extend(AddrSpec(index, a) for a in rtnl.ipv4_addresses(index))
-                out.extend(NeighSpec(index, ip, mac) for ip, mac in rtnl.permanent_neighbours(index))
-                out.extend(FdbSpec(index, mac, dst) for mac, dst in rtnl.fdb_entries(index))
+                for address in rtnl.ipv4_addresses(index):
+                    out.append(self._known(seen, ("addr", index, address.ip.packed, bytes([address.network.prefixlen])), None))
+                for state, ip, mac in rtnl.neighbour_keys(AF_INET, index):
+                    if state & NUD_PERMANENT:
+                        out.append(self._known(seen, ("neigh", index, ip, mac), None))
+                for _state, ip, mac in rtnl.neighbour_keys(AF_BRIDGE, index):
+                    out.append(self._known(seen, ("fdb", index, ip, mac), None))
+            self._entries = seen
             return out
+
+    def _known(self, seen: dict[RawKey, Entry], key: RawKey, route: RouteRecord | None) -> Entry:
+        """The entry for a raw key: last pass's object if there was one (cheap to hash and compare)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = _entry_of(key, route)
+        seen[key] = entry
+        return entry
 
     def change(self, changes: Plan) -> list[Failure]:
         with self._lock:

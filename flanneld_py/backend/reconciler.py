@@ -7,6 +7,7 @@ decides what to change); this module only runs it against a
 
 from __future__ import annotations
 
+import operator
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,11 @@ from .kernel import Failure, Kernel
 from .kernel_state import Entry, Plan, Scope, Wanted, plan
 
 __all__ = ["PassResult", "Reconciler"]
+
+
+def _same_objects(a: list[Entry], b: list[Entry]) -> bool:
+    """The same entry objects in the same order (a kernel that did not change lists just that)."""
+    return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +35,10 @@ class Reconciler:
     """Passes over one kernel, serialised by a lock (run them in a worker thread).
 
     ``wanted`` runs at the start of every full pass, in the pass's thread, so
-    a backend may repair its device there (and report a new ifindex). After
+    a backend may repair its device there (and report a new ifindex); it
+    returns the same object while nothing changed, and a kernel that lists
+    the same entry objects unchanged (see
+    :meth:`~.kernel.NetlinkKernel.dump`) lets a quiet pass skip planning. After
     :meth:`close` no pass changes anything, so a pass still running when the
     daemon stops cannot undo the cleanup.
     """
@@ -39,6 +48,7 @@ class Reconciler:
         self.wanted = wanted
         self._lock = threading.Lock()
         self._closed = False
+        self._settled: tuple[Wanted, bool, list[Entry]] | None = None  # the inputs of the last empty plan
 
     def run_pass(self, prune: bool = True) -> PassResult:
         with self._lock:
@@ -62,7 +72,14 @@ class Reconciler:
             return self._converge(Wanted(scope, frozenset()), prune=True)
 
     def _converge(self, wanted: Wanted, prune: bool) -> PassResult:
-        return self._apply(plan(wanted, self.kernel.dump(wanted.scope), prune=prune))
+        actual = self.kernel.dump(wanted.scope)
+        settled = self._settled
+        if settled is not None and settled[0] is wanted and settled[1] == prune and _same_objects(actual, settled[2]):
+            # plan() is pure: the very inputs that gave an empty plan last time give one again
+            return PassResult()
+        changes = plan(wanted, actual, prune=prune)
+        self._settled = None if changes else (wanted, prune, actual)
+        return self._apply(changes)
 
     def _apply(self, changes: Plan) -> PassResult:
         """Every entry of the plan is either done or listed as failed, never dropped."""

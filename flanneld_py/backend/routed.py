@@ -53,6 +53,8 @@ class RoutedBackend:
         self._wants: dict[IPv4Network, frozenset[Entry]] = {}
         self._counts: Counter[Entry] = Counter()  # how many peers want each entry
         self._wants_for: Hashable = None  # the device state ``_wants`` was computed for
+        self._version = 0  # counts lease batches applied
+        self._wanted_cache: tuple[tuple[int, Hashable], Wanted] | None = None
         self._listed = False  # the first lease listing since start was applied
         self._own_subnet: IPv4Network | None = None
         self._loop: ReconcileLoop | None = None
@@ -107,14 +109,22 @@ class RoutedBackend:
         self._loop.start()
 
     def _wanted(self) -> Wanted:
-        """What a full pass converges on (runs in the pass's thread, after repairing devices)."""
+        """What a full pass converges on (runs in the pass's thread, after repairing devices).
+
+        The same object until a lease event or a device change, so a quiet pass can tell.
+        """
         self._ensure()
         with self._lock:
-            if self._wants_for == self._device_state():
+            state = self._device_state()
+            if self._wanted_cache is not None and self._wanted_cache[0] == (self._version, state):
+                return self._wanted_cache[1]
+            if self._wants_for == state:
                 peers = frozenset(self._counts)
             else:  # the device changed under us: what peers want changed with it
                 peers = frozenset().union(*(self._peer_entries(lease).entries for lease in self._peers.values()))
-        return Wanted(self._scope(), self._own_entries() | peers)
+            wanted = Wanted(self._scope(), self._own_entries() | peers)
+            self._wanted_cache = ((self._version, state), wanted)
+            return wanted
 
     async def apply(self, events: Sequence[LeaseEvent]) -> None:
         assert self._loop is not None, "apply() before start()"
@@ -140,6 +150,7 @@ class RoutedBackend:
             after = frozenset(e for e in touched if self._counts[e] > 0)
             for entry in touched - after:
                 del self._counts[entry]
+            self._version += 1
         self._loop.allow_pruning()
         if not self._listed:
             # the first listing since start: one full pass, which also drops what

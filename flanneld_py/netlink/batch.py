@@ -26,10 +26,13 @@ import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import NamedTuple
 
 __all__ = [
     "AF_BRIDGE",
+    "NetlinkBatchError",
     "Request",
+    "RouteRecord",
     "RtnlSocket",
     "address_request",
     "fdb_request",
@@ -161,6 +164,31 @@ def _messages(data: bytes) -> Iterator[tuple[int, int, int, int]]:
         offset += (length + 3) & ~3
 
 
+class RouteRecord(NamedTuple):
+    dst: IPv4Network
+    ifindex: int
+    gateway: IPv4Address | None
+    onlink: bool
+    proto: int
+    table: int
+
+
+_UNPARSED = RouteRecord(IPv4Network("0.0.0.0/0"), 0, None, False, 0, 0)
+
+
+def _route_record(message: bytes) -> RouteRecord | None:
+    """An IPv4 route from an RTM_NEWROUTE body (None for another family)."""
+    family, dst_len, _src, _tos, table, proto, _scope, _type, flags = _RTMSG.unpack_from(message)
+    if family != AF_INET:
+        return None
+    attrs = _attrs(message, _RTMSG.size, len(message))
+    table = _U32.unpack(attrs[RTA_TABLE])[0] if RTA_TABLE in attrs else table
+    dst = IPv4Network((int.from_bytes(attrs.get(RTA_DST, b"\0\0\0\0"), "big"), dst_len))
+    oif = _U32.unpack(attrs[RTA_OIF])[0] if RTA_OIF in attrs else 0
+    gateway = IPv4Address(attrs[RTA_GATEWAY]) if RTA_GATEWAY in attrs else None
+    return RouteRecord(dst, oif, gateway, bool(flags & RTNH_F_ONLINK), proto, table)
+
+
 class NetlinkBatchError(OSError):
     """The socket itself failed (not one request): nothing can be said about the batch."""
 
@@ -174,6 +202,7 @@ class RtnlSocket:
         self._tune()
         self._seq = 0
         self._buffer = bytearray(1 << 16)
+        self._routes: dict[bytes, RouteRecord | None] = {}  # the last route dump, parsed
 
     def _tune(self) -> None:
         for option, value in ((NETLINK_CAP_ACK, 1), (NETLINK_GET_STRICT_CHK, 1)):
@@ -233,8 +262,8 @@ class RtnlSocket:
             raise NetlinkBatchError(errno.EMSGSIZE, f"netlink answer of {size} bytes truncated")
         return bytes(self._buffer[:size])
 
-    def dump(self, request: Request) -> Iterator[tuple[int, bytes, dict[int, bytes]]]:
-        """Every answer to a dump request: (message type, fixed header bytes, attributes).
+    def dump_raw(self, request: Request) -> Iterator[bytes]:
+        """The body (fixed header and attributes) of every answer to a dump request.
 
         Raises:
             OSError: the kernel refused the dump (with its errno).
@@ -243,8 +272,6 @@ class RtnlSocket:
         flags = NLM_F_REQUEST | NLM_F_DUMP
         self._sock.sendto(_HEADER.pack(_HEADER.size + len(request.body), request.kind, flags, seq, 0) + request.body,
                           (0, 0))
-        fixed = {RTM_NEWROUTE: _RTMSG.size, RTM_NEWNEIGH: _NDMSG.size, RTM_NEWADDR: _IFADDRMSG.size,
-                 RTM_NEWLINK: _IFINFOMSG.size}
         while True:
             data = self._receive()
             for kind, got, body, end in _messages(data):
@@ -257,58 +284,58 @@ class RtnlSocket:
                     if code:
                         raise OSError(code, f"netlink dump refused: {os.strerror(code)}")
                     continue
-                size = fixed.get(kind, 0)
-                yield kind, data[body:body + size], _attrs(data, body + size, end)
+                yield data[body:end]
+
+    def dump(self, request: Request, fixed: int) -> Iterator[tuple[bytes, dict[int, bytes]]]:
+        """Every answer to a dump request: its fixed header (``fixed`` bytes) and its attributes."""
+        for message in self.dump_raw(request):
+            yield message[:fixed], _attrs(message, fixed, len(message))
 
     # --- what the backends read --------------------------------------------------------------
 
-    def routes(self, proto: int, table: int = RT_TABLE_MAIN) -> list[tuple[IPv4Network, int, IPv4Address | None, bool]]:
-        """(destination, device, gateway, onlink) of the IPv4 routes of ``proto`` in ``table``."""
-        request = Request(RTM_GETROUTE, 0, _RTMSG.pack(AF_INET, 0, 0, 0, table, proto, 0, 0, 0))
-        out = []
-        for _kind, head, attrs in self.dump(request):
-            family, dst_len, _src, _tos, got_table, got_proto, _scope, _type, flags = _RTMSG.unpack(head)
-            got_table = _U32.unpack(attrs[RTA_TABLE])[0] if RTA_TABLE in attrs else got_table
-            if family != AF_INET or got_table != table or got_proto != proto:
-                continue
-            dst = IPv4Network((int.from_bytes(attrs.get(RTA_DST, b"\0\0\0\0"), "big"), dst_len))
-            oif = _U32.unpack(attrs[RTA_OIF])[0] if RTA_OIF in attrs else 0
-            gateway = IPv4Address(attrs[RTA_GATEWAY]) if RTA_GATEWAY in attrs else None
-            out.append((dst, oif, gateway, bool(flags & RTNH_F_ONLINK)))
-        return out
+    def routes(self, proto: int | None, table: int = RT_TABLE_MAIN) -> list[RouteRecord]:
+        """The IPv4 routes of ``table``, only those of ``proto`` unless it is None."""
+        return [record for _raw, record in self.route_messages(proto, table)]
 
-    def _neighbours(self, family: int, ifindex: int) -> Iterator[tuple[int, dict[int, bytes]]]:
+    def route_messages(self, proto: int | None, table: int = RT_TABLE_MAIN) -> list[tuple[bytes, RouteRecord]]:
+        """Like :meth:`routes`, each with its raw message (the same bytes while the route is unchanged)."""
+        request = Request(RTM_GETROUTE, 0, _RTMSG.pack(AF_INET, 0, 0, 0, table, proto or 0, 0, 0, 0))
+        seen: dict[bytes, RouteRecord | None] = {}
+        for message in self.dump_raw(request):
+            # parse each distinct message once, not on every pass
+            record = self._routes.get(message, _UNPARSED)
+            seen[message] = _route_record(message) if record is _UNPARSED else record
+        self._routes = seen
+        return [(raw, r) for raw, r in seen.items()
+                if r is not None and r.table == table and proto in (None, r.proto)]
+
+    def neighbour_keys(self, family: int, ifindex: int) -> list[tuple[int, bytes, bytes]]:
+        """(state, NDA_DST bytes, NDA_LLADDR bytes) of every neighbour (AF_INET) or FDB entry (AF_BRIDGE) on the device."""
         if family == AF_BRIDGE:  # the FDB dump takes the device from the header
             request = Request(RTM_GETNEIGH, 0, _NDMSG.pack(family, ifindex, 0, 0, 0))
         else:
             request = Request(RTM_GETNEIGH, 0, _NDMSG.pack(family, 0, 0, 0, 0) + _attr(NDA_IFINDEX, _U32.pack(ifindex)))
-        for _kind, head, attrs in self.dump(request):
+        out = []
+        for head, attrs in self.dump(request, _NDMSG.size):
             got_family, got_index, state, _flags, _type = _NDMSG.unpack(head)
-            if got_family == family and got_index == ifindex:
-                yield state, attrs
+            dst, mac = attrs.get(NDA_DST), attrs.get(NDA_LLADDR)
+            if got_family == family and got_index == ifindex and dst and mac and len(dst) == 4:
+                out.append((state, dst, mac))
+        return out
 
     def permanent_neighbours(self, ifindex: int) -> list[tuple[IPv4Address, str]]:
         """(IP, MAC) of every permanent IPv4 neighbour on the device."""
-        out = []
-        for state, attrs in self._neighbours(AF_INET, ifindex):
-            dst, mac = attrs.get(NDA_DST), attrs.get(NDA_LLADDR)
-            if state & NUD_PERMANENT and dst and mac and len(dst) == 4:
-                out.append((IPv4Address(dst), mac.hex(":")))
-        return out
+        return [(IPv4Address(dst), mac.hex(":")) for state, dst, mac in self.neighbour_keys(AF_INET, ifindex)
+                if state & NUD_PERMANENT]
 
     def fdb_entries(self, ifindex: int) -> list[tuple[str, IPv4Address]]:
         """(MAC, remote VTEP) of every FDB entry with an IPv4 remote on the device."""
-        out = []
-        for _state, attrs in self._neighbours(AF_BRIDGE, ifindex):
-            dst, mac = attrs.get(NDA_DST), attrs.get(NDA_LLADDR)
-            if dst and mac and len(dst) == 4:
-                out.append((mac.hex(":"), IPv4Address(dst)))
-        return out
+        return [(mac.hex(":"), IPv4Address(dst)) for _state, dst, mac in self.neighbour_keys(AF_BRIDGE, ifindex)]
 
     def ipv4_addresses(self, ifindex: int) -> list[IPv4Interface]:
         request = Request(RTM_GETADDR, 0, _IFADDRMSG.pack(AF_INET, 0, 0, 0, ifindex))
         out = []
-        for _kind, head, attrs in self.dump(request):
+        for head, attrs in self.dump(request, _IFADDRMSG.size):
             family, prefixlen, _flags, _scope, index = _IFADDRMSG.unpack(head)
             address = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
             if family == AF_INET and index == ifindex and address:
