@@ -15,7 +15,8 @@
 * ``events FILE [--churn FILE2]``: for each ``[name, value]``, one at a time,
   note the time, put the lease, and wait until a probe packet to an address in
   its subnet leaves ``eth0`` toward the lease's PublicIP, encapsulated or
-  routed as the backend does it. Prints ``{"latencies_ms": [...]}``. With
+  routed as the backend does it. Prints ``{"latencies_ms": [...], "lost":
+  [why, ...]}`` (an event that never reached the datapath is named). With
   ``--churn``, meanwhile rewrite the leases of FILE2 in turn (PublicIP moved
   back and forth) at ``--churn-rate`` per second.
 
@@ -133,11 +134,10 @@ def count_peer_entries(rtnl: RtnlSocket, kind: str, subnet_len: int) -> int:
                  if r.proto != RTPROT_KERNEL and r.dst.prefixlen == subnet_len and r.dst.subnet_of(NETWORK))
     if kind != "vxlan":
         return routes
-    try:
-        index = socket.if_nametoindex("flannel.1")
-    except OSError:
+    indexes = _vxlan_index()
+    if not indexes:
         return 0
-    return min(routes, len(rtnl.permanent_neighbours(index)), len(rtnl.fdb_entries(index)))
+    return min(routes, len(rtnl.permanent_neighbours(indexes[0])), len(rtnl.fdb_entries(indexes[0])))
 
 
 def wait_count(kind: str, subnet_len: int, want: int, timeout: float) -> float:
@@ -216,6 +216,25 @@ class _ProbeWatch:
                 self._found.set()
 
 
+def _what_kernel_holds(subnet: IPv4Network) -> str:
+    """The node's routes to ``subnet`` and its neighbour entry for the subnet's address (for error messages)."""
+    rtnl = RtnlSocket()
+    try:
+        routes = [r for r in rtnl.routes(None) if r.dst == subnet]
+        neighbours = [n for index in _vxlan_index() for n in rtnl.permanent_neighbours(index)
+                      if n[0] == subnet.network_address]
+    finally:
+        rtnl.close()
+    return f"routes {routes}, neighbours {neighbours}"
+
+
+def _vxlan_index() -> list[int]:
+    try:
+        return [socket.if_nametoindex("flannel.1")]
+    except OSError:
+        return []
+
+
 def static_peer_neighbours(leases: list[list[str]]) -> None:
     """Permanent ARP entries on eth0 for every PublicIP in ``leases`` (they need not exist)."""
     rtnl = RtnlSocket()
@@ -241,12 +260,14 @@ async def _churn(client: Any, prefix: str, leases: list[list[str]], rate: float)
 
 
 async def events(endpoint: str, prefix: str, leases: list[list[str]], timeout: float,
-                 churn: list[list[str]], churn_rate: float) -> list[float]:
+                 churn: list[list[str]], churn_rate: float) -> dict[str, list[Any]]:
+    """Latencies of the events that reached the datapath, and why each other one did not."""
     static_peer_neighbours(leases + churn)
     watch = _ProbeWatch()
     client = await _client(endpoint)
     background = asyncio.create_task(_churn(client, prefix, churn, churn_rate)) if churn else None
     latencies: list[float] = []
+    lost: list[str] = []
     try:
         if background is not None:
             await asyncio.sleep(1.0)  # churn under way before the first timed event
@@ -254,7 +275,12 @@ async def events(endpoint: str, prefix: str, leases: list[list[str]], timeout: f
             watch.arm(IPv4Network(name.replace("-", "/")), IPv4Address(json.loads(value)["PublicIP"]))
             sent = time.time()
             await client.put(f"{prefix}/subnets/{name}".encode(), value.encode())
-            seen = await asyncio.to_thread(watch.wait, timeout)
+            try:
+                seen = await asyncio.to_thread(watch.wait, timeout)
+            except TimeoutError:
+                lost.append(f"no probe packet to {name} left eth0 for its peer within {timeout:g}s; the kernel "
+                            f"holds: {_what_kernel_holds(IPv4Network(name.replace('-', '/')))}")
+                continue
             latencies.append((seen - sent) * 1000)
             await asyncio.sleep(0.05)
     finally:
@@ -263,7 +289,7 @@ async def events(endpoint: str, prefix: str, leases: list[list[str]], timeout: f
             await asyncio.gather(background, return_exceptions=True)
         await client.close()
         await asyncio.to_thread(watch.close)
-    return latencies
+    return {"latencies_ms": latencies, "lost": lost}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,8 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"at": wait_count(args.kind, args.subnet_len, args.want, args.timeout)}))
     else:
         churn = json.loads(Path(args.churn).read_text()) if args.churn else []
-        latencies = asyncio.run(events(args.endpoint, args.prefix, data, args.timeout, churn, args.churn_rate))
-        print(json.dumps({"latencies_ms": latencies}))
+        print(json.dumps(asyncio.run(events(args.endpoint, args.prefix, data, args.timeout, churn, args.churn_rate))))
     return 0
 
 

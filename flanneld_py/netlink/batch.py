@@ -268,8 +268,11 @@ class RtnlSocket:
         Raises:
             OSError: the kernel refused the dump (with its errno).
         """
+        return self._ask(request, NLM_F_REQUEST | NLM_F_DUMP)
+
+    def _ask(self, request: Request, flags: int) -> Iterator[bytes]:
+        """Send one request; the body of each answer, until the kernel says it is done."""
         seq = self._next_seq()
-        flags = NLM_F_REQUEST | NLM_F_DUMP
         self._sock.sendto(_HEADER.pack(_HEADER.size + len(request.body), request.kind, flags, seq, 0) + request.body,
                           (0, 0))
         while True:
@@ -282,9 +285,11 @@ class RtnlSocket:
                 if kind == NLMSG_ERROR:
                     code = -_ERROR.unpack_from(data, body)[0]
                     if code:
-                        raise OSError(code, f"netlink dump refused: {os.strerror(code)}")
-                    continue
+                        raise OSError(code, os.strerror(code))
+                    return
                 yield data[body:end]
+                if not flags & NLM_F_DUMP:
+                    return
 
     def dump(self, request: Request, fixed: int) -> Iterator[tuple[bytes, dict[int, bytes]]]:
         """Every answer to a dump request: its fixed header (``fixed`` bytes) and its attributes."""
@@ -345,19 +350,13 @@ class RtnlSocket:
     def link_kind_and_mac(self, name: str) -> tuple[str, str] | None:
         """The kind (``vxlan``, ``veth``, ...; empty for a plain device) and MAC of link ``name``, or None."""
         body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + _attr(IFLA_IFNAME, name.encode() + b"\0")
-        seq = self._next_seq()
-        self._sock.sendto(_HEADER.pack(_HEADER.size + len(body), RTM_GETLINK, NLM_F_REQUEST, seq, 0) + body, (0, 0))
-        while True:
-            data = self._receive()
-            for kind, got, start, end in _messages(data):
-                if got != seq:
-                    continue
-                if kind == NLMSG_ERROR:
-                    code = -_ERROR.unpack_from(data, start)[0]
-                    if code in (errno.ENODEV, 0):
-                        return None
-                    raise OSError(code, f"cannot look up link {name}: {os.strerror(code)}")
-                attrs = _attrs(data, start + _IFINFOMSG.size, end)
+        try:
+            for message in self._ask(Request(RTM_GETLINK, 0, body), NLM_F_REQUEST):
+                attrs = _attrs(message, _IFINFOMSG.size, len(message))
                 info = attrs.get(IFLA_LINKINFO, b"")
                 link_kind = _attrs(info, 0, len(info)).get(IFLA_INFO_KIND, b"").rstrip(b"\0").decode()
                 return link_kind, attrs.get(IFLA_ADDRESS, b"").hex(":")
+        except OSError as exc:
+            if exc.errno != errno.ENODEV:
+                raise
+        return None
