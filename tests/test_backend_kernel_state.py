@@ -473,3 +473,20 @@ def test_a_quiet_full_pass_lists_the_kernel_but_plans_and_changes_nothing() -> N
     kernel.entries.discard(next(iter(wanted.entries)))  # drift after a skipped pass is still seen
     assert len(reconciler.run_pass().added) == 1
     assert kernel.entries == wanted.entries
+
+
+def test_a_listing_of_many_peers_logs_one_line_and_each_peer_only_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    kernel = FakeKernel()
+    backend = hostgw_backend(kernel)
+    many = [lease(f"10.244.{i}.0/24", f"198.51.100.{i}", "host-gw") for i in range(10, 70)]
+
+    async def scenario() -> None:
+        await backend.start(IPv4Network("10.244.1.0/24"))
+        await backend.apply([LeaseAdded(one) for one in many])
+        await backend.stop(cleanup=False)
+
+    with caplog.at_level(logging.INFO, logger="flanneld_py.backend.routed"):
+        asyncio.run(scenario())
+    assert "peers: 60 added (60 in all; each peer's line at -v)" in caplog.text
+    assert "peer added" not in caplog.text
+    assert len(kernel.entries) == 60

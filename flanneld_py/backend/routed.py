@@ -30,6 +30,8 @@ __all__ = ["RoutedBackend"]
 
 log = logging.getLogger(__name__)
 
+PEER_LINES_LIMIT = 50  # lease events in one batch that still get a log line each at INFO
+
 
 class RoutedBackend:
     """A :class:`~.base.Backend` whose peers are kernel entries (vxlan, host-gw).
@@ -129,13 +131,16 @@ class RoutedBackend:
     async def apply(self, events: Sequence[LeaseEvent]) -> None:
         assert self._loop is not None, "apply() before start()"
         changes: list[tuple[frozenset[Entry], frozenset[Entry]]] = []
+        # one line per peer, unless a listing brings thousands: then one line in all, and each peer's at -v
+        level = logging.INFO if len(events) <= PEER_LINES_LIMIT else logging.DEBUG
+        verbs: Counter[str] = Counter()
         with self._lock:
             self._recount_if_device_changed()
             for event in events:
                 if isinstance(event, LeaseAdded):
-                    new = self._accept(event.lease)
+                    new = self._accept(event.lease, level, verbs)
                 elif isinstance(event, LeaseRemoved):
-                    new = self._forget(event.lease)
+                    new = self._forget(event.lease, level, verbs)
                 else:
                     continue
                 old = self._wants.pop(event.lease.subnet, frozenset())
@@ -151,6 +156,9 @@ class RoutedBackend:
             for entry in touched - after:
                 del self._counts[entry]
             self._version += 1
+        if level != logging.INFO:
+            log.info("peers: %s (%d in all; each peer's line at -v)",
+                     ", ".join(f"{n} {verb}" for verb, n in sorted(verbs.items())) or "none changed", len(self._peers))
         self._loop.allow_pruning()
         if not self._listed:
             # the first listing since start: one full pass, which also drops what
@@ -170,7 +178,7 @@ class RoutedBackend:
         self._counts = Counter(e for entries in self._wants.values() for e in entries)
         self._wants_for = state
 
-    def _accept(self, lease: Lease) -> frozenset[Entry]:
+    def _accept(self, lease: Lease, level: int, verbs: Counter[str]) -> frozenset[Entry]:
         """Record a new or changed peer; the entries it wants (none if it is ignored or refused)."""
         subnet = lease.subnet
         if lease.attrs.backend_type != self.type_name:
@@ -185,13 +193,15 @@ class RoutedBackend:
             return frozenset()
         verb = "updated" if subnet in self._peers else "added"
         self._peers[subnet] = lease
-        log.info("peer %s: %s %s", verb, subnet, wants.summary)
+        verbs[verb] += 1
+        log.log(level, "peer %s: %s %s", verb, subnet, wants.summary)
         return wants.entries
 
-    def _forget(self, lease: Lease) -> frozenset[Entry]:
+    def _forget(self, lease: Lease, level: int, verbs: Counter[str]) -> frozenset[Entry]:
         old = self._peers.pop(lease.subnet, None)
         if old is not None:
-            log.info("peer removed: %s (was %s)", old.subnet, old.attrs.public_ip)
+            verbs["removed"] += 1
+            log.log(level, "peer removed: %s (was %s)", old.subnet, old.attrs.public_ip)
         return frozenset()
 
     def is_up(self) -> bool:
