@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="flannel's own flanneld binary: adds mode flannel-udp (its UDP backend), and with "
                              "--peers flannel-vxlan and flannel-host-gw beside ours in the scale part")
     parser.add_argument("--peers", type=positive, metavar="N",
-                        help="also measure with N peer leases in etcd: start-up, lease-event-to-route, throughput")
+                        help="also measure with N peer leases in etcd: start-up, idle CPU, lease event to traffic "
+                             "(quiet and under churn), bulk delete and add, throughput")
     return parser
 
 

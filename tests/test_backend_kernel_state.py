@@ -410,7 +410,7 @@ def test_reconcile_loop_retries_a_refused_entry_soon_not_at_the_next_timed_pass(
     async def scenario() -> bool:
         loop = ReconcileLoop(Reconciler(kernel, lambda: wanted), "udp", interval=3600)
         loop.start()
-        await loop.apply_plan(Plan((), (route,)), "peers")
+        await loop.apply_plan(lambda: Plan((), (route,)), "peers")
         assert route not in kernel.entries
         del kernel.fail[route]  # the kernel takes it now
         for _ in range(500):

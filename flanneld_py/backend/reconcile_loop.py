@@ -70,10 +70,10 @@ class ReconcileLoop:
         self._report(reason, result, full=True)
         return result
 
-    async def apply_plan(self, changes: Plan, reason: str) -> None:
-        """Apply a lease event's delta at once; a full pass retries what failed and catches drift."""
-        if changes:
-            self._report(reason, await asyncio.to_thread(self.reconciler.apply_plan, changes), full=False)
+    async def apply_plan(self, changes: Callable[[], Plan], reason: str) -> None:
+        """Apply a lease event's delta at once (see :meth:`.Reconciler.apply_plan`); a full pass
+        retries what failed and catches drift."""
+        self._report(reason, await asyncio.to_thread(self.reconciler.apply_plan, changes), full=False)
 
     async def stop(self, scope: Scope | None = None) -> PassResult:
         """Stop the timer; with ``scope``, remove everything we own in it."""

@@ -56,12 +56,16 @@ class Reconciler:
                 return PassResult()
             return self._converge(self.wanted(), prune)
 
-    def apply_plan(self, changes: Plan) -> PassResult:
-        """Apply a precomputed change (a lease event's delta) without listing the kernel."""
+    def apply_plan(self, changes: Callable[[], Plan]) -> PassResult:
+        """Apply a change (a lease event's delta) without listing the kernel.
+
+        ``changes`` runs under the pass lock, so it may update what ``wanted``
+        returns: no full pass sees that update before the kernel got it.
+        """
         with self._lock:
             if self._closed:
                 return PassResult()
-            return self._apply(changes)
+            return self._apply(changes())
 
     def close(self, scope: Scope | None = None) -> PassResult:
         """Stop all further passes; with ``scope``, first remove every entry we own in it."""

@@ -22,7 +22,7 @@ from ipaddress import IPv4Network
 from ..core.lease import Lease, LeaseAdded, LeaseAttrs, LeaseEvent, LeaseRemoved
 from .base import BackendContext, PeerStats
 from .kernel import Kernel, NetlinkKernel
-from .kernel_state import Entry, PeerEntries, Scope, Wanted, plan
+from .kernel_state import Entry, PeerEntries, Plan, Scope, Wanted, plan
 from .reconcile_loop import RECONCILE_INTERVAL, ReconcileLoop
 from .reconciler import Reconciler
 
@@ -58,6 +58,7 @@ class RoutedBackend:
         self._version = 0  # counts lease batches applied
         self._wanted_cache: tuple[tuple[int, Hashable], Wanted] | None = None
         self._listed = False  # the first lease listing since start was applied
+        self._recounted = False  # the device changed: a full pass must follow
         self._own_subnet: IPv4Network | None = None
         self._loop: ReconcileLoop | None = None
 
@@ -130,23 +131,43 @@ class RoutedBackend:
 
     async def apply(self, events: Sequence[LeaseEvent]) -> None:
         assert self._loop is not None, "apply() before start()"
-        changes: list[tuple[frozenset[Entry], frozenset[Entry]]] = []
+        updates: list[tuple[IPv4Network, frozenset[Entry]]] = []
         # one line per peer, unless a listing brings thousands: then one line in all, and each peer's at -v
         level = logging.INFO if len(events) <= PEER_LINES_LIMIT else logging.DEBUG
         verbs: Counter[str] = Counter()
         with self._lock:
-            self._recount_if_device_changed()
             for event in events:
                 if isinstance(event, LeaseAdded):
-                    new = self._accept(event.lease, level, verbs)
+                    updates.append((event.lease.subnet, self._accept(event.lease, level, verbs)))
                 elif isinstance(event, LeaseRemoved):
-                    new = self._forget(event.lease, level, verbs)
-                else:
-                    continue
-                old = self._wants.pop(event.lease.subnet, frozenset())
+                    updates.append((event.lease.subnet, self._forget(event.lease, level, verbs)))
+        if level != logging.INFO:
+            log.info("peers: %s (%d in all; each peer's line at -v)",
+                     ", ".join(f"{n} {verb}" for verb, n in sorted(verbs.items())) or "none changed", len(self._peers))
+        self._loop.allow_pruning()
+        # The wanted state changes in the reconcile thread, under the pass lock, together with
+        # the kernel: a full pass never sees peers wanted whose entries are not sent yet.
+        await self._loop.apply_plan(lambda: self._count(updates), "peers")
+        if not self._listed or self._recounted:
+            # the first listing since start (or the device changed): one full pass, which also
+            # drops what peers that left while we were down still had in the kernel
+            self._listed, self._recounted = True, False
+            await self._loop.sync("peers")
+
+    def _count(self, updates: Sequence[tuple[IPv4Network, frozenset[Entry]]]) -> Plan:
+        """Record what each updated peer now wants; the plan for the entries whose wanted-ness flipped.
+
+        Only those entries: without listing the kernel, so a lease event costs what it changes.
+        """
+        with self._lock:
+            self._version += 1
+            if self._wants_for != self._device_state():
+                self._recount()
+                return Plan((), ())
+            changes = [(self._wants.pop(subnet, frozenset()), new) for subnet, new in updates]
+            for (subnet, new), _ in zip(updates, changes, strict=True):
                 if new:
-                    self._wants[event.lease.subnet] = new
-                changes.append((old, new))
+                    self._wants[subnet] = new
             touched: set[Entry] = set().union(*(old | new for old, new in changes))
             before = frozenset(e for e in touched if self._counts[e] > 0)
             for old, new in changes:
@@ -155,28 +176,16 @@ class RoutedBackend:
             after = frozenset(e for e in touched if self._counts[e] > 0)
             for entry in touched - after:
                 del self._counts[entry]
-            self._version += 1
-        if level != logging.INFO:
-            log.info("peers: %s (%d in all; each peer's line at -v)",
-                     ", ".join(f"{n} {verb}" for verb, n in sorted(verbs.items())) or "none changed", len(self._peers))
-        self._loop.allow_pruning()
         if not self._listed:
-            # the first listing since start: one full pass, which also drops what
-            # peers that left while we were down still had in the kernel
-            self._listed = True
-            await self._loop.sync("peers")
-            return
-        # Later events: only the entries whose wanted-ness flipped, without listing the kernel.
-        await self._loop.apply_plan(plan(Wanted(self._scope(), after), before), "peers")
+            return Plan((), ())  # the full pass that follows does it all
+        return plan(Wanted(self._scope(), after), before)
 
-    def _recount_if_device_changed(self) -> None:
+    def _recount(self) -> None:
         """After a device was recreated (new ifindex), every peer's entries are new ones."""
-        state = self._device_state()
-        if state == self._wants_for:
-            return
         self._wants = {s: self._peer_entries(lease).entries for s, lease in self._peers.items()}
         self._counts = Counter(e for entries in self._wants.values() for e in entries)
-        self._wants_for = state
+        self._wants_for = self._device_state()
+        self._recounted = True
 
     def _accept(self, lease: Lease, level: int, verbs: Counter[str]) -> frozenset[Entry]:
         """Record a new or changed peer; the entries it wants (none if it is ignored or refused)."""

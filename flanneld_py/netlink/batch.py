@@ -314,14 +314,28 @@ class RtnlSocket:
         return [(raw, r) for raw, r in seen.items()
                 if r is not None and r.table == table and proto in (None, r.proto)]
 
+    @staticmethod
+    def _neighbour_dump(family: int, ifindex: int) -> Request:
+        if family == AF_BRIDGE:  # the FDB dump takes the device from the header
+            return Request(RTM_GETNEIGH, 0, _NDMSG.pack(family, ifindex, 0, 0, 0))
+        return Request(RTM_GETNEIGH, 0, _NDMSG.pack(family, 0, 0, 0, 0) + _attr(NDA_IFINDEX, _U32.pack(ifindex)))
+
+    def count_neighbours(self, family: int, ifindex: int, state_mask: int = 0) -> int:
+        """How many neighbours (AF_INET) or FDB entries (AF_BRIDGE) the device has (in ``state_mask``, if given).
+
+        Reads only each answer's fixed header: cheap enough to poll.
+        """
+        count = 0
+        for message in self.dump_raw(self._neighbour_dump(family, ifindex)):
+            got_family, got_index, state, _flags, _type = _NDMSG.unpack_from(message)
+            if got_family == family and got_index == ifindex and (not state_mask or state & state_mask):
+                count += 1
+        return count
+
     def neighbour_keys(self, family: int, ifindex: int) -> list[tuple[int, bytes, bytes]]:
         """(state, NDA_DST bytes, NDA_LLADDR bytes) of every neighbour (AF_INET) or FDB entry (AF_BRIDGE) on the device."""
-        if family == AF_BRIDGE:  # the FDB dump takes the device from the header
-            request = Request(RTM_GETNEIGH, 0, _NDMSG.pack(family, ifindex, 0, 0, 0))
-        else:
-            request = Request(RTM_GETNEIGH, 0, _NDMSG.pack(family, 0, 0, 0, 0) + _attr(NDA_IFINDEX, _U32.pack(ifindex)))
         out = []
-        for head, attrs in self.dump(request, _NDMSG.size):
+        for head, attrs in self.dump(self._neighbour_dump(family, ifindex), _NDMSG.size):
             got_family, got_index, state, _flags, _type = _NDMSG.unpack(head)
             dst, mac = attrs.get(NDA_DST), attrs.get(NDA_LLADDR)
             if got_family == family and got_index == ifindex and dst and mac and len(dst) == 4:
