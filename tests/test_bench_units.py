@@ -297,6 +297,17 @@ def test_render_report_shows_every_mode_and_failures() -> None:
     assert "Test CPU, 2 CPUs" in text
 
 
+def test_render_report_puts_flannels_scale_modes_beside_ours_with_ratios() -> None:
+    results = _results({"udp": summarize_mode([figures_from_round(_raw_round(2.0))], [], 1)})
+    modes = {"vxlan": {"status": "ok", "figures": {"startup_converged_s": 1.0, "event_p50_ms": 5.0}},
+             "flannel-vxlan": {"status": "partial", "figures": {"startup_converged_s": 2.0, "event_p50_ms": 5.0}}}
+    results["scale"] = {"status": "partial", "peers": 1000, "modes": modes, "ratios": scale_ratios(modes)}
+    text = render_report(results)
+    assert "## Scale: 1000 peer leases" in text
+    assert "| flannel-vxlan (partial) | — | 2.00 |" in text
+    assert "vxlan over flannel-vxlan: start-up to all peers in place 0.50×, lease event to traffic, p50 1.00×." in text
+
+
 def test_write_outputs_makes_every_file(tmp_path: Any) -> None:
     pytest.importorskip("matplotlib")
     modes = {"udp": summarize_mode([figures_from_round(_raw_round(g)) for g in (1.0, 2.0)], [], 2),

@@ -1,7 +1,7 @@
 """The kernel entries each backend wants, as pure functions of our node and a peer lease.
 
-No I/O here: the backends and the reconciler in :mod:`.routed` turn these
-records into netlink calls, and tests check the mappings without a kernel.
+No I/O here: the backends and the reconciler (:mod:`.reconciler`, over
+:mod:`.kernel`) turn these records into netlink calls, and tests check the mappings without a kernel.
 Routes reuse :class:`~flanneld_py.netlink.RouteSpec` (a plain dataclass);
 addresses, neighbours and FDB entries are defined here.
 

@@ -226,8 +226,14 @@ class RoutedBackend:
         loop, self._loop = self._loop, None
         if not cleanup:
             await loop.stop()
+            self._close_kernel()
             log.info("%s backend stopped; kernel state kept", self.type_name)
             return
         await loop.stop(self._scope())
+        self._close_kernel()
         await asyncio.to_thread(self._teardown)
         log.info("%s backend stopped; kernel state removed", self.type_name)
+
+    def _close_kernel(self) -> None:
+        if isinstance(self._kernel, NetlinkKernel):
+            self._kernel.close()
