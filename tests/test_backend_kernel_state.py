@@ -490,3 +490,28 @@ def test_a_listing_of_many_peers_logs_one_line_and_each_peer_only_at_debug(caplo
     assert "peers: 60 added (60 in all; each peer's line at -v)" in caplog.text
     assert "peer added" not in caplog.text
     assert len(kernel.entries) == 60
+
+
+def test_a_delta_that_lands_while_a_full_pass_lists_is_not_undone_by_it() -> None:
+    a, b = route_to("10.244.2.0/24", "198.51.100.2"), route_to("10.244.3.0/24", "198.51.100.3")
+    scope = Scope(NETWORK, frozenset({ETH0}))
+    wanted = {"now": Wanted(scope, frozenset({a}))}
+    kernel = FakeKernel({a})
+    reconciler = Reconciler(kernel, lambda: wanted["now"])
+    listing = kernel.dump
+
+    def lease_event() -> Plan:
+        wanted["now"] = Wanted(scope, frozenset({a, b}))
+        return Plan((), (b,))
+
+    def dump_while_an_event_lands(scope: Scope) -> list[Entry]:
+        reconciler.apply_plan(lease_event)  # after the pass took its wanted state, before it lists
+        return listing(scope)
+
+    kernel.dump = dump_while_an_event_lands  # type: ignore[method-assign]
+    result = reconciler.run_pass()
+    assert result == PassResult()  # b looked like a stray to this pass; the event's change stands
+    assert kernel.entries == {a, b}
+    kernel.dump = listing  # type: ignore[method-assign]
+    assert reconciler.run_pass() == PassResult()
+    assert kernel.entries == {a, b}

@@ -88,24 +88,43 @@ def _failures(entries: Iterable[Entry], codes: Iterable[int], ignore: frozenset[
             if code and code not in ignore]
 
 
+class _Socket:
+    """One rtnetlink socket, opened on first use, for one thread at a time."""
+
+    def __init__(self, netlink: Netlink) -> None:
+        self._netlink = netlink
+        self._socket: RtnlSocket | None = None
+        self.lock = threading.Lock()
+
+    def get(self) -> RtnlSocket:
+        if self._socket is None:
+            self._socket = RtnlSocket(self._netlink.raw_socket())
+        return self._socket
+
+    def close(self) -> None:
+        with self.lock:
+            if self._socket is not None:
+                self._socket.close()
+                self._socket = None
+
+
 class NetlinkKernel:
-    """:class:`Kernel` over batched rtnetlink; call it from worker threads (one call at a time)."""
+    """:class:`Kernel` over batched rtnetlink; call it from worker threads.
+
+    Listing and changing use a socket each, so a lease event's change is not
+    held up by a long listing.
+    """
 
     def __init__(self, netlink: Netlink) -> None:
         self.netlink = netlink
-        self._socket: RtnlSocket | None = None
-        self._lock = threading.Lock()
+        self._lister = _Socket(netlink)
+        self._changer = _Socket(netlink)
         self._entries: dict[RawKey, Entry] = {}  # the last dump's entries by raw key
-
-    def _rtnl(self) -> RtnlSocket:
-        if self._socket is None:
-            self._socket = RtnlSocket(self.netlink.raw_socket())
-        return self._socket
 
     def dump(self, scope: Scope) -> list[Entry]:
         """What we own, as the same entry objects from pass to pass while the kernel is unchanged."""
-        with self._lock:
-            rtnl = self._rtnl()
+        with self._lister.lock:
+            rtnl = self._lister.get()
             seen: dict[RawKey, Entry] = {}
             out: list[Entry] = []
             for raw, found in rtnl.route_messages(RTPROT_FLANNEL):
@@ -132,8 +151,8 @@ class NetlinkKernel:
         return entry
 
     def change(self, changes: Plan) -> list[Failure]:
-        with self._lock:
-            rtnl = self._rtnl()
+        with self._changer.lock:
+            rtnl = self._changer.get()
             requests = [_request(e, delete=True) for e in changes.remove]
             requests += [_request(e, delete=False) for e in changes.add]
             codes = rtnl.send(requests)
@@ -142,7 +161,5 @@ class NetlinkKernel:
                     + _failures(changes.add, codes[split:], _ALREADY))
 
     def close(self) -> None:
-        with self._lock:
-            if self._socket is not None:
-                self._socket.close()
-                self._socket = None
+        self._lister.close()
+        self._changer.close()

@@ -35,6 +35,7 @@ __all__ = [
     "Wanted",
     "describe",
     "hostgw_peer_entries",
+    "identity",
     "in_scope",
     "plan",
     "random_vtep_mac",
@@ -228,7 +229,7 @@ def _inside(subnet: IPv4Network, network: IPv4Network) -> bool:
             and int(subnet.network_address) & int(network.netmask) == int(network.network_address))
 
 
-def _key(entry: Entry) -> tuple[object, ...]:
+def identity(entry: Entry) -> tuple[object, ...]:
     """Identity in the kernel: a second entry with the same key replaces the first.
 
     Routes are keyed by destination (one route per subnet in the main table)
@@ -267,8 +268,8 @@ def plan(wanted: Wanted, actual: Iterable[Entry], prune: bool = True) -> Plan:
     ignored. With ``prune`` off, nothing is removed (used right after start,
     before the first lease listing, so a restart does not drop live peers).
     """
-    have = {_key(e): e for e in actual if in_scope(wanted.scope, e)}
-    want = {_key(e): e for e in wanted.entries}
+    have = {identity(e): e for e in actual if in_scope(wanted.scope, e)}
+    want = {identity(e): e for e in wanted.entries}
     add = sorted((e for k, e in want.items() if have.get(k) != e), key=_order)
     remove = [e for k, e in have.items() if k not in want] if prune else []
     remove.sort(key=_order, reverse=True)
