@@ -186,9 +186,13 @@ class _Lab:
                 proc.communicate()
                 raise ModeError(f"{self.mode}: while waiting for the kernel{dead}")
             time.sleep(0.05)
-        out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        if proc.returncode != 0:
-            raise ModeError(f"{self.mode}: {err.strip()[-1000:]}")
+        if proc.poll() is None:
+            proc.kill()
+        assert proc.stdout is not None and proc.stderr is not None
+        # read through the same text buffers start_counting read its first line from
+        out, err = proc.stdout.read(), proc.stderr.read()
+        if proc.wait() != 0:
+            raise ModeError(f"{self.mode}: {err.strip()[-1000:] or 'the count did not finish in time'}")
         return float(json.loads(out.strip().splitlines()[-1])["at"])
 
     def _restart_once(self, node: Node) -> None:
@@ -361,5 +365,7 @@ def scale_ratios(modes: dict[str, dict[str, Any]]) -> dict[str, dict[str, float 
         if ours not in modes or theirs not in modes:
             continue
         mine, ref = modes[ours].get("figures", {}), modes[theirs].get("figures", {})
-        out[ours] = {k: ratio(mine[k], ref[k]) for k in RATIO_FIGURES if k in mine and k in ref}
+        ratios = {k: ratio(mine[k], ref[k]) for k in RATIO_FIGURES if k in mine and k in ref}
+        if ratios:
+            out[ours] = ratios
     return out
