@@ -515,3 +515,20 @@ def test_a_delta_that_lands_while_a_full_pass_lists_is_not_undone_by_it() -> Non
     kernel.dump = listing  # type: ignore[method-assign]
     assert reconciler.run_pass() == PassResult()
     assert kernel.entries == {a, b}
+
+
+def test_a_batch_that_adds_and_removes_one_subnet_leaves_nothing_of_it() -> None:
+    kernel = FakeKernel()
+    backend = hostgw_backend(kernel)
+    gone = lease("10.244.2.0/24", "198.51.100.2", "host-gw")
+    stays = lease("10.244.3.0/24", "198.51.100.3", "host-gw")
+
+    async def scenario() -> None:
+        await backend.start(IPv4Network("10.244.1.0/24"))
+        await backend.apply([LeaseAdded(stays)])
+        await backend.apply([LeaseAdded(gone), LeaseRemoved(gone)])
+        assert kernel.entries == {route_to("10.244.3.0/24", "198.51.100.3")}
+        assert kernel.entries == backend._wanted().entries
+        await backend.stop(cleanup=False)
+
+    asyncio.run(scenario())

@@ -145,8 +145,8 @@ class RoutedBackend:
             log.info("peers: %s (%d in all; each peer's line at -v)",
                      ", ".join(f"{n} {verb}" for verb, n in sorted(verbs.items())) or "none changed", len(self._peers))
         self._loop.allow_pruning()
-        # The wanted state changes in the reconcile thread, under the pass lock, together with
-        # the kernel: a full pass never sees peers wanted whose entries are not sent yet.
+        # The wanted state changes in the reconcile thread, under the reconciler's lock, together
+        # with the kernel: a full pass never sees peers wanted whose entries are not sent yet.
         await self._loop.apply_plan(lambda: self._count(updates), "peers")
         if not self._listed or self._recounted:
             # the first listing since start (or the device changed): one full pass, which also
@@ -164,8 +164,9 @@ class RoutedBackend:
             if self._wants_for != self._device_state():
                 self._recount()
                 return Plan((), ())
-            changes = [(self._wants.pop(subnet, frozenset()), new) for subnet, new in updates]
-            for (subnet, new), _ in zip(updates, changes, strict=True):
+            changes: list[tuple[frozenset[Entry], frozenset[Entry]]] = []
+            for subnet, new in updates:  # in order: a batch may change one subnet twice
+                changes.append((self._wants.pop(subnet, frozenset()), new))
                 if new:
                     self._wants[subnet] = new
             touched: set[Entry] = set().union(*(old | new for old, new in changes))
