@@ -12,9 +12,10 @@ Dumps ask the kernel to filter (``NETLINK_GET_STRICT_CHK``: only one
 protocol's routes, only one device's neighbours) and read just the fields a
 backend compares, so a drift pass over thousands of peers stays cheap.
 
-Synchronous, like the rest of the netlink layer: call it from a worker thread.
-The kernel handles a request inside ``sendto``, so reading the answers never
-waits on anything but the kernel's own work.
+Synchronous, without pyroute2's private event loop. The kernel handles a
+request inside ``sendto``, so reading the answers waits on nothing but the
+kernel's own work: one lookup may run on the event-loop thread; batches and
+dumps of thousands of entries belong in a worker thread.
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ NETLINK_GET_STRICT_CHK = 12
 SO_RCVBUFFORCE = 33
 
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK = 0x1, 0x2, 0x4
-NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x100, 0x200, 0x400, 0x300
-RTM_NEWLINK, RTM_GETLINK = 16, 18
+NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
+NLM_F_REPLACE, NLM_F_CREATE, NLM_F_DUMP = 0x100, 0x400, 0x300
+RTM_GETLINK = 18
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
