@@ -43,9 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="short tests: a run that takes about a minute per two modes")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"where results.json, report.md and charts go (default: {DEFAULT_OUT})")
     parser.add_argument("--flanneld", metavar="PATH",
-                        help="flannel's own flanneld binary: adds mode flannel-udp (its UDP backend)")
+                        help="flannel's own flanneld binary: adds mode flannel-udp (its UDP backend), and with "
+                             "--peers flannel-vxlan and flannel-host-gw beside ours in the scale part")
     parser.add_argument("--peers", type=positive, metavar="N",
-                        help="also measure with N peer leases in etcd: start-up, lease-event-to-route, throughput")
+                        help="also measure with N peer leases in etcd: start-up, idle CPU, lease event to traffic "
+                             "(quiet and under churn), bulk delete and add, throughput")
     return parser
 
 

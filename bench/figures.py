@@ -56,11 +56,15 @@ CNI_FIGURES: tuple[Figure, ...] = (
 SCALE_FIGURES: tuple[Figure, ...] = (
     Figure("startup_ready_s", "start-up to ready", "s", "lower"),
     Figure("startup_converged_s", "start-up to all peers in place", "s", "lower"),
-    Figure("event_p50_ms", "lease event to route, p50", "ms", "lower", decimals=1),
-    Figure("event_p99_ms", "lease event to route, p99", "ms", "lower", decimals=1),
+    Figure("idle_cpu_ms_per_pass", "idle CPU per 5 s (drift pass)", "ms", "lower", decimals=1),
+    Figure("event_p50_ms", "lease event to traffic, p50", "ms", "lower", decimals=1),
+    Figure("event_p99_ms", "lease event to traffic, p99", "ms", "lower", decimals=1),
+    Figure("churn_p50_ms", "same under 100 changes/s, p50", "ms", "lower", decimals=1),
+    Figure("churn_p99_ms", "same under 100 changes/s, p99", "ms", "lower", decimals=1),
     Figure("tcp_1_gbps_n_peers", "TCP 1 stream, N peers", "Gbit/s", "higher"),
-    Figure("bulk_delete_s", "all N leases deleted to 1 peer left", "s", "lower", decimals=1),
+    Figure("bulk_delete_s", "all leases deleted to every entry gone", "s", "lower"),
     Figure("tcp_1_gbps_2_peers", "TCP 1 stream, 2 nodes only", "Gbit/s", "higher"),
+    Figure("bulk_add_s", "N leases added at once to all in place", "s", "lower"),
 )
 
 # Figures whose honest value can be exactly zero (a lossless run).

@@ -209,6 +209,9 @@ def _scale_section(scale: Mapping[str, Any] | None) -> list[str]:
         mark = " (partial)" if entry.get("status") == "partial" else ""
         rows.append([mode + mark] + [fig.show(entry["figures"].get(fig.key)) for fig in SCALE_FIGURES])
     lines += _table(["mode"] + [f"{fig.label} ({fig.display_unit})" for fig in SCALE_FIGURES], rows)
+    for backend, ratios in scale.get("ratios", {}).items():
+        lines += ["", f"{backend} over flannel-{backend}: " + ", ".join(
+            f"{figure(k).label} {_ratio_text(v)}" for k, v in ratios.items()) + "."]
     return lines
 
 

@@ -25,7 +25,7 @@ from .machine import describe_machine, loadavg
 from .modes import FLANNELD_PY_MODES, open_testbed
 from .progress import Progress
 from .report import add_ratios, summarize_mode, write_outputs
-from .scale import ScaleSpec, measure_scale
+from .scale import FLANNEL_SCALE_MODES, ScaleSpec, measure_scale, scale_ratios
 
 __all__ = ["BenchOptions", "rotate", "run_bench"]
 
@@ -99,7 +99,10 @@ class _Run:
         self.progress = Progress(total)
 
     def scale_modes(self) -> list[str]:
-        return [m for m in self.options.modes if m in FLANNELD_PY_MODES] or ["udp"]
+        """flanneld-py's modes of the run, and with ``--flanneld`` flannel's for its kernel backends."""
+        ours = [m for m in self.options.modes if m in FLANNELD_PY_MODES] or ["udp"]
+        theirs = [m for m in FLANNEL_SCALE_MODES if m.removeprefix("flannel-") in ours] if self.options.flanneld else []
+        return ours + theirs
 
     def tag(self) -> str:
         tag = unique_tag()
@@ -163,13 +166,14 @@ class _Run:
             target = self.progress.done + STEPS_SCALE
             try:
                 spec = ScaleSpec(peers, self.plan.scale_events, self.plan.seconds, repeats)
-                entry = measure_scale(mode, spec, self.tag(), self.progress.step)
+                entry = measure_scale(mode, spec, self.tag(), self.progress.step, self.options.flanneld)
                 for error in entry["errors"]:
                     self.record(f"scale {mode}", error)
             except Exception as exc:  # noqa: BLE001
                 entry = {"status": "failed", "errors": [self.fail(f"scale {mode}", exc)]}
             self.progress.done = target
             result["modes"][mode] = entry
+        result["ratios"] = scale_ratios(result["modes"])
         statuses = {entry["status"] for entry in result["modes"].values()}
         result["status"] = "failed" if "failed" in statuses else "partial" if "partial" in statuses else "ok"
         return result

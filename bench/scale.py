@@ -1,21 +1,25 @@
-"""``--peers N``: how flanneld-py copes with a big cluster.
+"""``--peers N``: how the daemons cope with a big cluster, flanneld-py's modes beside flannel's.
 
-For each selected flanneld-py mode, a two-node lab whose etcd already holds N
-peer leases (subnets from the top of the range, PublicIPs on the underlay
-that need not exist, a unique VTEP MAC each for vxlan; the subnet length is
-made long enough for N + the events) before the daemons start. Measured:
+For each mode (flanneld-py's vxlan, host-gw and udp; with ``--flanneld``
+also flannel's own daemon as ``flannel-vxlan`` and ``flannel-host-gw``), a
+two-node lab whose etcd already holds N peer leases in flannel's own records
+(subnets from the top of the range, PublicIPs on the underlay that need not
+exist, a unique VTEP MAC each for vxlan). Measured, on node 0 unless said:
 
-* start-up to ready: daemon launched -> subnet file written and CNI socket up
-  (the lab's readiness), and -> all N + 1 peers in the datapath (kernel routes
-  for vxlan/host-gw; for udp the daemon's ``peer added`` lines, as its peers
-  live in its own table). The slower of the two nodes.
-* lease event to route: K more leases written one at a time; from the put
-  being sent to the route being in place (see :mod:`bench.scale_agent`), p50/p99.
-* TCP single-stream pod to pod with all N peers present, then again after the
-  fake leases are deleted (in transactions of 100) and both daemons are back
-  to one peer each; the time that took is kept too. If they are not back
-  within 60 s + 0.3 s per peer, the 2-node figure is missing and the error
-  says how many peers were still there (status "partial").
+* start-up: node 0's daemon launched alone -> subnet file written (ready),
+  and -> all N peers in its kernel (routes, and for vxlan also the neighbour
+  and FDB entries: :func:`bench.scale_agent.count_peer_entries`, the same
+  count for both daemons). For udp, whose peers live in the daemon's own
+  table, its ``peer added`` lines. Then node 1 starts and both reach N + 1.
+* CPU per drift pass: node 0's daemon CPU over an idle 10 s, per 5 s (the
+  reconcile interval: one full pass each).
+* lease event to traffic: K more leases written one at a time; from the put
+  being sent to the first probe packet to the new subnet leaving node 0 for
+  that peer (:mod:`bench.scale_agent`: one outside observer for every mode),
+  p50/p99; then again while 100 other leases change every second.
+* TCP single-stream pod to pod with all peers present; all leases deleted at
+  once -> every peer entry gone (bulk delete); TCP again with 2 nodes; all N
+  leases written again at once -> all in place (bulk add).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import math
 import os
 import re
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -33,16 +38,34 @@ from pathlib import Path
 from typing import Any
 
 from flanneld_py.lab.cluster import ETCD_HOST, PREFIX, Cluster, Node
-from flanneld_py.lab.netns import run
 
 from .measure import Endpoint, MeasureError, parse_iperf3_tcp, run_iperf3
-from .modes import ModeError, wait_reachable
-from .stats import median, percentile
+from .modes import (
+    REFERENCE_CNI,
+    ModeError,
+    flannel_argv_builder,
+    reference_pod_config,
+    wait_reachable,
+)
+from .stats import median, percentile, ratio
 
-__all__ = ["ScaleSpec", "fake_leases", "measure_scale", "peer_subnets_from_log", "scale_subnet_len"]
+__all__ = [
+    "FLANNEL_SCALE_MODES",
+    "ScaleSpec",
+    "cpu_seconds",
+    "fake_leases",
+    "measure_scale",
+    "peer_subnets_from_log",
+    "scale_ratios",
+    "scale_subnet_len",
+]
 
 NETWORK = IPv4Network("10.244.0.0/16")
 REPO = Path(__file__).resolve().parents[1]
+FLANNEL_SCALE_MODES = ("flannel-vxlan", "flannel-host-gw")
+CHURN_LEASES = 100  # leases rewritten every second during the churn events
+IDLE_SECONDS = 10.0  # two reconcile intervals
+RECONCILE_INTERVAL = 5.0
 _ADDED = re.compile(r"peer added: (\S+)")
 _REMOVED = re.compile(r"peer removed: (\S+)")
 
@@ -53,11 +76,11 @@ def scale_subnet_len(count: int, network: IPv4Network = NETWORK) -> int:
     flannel hands out every subnet but the first and the last.
 
     Raises:
-        ValueError: not even /28 subnets would do.
+        ValueError: not even /30 subnets would do.
     """
     length = max(24, network.prefixlen + math.ceil(math.log2(count + 2)))
-    if length > 28:
-        raise ValueError(f"{network} cannot hold {count} subnets of /28 or larger")
+    if length > 30:
+        raise ValueError(f"{network} cannot hold {count} subnets of /30 or larger")
     return length
 
 
@@ -99,132 +122,250 @@ def peer_subnets_from_log(text: str) -> set[str]:
     return peers
 
 
-def _peer_count(mode: str, node: Node, subnet_len: int, own: str | None) -> int:
-    if mode == "udp":
-        return len(peer_subnets_from_log(node.log_text()))
-    routes = json.loads(node.netns.ip("-j", "route", "show").stdout or "[]")
-    count = 0
-    for route in routes:
-        dst = route.get("dst", "")
-        if "/" in dst and dst.endswith(f"/{subnet_len}") and dst != own and IPv4Network(dst).subnet_of(NETWORK):
-            count += 1
-    return count
+def cpu_seconds(stat: str) -> float:
+    """User + system CPU seconds from the text of ``/proc/PID/stat``."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _own_subnet(node: Node) -> str | None:
-    try:
-        return str(node.subnet_env().subnet)
-    except (FileNotFoundError, ValueError):
-        return None
+@dataclass(frozen=True, slots=True)
+class ScaleSpec:
+    peers: int  # fake peer leases in etcd before the daemons start
+    events: int  # lease events timed one by one (twice: quiet, then under churn)
+    seconds: float  # per iperf3 test
+    repeats: int  # iperf3 tests per peer count
 
 
-def _agent(cluster: Cluster, command: str, payload: object, *extra: str, timeout: float = 120) -> str:
-    path = Path(cluster.workdir) / f"scale-{command}.json"
-    path.write_text(json.dumps(payload))
-    node = cluster.nodes[0]
-    argv = node.netns.argv(sys.executable, "-m", "bench.scale_agent", f"{ETCD_HOST}:2379", PREFIX, command,
-                           str(path), *extra)
-    return run(argv, timeout=timeout, cwd=str(REPO)).stdout
+class _Lab:
+    """One mode's two-node lab and the agent that counts, writes and observes inside node 0."""
 
+    def __init__(self, mode: str, cluster: Cluster, subnet_len: int) -> None:
+        self.mode = mode
+        self.backend = mode.removeprefix("flannel-")
+        self.cluster = cluster
+        self.subnet_len = subnet_len
+        self.notes: list[str] = []
 
-def _wait_peers(mode: str, cluster: Cluster, subnet_len: int, want: int, timeout: float,
-                started: float | None = None) -> dict[str, dict[str, float]]:
-    """Poll every node until it holds ``want`` peers; per node: seconds to ready and to ``want`` peers."""
-    times: dict[str, dict[str, float]] = {node.name: {} for node in cluster.nodes}
-    origin = started if started is not None else time.monotonic()
-    deadline = origin + timeout
-    while time.monotonic() < deadline:
-        for node in cluster.nodes:
-            got = times[node.name]
-            if node.daemon is not None and node.daemon.poll() is not None:
-                raise ModeError(f"flanneld-py on {node.name} exited {node.daemon.returncode}: {node.log_text()[-2000:]}")
-            now = time.monotonic() - origin
-            if "ready" not in got and os.path.exists(node.subnet_file) and os.path.exists(node.cni_socket):
-                got["ready"] = now
-            if "converged" not in got and _peer_count(mode, node, subnet_len, _own_subnet(node)) == want:
-                got["converged"] = now
-        if all("converged" in t and ("ready" in t or started is None) for t in times.values()):
-            return times
-        time.sleep(0.05)
-    counts = {n.name: _peer_count(mode, n, subnet_len, _own_subnet(n)) for n in cluster.nodes}
-    raise ModeError(f"{mode}: peers did not reach {want} within {timeout:g}s (have {counts})")
+    def _argv(self, node: Node, command: str, payload: object, extra: Sequence[str]) -> list[str]:
+        path = Path(self.cluster.workdir) / f"scale-{node.name}-{command}-{time.monotonic_ns()}.json"
+        path.write_text(json.dumps(payload))
+        return node.netns.argv(sys.executable, "-m", "bench.scale_agent", f"{ETCD_HOST}:2379", PREFIX, command,
+                               str(path), *extra)
+
+    def agent(self, command: str, payload: object = (), *extra: str, node: Node | None = None,
+              timeout: float = 120) -> dict[str, Any]:
+        argv = self._argv(node or self.cluster.nodes[0], command, payload, extra)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=str(REPO), check=False)
+        if proc.returncode != 0:
+            raise ModeError(f"scale agent {command}: {proc.stderr.strip()[-1000:]}{self._dead_daemons()}")
+        return json.loads(proc.stdout)  # type: ignore[no-any-return]
+
+    def _dead_daemons(self) -> str:
+        dead = [n for n in self.cluster.nodes if n.daemon is not None and n.daemon.poll() is not None]
+        return "".join(f"; the daemon on {n.name} exited {n.daemon.returncode}: {n.log_text()[-1500:]}"
+                       for n in dead if n.daemon is not None)
+
+    def start_counting(self, node: Node, want: int, timeout: float) -> subprocess.Popen[str]:
+        """The agent waiting for ``want`` peers on ``node``, already running when this returns."""
+        argv = self._argv(node, "count", [], ("--kind", self.backend, "--subnet-len", str(self.subnet_len),
+                                              "--want", str(want), "--timeout", str(timeout)))
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO))
+        assert proc.stdout is not None
+        if not proc.stdout.readline():  # it is counting before the clock starts
+            raise ModeError(f"scale agent count did not start: {proc.communicate()[1].strip()[-1000:]}")
+        return proc
+
+    def counted(self, proc: subprocess.Popen[str], timeout: float, watch: Node | None = None) -> float:
+        """Wall-clock time the counting agent saw its peers (restarts ``watch``'s flanneld once if it dies early)."""
+        deadline = time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            if watch is not None and watch.daemon is not None and watch.daemon.poll() is not None:
+                self._restart_once(watch)
+            elif watch is None and (dead := self._dead_daemons()):
+                proc.kill()
+                proc.communicate()
+                raise ModeError(f"{self.mode}: while waiting for the kernel{dead}")
+            time.sleep(0.05)
+        if proc.poll() is None:
+            proc.kill()
+        assert proc.stdout is not None and proc.stderr is not None
+        # read through the same text buffers start_counting read its first line from
+        out, err = proc.stdout.read(), proc.stderr.read()
+        if proc.wait() != 0:
+            raise ModeError(f"{self.mode}: {err.strip()[-1000:] or 'the count did not finish in time'}")
+        return float(json.loads(out.strip().splitlines()[-1])["at"])
+
+    def _restart_once(self, node: Node) -> None:
+        """flanneld v0.20.2 sometimes panics in its etcd watch at start-up: one restart, noted."""
+        assert node.daemon is not None
+        if not self.mode.startswith("flannel-") or self.notes:
+            raise ModeError(f"the daemon on {node.name} exited {node.daemon.returncode}: {node.log_text()[-2000:]}")
+        self.notes.append(f"flanneld on {node.name} exited {node.daemon.returncode} at start-up; restarted once")
+        self.cluster.start_daemon(node, wait=False)
+
+    def wait_udp_peers(self, nodes: Sequence[Node], want: int, timeout: float) -> float:
+        """For udp: the wall-clock time every node's log showed ``want`` peers."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(len(peer_subnets_from_log(n.log_text())) == want for n in nodes):
+                return time.time()
+            time.sleep(0.02)
+        counts = {n.name: len(peer_subnets_from_log(n.log_text())) for n in nodes}
+        raise ModeError(f"udp: peers did not reach {want} within {timeout:g}s (have {counts})")
+
+    def wait_peers(self, want: int, timeout: float, nodes: Sequence[Node] | None = None) -> float:
+        """Wall-clock time ``nodes`` (default: both) all held ``want`` peers."""
+        nodes = list(nodes or self.cluster.nodes)
+        if self.backend == "udp":
+            return self.wait_udp_peers(nodes, want, timeout)
+        counters = [(self.start_counting(node, want, timeout), node) for node in nodes]
+        return max(self.counted(proc, timeout + 5) for proc, _ in counters)
+
+    def add_pods(self) -> tuple[Endpoint, Endpoint]:
+        pods = []
+        for node in self.cluster.nodes:
+            if self.mode.startswith("flannel-"):
+                pods.append(self.cluster.add_pod(node, config=reference_pod_config(self.cluster, node),
+                                                 plugin_argv=[os.path.join(REFERENCE_CNI, "bridge")]))
+            else:
+                pods.append(self.cluster.add_pod(node))
+        src, dst = (Endpoint(pod.netns, str(pod.ip.ip)) for pod in pods)
+        wait_reachable(src, dst)
+        return src, dst
+
+    def idle_cpu_per_pass_ms(self) -> float:
+        """node 0's daemon CPU per reconcile interval while nothing changes (after one interval to settle)."""
+        daemon = self.cluster.nodes[0].daemon
+        assert daemon is not None
+        stat = f"/proc/{daemon.pid}/stat"
+        time.sleep(RECONCILE_INTERVAL + 1)  # the first pass after the last change still has work to do
+        before = cpu_seconds(Path(stat).read_text())
+        time.sleep(IDLE_SECONDS)
+        used = cpu_seconds(Path(stat).read_text()) - before
+        return used * 1000 / (IDLE_SECONDS / RECONCILE_INTERVAL)
 
 
 def _tcp(src: Endpoint, dst: Endpoint, seconds: float, repeats: int) -> list[float]:
     return [parse_iperf3_tcp(run_iperf3(src, dst, [], seconds)).gbps for _ in range(repeats)]
 
 
-@dataclass(frozen=True, slots=True)
-class ScaleSpec:
-    peers: int  # fake peer leases in etcd before the daemons start
-    events: int  # lease events timed one by one
-    seconds: float  # per iperf3 test
-    repeats: int  # iperf3 tests per peer count
+def _cluster(mode: str, config: dict[str, Any], tag: str, flanneld: str | None) -> Cluster:
+    if not mode.startswith("flannel-"):
+        return Cluster(nodes=2, config=config, tag=tag)
+    if not flanneld:
+        raise ModeError(f"mode {mode} needs --flanneld PATH")
+    return Cluster(nodes=2, config=config, tag=tag, daemon_argv_builder=flannel_argv_builder(flanneld),
+                   wait_for_cni_socket=False)
 
 
-def measure_scale(mode: str, spec: ScaleSpec, tag: str, step: Callable[[str], None]) -> dict[str, Any]:
+def measure_scale(mode: str, spec: ScaleSpec, tag: str, step: Callable[[str], None],
+                  flanneld: str | None = None) -> dict[str, Any]:
     """One mode's scale figures (keys of :data:`bench.figures.SCALE_FIGURES`) and raw values.
 
     Raises:
         ModeError: the lab, a daemon or a measurement failed.
     """
-    peers, events, seconds, repeats = spec.peers, spec.events, spec.seconds, spec.repeats
-    subnet_len = scale_subnet_len(peers + events + 8)
-    config = {"Network": str(NETWORK), "SubnetLen": subnet_len, "Backend": {"Type": mode}}
-    step(f"scale {mode}: etcd with {peers} peer leases")
-    with Cluster(nodes=2, config=config, tag=tag) as cluster:
-        fakes = fake_leases(mode, subnet_len, peers)
-        _agent(cluster, "fill", fakes)
-        step(f"scale {mode}: daemons start with {peers} peers")
-        started = time.monotonic()
-        for node in cluster.nodes:
-            cluster.start_daemon(node, wait=False)
-        startup = _wait_peers(mode, cluster, subnet_len, peers + 1, timeout=120 + peers * 0.1, started=started)
-        step(f"scale {mode}: {events} lease events")
+    peers, events = spec.peers, spec.events
+    backend = mode.removeprefix("flannel-")
+    subnet_len = scale_subnet_len(peers + 2 * events + 8)
+    config = {"Network": str(NETWORK), "SubnetLen": subnet_len, "Backend": {"Type": backend}}
+    step(f"scale {mode}: etcd with {peers} peer leases, node 0 starts")
+    limit = 120 + peers * 0.1
+    raw: dict[str, Any] = {}
+    figures: dict[str, float] = {}
+    errors: list[str] = []
+    with _cluster(mode, config, tag, flanneld) as cluster:
+        lab = _Lab(mode, cluster, subnet_len)
+        fakes = fake_leases(backend, subnet_len, peers)
+        lab.agent("fill", fakes)
+        first, second = cluster.nodes
+        counter = lab.start_counting(first, peers, limit) if backend != "udp" else None
+        launched = time.time()
+        cluster.start_daemon(first, wait=False)
+        cluster.wait_ready(first, timeout=limit)
+        figures["startup_ready_s"] = time.time() - launched
+        if counter is not None:
+            converged = lab.counted(counter, limit + 5, watch=first)
+        else:
+            converged = lab.wait_udp_peers([first], peers, limit)
+        figures["startup_converged_s"] = converged - launched
+        step(f"scale {mode}: node 1 starts, idle CPU")
+        cluster.start_daemon(second, wait=False)
+        lab.wait_peers(peers + 1, limit)
+        figures["idle_cpu_ms_per_pass"] = lab.idle_cpu_per_pass_ms()
+
+        step(f"scale {mode}: {events} lease events, then {events} under churn")
         real = [name.replace("-", "/") for name in cluster.leases()]
-        event_leases = fake_leases(mode, subnet_len, events, skip=real + [f.replace("-", "/") for f, _ in fakes],
-                                   first_index=peers)
-        observe = f"log:{cluster.nodes[0].log_path}" if mode == "udp" else "routes"
-        out = _agent(cluster, "events", event_leases, "--observe", observe, timeout=60 + events * 25)
-        latencies = json.loads(out)["latencies_ms"]
-        step(f"scale {mode}: TCP with {peers + events} peers")
-        pods = [cluster.add_pod(node) for node in cluster.nodes]
-        src, dst = (Endpoint(pod.netns, str(pod.ip.ip)) for pod in pods)
-        wait_reachable(src, dst)
-        many = _tcp(src, dst, seconds, repeats)
-        step(f"scale {mode}: leases deleted, TCP with 2 nodes")
-        cleared = time.monotonic()
-        _agent(cluster, "clear", [name for name, _ in fakes + event_leases])
-        few: list[float] = []
-        removal: float | None = None
-        errors: list[str] = []
+        taken = real + [f.replace("-", "/") for f, _ in fakes]
+        quiet = fake_leases(backend, subnet_len, 2 * events, skip=taken, first_index=peers)
+        quiet, busy = quiet[:events], quiet[events:]
+        extra = ("--timeout", "20")
+        churn_path = Path(cluster.workdir) / "scale-churn.json"
+        churn_path.write_text(json.dumps(fakes[:CHURN_LEASES]))
+        for key, leases, churn in (("event", quiet, ()), ("churn", busy, ("--churn", str(churn_path)))):
+            out = lab.agent("events", leases, *extra, *churn, timeout=60 + events * 25)
+            raw[f"{key}_latencies_ms"] = out["latencies_ms"]
+            errors += [f"lease event lost: {why}" for why in out["lost"]]
+        lab.agent("fill", fakes[:CHURN_LEASES])  # the churned leases as they were
+        everyone = fakes + quiet + busy
+
+        step(f"scale {mode}: TCP with {len(everyone)} peers")
+        src, dst = lab.add_pods()
+        raw["tcp_1_gbps_n_peers"] = _tcp(src, dst, spec.seconds, spec.repeats)
+
+        step(f"scale {mode}: all leases deleted, TCP with 2 nodes, {peers} added at once")
         try:
-            _wait_peers(mode, cluster, subnet_len, 1, timeout=60 + peers * 0.3)
-            removal = time.monotonic() - cleared
-            few = _tcp(src, dst, seconds, repeats)
+            gone = 30 + peers * 0.01
+            counters = [lab.start_counting(n, 1, gone) for n in cluster.nodes] if backend != "udp" else []
+            cleared = lab.agent("clear", everyone)["started"]
+            done = (max(lab.counted(c, gone + 5) for c in counters) if counters
+                    else lab.wait_udp_peers(cluster.nodes, 1, gone))
+            figures["bulk_delete_s"] = done - cleared
+            raw["tcp_1_gbps_2_peers"] = _tcp(src, dst, spec.seconds, spec.repeats)
+            counters = [lab.start_counting(first, peers + 1, limit)] if backend != "udp" else []
+            added = lab.agent("fill", fakes)["started"]
+            done = lab.counted(counters[0], limit + 5) if counters else lab.wait_udp_peers([first], peers + 1, limit)
+            figures["bulk_add_s"] = done - added
         except ModeError as exc:
-            errors.append(f"after deleting the {peers + events} leases: {exc}")
+            errors.append(f"after deleting the {len(everyone)} leases: {exc}")
+        notes = lab.notes
     try:
-        figures = {
-            "startup_ready_s": max(t["ready"] for t in startup.values()),
-            "startup_converged_s": max(t["converged"] for t in startup.values()),
-            "event_p50_ms": percentile(latencies, 50),
-            "event_p99_ms": percentile(latencies, 99),
-            "tcp_1_gbps_n_peers": median(many),
+        figures |= {
+            "event_p50_ms": percentile(raw["event_latencies_ms"], 50),
+            "event_p99_ms": percentile(raw["event_latencies_ms"], 99),
+            "churn_p50_ms": percentile(raw["churn_latencies_ms"], 50),
+            "churn_p99_ms": percentile(raw["churn_latencies_ms"], 99),
+            "tcp_1_gbps_n_peers": median(raw["tcp_1_gbps_n_peers"]),
         }
+        if raw.get("tcp_1_gbps_2_peers"):
+            figures["tcp_1_gbps_2_peers"] = median(raw["tcp_1_gbps_2_peers"])
     except (KeyError, ValueError) as exc:
         raise MeasureError(f"scale {mode}: incomplete measurement ({exc})") from None
-    if removal is not None:
-        figures["bulk_delete_s"] = removal
-    if few:
-        figures["tcp_1_gbps_2_peers"] = median(few)
     return {
         "status": "partial" if errors else "ok",
         "errors": errors,
+        "notes": notes,
         "peers": peers,
         "events": events,
         "subnet_len": subnet_len,
         "figures": figures,
-        "raw": {"startup_s": startup, "event_latencies_ms": latencies, "tcp_1_gbps_n_peers": many,
-                "tcp_1_gbps_2_peers": few, "bulk_delete_s": removal},
+        "raw": raw,
     }
+
+
+RATIO_FIGURES = ("startup_converged_s", "event_p50_ms", "event_p99_ms", "churn_p50_ms", "churn_p99_ms",
+                 "bulk_delete_s", "bulk_add_s", "idle_cpu_ms_per_pass")
+
+
+def scale_ratios(modes: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """Per kernel backend run beside flannel's: each figure ours / flannel's (below 1: ours is faster)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for theirs in FLANNEL_SCALE_MODES:
+        ours = theirs.removeprefix("flannel-")
+        if ours not in modes or theirs not in modes:
+            continue
+        mine, ref = modes[ours].get("figures", {}), modes[theirs].get("figures", {})
+        ratios = {k: ratio(mine[k], ref[k]) for k in RATIO_FIGURES if k in mine and k in ref}
+        if ratios:
+            out[ours] = ratios
+    return out

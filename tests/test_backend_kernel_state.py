@@ -12,12 +12,14 @@ import pytest
 
 from flanneld_py.backend.base import BackendContext
 from flanneld_py.backend.hostgw import HostGwBackend
+from flanneld_py.backend.kernel import Failure
 from flanneld_py.backend.kernel_state import (
     AddrSpec,
     Entry,
     FdbSpec,
     HostGwLocal,
     NeighSpec,
+    Plan,
     Scope,
     VxlanLocal,
     Wanted,
@@ -31,7 +33,9 @@ from flanneld_py.backend.kernel_state import (
     vxlan_own_entries,
     vxlan_peer_entries,
 )
-from flanneld_py.backend.routed import ReconcileLoop, Reconciler
+from flanneld_py.backend.reconcile_loop import ReconcileLoop
+from flanneld_py.backend.reconciler import PassResult, Reconciler
+from flanneld_py.backend.vxlan import VxlanBackend
 from flanneld_py.core.lease import Lease, LeaseAdded, LeaseAttrs, LeaseRemoved
 from flanneld_py.core.netconfig import parse_network_config
 from flanneld_py.netlink import InterfaceInfo, NetlinkError, RouteSpec
@@ -237,7 +241,19 @@ class FakeKernel:
 
     def remove(self, entry: Entry) -> None:
         self.calls.append(("remove", entry))
+        if entry in self.fail:
+            raise NetlinkError(self.fail[entry])
         self.entries.discard(entry)
+
+    def change(self, changes: Plan) -> list[Failure]:
+        failed: list[Failure] = []
+        for action, entries in ((self.remove, changes.remove), (self.add, changes.add)):
+            for entry in entries:
+                try:
+                    action(entry)
+                except NetlinkError as exc:
+                    failed.append((entry, str(exc)))
+        return failed
 
 
 def test_reconciler_converges_and_then_does_nothing() -> None:
@@ -383,3 +399,136 @@ def test_routed_backend_stop_removes_routes_only_with_cleanup(cleanup: bool) -> 
     asyncio.run(scenario())
     expected = {foreign} if cleanup else {foreign, route_to("10.244.2.0/24", "198.51.100.2")}
     assert kernel.entries == expected
+
+
+def test_reconcile_loop_retries_a_refused_entry_soon_not_at_the_next_timed_pass() -> None:
+    wanted = udp_own_entries(NETWORK, IPv4Network("10.244.5.0/24"), 11)
+    route = RouteSpec(NETWORK, 11)
+    kernel = FakeKernel(set(wanted.entries) - {route})
+    kernel.fail[route] = errno.ENOBUFS
+
+    async def scenario() -> bool:
+        loop = ReconcileLoop(Reconciler(kernel, lambda: wanted), "udp", interval=3600)
+        loop.start()
+        await loop.apply_plan(lambda: Plan((), (route,)), "peers")
+        assert route not in kernel.entries
+        del kernel.fail[route]  # the kernel takes it now
+        for _ in range(500):
+            if route in kernel.entries:
+                break
+            await asyncio.sleep(0.01)
+        await loop.stop()
+        return route in kernel.entries
+
+    assert asyncio.run(scenario())
+
+
+def vx_backend(kernel: FakeKernel) -> VxlanBackend:
+    config = parse_network_config('{"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}}')
+    iface = InterfaceInfo("eth0", ETH0, IPv4Address("198.51.100.1"), 24, 1500)
+    ctx = BackendContext(config, iface, IPv4Address("198.51.100.1"), netlink=None)  # type: ignore[arg-type]
+    backend = VxlanBackend(ctx, kernel=kernel, interval=3600)
+    backend.vtep_mac = "aa:bb:cc:dd:ee:01"
+    backend._setup = lambda own_subnet: backend._set_device(FLANNEL1)  # type: ignore[method-assign]
+    backend._ensure = lambda: None  # type: ignore[method-assign]
+    return backend
+
+
+def test_a_lease_event_changes_only_its_own_entries_and_shared_ones_stay() -> None:
+    kernel = FakeKernel()
+    backend = vx_backend(kernel)
+    many = [vx_lease(f"10.244.{i}.0/24", f"198.51.100.{i}", f"aa:bb:cc:00:00:{i:02x}") for i in range(10, 60)]
+    twin_a = vx_lease("10.244.100.0/24", "198.51.100.99", MAC)  # one node, two leases: one FDB entry
+    twin_b = vx_lease("10.244.101.0/24", "198.51.100.99", MAC)
+
+    async def scenario() -> None:
+        await backend.start(IPv4Network("10.244.1.0/24"))
+        await backend.apply([LeaseAdded(lease) for lease in many])
+        kernel.calls.clear()
+        await backend.apply([LeaseAdded(twin_a), LeaseAdded(twin_b)])
+        assert len(kernel.calls) == 5 and all(kind == "add" for kind, _ in kernel.calls)  # 1 FDB, 2 neigh, 2 routes
+        kernel.calls.clear()
+        await backend.apply([LeaseRemoved(twin_a)])
+        assert {type(e) for _, e in kernel.calls} == {NeighSpec, RouteSpec}  # the FDB entry is still wanted
+        assert FdbSpec(FLANNEL1, MAC, IPv4Address("198.51.100.99")) in kernel.entries
+        kernel.calls.clear()
+        await backend.apply([LeaseRemoved(twin_b)])
+        assert FdbSpec(FLANNEL1, MAC, IPv4Address("198.51.100.99")) not in kernel.entries
+        assert len(kernel.calls) == 3
+        assert kernel.entries == backend._wanted().entries
+        await backend.stop(cleanup=False)
+
+    asyncio.run(scenario())
+
+
+def test_a_quiet_full_pass_lists_the_kernel_but_plans_and_changes_nothing() -> None:
+    wanted = Wanted(VX_SCOPE, peer_set(vx_lease()))
+    kernel = FakeKernel()
+    reconciler = Reconciler(kernel, lambda: wanted)
+    reconciler.run_pass()
+    reconciler.run_pass()  # converged: the next pass may skip planning
+    kernel.calls.clear()
+    assert reconciler.run_pass() == PassResult()
+    assert kernel.calls == []
+    kernel.entries.discard(next(iter(wanted.entries)))  # drift after a skipped pass is still seen
+    assert len(reconciler.run_pass().added) == 1
+    assert kernel.entries == wanted.entries
+
+
+def test_a_listing_of_many_peers_logs_one_line_and_each_peer_only_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    kernel = FakeKernel()
+    backend = hostgw_backend(kernel)
+    many = [lease(f"10.244.{i}.0/24", f"198.51.100.{i}", "host-gw") for i in range(10, 70)]
+
+    async def scenario() -> None:
+        await backend.start(IPv4Network("10.244.1.0/24"))
+        await backend.apply([LeaseAdded(one) for one in many])
+        await backend.stop(cleanup=False)
+
+    with caplog.at_level(logging.INFO, logger="flanneld_py.backend.routed"):
+        asyncio.run(scenario())
+    assert "peers: 60 added (60 in all; each peer's line at -v)" in caplog.text
+    assert "peer added" not in caplog.text
+    assert len(kernel.entries) == 60
+
+
+def test_a_delta_that_lands_while_a_full_pass_lists_is_not_undone_by_it() -> None:
+    a, b = route_to("10.244.2.0/24", "198.51.100.2"), route_to("10.244.3.0/24", "198.51.100.3")
+    scope = Scope(NETWORK, frozenset({ETH0}))
+    wanted = {"now": Wanted(scope, frozenset({a}))}
+    kernel = FakeKernel({a})
+    reconciler = Reconciler(kernel, lambda: wanted["now"])
+    listing = kernel.dump
+
+    def lease_event() -> Plan:
+        wanted["now"] = Wanted(scope, frozenset({a, b}))
+        return Plan((), (b,))
+
+    def dump_while_an_event_lands(scope: Scope) -> list[Entry]:
+        reconciler.apply_plan(lease_event)  # after the pass took its wanted state, before it lists
+        return listing(scope)
+
+    kernel.dump = dump_while_an_event_lands  # type: ignore[method-assign]
+    result = reconciler.run_pass()
+    assert result == PassResult()  # b looked like a stray to this pass; the event's change stands
+    assert kernel.entries == {a, b}
+    kernel.dump = listing  # type: ignore[method-assign]
+    assert reconciler.run_pass() == PassResult()
+    assert kernel.entries == {a, b}
+
+
+def test_a_batch_that_adds_and_removes_one_subnet_leaves_nothing_of_it() -> None:
+    kernel = FakeKernel()
+    backend = hostgw_backend(kernel)
+    gone = lease("10.244.2.0/24", "198.51.100.2", "host-gw")
+    stays = lease("10.244.3.0/24", "198.51.100.3", "host-gw")
+
+    async def scenario() -> None:
+        await backend.start(IPv4Network("10.244.1.0/24"))
+        await backend.apply([LeaseAdded(stays)])
+        await backend.apply([LeaseAdded(gone), LeaseRemoved(gone)])
+        assert kernel.entries == {route_to("10.244.3.0/24", "198.51.100.3")}
+        assert kernel.entries == backend._wanted().entries
+        await backend.stop(cleanup=False)
+
+    asyncio.run(scenario())

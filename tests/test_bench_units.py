@@ -6,7 +6,8 @@ import argparse
 import io
 import json
 import os
-from ipaddress import IPv4Network
+import struct
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 import pytest
@@ -35,8 +36,14 @@ from bench.measure import (
 from bench.progress import Progress
 from bench.report import add_ratios, render_report, summarize_mode, write_outputs
 from bench.runner import rotate
-from bench.scale import fake_leases, peer_subnets_from_log, scale_subnet_len
-from bench.scale_agent import log_peer_added_times
+from bench.scale import (
+    cpu_seconds,
+    fake_leases,
+    peer_subnets_from_log,
+    scale_ratios,
+    scale_subnet_len,
+)
+from bench.scale_agent import carries_probe
 from bench.stats import median, percentile, ratio
 
 # --- stats ----------------------------------------------------------------------------------
@@ -296,6 +303,17 @@ def test_render_report_shows_every_mode_and_failures() -> None:
     assert "Test CPU, 2 CPUs" in text
 
 
+def test_render_report_puts_flannels_scale_modes_beside_ours_with_ratios() -> None:
+    results = _results({"udp": summarize_mode([figures_from_round(_raw_round(2.0))], [], 1)})
+    modes = {"vxlan": {"status": "ok", "figures": {"startup_converged_s": 1.0, "event_p50_ms": 5.0}},
+             "flannel-vxlan": {"status": "partial", "figures": {"startup_converged_s": 2.0, "event_p50_ms": 5.0}}}
+    results["scale"] = {"status": "partial", "peers": 1000, "modes": modes, "ratios": scale_ratios(modes)}
+    text = render_report(results)
+    assert "## Scale: 1000 peer leases" in text
+    assert "| flannel-vxlan (partial) | — | 2.00 |" in text
+    assert "vxlan over flannel-vxlan: start-up to all peers in place 0.50×, lease event to traffic, p50 1.00×." in text
+
+
 def test_write_outputs_makes_every_file(tmp_path: Any) -> None:
     pytest.importorskip("matplotlib")
     modes = {"udp": summarize_mode([figures_from_round(_raw_round(g)) for g in (1.0, 2.0)], [], 2),
@@ -396,10 +414,36 @@ def test_peer_subnets_from_log_replays_adds_and_removes() -> None:
     assert peer_subnets_from_log(LOG) == {"10.244.190.0/24"}
 
 
-def test_log_peer_added_times() -> None:
-    times = log_peer_added_times(LOG)
-    assert set(times) == {"10.244.190.0/24", "10.244.9.0/24"}
-    assert times["10.244.9.0/24"] - times["10.244.190.0/24"] == pytest.approx(0.710, abs=1e-6)
+def _frame(dst: str, payload: bytes = b"", proto: int = 1, dport: int = 0) -> bytes:
+    """An Ethernet frame with an IPv4 header to ``dst`` (and a UDP header when ``dport`` is given)."""
+    udp = struct.pack("!HHHH", dport, dport, 8 + len(payload), 0) if dport else b""
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp) + len(payload), 0, 0, 64, 17 if dport else proto, 0,
+                     IPv4Address("198.51.100.1").packed, IPv4Address(dst).packed)
+    return b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + ip + udp + payload
+
+
+def test_carries_probe_sees_the_probe_routed_in_udp_or_in_vxlan() -> None:
+    probe, peer = IPv4Address("10.244.9.5").packed, IPv4Address("198.51.100.20").packed
+    inner = _frame("10.244.9.5", proto=17)[14:]
+    assert carries_probe(_frame("10.244.9.5", proto=17), probe, peer)  # host-gw: as it is
+    assert carries_probe(_frame("198.51.100.20", inner, dport=8285), probe, peer)  # udp backend
+    vxlan = b"\x08\0\0\0\0\0\x01\0" + b"\x02" * 12 + b"\x08\x00" + inner
+    assert carries_probe(_frame("198.51.100.20", vxlan, dport=8472), probe, peer)
+    assert not carries_probe(_frame("198.51.100.21", vxlan, dport=8472), probe, peer)  # another peer
+    assert not carries_probe(_frame("198.51.100.20", inner, dport=2379), probe, peer)  # not a tunnel
+    other = _frame("10.244.9.6", proto=17)[14:]
+    assert not carries_probe(_frame("198.51.100.20", other, dport=8285), probe, peer)
+    assert not carries_probe(b"\x02" * 12 + b"\x86\xdd" + b"\0" * 40, probe, peer)  # IPv6
+
+
+def test_cpu_seconds_and_scale_ratios() -> None:
+    ticks = os.sysconf("SC_CLK_TCK")
+    stat = f"42 (flanneld (x)) S 1 42 42 0 -1 4194560 100 0 0 0 {3 * ticks} {ticks} 0 0 20 0 3 0 100"
+    assert cpu_seconds(stat) == 4.0
+    modes = {"vxlan": {"figures": {"startup_converged_s": 1.0, "event_p50_ms": 2.0}},
+             "flannel-vxlan": {"figures": {"startup_converged_s": 4.0, "event_p50_ms": 8.0, "bulk_add_s": 1.0}},
+             "host-gw": {"figures": {"startup_converged_s": 1.0}}}
+    assert scale_ratios(modes) == {"vxlan": {"startup_converged_s": 0.25, "event_p50_ms": 0.25}}
 
 
 def test_machine_parsers() -> None:

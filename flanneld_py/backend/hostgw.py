@@ -14,8 +14,10 @@ from ipaddress import IPv4Interface, IPv4Network
 
 from ..core.lease import Lease, LeaseAttrs
 from .base import BackendContext
+from .kernel import Kernel
 from .kernel_state import HostGwLocal, PeerEntries, Scope, hostgw_peer_entries
-from .routed import RECONCILE_INTERVAL, Kernel, RoutedBackend
+from .reconcile_loop import RECONCILE_INTERVAL
+from .routed import RoutedBackend
 
 __all__ = ["HostGwBackend"]
 

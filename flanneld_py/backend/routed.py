@@ -1,294 +1,36 @@
-"""Peer handling shared by the kernel backends (vxlan, host-gw), and the reconciler every backend uses.
+"""RoutedBackend: the peer handling both kernel backends (vxlan, host-gw) share.
 
 flannel's ``route_network.go`` in Python: a backend only says which kernel
 entries one peer lease wants (pure functions in :mod:`.kernel_state`); this
-module keeps the accepted peers, takes the union of their entries and
-converges the kernel on it. Convergence is a full diff (list what we own, add
-what is missing, remove what is no longer wanted), run after every batch of
-lease events and every :data:`RECONCILE_INTERVAL` seconds, so an entry
-deleted by hand is back within one interval.
-
-Layers, bottom up:
-
-- :class:`Kernel` (dump/add/remove) and :class:`NetlinkKernel`, its netlink
-  implementation; tests inject an in-memory kernel instead.
-- :class:`Reconciler`: one synchronous pass, run in a worker thread.
-- :class:`ReconcileLoop`: the asyncio side, passes on demand and on a timer,
-  and one log line per change it had to make.
-- :class:`RoutedBackend`: the :class:`~.base.Backend` both kernel backends are.
+module keeps the accepted peers and how many of them want each entry, and
+turns every batch of lease events into the change it makes: only the entries
+whose wanted-ness flipped go to :func:`~.kernel_state.plan`, and from there
+to the kernel in one batch. The :class:`~.reconcile_loop.ReconcileLoop`'s
+timed full pass (list the kernel, plan against the whole union) catches
+drift and retries whatever the kernel refused.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Hashable, Sequence
 from ipaddress import IPv4Network
-from typing import Protocol
 
 from ..core.lease import Lease, LeaseAdded, LeaseAttrs, LeaseEvent, LeaseRemoved
-from ..netlink import RTPROT_FLANNEL, Netlink, NetlinkError, RouteSpec
-from ..netlink import vxlan as nlvx
 from .base import BackendContext, PeerStats
-from .kernel_state import AddrSpec, Entry, FdbSpec, NeighSpec, PeerEntries, Plan, Scope, Wanted, describe, in_scope, plan
+from .kernel import Kernel, NetlinkKernel
+from .kernel_state import Entry, PeerEntries, Plan, Scope, Wanted, plan
+from .reconcile_loop import RECONCILE_INTERVAL, ReconcileLoop
+from .reconciler import Reconciler
 
-__all__ = [
-    "RECONCILE_INTERVAL",
-    "Kernel",
-    "NetlinkKernel",
-    "PassResult",
-    "ReconcileLoop",
-    "Reconciler",
-    "RoutedBackend",
-]
+__all__ = ["RoutedBackend"]
 
 log = logging.getLogger(__name__)
 
-RECONCILE_INTERVAL = 5.0
-
-
-# --- kernel access -------------------------------------------------------------------
-
-
-class Kernel(Protocol):
-    """The kernel as the reconciler sees it (synchronous)."""
-
-    def dump(self, scope: Scope) -> list[Entry]:
-        """Every entry the kernel holds that falls in ``scope``."""
-        ...
-
-    def add(self, entry: Entry) -> None:
-        """Add ``entry``, replacing one with the same identity."""
-        ...
-
-    def remove(self, entry: Entry) -> None:
-        """Remove ``entry``; no error if it is already gone."""
-        ...
-
-
-class NetlinkKernel:
-    """:class:`Kernel` over the shared netlink layer; call it from a worker thread."""
-
-    def __init__(self, netlink: Netlink) -> None:
-        self.netlink = netlink
-
-    def dump(self, scope: Scope) -> list[Entry]:
-        out: list[Entry] = [r for r in self.netlink.routes() if in_scope(scope, r)]
-        for index in sorted(scope.device_ifindexes):
-            out.extend(AddrSpec(index, a) for a in self.netlink.ipv4_addresses(index))
-            out.extend(NeighSpec(index, ip, mac) for ip, mac in nlvx.permanent_neighbours(self.netlink, index))
-            out.extend(FdbSpec(index, mac, dst) for mac, dst in nlvx.fdb_entries(self.netlink, index))
-        return out
-
-    def add(self, entry: Entry) -> None:
-        if isinstance(entry, RouteSpec):
-            self.netlink.replace_route(entry)
-        elif isinstance(entry, NeighSpec):
-            nlvx.replace_neigh(self.netlink, entry.ifindex, entry.ip, entry.mac)
-        elif isinstance(entry, FdbSpec):
-            nlvx.replace_fdb(self.netlink, entry.ifindex, entry.mac, entry.dst)
-        else:
-            self.netlink.ensure_address(entry.ifindex, entry.address, exclusive=False)
-
-    def remove(self, entry: Entry) -> None:
-        if isinstance(entry, RouteSpec):
-            self._remove_route(entry)
-        elif isinstance(entry, NeighSpec):
-            nlvx.delete_neigh(self.netlink, entry.ifindex, entry.ip)
-        elif isinstance(entry, FdbSpec):
-            nlvx.delete_fdb(self.netlink, entry.ifindex, entry.mac, entry.dst)
-        else:
-            self._remove_address(entry)
-
-    def _remove_route(self, route: RouteSpec) -> None:
-        """Delete exactly our route (protocol and device given), never another route to the same subnet."""
-        try:
-            self.netlink.call("route", "del", dst=str(route.dst.network_address), dst_len=route.dst.prefixlen,
-                              oif=route.ifindex, proto=RTPROT_FLANNEL)
-        except NetlinkError as exc:
-            if exc.code not in (errno.ESRCH, errno.ENOENT, errno.ENODEV):
-                raise
-
-    def _remove_address(self, entry: AddrSpec) -> None:
-        try:
-            self.netlink.call("addr", "del", index=entry.ifindex, address=str(entry.address.ip),
-                              prefixlen=entry.address.network.prefixlen)
-        except NetlinkError as exc:
-            if exc.code not in (errno.EADDRNOTAVAIL, errno.ENODEV):
-                raise
-
-
-# --- one pass ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class PassResult:
-    added: tuple[Entry, ...] = ()
-    removed: tuple[Entry, ...] = ()
-    failed: tuple[tuple[Entry, str], ...] = ()
-
-
-class Reconciler:
-    """One pass: ask what is wanted, list what the kernel holds, apply the difference.
-
-    ``wanted`` runs at the start of every pass, in the pass's thread, so a
-    backend may repair its device there (and report a new ifindex). Passes are
-    serialised by a lock; after :meth:`close` no pass changes anything, so a
-    pass still running when the daemon stops cannot undo the cleanup.
-    """
-
-    def __init__(self, kernel: Kernel, wanted: Callable[[], Wanted]) -> None:
-        self.kernel = kernel
-        self.wanted = wanted
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def run_pass(self, prune: bool = True) -> PassResult:
-        with self._lock:
-            if self._closed:
-                return PassResult()
-            return self._converge(self.wanted(), prune)
-
-    def apply_plan(self, changes: Plan) -> PassResult:
-        """Apply a precomputed change (a lease event's delta) without listing the kernel."""
-        with self._lock:
-            if self._closed:
-                return PassResult()
-            return self._apply(changes)
-
-    def close(self, scope: Scope | None = None) -> PassResult:
-        """Stop all further passes; with ``scope``, first remove every entry we own in it."""
-        with self._lock:
-            self._closed = True
-            if scope is None:
-                return PassResult()
-            return self._converge(Wanted(scope, frozenset()), prune=True)
-
-    def _converge(self, wanted: Wanted, prune: bool) -> PassResult:
-        return self._apply(plan(wanted, self.kernel.dump(wanted.scope), prune=prune))
-
-    def _apply(self, changes: Plan) -> PassResult:
-        added: list[Entry] = []
-        removed: list[Entry] = []
-        failed: list[tuple[Entry, str]] = []
-        for entry in changes.remove:
-            if self._try(self.kernel.remove, entry, failed):
-                removed.append(entry)
-        for entry in changes.add:
-            if self._try(self.kernel.add, entry, failed):
-                added.append(entry)
-        return PassResult(tuple(added), tuple(removed), tuple(failed))
-
-    @staticmethod
-    def _try(action: Callable[[Entry], None], entry: Entry, failed: list[tuple[Entry, str]]) -> bool:
-        """One failed entry (say, a peer route the kernel refuses) must not stop the others."""
-        try:
-            action(entry)
-        except (NetlinkError, OSError, LookupError) as exc:
-            failed.append((entry, str(exc)))
-            return False
-        return True
-
-
-# --- the asyncio side ------------------------------------------------------------------------
-
-
-class ReconcileLoop:
-    """Runs :class:`Reconciler` passes on demand (:meth:`sync`) and every ``interval`` seconds.
-
-    Changes made by a timed pass are drift (someone changed our state), and
-    each is logged as a repair. Pruning starts off when ``prune`` is False,
-    until :meth:`allow_pruning` or the first timed pass: right after a restart
-    we do not yet know the peers, and must not drop the entries that still
-    carry their traffic.
-    """
-
-    def __init__(
-        self,
-        reconciler: Reconciler,
-        label: str,
-        names: Callable[[], Mapping[int, str]] = dict,
-        interval: float = RECONCILE_INTERVAL,
-        prune: bool = True,
-    ) -> None:
-        self.reconciler = reconciler
-        self.label = label
-        self.names = names
-        self.interval = interval
-        self._prune = prune
-        self._task: asyncio.Task[None] | None = None
-        self._failing: set[tuple[Entry, str]] = set()
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._every_interval(), name=f"reconcile-{self.label}")
-
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    def allow_pruning(self) -> None:
-        self._prune = True
-
-    async def sync(self, reason: str) -> PassResult | None:
-        """One pass now; None if the kernel could not even be listed (the next pass retries)."""
-        try:
-            result = await asyncio.to_thread(self.reconciler.run_pass, self._prune)
-        except (NetlinkError, OSError, LookupError) as exc:
-            log.warning("%s: reconcile (%s) failed: %s; retrying in %.0fs", self.label, reason, exc, self.interval)
-            return None
-        self._report(reason, result)
-        return result
-
-    async def apply_plan(self, changes: Plan, reason: str) -> None:
-        """Apply a lease event's delta at once; the timed full pass still catches drift."""
-        if changes.add or changes.remove:
-            self._report(reason, await asyncio.to_thread(self.reconciler.apply_plan, changes))
-
-    async def stop(self, scope: Scope | None = None) -> PassResult:
-        """Stop the timer; with ``scope``, remove everything we own in it."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        result = await asyncio.to_thread(self.reconciler.close, scope)
-        if result.removed or result.failed:
-            log.info("%s: cleanup removed %d kernel entries", self.label, len(result.removed))
-        self._report_failures(result)
-        return result
-
-    async def _every_interval(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            self._prune = True
-            await self.sync("drift")
-
-    def _report(self, reason: str, result: PassResult) -> None:
-        names = self.names()
-        if reason == "drift":
-            for entry in result.added:
-                log.warning("%s: drift repaired: restored %s", self.label, describe(entry, names))
-            for entry in result.removed:
-                log.warning("%s: drift repaired: removed stray %s", self.label, describe(entry, names))
-        else:
-            for entry in result.removed:
-                log.debug("%s: removed %s (%s)", self.label, describe(entry, names), reason)
-            for entry in result.added:
-                log.debug("%s: added %s (%s)", self.label, describe(entry, names), reason)
-        self._report_failures(result)
-
-    def _report_failures(self, result: PassResult) -> None:
-        """Warn once per failing entry and error, not on every retry."""
-        now = set(result.failed)
-        for entry, error in now - self._failing:
-            log.warning("%s: cannot apply %s: %s (will retry)", self.label, describe(entry, self.names()), error)
-        self._failing = now
-
-
-# --- the shared kernel backend ------------------------------------------------------------------
+PEER_LINES_LIMIT = 50  # lease events in one batch that still get a log line each at INFO
 
 
 class RoutedBackend:
@@ -307,8 +49,16 @@ class RoutedBackend:
         self._kernel: Kernel = kernel if kernel is not None else NetlinkKernel(ctx.netlink)
         self._interval = interval
         self._peers: dict[IPv4Network, Lease] = {}
-        self._snapshot: tuple[Lease, ...] = ()  # replaced whole; read by the reconcile thread
-        self._applied: Wanted | None = None  # what the last lease event asked of the kernel
+        # What the accepted peers want, kept by the event loop; the reconcile thread
+        # copies it under the lock.
+        self._lock = threading.Lock()
+        self._wants: dict[IPv4Network, frozenset[Entry]] = {}
+        self._counts: Counter[Entry] = Counter()  # how many peers want each entry
+        self._wants_for: Hashable = None  # the device state ``_wants`` was computed for
+        self._version = 0  # counts lease batches applied
+        self._wanted_cache: tuple[tuple[int, Hashable], Wanted] | None = None
+        self._listed = False  # the first lease listing since start was applied
+        self._recounted = False  # the device changed: a full pass must follow
         self._own_subnet: IPv4Network | None = None
         self._loop: ReconcileLoop | None = None
 
@@ -331,6 +81,10 @@ class RoutedBackend:
     def _ensure(self) -> None:
         """Repair our devices at the start of each pass (worker thread)."""
 
+    def _device_state(self) -> Hashable:
+        """What peer entries depend on besides the lease (e.g. our device's ifindex)."""
+        return None
+
     def _scope(self) -> Scope:
         raise NotImplementedError
 
@@ -351,60 +105,114 @@ class RoutedBackend:
     async def start(self, own_subnet: IPv4Network) -> None:
         self._own_subnet = own_subnet
         await asyncio.to_thread(self._setup, own_subnet)
+        self._wants_for = self._device_state()
         self._loop = ReconcileLoop(Reconciler(self._kernel, self._wanted), self.type_name,
                                    names=self._device_names, interval=self._interval, prune=False)
         await self._loop.sync("start")
         self._loop.start()
 
     def _wanted(self) -> Wanted:
-        """What a full pass converges on (runs in the pass's thread, after repairing devices)."""
-        self._ensure()
-        return self._union(self._snapshot)
+        """What a full pass converges on (runs in the pass's thread, after repairing devices).
 
-    def _union(self, leases: tuple[Lease, ...]) -> Wanted:
-        """The union of our own entries and every accepted peer's."""
-        entries = set(self._own_entries())
-        for lease in leases:
-            entries |= self._peer_entries(lease).entries
-        return Wanted(self._scope(), frozenset(entries))
+        The same object until a lease event or a device change, so a quiet pass can tell.
+        """
+        self._ensure()
+        with self._lock:
+            state = self._device_state()
+            if self._wanted_cache is not None and self._wanted_cache[0] == (self._version, state):
+                return self._wanted_cache[1]
+            if self._wants_for == state:
+                peers = frozenset(self._counts)
+            else:  # the device changed under us: what peers want changed with it
+                peers = frozenset().union(*(self._peer_entries(lease).entries for lease in self._peers.values()))
+            wanted = Wanted(self._scope(), self._own_entries() | peers)
+            self._wanted_cache = ((self._version, state), wanted)
+            return wanted
 
     async def apply(self, events: Sequence[LeaseEvent]) -> None:
         assert self._loop is not None, "apply() before start()"
-        for event in events:
-            if isinstance(event, LeaseAdded):
-                self._add_peer(event.lease)
-            elif isinstance(event, LeaseRemoved):
-                old = self._peers.pop(event.lease.subnet, None)
-                if old is not None:
-                    log.info("peer removed: %s (was %s)", old.subnet, old.attrs.public_ip)
-        self._snapshot = tuple(self._peers.values())
+        updates: list[tuple[IPv4Network, frozenset[Entry]]] = []
+        # one line per peer, unless a listing brings thousands: then one line in all, and each peer's at -v
+        level = logging.INFO if len(events) <= PEER_LINES_LIMIT else logging.DEBUG
+        verbs: Counter[str] = Counter()
+        with self._lock:
+            for event in events:
+                if isinstance(event, LeaseAdded):
+                    updates.append((event.lease.subnet, self._accept(event.lease, level, verbs)))
+                elif isinstance(event, LeaseRemoved):
+                    updates.append((event.lease.subnet, self._forget(event.lease, level, verbs)))
+        if level != logging.INFO:
+            log.info("peers: %s (%d in all; each peer's line at -v)",
+                     ", ".join(f"{n} {verb}" for verb, n in sorted(verbs.items())) or "none changed", len(self._peers))
         self._loop.allow_pruning()
-        wanted = self._union(self._snapshot)
-        before, self._applied = self._applied, wanted
-        if before is None:
-            # the first listing since start: one full pass, which also drops what
-            # peers that left while we were down still had in the kernel
+        # The wanted state changes in the reconcile thread, under the reconciler's lock, together
+        # with the kernel: a full pass never sees peers wanted whose entries are not sent yet.
+        await self._loop.apply_plan(lambda: self._count(updates), "peers")
+        if not self._listed or self._recounted:
+            # the first listing since start (or the device changed): one full pass, which also
+            # drops what peers that left while we were down still had in the kernel
+            self._listed, self._recounted = True, False
             await self._loop.sync("peers")
-            return
-        # Later events: only the difference they make, without listing the kernel. A full
-        # pass per event dumps every peer's entries: quadratic when many leases change.
-        await self._loop.apply_plan(plan(wanted, before.entries), "peers")
 
-    def _add_peer(self, lease: Lease) -> None:
+    def _count(self, updates: Sequence[tuple[IPv4Network, frozenset[Entry]]]) -> Plan:
+        """Record what each updated peer now wants; the plan for the entries whose wanted-ness flipped.
+
+        Only those entries: without listing the kernel, so a lease event costs what it changes.
+        """
+        with self._lock:
+            self._version += 1
+            if self._wants_for != self._device_state():
+                self._recount()
+                return Plan((), ())
+            changes: list[tuple[frozenset[Entry], frozenset[Entry]]] = []
+            for subnet, new in updates:  # in order: a batch may change one subnet twice
+                changes.append((self._wants.pop(subnet, frozenset()), new))
+                if new:
+                    self._wants[subnet] = new
+            touched: set[Entry] = set().union(*(old | new for old, new in changes))
+            before = frozenset(e for e in touched if self._counts[e] > 0)
+            for old, new in changes:
+                self._counts.subtract(old)
+                self._counts.update(new)
+            after = frozenset(e for e in touched if self._counts[e] > 0)
+            for entry in touched - after:
+                del self._counts[entry]
+        if not self._listed:
+            return Plan((), ())  # the full pass that follows does it all
+        return plan(Wanted(self._scope(), after), before)
+
+    def _recount(self) -> None:
+        """After a device was recreated (new ifindex), every peer's entries are new ones."""
+        self._wants = {s: self._peer_entries(lease).entries for s, lease in self._peers.items()}
+        self._counts = Counter(e for entries in self._wants.values() for e in entries)
+        self._wants_for = self._device_state()
+        self._recounted = True
+
+    def _accept(self, lease: Lease, level: int, verbs: Counter[str]) -> frozenset[Entry]:
+        """Record a new or changed peer; the entries it wants (none if it is ignored or refused)."""
         subnet = lease.subnet
         if lease.attrs.backend_type != self.type_name:
             log.warning("peer %s (%s) uses backend %r, not %s; ignoring it",
                         subnet, lease.attrs.public_ip, lease.attrs.backend_type, self.type_name)
             self._peers.pop(subnet, None)
-            return
+            return frozenset()
         wants = self._peer_entries(lease)
         if wants.refused is not None:
             log.error("peer %s (%s) refused: %s", subnet, lease.attrs.public_ip, wants.refused)
             self._peers.pop(subnet, None)
-            return
+            return frozenset()
         verb = "updated" if subnet in self._peers else "added"
         self._peers[subnet] = lease
-        log.info("peer %s: %s %s", verb, subnet, wants.summary)
+        verbs[verb] += 1
+        log.log(level, "peer %s: %s %s", verb, subnet, wants.summary)
+        return wants.entries
+
+    def _forget(self, lease: Lease, level: int, verbs: Counter[str]) -> frozenset[Entry]:
+        old = self._peers.pop(lease.subnet, None)
+        if old is not None:
+            verbs["removed"] += 1
+            log.log(level, "peer removed: %s (was %s)", old.subnet, old.attrs.public_ip)
+        return frozenset()
 
     def is_up(self) -> bool:
         return self._loop is not None and self._loop.running
@@ -419,8 +227,14 @@ class RoutedBackend:
         loop, self._loop = self._loop, None
         if not cleanup:
             await loop.stop()
+            self._close_kernel()
             log.info("%s backend stopped; kernel state kept", self.type_name)
             return
         await loop.stop(self._scope())
+        self._close_kernel()
         await asyncio.to_thread(self._teardown)
         log.info("%s backend stopped; kernel state removed", self.type_name)
+
+    def _close_kernel(self) -> None:
+        if isinstance(self._kernel, NetlinkKernel):
+            self._kernel.close()

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Hashable
 from ipaddress import IPv4Interface, IPv4Network
-from typing import TypeVar
 
 from ..core.lease import Lease, LeaseAttrs
 from ..netlink import vxlan as nlvx
+from ..netlink.batch import RtnlSocket
 from .base import BackendContext
+from .kernel import Kernel
 from .kernel_state import (
     VXLAN_OVERHEAD,
     Entry,
@@ -36,25 +36,14 @@ from .kernel_state import (
     vxlan_own_entries,
     vxlan_peer_entries,
 )
-from .routed import RECONCILE_INTERVAL, Kernel, RoutedBackend
+from .reconcile_loop import RECONCILE_INTERVAL
+from .routed import RoutedBackend
 
 __all__ = ["VxlanBackend"]
 
 log = logging.getLogger(__name__)
 
 IFF_UP = 0x1
-T = TypeVar("T")
-
-
-def _off_loop(fn: Callable[..., T], *args: object) -> T:
-    """Run a netlink call on a helper thread and wait for it.
-
-    For :meth:`VxlanBackend.lease_attrs` only: it is synchronous and called
-    on the event-loop thread, where pyroute2's synchronous API cannot run.
-    It is one short lookup at start-up, so blocking the loop for it is fine.
-    """
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vxlan-mac") as pool:
-        return pool.submit(fn, *args).result()
 
 
 class VxlanBackend(RoutedBackend):
@@ -66,7 +55,7 @@ class VxlanBackend(RoutedBackend):
         self.vni = ctx.config.backend.vni
         self.device_name = f"flannel.{self.vni}"
         self._rng = rng or random.SystemRandom()
-        self._mac: str | None = None
+        self.vtep_mac: str | None = None  # known once lease_attrs() or start() chose it
         self._local: VxlanLocal | None = None
         self._underlay = IPv4Interface(f"{ctx.iface.address}/{ctx.iface.prefixlen}").network
 
@@ -74,25 +63,34 @@ class VxlanBackend(RoutedBackend):
     def mtu(self) -> int:
         return self.ctx.config.backend.underlay_mtu(self.ctx.iface.mtu) - VXLAN_OVERHEAD
 
-    @property
-    def vtep_mac(self) -> str:
-        """Our VTEP MAC: the existing device's on a restart, else a new random one."""
-        if self._mac is None:
-            existing = _off_loop(nlvx.vxlan_device_mac, self.ctx.netlink, self.device_name)
-            self._mac = existing or random_vtep_mac(self._rng)
+    def _choose_mac(self) -> str:
+        """Our VTEP MAC: the existing device's on a restart, else a new random one.
+
+        One rtnetlink request on a socket of our own (not pyroute2, which
+        cannot run on the event-loop thread): the kernel answers within the
+        send, so the loop never waits on a thread or a peer.
+        """
+        if self.vtep_mac is None:
+            rtnl = RtnlSocket(self.ctx.netlink.raw_socket())
+            try:
+                found = rtnl.link_kind_and_mac(self.device_name)
+            finally:
+                rtnl.close()
+            existing = found[1] if found is not None and found[0] == "vxlan" else None
+            self.vtep_mac = existing or random_vtep_mac(self._rng)
             if existing:
                 log.info("reusing VTEP MAC %s of the existing %s", existing, self.device_name)
-        return self._mac
+        return self.vtep_mac
 
     def lease_attrs(self) -> LeaseAttrs:
-        return LeaseAttrs(self.ctx.public_ip, self.type_name, vxlan_backend_data(self.vni, self.vtep_mac))
+        return LeaseAttrs(self.ctx.public_ip, self.type_name, vxlan_backend_data(self.vni, self._choose_mac()))
 
     def _device_spec(self) -> nlvx.VxlanDeviceSpec:
         cfg = self.ctx.config.backend
         return nlvx.VxlanDeviceSpec(
             name=self.device_name, vni=self.vni, port=cfg.vxlan_port,
             underlay_index=self.ctx.iface.index, local=self.ctx.iface.address,
-            mtu=self.mtu, mac=self.vtep_mac, gbp=cfg.gbp,
+            mtu=self.mtu, mac=self._choose_mac(), gbp=cfg.gbp,
         )
 
     def _set_device(self, index: int) -> None:
@@ -124,6 +122,9 @@ class VxlanBackend(RoutedBackend):
         if not netlink.link_attrs(index)["flags"] & IFF_UP:
             netlink.set_link(index, state="up")
             log.warning("vxlan: drift repaired: %s was down; set it up", self.device_name)
+
+    def _device_state(self) -> Hashable:
+        return self._local
 
     def _scope(self) -> Scope:
         assert self._local is not None

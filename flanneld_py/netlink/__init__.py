@@ -12,6 +12,7 @@ on the event-loop thread.
 from __future__ import annotations
 
 import errno
+import socket
 import threading
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
@@ -60,6 +61,16 @@ class Netlink:
     def __init__(self, netns: str | None = None) -> None:
         self._ipr = IPRoute(netns=netns) if netns else IPRoute()
         self._lock = threading.Lock()
+        self.netns = netns
+
+    def raw_socket(self) -> socket.socket:
+        """A new rtnetlink socket in this object's namespace (for :mod:`.batch`)."""
+        if self.netns is None:
+            return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)
+        from .pods import netns_socket  # here: pods imports this module
+
+        path = self.netns if "/" in self.netns else f"/var/run/netns/{self.netns}"
+        return netns_socket(path, socket.AF_NETLINK, socket.SOCK_RAW, 0)
 
     def close(self) -> None:
         """Close the socket, after any call in flight (never under another thread's request)."""

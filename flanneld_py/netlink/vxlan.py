@@ -1,4 +1,6 @@
-"""VXLAN device, neighbour and FDB access over a :class:`~flanneld_py.netlink.Netlink`.
+"""The VXLAN device (flannel's VTEP) over a :class:`~flanneld_py.netlink.Netlink`.
+
+Per-peer neighbour and FDB entries go through :mod:`.batch` instead.
 
 Synchronous like the rest of the netlink layer: call it from a worker thread
 (``asyncio.to_thread``), never from the event-loop thread. Values in and out
@@ -8,34 +10,14 @@ from them.
 
 from __future__ import annotations
 
-import errno
 from dataclasses import dataclass
 from enum import Enum
 from ipaddress import IPv4Address
 from typing import Any
 
-from . import Netlink, NetlinkError
+from . import Netlink
 
-__all__ = [
-    "DeviceOutcome",
-    "VxlanDeviceSpec",
-    "delete_fdb",
-    "delete_neigh",
-    "ensure_vxlan_device",
-    "fdb_entries",
-    "permanent_neighbours",
-    "replace_fdb",
-    "replace_neigh",
-    "vxlan_device_mac",
-]
-
-AF_INET = 2
-AF_BRIDGE = 7
-NUD_NOARP = 0x40
-NUD_PERMANENT = 0x80
-NTF_SELF = 0x02
-_GONE = (errno.ENOENT, errno.ESRCH, errno.ENODEV)
-
+__all__ = ["DeviceOutcome", "VxlanDeviceSpec", "ensure_vxlan_device"]
 
 @dataclass(frozen=True, slots=True)
 class VxlanDeviceSpec:
@@ -69,15 +51,6 @@ def _vxlan_data(netlink: Netlink, index: int) -> dict[str, Any] | None:
         for name, value in data.get("attrs", []):
             out[name] = value
     return out
-
-
-def vxlan_device_mac(netlink: Netlink, name: str) -> str | None:
-    """The MAC of an existing vxlan device ``name``, so a restart keeps its VTEP MAC."""
-    index = netlink.link_index(name)
-    if index is None:
-        return None
-    data = _vxlan_data(netlink, index)
-    return None if data is None else str(data["address"]).lower()
 
 
 def _compatible(data: dict[str, Any], spec: VxlanDeviceSpec) -> bool:
@@ -137,64 +110,3 @@ def ensure_vxlan_device(netlink: Netlink, spec: VxlanDeviceSpec) -> tuple[int, D
         netlink.set_link(index, **changes)
     netlink.set_link(index, state="up")
     return index, outcome
-
-
-# --- neighbours (ARP) ----------------------------------------------------------
-
-
-def replace_neigh(netlink: Netlink, ifindex: int, ip: IPv4Address, mac: str) -> None:
-    """Add or overwrite the permanent entry ``ip -> mac`` (flannel's ``AddARP``)."""
-    netlink.call("neigh", "replace", family=AF_INET, ifindex=ifindex, dst=str(ip), lladdr=mac,
-                 state=NUD_PERMANENT)
-
-
-def _delete_neighbour_entry(netlink: Netlink, **match: object) -> bool:
-    """One ``neigh del``; False if the entry (or its device) was already gone."""
-    try:
-        netlink.call("neigh", "del", **match)
-    except NetlinkError as exc:
-        if exc.code in _GONE:
-            return False
-        raise
-    return True
-
-
-def delete_neigh(netlink: Netlink, ifindex: int, ip: IPv4Address) -> bool:
-    """Remove the entry for ``ip``; False if there was none."""
-    return _delete_neighbour_entry(netlink, family=AF_INET, ifindex=ifindex, dst=str(ip))
-
-
-def permanent_neighbours(netlink: Netlink, ifindex: int) -> list[tuple[IPv4Address, str]]:
-    """(IP, MAC) of every permanent IPv4 neighbour on the device."""
-    out = []
-    for msg in netlink.call("get_neighbours", family=AF_INET, ifindex=ifindex):
-        dst, mac = msg.get_attr("NDA_DST"), msg.get_attr("NDA_LLADDR")
-        if msg["state"] & NUD_PERMANENT and dst and mac:
-            out.append((IPv4Address(dst), str(mac).lower()))
-    return out
-
-
-# --- FDB -----------------------------------------------------------------------------
-
-
-def replace_fdb(netlink: Netlink, ifindex: int, mac: str, dst: IPv4Address) -> None:
-    """Send frames for ``mac`` to the VTEP at ``dst`` (flannel's ``AddFDB``: NeighSet, self, permanent)."""
-    netlink.call("neigh", "replace", family=AF_BRIDGE, ifindex=ifindex, lladdr=mac, dst=str(dst),
-                 state=NUD_PERMANENT | NUD_NOARP, flags=NTF_SELF)
-
-
-def delete_fdb(netlink: Netlink, ifindex: int, mac: str, dst: IPv4Address) -> bool:
-    """Remove the FDB entry ``mac -> dst``; False if there was none."""
-    return _delete_neighbour_entry(netlink, family=AF_BRIDGE, ifindex=ifindex, lladdr=mac, dst=str(dst),
-                                   state=NUD_PERMANENT | NUD_NOARP, flags=NTF_SELF)
-
-
-def fdb_entries(netlink: Netlink, ifindex: int) -> list[tuple[str, IPv4Address]]:
-    """(MAC, remote VTEP) of every FDB entry with an IPv4 remote on the device."""
-    out = []
-    for msg in netlink.call("get_neighbours", family=AF_BRIDGE, ifindex=ifindex):
-        dst, mac = msg.get_attr("NDA_DST"), msg.get_attr("NDA_LLADDR")
-        if msg["ifindex"] != ifindex or not dst or not mac or ":" in str(dst):
-            continue
-        out.append((str(mac).lower(), IPv4Address(dst)))
-    return out

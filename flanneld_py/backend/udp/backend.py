@@ -16,8 +16,10 @@ from ...core.lease import LeaseAdded, LeaseAttrs, LeaseEvent, LeaseRemoved
 from ...core.packet import Drop
 from ...netlink import RouteSpec
 from ..base import BackendContext, BatchCount, PeerStats
+from ..kernel import NetlinkKernel
 from ..kernel_state import udp_own_entries
-from ..routed import NetlinkKernel, ReconcileLoop, Reconciler
+from ..reconcile_loop import ReconcileLoop
+from ..reconciler import Reconciler
 from . import offload
 from .engine import Engine
 from .loop import Pump

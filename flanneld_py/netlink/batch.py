@@ -1,0 +1,377 @@
+"""Many rtnetlink requests per system call, and dumps the kernel filters for us.
+
+pyroute2 sends one request and waits for its answer: one round trip, plus
+its message encoding and decoding, per peer entry. For thousands of peers
+that is most of a start-up. Here, as iproute2's ``-batch`` and ``tc``'s
+batching do, requests are packed with :mod:`struct` into one buffer, sent
+with one ``sendto``, and the kernel's acknowledgements (one per request,
+``NLM_F_ACK``) are read back and matched to their requests by sequence
+number, so one failed request is known by name and the others still count.
+
+Dumps ask the kernel to filter (``NETLINK_GET_STRICT_CHK``: only one
+protocol's routes, only one device's neighbours) and read just the fields a
+backend compares, so a drift pass over thousands of peers stays cheap.
+
+Synchronous, without pyroute2's private event loop. The kernel handles a
+request inside ``sendto``, so reading the answers waits on nothing but the
+kernel's own work: one lookup may run on the event-loop thread; batches and
+dumps of thousands of entries belong in a worker thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import NamedTuple
+
+__all__ = [
+    "AF_BRIDGE",
+    "NetlinkBatchError",
+    "Request",
+    "RouteRecord",
+    "RtnlSocket",
+    "address_request",
+    "fdb_request",
+    "neigh_request",
+    "route_request",
+]
+
+AF_INET = socket.AF_INET
+AF_BRIDGE = 7
+NETLINK_ROUTE = 0
+SOL_NETLINK = 270
+NETLINK_CAP_ACK = 10
+NETLINK_GET_STRICT_CHK = 12
+SO_RCVBUFFORCE = 33
+
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
+NLM_F_REPLACE, NLM_F_CREATE, NLM_F_DUMP = 0x100, 0x400, 0x300
+RTM_GETLINK = 18
+RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
+RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
+RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
+
+RT_TABLE_MAIN = 254
+RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_NOWHERE = 0, 253, 255
+RTN_UNICAST = 1
+RTNH_F_ONLINK = 4
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
+NDA_DST, NDA_LLADDR, NDA_IFINDEX = 1, 2, 8
+NUD_NOARP, NUD_PERMANENT = 0x40, 0x80
+NTF_SELF = 0x02
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_LINKINFO = 1, 3, 18
+IFLA_INFO_KIND = 1
+
+_HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port
+_RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
+_NDMSG = struct.Struct("=BxxxiHBB")  # family, ifindex, state, flags, type
+_IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
+_IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
+_ATTR = struct.Struct("=HH")
+_ERROR = struct.Struct("=i")
+_U32 = struct.Struct("=I")
+
+MAX_BATCH = 256  # requests per send: their acknowledgements must fit the receive buffer
+RECEIVE_BUFFER = 8 << 20
+_CHANGE = NLM_F_REQUEST | NLM_F_ACK
+_REPLACE = _CHANGE | NLM_F_CREATE | NLM_F_REPLACE
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One rtnetlink request without its header: message type, flags and body."""
+
+    kind: int
+    flags: int
+    body: bytes
+
+
+def _attr(kind: int, value: bytes) -> bytes:
+    length = _ATTR.size + len(value)
+    return _ATTR.pack(length, kind) + value + b"\0" * (-length % 4)
+
+
+def _mac(text: str) -> bytes:
+    return bytes.fromhex(text.replace(":", ""))
+
+
+def route_request(dst: IPv4Network, ifindex: int, gateway: IPv4Address | None, onlink: bool,
+                  proto: int, delete: bool = False) -> Request:
+    """``ip route replace|del <dst> [via <gateway>] dev <ifindex> [onlink] proto <proto>`` (main table).
+
+    A delete names the device and protocol, so it never removes another
+    owner's route to the same destination.
+    """
+    if delete:
+        head = _RTMSG.pack(AF_INET, dst.prefixlen, 0, 0, RT_TABLE_MAIN, proto, RT_SCOPE_NOWHERE, 0, 0)
+    else:
+        scope = RT_SCOPE_LINK if gateway is None else RT_SCOPE_UNIVERSE
+        head = _RTMSG.pack(AF_INET, dst.prefixlen, 0, 0, RT_TABLE_MAIN, proto, scope, RTN_UNICAST,
+                           RTNH_F_ONLINK if onlink else 0)
+    body = head + _attr(RTA_DST, dst.network_address.packed) + _attr(RTA_OIF, _U32.pack(ifindex))
+    if gateway is not None and not delete:
+        body += _attr(RTA_GATEWAY, gateway.packed)
+    return Request(RTM_DELROUTE if delete else RTM_NEWROUTE, _CHANGE if delete else _REPLACE, body)
+
+
+def neigh_request(ifindex: int, ip: IPv4Address, mac: str, delete: bool = False) -> Request:
+    """``ip neigh replace|del <ip> lladdr <mac> dev <ifindex> nud permanent``."""
+    body = _NDMSG.pack(AF_INET, ifindex, NUD_PERMANENT, 0, 0) + _attr(NDA_DST, ip.packed)
+    if delete:
+        return Request(RTM_DELNEIGH, _CHANGE, body)
+    return Request(RTM_NEWNEIGH, _REPLACE, body + _attr(NDA_LLADDR, _mac(mac)))
+
+
+def fdb_request(ifindex: int, mac: str, dst: IPv4Address, delete: bool = False) -> Request:
+    """``bridge fdb replace|del <mac> dev <ifindex> dst <dst> self permanent`` (flannel's AddFDB)."""
+    body = (_NDMSG.pack(AF_BRIDGE, ifindex, NUD_PERMANENT | NUD_NOARP, NTF_SELF, 0)
+            + _attr(NDA_LLADDR, _mac(mac)) + _attr(NDA_DST, dst.packed))
+    return Request(RTM_DELNEIGH if delete else RTM_NEWNEIGH, _CHANGE if delete else _REPLACE, body)
+
+
+def address_request(ifindex: int, address: IPv4Interface, delete: bool = False) -> Request:
+    """``ip addr add|del <address> dev <ifindex>``."""
+    body = (_IFADDRMSG.pack(AF_INET, address.network.prefixlen, 0, RT_SCOPE_UNIVERSE, ifindex)
+            + _attr(IFA_LOCAL, address.ip.packed) + _attr(IFA_ADDRESS, address.ip.packed))
+    return Request(RTM_DELADDR if delete else RTM_NEWADDR, _CHANGE if delete else _CHANGE | NLM_F_CREATE, body)
+
+
+def _attrs(data: bytes | memoryview, offset: int, end: int) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    while offset + 4 <= end:
+        length, kind = _ATTR.unpack_from(data, offset)
+        if length < 4:
+            break
+        out[kind & 0x3FFF] = bytes(data[offset + 4:offset + length])
+        offset += (length + 3) & ~3
+    return out
+
+
+def _messages(data: bytes) -> Iterator[tuple[int, int, int, int]]:
+    """(type, sequence, body offset, message end) of every message in one datagram."""
+    offset = 0
+    while offset + _HEADER.size <= len(data):
+        length, kind, _flags, seq, _port = _HEADER.unpack_from(data, offset)
+        if length < _HEADER.size:
+            return
+        yield kind, seq, offset + _HEADER.size, offset + length
+        offset += (length + 3) & ~3
+
+
+class RouteRecord(NamedTuple):
+    dst: IPv4Network
+    ifindex: int
+    gateway: IPv4Address | None
+    onlink: bool
+    proto: int
+    table: int
+
+
+_UNPARSED = RouteRecord(IPv4Network("0.0.0.0/0"), 0, None, False, 0, 0)
+
+
+def _route_record(message: bytes) -> RouteRecord | None:
+    """An IPv4 route from an RTM_NEWROUTE body (None for another family)."""
+    family, dst_len, _src, _tos, table, proto, _scope, _type, flags = _RTMSG.unpack_from(message)
+    if family != AF_INET:
+        return None
+    attrs = _attrs(message, _RTMSG.size, len(message))
+    table = _U32.unpack(attrs[RTA_TABLE])[0] if RTA_TABLE in attrs else table
+    dst = IPv4Network((int.from_bytes(attrs.get(RTA_DST, b"\0\0\0\0"), "big"), dst_len))
+    oif = _U32.unpack(attrs[RTA_OIF])[0] if RTA_OIF in attrs else 0
+    gateway = IPv4Address(attrs[RTA_GATEWAY]) if RTA_GATEWAY in attrs else None
+    return RouteRecord(dst, oif, gateway, bool(flags & RTNH_F_ONLINK), proto, table)
+
+
+class NetlinkBatchError(OSError):
+    """The socket itself failed (not one request): nothing can be said about the batch."""
+
+
+class RtnlSocket:
+    """One rtnetlink socket for batches and filtered dumps (not thread-safe: one user at a time)."""
+
+    def __init__(self, sock: socket.socket | None = None) -> None:
+        self._sock = sock or socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+        self._sock.bind((0, 0))
+        self._tune()
+        self._seq = 0
+        self._buffer = bytearray(1 << 16)
+        self._routes: dict[bytes, RouteRecord | None] = {}  # the last route dump, parsed
+
+    def _tune(self) -> None:
+        for option, value in ((NETLINK_CAP_ACK, 1), (NETLINK_GET_STRICT_CHK, 1)):
+            try:
+                self._sock.setsockopt(SOL_NETLINK, option, value)
+            except OSError:
+                pass  # older kernels: full acknowledgements, unfiltered dumps (we filter again below)
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
+        except OSError:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0xFFFFFFFF or 1
+        return self._seq
+
+    def send(self, requests: Sequence[Request]) -> list[int]:
+        """Send every request, in order, :data:`MAX_BATCH` per system call; the errno of each (0: done).
+
+        The kernel applies the requests of one send in order, each on its own:
+        a failed one does not stop the next.
+        """
+        errors: list[int] = []
+        for start in range(0, len(requests), MAX_BATCH):
+            errors += self._send_chunk(requests[start:start + MAX_BATCH])
+        return errors
+
+    def _send_chunk(self, requests: Sequence[Request]) -> list[int]:
+        pending: dict[int, int] = {}
+        parts: list[bytes] = []
+        for position, request in enumerate(requests):
+            seq = self._next_seq()
+            pending[seq] = position
+            parts.append(_HEADER.pack(_HEADER.size + len(request.body), request.kind, request.flags, seq, 0))
+            parts.append(request.body)
+        self._sock.sendto(b"".join(parts), (0, 0))
+        errors = [0] * len(requests)
+        while pending:
+            data = self._receive()
+            for kind, seq, body, _end in _messages(data):
+                if kind == NLMSG_ERROR and seq in pending:
+                    errors[pending.pop(seq)] = -_ERROR.unpack_from(data, body)[0]
+        return errors
+
+    def _receive(self) -> bytes:
+        """One datagram (the kernel never makes one longer than 32 KiB for us)."""
+        try:
+            size = self._sock.recv_into(self._buffer, 0, socket.MSG_TRUNC)
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:
+                raise NetlinkBatchError(errno.ENOBUFS, "netlink answers were lost (receive buffer full)") from None
+            raise
+        if size > len(self._buffer):
+            raise NetlinkBatchError(errno.EMSGSIZE, f"netlink answer of {size} bytes truncated")
+        return bytes(self._buffer[:size])
+
+    def dump_raw(self, request: Request) -> Iterator[bytes]:
+        """The body (fixed header and attributes) of every answer to a dump request.
+
+        Raises:
+            OSError: the kernel refused the dump (with its errno).
+        """
+        return self._ask(request, NLM_F_REQUEST | NLM_F_DUMP)
+
+    def _ask(self, request: Request, flags: int) -> Iterator[bytes]:
+        """Send one request; the body of each answer, until the kernel says it is done."""
+        seq = self._next_seq()
+        self._sock.sendto(_HEADER.pack(_HEADER.size + len(request.body), request.kind, flags, seq, 0) + request.body,
+                          (0, 0))
+        while True:
+            data = self._receive()
+            for kind, got, body, end in _messages(data):
+                if got != seq:
+                    continue
+                if kind == NLMSG_DONE:
+                    return
+                if kind == NLMSG_ERROR:
+                    code = -_ERROR.unpack_from(data, body)[0]
+                    if code:
+                        raise OSError(code, os.strerror(code))
+                    return
+                yield data[body:end]
+                if not flags & NLM_F_DUMP:
+                    return
+
+    def dump(self, request: Request, fixed: int) -> Iterator[tuple[bytes, dict[int, bytes]]]:
+        """Every answer to a dump request: its fixed header (``fixed`` bytes) and its attributes."""
+        for message in self.dump_raw(request):
+            yield message[:fixed], _attrs(message, fixed, len(message))
+
+    # --- what the backends read --------------------------------------------------------------
+
+    def routes(self, proto: int | None, table: int = RT_TABLE_MAIN) -> list[RouteRecord]:
+        """The IPv4 routes of ``table``, only those of ``proto`` unless it is None."""
+        return [record for _raw, record in self.route_messages(proto, table)]
+
+    def route_messages(self, proto: int | None, table: int = RT_TABLE_MAIN) -> list[tuple[bytes, RouteRecord]]:
+        """Like :meth:`routes`, each with its raw message (the same bytes while the route is unchanged)."""
+        request = Request(RTM_GETROUTE, 0, _RTMSG.pack(AF_INET, 0, 0, 0, table, proto or 0, 0, 0, 0))
+        seen: dict[bytes, RouteRecord | None] = {}
+        for message in self.dump_raw(request):
+            # parse each distinct message once, not on every pass
+            record = self._routes.get(message, _UNPARSED)
+            seen[message] = _route_record(message) if record is _UNPARSED else record
+        self._routes = seen
+        return [(raw, r) for raw, r in seen.items()
+                if r is not None and r.table == table and proto in (None, r.proto)]
+
+    @staticmethod
+    def _neighbour_dump(family: int, ifindex: int) -> Request:
+        if family == AF_BRIDGE:  # the FDB dump takes the device from the header
+            return Request(RTM_GETNEIGH, 0, _NDMSG.pack(family, ifindex, 0, 0, 0))
+        return Request(RTM_GETNEIGH, 0, _NDMSG.pack(family, 0, 0, 0, 0) + _attr(NDA_IFINDEX, _U32.pack(ifindex)))
+
+    def count_neighbours(self, family: int, ifindex: int, state_mask: int = 0) -> int:
+        """How many neighbours (AF_INET) or FDB entries (AF_BRIDGE) the device has (in ``state_mask``, if given).
+
+        Reads only each answer's fixed header: cheap enough to poll.
+        """
+        count = 0
+        for message in self.dump_raw(self._neighbour_dump(family, ifindex)):
+            got_family, got_index, state, _flags, _type = _NDMSG.unpack_from(message)
+            if got_family == family and got_index == ifindex and (not state_mask or state & state_mask):
+                count += 1
+        return count
+
+    def neighbour_keys(self, family: int, ifindex: int) -> list[tuple[int, bytes, bytes]]:
+        """(state, NDA_DST bytes, NDA_LLADDR bytes) of every neighbour (AF_INET) or FDB entry (AF_BRIDGE) on the device."""
+        out = []
+        for head, attrs in self.dump(self._neighbour_dump(family, ifindex), _NDMSG.size):
+            got_family, got_index, state, _flags, _type = _NDMSG.unpack(head)
+            dst, mac = attrs.get(NDA_DST), attrs.get(NDA_LLADDR)
+            if got_family == family and got_index == ifindex and dst and mac and len(dst) == 4:
+                out.append((state, dst, mac))
+        return out
+
+    def permanent_neighbours(self, ifindex: int) -> list[tuple[IPv4Address, str]]:
+        """(IP, MAC) of every permanent IPv4 neighbour on the device."""
+        return [(IPv4Address(dst), mac.hex(":")) for state, dst, mac in self.neighbour_keys(AF_INET, ifindex)
+                if state & NUD_PERMANENT]
+
+    def fdb_entries(self, ifindex: int) -> list[tuple[str, IPv4Address]]:
+        """(MAC, remote VTEP) of every FDB entry with an IPv4 remote on the device."""
+        return [(mac.hex(":"), IPv4Address(dst)) for _state, dst, mac in self.neighbour_keys(AF_BRIDGE, ifindex)]
+
+    def ipv4_addresses(self, ifindex: int) -> list[IPv4Interface]:
+        request = Request(RTM_GETADDR, 0, _IFADDRMSG.pack(AF_INET, 0, 0, 0, ifindex))
+        out = []
+        for head, attrs in self.dump(request, _IFADDRMSG.size):
+            family, prefixlen, _flags, _scope, index = _IFADDRMSG.unpack(head)
+            address = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
+            if family == AF_INET and index == ifindex and address:
+                out.append(IPv4Interface((int.from_bytes(address, "big"), prefixlen)))
+        return out
+
+    def link_kind_and_mac(self, name: str) -> tuple[str, str] | None:
+        """The kind (``vxlan``, ``veth``, ...; empty for a plain device) and MAC of link ``name``, or None."""
+        body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + _attr(IFLA_IFNAME, name.encode() + b"\0")
+        try:
+            for message in self._ask(Request(RTM_GETLINK, 0, body), NLM_F_REQUEST):
+                attrs = _attrs(message, _IFINFOMSG.size, len(message))
+                info = attrs.get(IFLA_LINKINFO, b"")
+                link_kind = _attrs(info, 0, len(info)).get(IFLA_INFO_KIND, b"").rstrip(b"\0").decode()
+                return link_kind, attrs.get(IFLA_ADDRESS, b"").hex(":")
+        except OSError as exc:
+            if exc.errno != errno.ENODEV:
+                raise
+        return None
