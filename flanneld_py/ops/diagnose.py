@@ -56,19 +56,11 @@ def judge_node(ip_forward: str | None, policy: str | None, forward_rules_in_plac
     (None: not known yet) and, on a node with IPv6 pods, the
     ``net.ipv6.conf.all.forwarding`` sysctl's text (None: IPv6 off, or unknown).
     Unknown facts give no problem."""
-    problems = []
-    if ip_forward is not None and ip_forward.strip() == "0":
-        problems.append(NodeProblem(
-            IP_FORWARD_DISABLED,
-            "net.ipv4.ip_forward is 0, so this node forwards no pod traffic; run "
-            "`sysctl -w net.ipv4.ip_forward=1` and keep it in /etc/sysctl.d/",
-            fatal=True))
-    if ipv6_forwarding is not None and ipv6_forwarding.strip() == "0":
-        problems.append(NodeProblem(
-            IPV6_FORWARDING_DISABLED,
-            "net.ipv6.conf.all.forwarding is 0, so this node forwards no IPv6 pod traffic; run "
-            "`sysctl -w net.ipv6.conf.all.forwarding=1` and keep it in /etc/sysctl.d/",
-            fatal=True))
+    problems = [problem for problem in (
+        _forwarding_off(IP_FORWARD_DISABLED, "net.ipv4.ip_forward", ip_forward, "pod traffic"),
+        _forwarding_off(IPV6_FORWARDING_DISABLED, "net.ipv6.conf.all.forwarding", ipv6_forwarding,
+                        "IPv6 pod traffic"),
+    ) if problem is not None]
     if policy == "DROP" and forward_rules_in_place is False:
         problems.append(NodeProblem(
             FORWARD_POLICY_DROP,
@@ -77,6 +69,14 @@ def judge_node(ip_forward: str | None, policy: str | None, forward_rules_in_plac
             "--iptables-forward-rules (the default) or accept the Network in FORWARD",
             fatal=False))
     return problems
+
+
+def _forwarding_off(code: str, sysctl: str, value: str | None, what: str) -> NodeProblem | None:
+    """A fatal problem when a forwarding sysctl reads 0."""
+    if value is None or value.strip() != "0":
+        return None
+    return NodeProblem(code, f"{sysctl} is 0, so this node forwards no {what}; run "
+                             f"`sysctl -w {sysctl}=1` and keep it in /etc/sysctl.d/", fatal=True)
 
 
 def forward_policy(rules: list[str]) -> str | None:
