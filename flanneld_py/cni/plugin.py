@@ -89,9 +89,9 @@ class CniPlugin:
             link = pod_link(request, env, ips)
             wired = self.wiring.add(link, undo)
             if masquerades(conf, env):
-                undo.callback(self.masq.teardown, conf.name, owner, families(env))
                 for ip, family in zip(ips, env.ranges, strict=True):
                     self.masq.setup(conf.name, owner, ip, family.network)
+                    undo.callback(self.masq.teardown, conf.name, owner, (ip.version,))
             undo.pop_all()
         result = Result(
             interfaces=(wired.host, wired.container),
