@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Iterator
-from ipaddress import IPv4Interface, IPv6Interface, ip_interface
+from ipaddress import IPv4Interface, IPv6Interface, IPv6Network, ip_interface
 from typing import Any
 
 import pytest
@@ -173,5 +173,22 @@ def test_pod_masquerade_covers_ipv6(cni_node: CniNode) -> None:
         net.delete(pod, "ctr-a")
         assert chain not in cni_node.node.sh("iptables", "-t", "nat", "-S").stdout
         assert chain not in cni_node.node.sh("ip6tables", "-t", "nat", "-S").stdout
+    finally:
+        net.close()
+
+
+def test_a_full_ipv6_subnet_fails_the_add_and_frees_its_ipv4_address(cni_node: CniNode) -> None:
+    net = CniNetwork.create(cni_node, next(_index), ipv6=True)
+    try:
+        assert net.subnet6 is not None
+        net.subnet6 = IPv6Network(f"{net.subnet6.network_address}/126")  # gateway ::1, pods ::2 and ::3
+        net.write_subnet_file()
+        for label in "ab":
+            net.add(net.pod(label), f"ctr-{label}")
+        held = dict(net.reservations())
+        error = net.invoke("ADD", net.conf(), container="ctr-c", netns=net.pod("c")).error()
+        assert error["code"] == 101 and str(net.subnet6) in error["msg"]
+        assert net.reservations() == held, "the IPv4 address the failed ADD took is free again"
+        assert len(net.host_veths()) == 2
     finally:
         net.close()
