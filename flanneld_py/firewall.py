@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 __all__ = ["Iptables", "IptablesError"]
 
@@ -29,6 +29,10 @@ class Iptables:
     wait_seconds: int = 5
     timeout: float = 30.0
     prefix: tuple[str, ...] = ()
+
+    def for_ipv6(self) -> Iptables:
+        """The same runner for ``ip6tables`` (and ``ip6tables-restore``)."""
+        return replace(self, binary=self.binary.replace("iptables", "ip6tables", 1))
 
     def _run(self, table: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         argv = [*self.prefix, self.binary, "--wait", str(self.wait_seconds), "-t", table, *args]

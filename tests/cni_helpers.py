@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 PYTHON_SHIM = REPO / "cni" / "flannel_py.py"
 PLUGIN = cni_plugin_argv()  # the compiled shim when built (FLANNEL_PY_PLUGIN=python: the Python one)
 CLUSTER = IPv4Network("10.244.0.0/16")
+CLUSTER6 = IPv6Network("fd00:10:244::/56")
 REFERENCE_PLUGINS = Path("/usr/lib/cni")
 
 
@@ -143,15 +144,19 @@ class CniNetwork:
 
     lab: CniNode
     index: int
-    subnet: IPv4Network
+    subnet: IPv4Network | None  # None: an IPv6-only node
     mtu: int = 1472
     ipmasq: bool = True
+    subnet6: IPv6Network | None = None
     pods: list[Netns] = field(default_factory=list)
 
     @classmethod
-    def create(cls, lab: CniNode, index: int, prefixlen: int = 24, **kwargs: Any) -> CniNetwork:
-        """Network ``index`` with the node subnet 10.244.<index>.0/<prefixlen> and its subnet file."""
-        net = cls(lab, index, IPv4Network(f"10.244.{index}.0/{prefixlen}"), **kwargs)
+    def create(cls, lab: CniNode, index: int, prefixlen: int = 24, *, ipv4: bool = True, ipv6: bool = False,
+               **kwargs: Any) -> CniNetwork:
+        """Network ``index`` with the node subnets 10.244.<index>.0/<prefixlen> and (``ipv6``)
+        fd00:10:244:<index>::/64, and its subnet file."""
+        net = cls(lab, index, IPv4Network(f"10.244.{index}.0/{prefixlen}") if ipv4 else None,
+                  subnet6=IPv6Network(f"fd00:10:244:{index:x}::/64") if ipv6 else None, **kwargs)
         net.write_subnet_file()
         return net
 
@@ -176,7 +181,8 @@ class CniNetwork:
         return self.dir / "ipam"
 
     def write_subnet_file(self) -> SubnetEnv:
-        env = SubnetEnv(CLUSTER, self.subnet, self.mtu, self.ipmasq)
+        env = SubnetEnv(CLUSTER if self.subnet else None, self.subnet, self.mtu, self.ipmasq,
+                        CLUSTER6 if self.subnet6 else None, self.subnet6)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.subnet_file.write_text(env.render())
         return env
@@ -241,7 +247,7 @@ class CniNetwork:
             return {}
         out = {}
         for path in d.iterdir():
-            if path.name[0].isdigit():
+            if path.name[0].isdigit() or ":" in path.name:  # IPv4 or IPv6 addresses
                 try:
                     out[path.name] = path.read_text()
                 except FileNotFoundError:  # released meanwhile
@@ -259,9 +265,13 @@ class CniNetwork:
 
 
 def pod_state(pod: Netns, ifname: str = "eth0") -> dict[str, Any]:
-    """The interface, its IPv4 addresses and the main table's routes, as ``ip -j`` reports them."""
+    """The interface, its addresses and the main table's routes, as ``ip -j`` reports them.
+
+    ``addresses``/``routes``: IPv4; ``addresses6``/``routes6``: IPv6 (link-local addresses left out).
+    """
     links = json.loads(pod.ip("-j", "addr", "show", "dev", ifname).stdout)
     routes = json.loads(pod.ip("-j", "-4", "route", "show").stdout)
+    routes6 = json.loads(pod.ip("-j", "-6", "route", "show").stdout)
     (link,) = links
     return {
         "mtu": link["mtu"],
@@ -269,7 +279,11 @@ def pod_state(pod: Netns, ifname: str = "eth0") -> dict[str, Any]:
         "up": "UP" in link["flags"],
         "index": link["ifindex"],
         "addresses": [f"{a['local']}/{a['prefixlen']}" for a in link["addr_info"] if a["family"] == "inet"],
+        "addresses6": [f"{a['local']}/{a['prefixlen']}" for a in link["addr_info"]
+                       if a["family"] == "inet6" and a.get("scope") != "link"],
+        "tentative6": [a["local"] for a in link["addr_info"] if a.get("tentative")],
         "routes": {(r["dst"], r.get("gateway")) for r in routes},
+        "routes6": {(r["dst"], r.get("gateway")) for r in routes6},
     }
 
 

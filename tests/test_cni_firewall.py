@@ -1,9 +1,9 @@
-"""The iptables runner and the per-pod masquerade, inside a namespace of our own."""
+"""The iptables runner, the per-pod masquerade and flannel's IPv6 rule sets, inside a namespace of our own."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 import pytest
 
@@ -11,6 +11,7 @@ from flanneld_py.cni.masq import PodMasquerade, chain_name
 from flanneld_py.cni.models import Attachment, CniError
 from flanneld_py.firewall import Iptables, IptablesError
 from flanneld_py.lab.netns import Netns, unique_tag
+from flanneld_py.ops.ipmasq import RuleApplier, forward_rules, masq_ip6_rules
 
 pytestmark = pytest.mark.netns
 
@@ -101,3 +102,25 @@ def test_gc_finds_a_chain_whose_jump_is_already_gone(ipt: Iptables) -> None:
     ipt.restore("nat", [f"-D {jump[3:]}"])
     assert masq.gc("cbr0", []) == [chain]
     assert not ipt.chain_exists("nat", chain)
+
+
+def test_flannels_ipv6_rules_in_ip6tables_heal(ns: Netns) -> None:
+    """--ip-masq and the FORWARD accept rules for an IPv6 Network, in a real ip6tables."""
+    ip6t = Iptables(prefix=tuple(ns.argv())).for_ipv6()
+    network, subnet = IPv6Network("fd00:10:244::/56"), IPv6Network("fd00:10:244:7::/64")
+    app = RuleApplier(ip6t, lambda rf: masq_ip6_rules(network, subnet, rf) + forward_rules(network),
+                      random_fully=False, label="ipv6 ip-masq")
+    assert app.ensure() is True
+    nat = ns.sh("ip6tables", "-t", "nat", "-S").stdout
+    assert '-A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG' in nat
+    assert ('-A FLANNEL-POSTRTG -s fd00:10:244::/56 ! -d ff00::/8 -m comment --comment "flanneld masq" '
+            "-j MASQUERADE") in nat
+    assert ('-A FLANNEL-FWD -d fd00:10:244::/56 -m comment --comment "flanneld forward" -j ACCEPT'
+            in ns.sh("ip6tables", "-S").stdout)
+    assert "FLANNEL" not in ns.sh("iptables", "-t", "nat", "-S").stdout, "IPv4 tables are left alone"
+    before = ip6t.list_rules("nat", "FLANNEL-POSTRTG")
+    ns.sh("ip6tables", "-t", "nat", "-D", "FLANNEL-POSTRTG", "3")
+    assert app.ensure() is True and app.repairs == 1
+    assert ip6t.list_rules("nat", "FLANNEL-POSTRTG") == before
+    app.remove_all()
+    assert "FLANNEL" not in ns.sh("ip6tables", "-t", "nat", "-S").stdout + ns.sh("ip6tables", "-S").stdout

@@ -5,7 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import threading
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
 import pytest
@@ -131,3 +131,49 @@ def test_processes_never_share_an_address(tmp_path: Path) -> None:
     got = [out.get(timeout=5) for _ in procs]
     assert len(set(got)) == 12
     assert sorted(os.listdir(tmp_path / "n")) == sorted(got + ["last_reserved_ip.0", "lock"])
+
+
+SUBNET6 = IPv6Network("fd00:10:244:5::/64")
+GATEWAY6 = IPv6Address("fd00:10:244:5::1")
+
+
+def test_ipv6_files_and_ranges_look_like_host_locals(tmp_path: Path) -> None:
+    # flannel's plugin hands host-local IPv4 as range set 0 and IPv6 as range set 1
+    store = AddressStore(str(tmp_path), "cbr0")
+    v4 = store.allocate(owner(1), SUBNET, reserved=[GATEWAY], range_index=0)
+    v6 = store.allocate(owner(1), SUBNET6, reserved=[GATEWAY6], range_index=1)
+    assert (v4, v6) == (IPv4Address("10.244.5.2"), IPv6Address("fd00:10:244:5::2"))
+    net_dir = tmp_path / "cbr0"
+    assert (net_dir / "fd00:10:244:5::2").read_text() == "ctr-1\neth0"
+    assert (net_dir / "last_reserved_ip.0").read_text() == "10.244.5.2"
+    assert (net_dir / "last_reserved_ip.1").read_text() == "fd00:10:244:5::2"
+    assert store.lookup(owner(1)) == [v4, v6]
+
+
+def test_ipv6_round_robin_and_release_cover_both_families(tmp_path: Path) -> None:
+    store = AddressStore(str(tmp_path), "n")
+    a = store.allocate(owner(1), SUBNET6, reserved=[GATEWAY6], range_index=1)
+    store.allocate(owner(1), SUBNET, reserved=[GATEWAY], range_index=0)
+    assert sorted(map(str, store.release(owner(1)))) == ["10.244.5.2", str(a)]
+    again = AddressStore(str(tmp_path), "n")
+    assert again.allocate(owner(2), SUBNET6, reserved=[GATEWAY6], range_index=1) == a + 1
+    assert again.allocate(owner(3), SUBNET, reserved=[GATEWAY], range_index=0) == IPv4Address("10.244.5.3")
+
+
+def test_ipv6_has_no_broadcast_and_gc_frees_it(tmp_path: Path) -> None:
+    store = AddressStore(str(tmp_path), "n")
+    tiny = IPv6Network("fd00:10:244:5::/126")  # ::1 gateway, ::2 and ::3 (no broadcast in IPv6)
+    got = [store.allocate(owner(i), tiny, reserved=[GATEWAY6]) for i in range(2)]
+    assert [str(ip) for ip in got] == ["fd00:10:244:5::2", "fd00:10:244:5::3"]
+    with pytest.raises(PoolExhausted):
+        store.allocate(owner(9), tiny, reserved=[GATEWAY6])
+    assert store.gc([owner(1)]) == [got[0]]
+    assert store.reservations() == {got[1]: owner(1)}
+
+
+def test_host_local_ipv6_entries_are_read(tmp_path: Path) -> None:
+    """host-local writes "<id>\\r\\n<ifname>"; an IPv6 file of its must count as a reservation."""
+    (tmp_path / "n").mkdir()
+    (tmp_path / "n" / "fd00:10:244:5::7").write_text("ctr-1\r\neth0")
+    store = AddressStore(str(tmp_path), "n")
+    assert store.lookup(owner(1)) == [IPv6Address("fd00:10:244:5::7")]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -162,13 +162,45 @@ def test_results_survive_a_round_trip_as_prev_result(version: str) -> None:
         (i.name, i.mac, i.sandbox) for i in RESULT.interfaces]
 
 
-def test_prev_result_ignores_ipv6_and_rejects_garbage() -> None:
+DUAL = Result(
+    interfaces=RESULT.interfaces,
+    ips=(IPConfig(IPv4Interface("10.244.5.2/24"), IPv4Address("10.244.5.1"), interface=1),
+         IPConfig(IPv6Interface("fd00:10:244:5::2/64"), IPv6Address("fd00:10:244:5::1"), interface=1)),
+    routes=(Route(IPv4Network("10.244.0.0/16"), IPv4Address("10.244.5.1")),
+            Route(IPv6Network("fd00:10:244::/56"), IPv6Address("fd00:10:244:5::1")),
+            Route(IPv6Network("::/0"), IPv6Address("fd00:10:244:5::1"))),
+)
+
+
+@pytest.mark.parametrize("version", ["0.3.1", "0.4.0"])
+def test_legacy_dual_stack_results_tag_each_ip_with_its_family(version: str) -> None:
+    out = DUAL.render(version)
+    assert out["ips"] == [
+        {"version": "4", "interface": 1, "address": "10.244.5.2/24", "gateway": "10.244.5.1"},
+        {"version": "6", "interface": 1, "address": "fd00:10:244:5::2/64", "gateway": "fd00:10:244:5::1"},
+    ]
+    assert out["routes"][1:] == [{"dst": "fd00:10:244::/56", "gw": "fd00:10:244:5::1"},
+                                 {"dst": "::/0", "gw": "fd00:10:244:5::1"}]
+
+
+@pytest.mark.parametrize("version", SUPPORTED_VERSIONS)
+def test_dual_stack_results_survive_a_round_trip(version: str) -> None:
+    out = DUAL.render(version)
+    if version.startswith("1."):
+        assert all("version" not in ip for ip in out["ips"])
+    parsed = Result.parse(json.loads(json.dumps(out)))
+    assert parsed.ips == DUAL.ips and parsed.routes == DUAL.routes
+
+
+def test_prev_result_reads_both_families_and_rejects_garbage() -> None:
     parsed = Result.parse({"ips": [{"address": "fd00::2/64"}, {"address": "10.0.0.2/24"}],
                            "routes": [{"dst": "::/0"}]})
-    assert [str(ip.address) for ip in parsed.ips] == ["10.0.0.2/24"] and parsed.routes == ()
-    with pytest.raises(CniError) as caught:
-        Result.parse({"ips": [{"address": "not-an-ip"}]})
-    assert caught.value.code == ErrorCode.INVALID_CONFIG
+    assert [str(ip.address) for ip in parsed.ips] == ["fd00::2/64", "10.0.0.2/24"]
+    assert parsed.routes == (Route(IPv6Network("::/0")),)
+    for garbage in ({"ips": [{"address": "not-an-ip"}]}, {"routes": [{"dst": "fd00::1/64"}]}):
+        with pytest.raises(CniError) as caught:
+            Result.parse(garbage)
+        assert caught.value.code == ErrorCode.INVALID_CONFIG
 
 
 def test_version_answers_in_the_version_asked_for() -> None:

@@ -7,13 +7,14 @@ import json
 import os
 import threading
 from collections.abc import Iterator
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
 
 import pytest
 
 from flanneld_py.lab.netns import Netns, unique_tag
 from flanneld_py.netlink import NetlinkError
-from flanneld_py.netlink.pods import (NamespaceNotFound, NetnsNetlink, PodSocket, create_veth, ensure_bridge,
+from flanneld_py.netlink.pods import (NamespaceNotFound, NetnsNetlink, PodSocket, addresses, create_veth,
+                                      disable_dad, ensure_bridge, routes,
                                       hairpin_enabled, link_master, netns_socket, random_mac, set_hairpin)
 
 pytestmark = pytest.mark.netns
@@ -68,8 +69,8 @@ def test_bridge_veth_and_the_raw_pod_requests(pair: tuple[Netns, Netns]) -> None
     gateway = IPv4Interface("10.244.77.1/24")
     with NetnsNetlink(node.path) as nl:
         node.ip("addr", "add", "10.244.66.1/24", "dev", "lo")  # not on the bridge: left alone
-        bridge = ensure_bridge(nl, "cnib0", 1472, gateway, IPv4Network("10.244.0.0/16"))
-        assert ensure_bridge(nl, "cnib0", 1472, gateway) == bridge  # idempotent
+        bridge = ensure_bridge(nl, "cnib0", 1472, [gateway], [IPv4Network("10.244.0.0/16")])
+        assert ensure_bridge(nl, "cnib0", 1472, [gateway]) == bridge  # idempotent
         mac, peer_mac = random_mac(), random_mac()
         create_veth(nl, "vethtest0", "eth0", pod.path, 1472, master=bridge, host_mac=mac, peer_mac=peer_mac,
                     gso_max_size=63000)
@@ -105,11 +106,38 @@ def test_bridge_veth_and_the_raw_pod_requests(pair: tuple[Netns, Netns]) -> None
 def test_a_new_gateway_replaces_an_old_node_subnet_on_the_bridge(pair: tuple[Netns, Netns]) -> None:
     node, _ = pair
     with NetnsNetlink(node.path) as nl:
-        ensure_bridge(nl, "cnib0", 1472, IPv4Interface("10.244.8.1/24"), IPv4Network("10.244.0.0/16"))
-        ensure_bridge(nl, "cnib0", 1472, IPv4Interface("10.244.9.1/24"), IPv4Network("10.244.0.0/16"))
+        ensure_bridge(nl, "cnib0", 1472, [IPv4Interface("10.244.8.1/24"), IPv6Interface("fd00:10:244:8::1/64")],
+                      [IPv4Network("10.244.0.0/16"), IPv6Network("fd00:10:244::/56")])
+        ensure_bridge(nl, "cnib0", 1472, [IPv4Interface("10.244.9.1/24"), IPv6Interface("fd00:10:244:9::1/64")],
+                      [IPv4Network("10.244.0.0/16"), IPv6Network("fd00:10:244::/56")])
         index = nl.require_index("cnib0")
         assert nl.ipv4_addresses(index) == [IPv4Interface("10.244.9.1/24")]
+        assert addresses(nl, index) == [IPv4Interface("10.244.9.1/24"), IPv6Interface("fd00:10:244:9::1/64")]
         mac = nl.link_attrs(index)["address"]
     node.ip("link", "add", "vethx", "type", "veth", "peer", "name", "vethy")
     node.ip("link", "set", "vethx", "master", "cnib0")
     assert links(node)["cnib0"]["address"] == mac, "the bridge keeps its MAC when ports come"
+
+
+def test_ipv6_bridge_gateway_and_raw_pod_requests(pair: tuple[Netns, Netns]) -> None:
+    node, pod = pair
+    gateway = IPv6Interface("fd00:10:244:77::1/64")
+    with NetnsNetlink(node.path) as nl:
+        bridge = ensure_bridge(nl, "cnib0", 1472, [gateway], [IPv6Network("fd00:10:244::/56")])
+        create_veth(nl, "vethtest6", "eth0", pod.path, 1472, master=bridge)
+        assert addresses(nl, bridge) == [gateway]
+    disable_dad(pod.path, "eth0")
+    assert pod.sh("cat", "/proc/sys/net/ipv6/conf/eth0/accept_dad").stdout.strip() == "0"
+    with PodSocket(pod.path) as raw:
+        index = raw.link_index("eth0")
+        raw.set_up(index)
+        raw.add_address(index, IPv6Interface("fd00:10:244:77::2/64"))
+        raw.replace_route(IPv6Network("::/0"), IPv6Address("fd00:10:244:77::1"), index, 3)
+        raw.replace_route(IPv6Network("fd00:10:244::/56"), IPv6Address("fd00:10:244:77::1"), index, 3)
+    with NetnsNetlink(pod.path) as nl:
+        assert IPv6Interface("fd00:10:244:77::2/64") in addresses(nl, index)
+        installed = routes(nl)
+    assert (IPv6Network("::/0"), IPv6Address("fd00:10:244:77::1")) in installed
+    assert (IPv6Network("fd00:10:244::/56"), IPv6Address("fd00:10:244:77::1")) in installed
+    node.ip("link", "set", "vethtest6", "up")
+    pod.sh("ping", "-6", "-c", "1", "-W", "5", "fd00:10:244:77::1")

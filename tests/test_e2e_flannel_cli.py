@@ -171,7 +171,8 @@ def test_forward_rules_by_default_let_pods_talk_under_a_drop_policy():
             lab.nodes[0].netns.sh("iptables", "-S", "FORWARD").stdout
         rules = lab.nodes[0].netns.sh("iptables", "-w", "5", "-S", "FORWARD").stdout.splitlines()
         assert rules[1] == '-A FORWARD -m comment --comment "flanneld forward" -j FLANNEL-FWD', rules
-        assert _problem_gauges(lab.nodes[0], PORT) == {"ip_forward_disabled": 0, "forward_policy_drop": 0}
+        assert _problem_gauges(lab.nodes[0], PORT) == {"ip_forward_disabled": 0, "forward_policy_drop": 0,
+                                                          "ipv6_forwarding_disabled": 0}
         assert "forward   on, 0 repairs" in _status(lab.nodes[0])
 
         # a rule deleted by hand comes back within --iptables-resync

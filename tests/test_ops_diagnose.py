@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from flanneld_py.ops.diagnose import (
     FORWARD_POLICY_DROP,
     IP_FORWARD_DISABLED,
+    IPV6_FORWARDING_DISABLED,
     NodeDoctor,
     forward_policy,
     judge_node,
@@ -75,6 +76,28 @@ def test_doctor_reads_the_policy_only_when_our_rules_are_not_in_place(caplog):
     assert codes(doctor.check()) == [FORWARD_POLICY_DROP] and ipt.calls == 1
 
 
+def test_ipv6_forwarding_off_is_fatal_only_where_ipv6_is_enabled():
+    (problem,) = judge_node("1\n", "ACCEPT", True, "0\n")
+    assert problem.code == IPV6_FORWARDING_DISABLED and problem.fatal
+    assert "sysctl -w net.ipv6.conf.all.forwarding=1" in problem.message
+    assert judge_node("1\n", "ACCEPT", True, "1\n") == []
+    assert judge_node("1\n", "ACCEPT", True, None) == []  # IPv6 off: not read
+
+
+def test_doctor_reads_ipv6_forwarding_only_when_ipv6_is_enabled():
+    state = {"ipv6": False, "reads": 0}
+
+    def read_ipv6():
+        state["reads"] += 1
+        return "0\n"
+
+    doctor = NodeDoctor(lambda: True, 5, iptables=FakeIptables([]), read_sysctl=lambda: "1\n",
+                        ipv6_enabled=lambda: state["ipv6"], read_ipv6_sysctl=read_ipv6)
+    assert doctor.check() == [] and state["reads"] == 0
+    state["ipv6"] = True
+    assert codes(doctor.check()) == [IPV6_FORWARDING_DISABLED] and state["reads"] == 1
+
+
 def test_doctor_logs_each_problem_once_and_when_it_clears(caplog):
     state = {"sysctl": "0\n"}
     doctor = NodeDoctor(lambda: True, 5, iptables=FakeIptables([]), read_sysctl=lambda: state["sysctl"])
@@ -112,8 +135,9 @@ def gauges(s):
 
 
 def test_metric_has_a_series_per_problem():
-    assert gauges(snap()) == {IP_FORWARD_DISABLED: 0, FORWARD_POLICY_DROP: 0}
-    assert gauges(snap(judge_node("0", "DROP", False))) == {IP_FORWARD_DISABLED: 1, FORWARD_POLICY_DROP: 1}
+    assert gauges(snap()) == {IP_FORWARD_DISABLED: 0, FORWARD_POLICY_DROP: 0, IPV6_FORWARDING_DISABLED: 0}
+    assert gauges(snap(judge_node("0", "DROP", False, "0"))) == {
+        IP_FORWARD_DISABLED: 1, FORWARD_POLICY_DROP: 1, IPV6_FORWARDING_DISABLED: 1}
 
 
 def test_status_shows_problems_and_forward_rules():

@@ -3,13 +3,14 @@ applier's repair logic (fake iptables)."""
 
 from __future__ import annotations
 
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 import pytest
 
 from flanneld_py.ops.ipmasq import (
     RuleApplier,
     forward_rules,
+    masq_ip6_rules,
     masq_rules,
     restore_lines,
     supports_random_fully,
@@ -31,6 +32,36 @@ def test_masq_rules_match_flannel():
         ["!", "-s", "10.244.0.0/16", "-d", "10.244.7.0/24", *C, "-j", "RETURN"],
         ["-s", "10.244.0.0/16", "!", "-d", "224.0.0.0/4", *C, "-j", "MASQUERADE", "--random-fully"],
         ["!", "-s", "10.244.0.0/16", "-d", "10.244.0.0/16", *C, "-j", "MASQUERADE", "--random-fully"],
+    ]
+
+
+NET6 = IPv6Network("fd00:10:244::/56")
+SUB6 = IPv6Network("fd00:10:244:7::/64")
+
+
+@pytest.mark.parametrize("random_fully", [True, False])
+def test_masq_ip6_rules_match_flannel(random_fully):
+    """flannel v0.20.2 MasqIP6Rules: its own order, ff00::/8 for multicast."""
+    tail = ["--random-fully"] if random_fully else []
+    rules = masq_ip6_rules(NET6, SUB6, random_fully)
+    assert [(r.table, r.chain, r.insert) for r in rules] == (
+        [("nat", "POSTROUTING", True)] + [("nat", "FLANNEL-POSTRTG", False)] * 5)
+    assert [list(r.spec) for r in rules] == [
+        [*C, "-j", "FLANNEL-POSTRTG"],
+        ["-m", "mark", "--mark", "0x4000/0x4000", *C, "-j", "RETURN"],
+        ["-s", "fd00:10:244::/56", "-d", "fd00:10:244::/56", *C, "-j", "RETURN"],
+        ["-s", "fd00:10:244::/56", "!", "-d", "ff00::/8", *C, "-j", "MASQUERADE", *tail],
+        ["!", "-s", "fd00:10:244::/56", "-d", "fd00:10:244:7::/64", *C, "-j", "RETURN"],
+        ["!", "-s", "fd00:10:244::/56", "-d", "fd00:10:244::/56", *C, "-j", "MASQUERADE", *tail],
+    ]
+
+
+def test_ipv6_forward_rules_match_flannel():
+    fc = ["-m", "comment", "--comment", "flanneld forward"]
+    assert [(r.table, r.chain, list(r.spec)) for r in forward_rules(NET6)] == [
+        ("filter", "FORWARD", [*fc, "-j", "FLANNEL-FWD"]),
+        ("filter", "FLANNEL-FWD", ["-s", "fd00:10:244::/56", *fc, "-j", "ACCEPT"]),
+        ("filter", "FLANNEL-FWD", ["-d", "fd00:10:244::/56", *fc, "-j", "ACCEPT"]),
     ]
 
 
@@ -211,3 +242,23 @@ def test_in_place_after_a_pass():
 
     asyncio.run(one_pass())
     assert app.in_place is True
+
+
+def test_ipv6_rules_heal_like_the_ipv4_ones():
+    ipt = FakeIptables()
+    ipt.binary = "ip6tables"
+    current = {"subnet": SUB6}
+    app = RuleApplier(ipt, lambda rf: masq_ip6_rules(NET6, current["subnet"], rf) + forward_rules(NET6),
+                      random_fully=False, label="ipv6 ip-masq")
+    assert app.ensure() is True
+    want = list(ipt.chains[("nat", "FLANNEL-POSTRTG")])
+    assert want == [r.spec for r in masq_ip6_rules(NET6, SUB6, False)[1:]]
+    ipt.chains[("nat", "FLANNEL-POSTRTG")].pop(1)
+    ipt.chains[("filter", "FLANNEL-FWD")].clear()
+    assert app.ensure() is True and app.repairs == 1
+    assert ipt.chains[("nat", "FLANNEL-POSTRTG")] == want and len(ipt.chains[("filter", "FLANNEL-FWD")]) == 2
+    current["subnet"] = IPv6Network("fd00:10:244:9::/64")
+    app.ensure()
+    specs = [" ".join(spec) for spec in ipt.chains[("nat", "FLANNEL-POSTRTG")]]
+    assert not any("fd00:10:244:7::/64" in spec for spec in specs)
+    assert sum("fd00:10:244:9::/64" in spec for spec in specs) == 1

@@ -4,14 +4,16 @@ flannel's plugin delegates to ``bridge`` with ``ipMasq = !FLANNEL_IPMASQ``:
 when the daemon does not masquerade for the whole node (``--ip-masq``), each
 pod gets its own nat chain. Ours accepts traffic to the cluster network and
 masquerades everything else but multicast. The chain is named after the
-attachment, so DEL and GC find it without knowing the pod's address.
+attachment, so DEL and GC find it without knowing the pod's address. An
+IPv6 address gets the same chain in ip6tables' nat table, as the bridge
+plugin does it.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
-from ipaddress import IPv4Address, IPv4Network
+from collections.abc import Iterable, Sequence
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from ..firewall import Iptables, IptablesError
 from .models import Attachment, CniError, ErrorCode
@@ -20,7 +22,9 @@ __all__ = ["PodMasquerade", "chain_name"]
 
 TABLE = "nat"
 CHAIN_PREFIX = "FLP-"
-MULTICAST = "224.0.0.0/4"
+MULTICAST = {4: "224.0.0.0/4", 6: "ff00::/8"}
+HOST_PREFIX = {4: 32, 6: 128}
+BOTH = (4, 6)
 
 
 def chain_name(network: str, owner: Attachment) -> str:
@@ -35,46 +39,54 @@ def _comment(network: str, owner: Attachment) -> str:
 
 class PodMasquerade:
     def __init__(self, iptables: Iptables) -> None:
-        self.iptables = iptables
+        """``iptables`` for IPv4; its ``for_ipv6()`` twin serves IPv6 addresses."""
+        self.tables = {4: iptables, 6: iptables.for_ipv6()}
 
-    def setup(self, network: str, owner: Attachment, ip: IPv4Address, cluster: IPv4Network) -> None:
-        """One atomic ``iptables-restore``: the pod's chain and the jump to it."""
+    def setup(self, network: str, owner: Attachment, ip: IPv4Address | IPv6Address,
+              cluster: IPv4Network | IPv6Network) -> None:
+        """One atomic ``ip(6)tables-restore`` for ``ip``'s family: the pod's chain and the jump to it."""
         chain = chain_name(network, owner)
         comment = f'-m comment --comment "{_comment(network, owner)}"'
         try:
-            self.iptables.restore(TABLE, [
+            self.tables[ip.version].restore(TABLE, [
                 f":{chain} - [0:0]",
                 f"-A {chain} -d {cluster} {comment} -j ACCEPT",
-                f"-A {chain} ! -d {MULTICAST} {comment} -j MASQUERADE",
-                f"-A POSTROUTING -s {ip}/32 {comment} -j {chain}",
+                f"-A {chain} ! -d {MULTICAST[ip.version]} {comment} -j MASQUERADE",
+                f"-A POSTROUTING -s {ip}/{HOST_PREFIX[ip.version]} {comment} -j {chain}",
             ])
         except IptablesError as exc:
             raise CniError(ErrorCode.FIREWALL_FAILED, f"cannot set up masquerading for {ip}", str(exc)) from exc
 
-    def present(self, network: str, owner: Attachment) -> bool:
+    def present(self, network: str, owner: Attachment, version: int = 4) -> bool:
         try:
-            return self.iptables.chain_exists(TABLE, chain_name(network, owner))
+            return self.tables[version].chain_exists(TABLE, chain_name(network, owner))
         except IptablesError as exc:
             raise CniError(ErrorCode.FIREWALL_FAILED, "cannot read the nat table", str(exc)) from exc
 
-    def teardown(self, network: str, owner: Attachment) -> bool:
-        """Remove the pod's chain and every jump to it; False if there was none."""
-        try:
-            rules = self.iptables.list_rules(TABLE)
-        except IptablesError as exc:
-            raise CniError(ErrorCode.FIREWALL_FAILED, "cannot list the nat table", str(exc)) from exc
-        return bool(self._remove([chain_name(network, owner)], rules))
+    def teardown(self, network: str, owner: Attachment, versions: Sequence[int] = (4,)) -> bool:
+        """Remove the pod's chain and every jump to it in each family's table; False if there was none."""
+        removed = False
+        for version in versions:
+            try:
+                rules = self.tables[version].list_rules(TABLE)
+            except IptablesError as exc:
+                raise CniError(ErrorCode.FIREWALL_FAILED, "cannot list the nat table", str(exc)) from exc
+            removed |= bool(self._remove(version, [chain_name(network, owner)], rules))
+        return removed
 
     def gc(self, network: str, valid: Iterable[Attachment]) -> list[str]:
-        """Remove this network's pod chains whose attachment is not in ``valid``."""
+        """Remove this network's pod chains whose attachment is not in ``valid`` (both families)."""
         keep = {chain_name(network, owner) for owner in valid}
-        try:
-            rules = self.iptables.list_rules(TABLE)
-        except IptablesError:  # no iptables here: no chains of ours either
-            return []
-        return self._remove(sorted(_chains_of(network, rules) - keep), rules)
+        removed: list[str] = []
+        for version in BOTH:
+            try:
+                rules = self.tables[version].list_rules(TABLE)
+            except IptablesError:  # no ip(6)tables here: no chains of ours either
+                continue
+            removed += self._remove(version, sorted(_chains_of(network, rules) - keep), rules)
+        return removed
 
-    def _remove(self, chains: list[str], rules: list[str]) -> list[str]:
+    def _remove(self, version: int, chains: list[str], rules: list[str]) -> list[str]:
         present = [c for c in chains if f"-N {c}" in rules]
         lines = [f"-D {line[3:]}" for line in rules
                  if line.startswith("-A POSTROUTING ") and line.rsplit(" ", 1)[-1] in chains]
@@ -82,7 +94,7 @@ class PodMasquerade:
             lines += [f":{chain} - [0:0]", f"-X {chain}"]
         if lines:
             try:
-                self.iptables.restore(TABLE, lines)
+                self.tables[version].restore(TABLE, lines)
             except IptablesError as exc:
                 raise CniError(ErrorCode.FIREWALL_FAILED, "cannot remove pod masquerading", str(exc)) from exc
         return present

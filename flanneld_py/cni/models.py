@@ -11,7 +11,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import IntEnum
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+    ip_address,
+    ip_interface,
+    ip_network,
+)
 from typing import Any
 
 __all__ = [
@@ -324,15 +334,15 @@ class Interface:
 
 @dataclass(frozen=True, slots=True)
 class IPConfig:
-    address: IPv4Interface
-    gateway: IPv4Address | None = None
+    address: IPv4Interface | IPv6Interface
+    gateway: IPv4Address | IPv6Address | None = None
     interface: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    dst: IPv4Network
-    gw: IPv4Address | None = None
+    dst: IPv4Network | IPv6Network
+    gw: IPv4Address | IPv6Address | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,7 +355,7 @@ class Result:
     dns: dict[str, Any] = field(default_factory=dict)
 
     def render(self, cni_version: str) -> dict[str, Any]:
-        """SPEC.md's result object: 0.3.x/0.4.0 tag each IP with ``"version": "4"``, 1.x does not."""
+        """SPEC.md's result object: 0.3.x/0.4.0 tag each IP with ``"version": "4"`` or ``"6"``, 1.x does not."""
         legacy = version_tuple(cni_version) < (1, 0, 0)
         with_mtu = version_tuple(cni_version) >= (1, 1, 0)
         return {
@@ -358,18 +368,18 @@ class Result:
 
     @classmethod
     def parse(cls, raw: dict[str, Any]) -> Result:
-        """Read a prevResult of any supported version (IPv4 entries only)."""
+        """Read a prevResult of any supported version, both address families."""
         try:
             interfaces = tuple(Interface(str(i["name"]), str(i.get("mac", "")), str(i.get("sandbox", "")))
                                for i in raw.get("interfaces") or ())
             ips = tuple(
-                IPConfig(IPv4Interface(ip["address"]),
-                         IPv4Address(ip["gateway"]) if ip.get("gateway") else None,
+                IPConfig(ip_interface(ip["address"]),
+                         ip_address(ip["gateway"]) if ip.get("gateway") else None,
                          ip.get("interface"))
-                for ip in raw.get("ips") or () if ":" not in str(ip.get("address", "")))
+                for ip in raw.get("ips") or ())
             routes = tuple(
-                Route(IPv4Network(r["dst"]), IPv4Address(r["gw"]) if r.get("gw") else None)
-                for r in raw.get("routes") or () if ":" not in str(r.get("dst", "")))
+                Route(ip_network(r["dst"]), ip_address(r["gw"]) if r.get("gw") else None)
+                for r in raw.get("routes") or ())
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CniError(ErrorCode.INVALID_CONFIG, "prevResult is malformed", str(exc)) from None
         return cls(interfaces, ips, routes, dict(raw.get("dns") or {}))
@@ -387,7 +397,7 @@ def _render_interface(iface: Interface, with_mtu: bool) -> dict[str, Any]:
 
 
 def _render_ip(ip: IPConfig, legacy: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {"version": "4"} if legacy else {}
+    out: dict[str, Any] = {"version": str(ip.address.version)} if legacy else {}
     if ip.interface is not None:
         out["interface"] = ip.interface
     out["address"] = str(ip.address)

@@ -14,7 +14,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_interface
 from typing import Any
 
 from ..core.subnetenv import SubnetEnv, SubnetEnvError
@@ -29,7 +29,8 @@ __all__ = ["CniPlugin", "LeaseSource", "Unplugger"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ROUTE = IPv4Network("0.0.0.0/0")
+DEFAULT_ROUTES: dict[int, IPv4Network | IPv6Network] = {4: IPv4Network("0.0.0.0/0"), 6: IPv6Network("::/0")}
+CONTAINER_INTERFACE = 1  # its index in the result's interfaces (the host veth is 0)
 # The daemon's view of what the subnet file should say; None while it holds no lease.
 LeaseSource = Callable[[], SubnetEnv | None]
 
@@ -79,17 +80,23 @@ class CniPlugin:
         host = host_veth_name(owner)
         self._settle(host, request.netns)
         with self._attachments.hold(host), ExitStack() as undo:
-            ip = store.allocate(owner, env.subnet, reserved=[env.gateway.ip])
-            undo.callback(store.release_address, ip, owner)
-            link = pod_link(request, env, IPv4Interface((ip, env.subnet.prefixlen)))
+            ips = []
+            # host-local numbers its range sets in the order flannel's plugin lists them: IPv4, IPv6
+            for range_index, family in enumerate(env.ranges):
+                ip = store.allocate(owner, family.subnet, reserved=[family.gateway.ip], range_index=range_index)
+                undo.callback(store.release_address, ip, owner)
+                ips.append(ip)
+            link = pod_link(request, env, ips)
             wired = self.wiring.add(link, undo)
             if masquerades(conf, env):
-                self.masq.setup(conf.name, owner, ip, env.network)
-                undo.callback(self.masq.teardown, conf.name, owner)
+                for ip, family in zip(ips, env.ranges, strict=True):
+                    self.masq.setup(conf.name, owner, ip, family.network)
+                    undo.callback(self.masq.teardown, conf.name, owner, (ip.version,))
             undo.pop_all()
         result = Result(
             interfaces=(wired.host, wired.container),
-            ips=(IPConfig(link.address, env.gateway.ip, interface=1),),
+            ips=tuple(IPConfig(address, gateway.ip, interface=CONTAINER_INTERFACE)
+                      for address, gateway in zip(link.addresses, link.gateways, strict=True)),
             routes=link.routes,
             dns=conf.dns,
         )
@@ -101,9 +108,10 @@ class CniPlugin:
         """Undo ADD as far as anything is left; nothing left is success."""
         conf = request.config
         try:
-            masq = masquerades(conf, load_subnet_env(conf.subnet_file))
-        except CniError:
-            masq = conf.ip_masq is not False  # no subnet file to tell: look for a chain
+            env = load_subnet_env(conf.subnet_file)
+            masq = families(env) if masquerades(conf, env) else ()
+        except CniError:  # no subnet file to tell: look for a chain in both tables
+            masq = (4, 6) if conf.ip_masq is not False else ()
         host = host_veth_name(request.attachment)
         unplug = functools.partial(self._unplug, host, request.attachment, conf, masq)
         if self.unplugger is None:
@@ -112,16 +120,17 @@ class CniPlugin:
             self.unplugger.submit(host, request.netns, unplug)
         return None
 
-    def _unplug(self, host: str, owner: Attachment, conf: NetConf, masq: bool) -> None:
+    def _unplug(self, host: str, owner: Attachment, conf: NetConf, masq: tuple[int, ...]) -> None:
         with self._attachments.hold(host):  # an ADD of this pod still at work finishes first
             self._remove(host, owner, conf, masq)
 
-    def _remove(self, host: str, owner: Attachment, conf: NetConf, masq: bool) -> None:
+    def _remove(self, host: str, owner: Attachment, conf: NetConf, masq: tuple[int, ...]) -> None:
+        """``masq``: the address families whose nat table may hold the pod's chain."""
         # The veth goes first: its address must not be handed out while the old pod still holds it.
         self.wiring.delete(host)
         try:
             if masq:
-                self.masq.teardown(conf.name, owner)
+                self.masq.teardown(conf.name, owner, masq)
         finally:  # a chain left behind must not keep the address (GC sweeps the chain)
             AddressStore(conf.data_dir, conf.name).release(owner)
 
@@ -139,17 +148,24 @@ class CniPlugin:
         env = load_subnet_env(conf.subnet_file)
         self._settle(host_veth_name(request.attachment), request.netns)
         held = AddressStore(conf.data_dir, conf.name).lookup(request.attachment)
-        if not held:
-            raise CniError(ErrorCode.CHECK_MISMATCH,
-                           f"no address is reserved for container {request.container_id} {request.ifname}")
-        link = pod_link(request, env, IPv4Interface((held[0], env.subnet.prefixlen)))
-        ours = [ip for ip in prev.ips if ip.address.ip in held]
-        if not ours:
-            raise CniError(ErrorCode.CHECK_MISMATCH,
-                           f"prevResult holds none of the container's reserved addresses ({', '.join(map(str, held))})")
+        ips = []
+        for family in env.ranges:
+            mine = [ip for ip in held if ip in family.subnet]
+            if not mine:
+                raise CniError(ErrorCode.CHECK_MISMATCH, f"no address in {family.subnet} is reserved for "
+                                                         f"container {request.container_id} {request.ifname}")
+            ips.append(mine[0])
+        link = pod_link(request, env, ips)
+        reported = {ip.address.ip for ip in prev.ips}
+        for ip in ips:
+            if ip not in reported:
+                raise CniError(ErrorCode.CHECK_MISMATCH, f"prevResult lacks the container's reserved address {ip}")
         self.wiring.check(link, prev)
-        if masquerades(conf, env) and not self.masq.present(conf.name, request.attachment):
-            raise CniError(ErrorCode.CHECK_MISMATCH, f"the masquerade chain of {request.container_id} is missing")
+        if masquerades(conf, env):
+            for version in families(env):
+                if not self.masq.present(conf.name, request.attachment, version):
+                    raise CniError(ErrorCode.CHECK_MISMATCH,
+                                   f"the IPv{version} masquerade chain of {request.container_id} is missing")
         return None
 
     # --- STATUS and GC -----------------------------------------------------
@@ -166,8 +182,8 @@ class CniPlugin:
                 raise CniError(ErrorCode.NOT_AVAILABLE, "flanneld-py holds no subnet lease for this node")
             if lease != env:
                 raise CniError(ErrorCode.NOT_AVAILABLE,
-                               f"the subnet file {request.config.subnet_file} is stale: it says {env.subnet}, "
-                               f"the lease is {lease.subnet}")
+                               f"the subnet file {request.config.subnet_file} is stale: it says "
+                               f"{_subnets(env)}, the lease is {_subnets(lease)}")
         return None
 
     def cmd_gc(self, request: Request) -> None:
@@ -199,28 +215,40 @@ def load_subnet_env(path: str) -> SubnetEnv:
         raise CniError(ErrorCode.SUBNET_FILE_INVALID, f"the subnet file {path} is invalid: {exc}") from None
 
 
-def pod_link(request: Request, env: SubnetEnv, address: IPv4Interface) -> PodLink:
+def pod_link(request: Request, env: SubnetEnv, ips: list[IPv4Address | IPv6Address]) -> PodLink:
+    """The wiring for one attachment: ``ips`` holds one address per family of ``env.ranges``."""
     conf: NetConf = request.config
-    gateway = env.gateway
-    # flannel's delegation: the Network through the bridge, and with isDefaultGateway the
-    # default route as well (the bridge plugin's addition)
-    routes = [Route(env.network, gateway.ip)]
-    if conf.is_default_gateway:
-        routes.append(Route(DEFAULT_ROUTE, gateway.ip))
+    routes = []
+    for family in env.ranges:
+        # flannel's delegation: each Network through the bridge, and with isDefaultGateway the
+        # family's default route as well (the bridge plugin's addition)
+        routes.append(Route(family.network, family.gateway.ip))
+        if conf.is_default_gateway:
+            routes.append(Route(DEFAULT_ROUTES[family.network.version], family.gateway.ip))
     return PodLink(
         netns=request.netns,
         ifname=request.ifname,
         host_ifname=host_veth_name(request.attachment),
         bridge=conf.bridge,
-        gateway=gateway,
-        address=address,
+        gateways=tuple(family.gateway for family in env.ranges),
+        addresses=tuple(ip_interface((ip, family.subnet.prefixlen))
+                        for ip, family in zip(ips, env.ranges, strict=True)),
         routes=tuple(routes),
         mtu=env.mtu,
         hairpin=conf.hairpin_mode,
         forwarding=conf.is_default_gateway,
-        cluster=env.network,
+        clusters=tuple(family.network for family in env.ranges),
         gso_max_size=conf.gso_max_size,
     )
+
+
+def families(env: SubnetEnv) -> tuple[int, ...]:
+    """The IP versions the node's pods have (4, 6 or both)."""
+    return tuple(family.network.version for family in env.ranges)
+
+
+def _subnets(env: SubnetEnv) -> str:
+    return " and ".join(str(family.subnet) for family in env.ranges)
 
 
 def masquerades(conf: NetConf, env: SubnetEnv) -> bool:

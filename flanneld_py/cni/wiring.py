@@ -17,11 +17,24 @@ import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 
 from ..netlink import Netlink, NetlinkError
-from ..netlink.pods import (NamespaceNotFound, NetnsNetlink, PodSocket, create_veth, ensure_bridge,
-                            hairpin_enabled, link_master, random_mac, set_hairpin)
+from ..netlink.pods import (
+    NamespaceNotFound,
+    NetnsNetlink,
+    PodSocket,
+    addresses,
+    create_veth,
+    disable_dad,
+    ensure_bridge,
+    hairpin_enabled,
+    link_master,
+    random_mac,
+    routes,
+    set_hairpin,
+    write_sysctl,
+)
 from .models import Attachment, CniError, ErrorCode, Interface, Result, Route
 
 __all__ = ["PodLink", "PodWiring", "WiredPod", "host_veth_name"]
@@ -29,7 +42,8 @@ __all__ = ["PodLink", "PodWiring", "WiredPod", "host_veth_name"]
 HOST_VETH = re.compile(r"^veth[0-9a-f]{11}$")  # what host_veth_name() makes
 RTPROT_BOOT = 3  # what `ip route add` and the bridge plugin use for pod routes
 IFF_UP = 1
-IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
+# What the bridge plugin's isGateway sets, per family: pods leave the node through it.
+FORWARDING_SYSCTL = {4: "net/ipv4/ip_forward", 6: "net/ipv6/conf/all/forwarding"}
 BRIDGE_RECHECK_SECONDS = 30.0  # how long ADD trusts what it last ensured about the bridge
 
 
@@ -46,13 +60,13 @@ class PodLink:
     ifname: str
     host_ifname: str
     bridge: str
-    gateway: IPv4Interface  # the bridge's address
-    address: IPv4Interface  # the pod's
+    gateways: tuple[IPv4Interface | IPv6Interface, ...]  # the bridge's addresses, one per family
+    addresses: tuple[IPv4Interface | IPv6Interface, ...]  # the pod's, in the same order
     routes: tuple[Route, ...]
     mtu: int
     hairpin: bool = False
     forwarding: bool = False  # the node routes for its pods (isDefaultGateway)
-    cluster: IPv4Network | None = None  # other node subnets inside it are stale on the bridge
+    clusters: tuple[IPv4Network | IPv6Network, ...] = ()  # other node subnets inside them are stale on the bridge
     gso_max_size: int | None = None  # udp backend hook: cap GSO on both veth ends
 
 
@@ -67,8 +81,8 @@ class PodWiring:
     def __init__(self, node: Netlink) -> None:
         self.node = node
         self._bridge_lock = threading.Lock()
-        # name -> (index, gateway, when): what the last ensure_bridge() found, so most ADDs skip it
-        self._bridges: dict[str, tuple[int, IPv4Interface, float]] = {}
+        # name -> (index, gateways, when): what the last ensure_bridge() found, so most ADDs skip it
+        self._bridges: dict[str, tuple[int, tuple[IPv4Interface | IPv6Interface, ...], float]] = {}
 
     # --- ADD ---------------------------------------------------------------
 
@@ -87,10 +101,13 @@ class PodWiring:
         undo.callback(self.node.delete_link, link.host_ifname)
         if link.hairpin:
             set_hairpin(self.node, self.node.require_index(link.host_ifname))
+        if any(address.version == 6 for address in link.addresses):
+            disable_dad(link.netns, link.ifname)
         with PodSocket(link.netns) as pod:
             index = pod.link_index(link.ifname)
             pod.set_up(index)
-            pod.add_address(index, link.address)
+            for address in link.addresses:
+                pod.add_address(index, address)
             for route in link.routes:
                 pod.replace_route(route.dst, route.gw, index, RTPROT_BOOT)
         return WiredPod(
@@ -100,17 +117,18 @@ class PodWiring:
         )
 
     def _bridge(self, link: PodLink, *, fresh: bool = False) -> int:
-        """The bridge's index, ensured (exists, up, gateway, forwarding) at most every 30 s or when ``fresh``."""
+        """The bridge's index, ensured (exists, up, gateways, forwarding) at most every 30 s or when ``fresh``."""
         with self._bridge_lock:
             known = self._bridges.get(link.bridge)
             now = time.monotonic()
-            if (known is not None and known[1] == link.gateway and not fresh
+            if (known is not None and known[1] == link.gateways and not fresh
                     and now - known[2] < BRIDGE_RECHECK_SECONDS):
                 return known[0]
-            index = ensure_bridge(self.node, link.bridge, link.mtu, link.gateway, link.cluster)
+            index = ensure_bridge(self.node, link.bridge, link.mtu, link.gateways, link.clusters)
             if link.forwarding:
-                _enable_ip_forward()
-            self._bridges[link.bridge] = (index, link.gateway, now)
+                for version in sorted({gateway.version for gateway in link.gateways}):
+                    write_sysctl(FORWARDING_SYSCTL[version], "1")
+            self._bridges[link.bridge] = (index, link.gateways, now)
             return index
 
     def _create_veth(self, link: PodLink, host_mac: str, container_mac: str) -> None:
@@ -182,8 +200,10 @@ class PodWiring:
         bridge = self.node.link_index(link.bridge)
         if bridge is None or link_master(self.node, index) != bridge:
             raise _mismatch(f"{link.host_ifname} is not attached to bridge {link.bridge}")
-        if link.gateway not in self.node.ipv4_addresses(bridge):
-            raise _mismatch(f"bridge {link.bridge} lacks the pods' gateway {link.gateway}")
+        present = addresses(self.node, bridge)
+        for gateway in link.gateways:
+            if gateway not in present:
+                raise _mismatch(f"bridge {link.bridge} lacks the pods' gateway {gateway}")
         if not self.node.link_attrs(index)["flags"] & IFF_UP:
             raise _mismatch(f"{link.host_ifname} is down")
         if link.hairpin and not hairpin_enabled(self.node, index):
@@ -200,23 +220,16 @@ def _check_pod(pod: Netlink, link: PodLink, prev: Result) -> None:
         raise _mismatch(f"{link.ifname} has MAC {attrs['address']}, prevResult says {reported[0].mac}")
     if attrs["mtu"] != link.mtu:
         raise _mismatch(f"{link.ifname} has MTU {attrs['mtu']}, expected {link.mtu}")
-    if link.address not in pod.ipv4_addresses(index):
-        raise _mismatch(f"{link.ifname} lacks its address {link.address}")
-    routes = {(r.dst, r.gateway) for r in pod.routes()}
+    present = addresses(pod, index)
+    for address in link.addresses:
+        if address not in present:
+            raise _mismatch(f"{link.ifname} lacks its address {address}")
+    installed = routes(pod)
     for route in prev.routes:
-        if (route.dst, route.gw) not in routes:
+        if (route.dst, route.gw) not in installed:
             via = f" via {route.gw}" if route.gw else ""
             raise _mismatch(f"route {route.dst}{via} is missing in {link.netns}")
 
 
 def _mismatch(msg: str) -> CniError:
     return CniError(ErrorCode.CHECK_MISMATCH, msg)
-
-
-def _enable_ip_forward() -> None:
-    """What the bridge plugin's isGateway does: pods leave the node through it."""
-    with open(IP_FORWARD, "r+", encoding="ascii") as f:
-        if f.read().strip() != "1":
-            f.seek(0)
-            f.write("1")
-

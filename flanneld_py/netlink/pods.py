@@ -17,9 +17,19 @@ import os
 import socket
 import struct
 import threading
-from collections.abc import Iterator
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+    ip_address,
+    ip_interface,
+    ip_network,
+)
+from typing import Any, TypeVar
 
 from pyroute2 import IPRoute
 
@@ -29,34 +39,46 @@ __all__ = [
     "NamespaceNotFound",
     "NetnsNetlink",
     "PodSocket",
+    "addresses",
     "create_veth",
+    "disable_dad",
     "ensure_bridge",
     "hairpin_enabled",
     "link_master",
     "netns_socket",
     "random_mac",
+    "routes",
     "set_hairpin",
+    "write_sysctl",
 ]
 
 CLONE_NEWNET = 0x40000000
 BRPORT_MODE_HAIRPIN = 1
 _libc = ctypes.CDLL(None, use_errno=True)
+_T = TypeVar("_T")
+
+Address = IPv4Address | IPv6Address
+Interface = IPv4Interface | IPv6Interface
+Network = IPv4Network | IPv6Network
 
 
 class NamespaceNotFound(FileNotFoundError):
     """The network namespace path does not exist (or is not a network namespace)."""
 
 
-def netns_socket(path: str, family: int = socket.AF_NETLINK,
-                 kind: int = socket.SOCK_DGRAM, proto: int = 0) -> socket.socket:
-    """A socket created inside the network namespace at ``path``."""
+def in_netns(path: str, work: Callable[[], _T]) -> _T:
+    """Run ``work`` in a throwaway thread that has entered the network namespace at ``path``.
+
+    Sockets it creates stay bound to that namespace, and ``/proc/sys/net`` files it
+    opens are the namespace's; no other thread ever changes namespace.
+    """
     try:
         nsfd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise NamespaceNotFound(errno.ENOENT, "network namespace does not exist", path) from None
     outcome: dict[str, Any] = {}
 
-    def enter_and_create() -> None:
+    def enter_and_work() -> None:
         # This thread ends inside the namespace; it is never reused.
         if _libc.setns(nsfd, CLONE_NEWNET) != 0:
             code = ctypes.get_errno()
@@ -64,19 +86,43 @@ def netns_socket(path: str, family: int = socket.AF_NETLINK,
                 code, f"cannot enter network namespace: {os.strerror(code)}", path)
             return
         try:
-            outcome["socket"] = socket.socket(family, kind, proto)
+            outcome["value"] = work()
         except OSError as exc:
             outcome["error"] = exc
 
     try:
-        worker = threading.Thread(target=enter_and_create, name="netns-socket", daemon=True)
+        worker = threading.Thread(target=enter_and_work, name="netns-worker", daemon=True)
         worker.start()
         worker.join()
     finally:
         os.close(nsfd)
     if "error" in outcome:
         raise outcome["error"]
-    return outcome["socket"]  # type: ignore[no-any-return]
+    return outcome["value"]  # type: ignore[no-any-return]
+
+
+def netns_socket(path: str, family: int = socket.AF_NETLINK,
+                 kind: int = socket.SOCK_DGRAM, proto: int = 0) -> socket.socket:
+    """A socket created inside the network namespace at ``path``."""
+    return in_netns(path, lambda: socket.socket(family, kind, proto))
+
+
+def write_sysctl(key: str, value: str) -> None:
+    """Set ``/proc/sys/<key>`` (``net/ipv6/conf/all/forwarding``) in the caller's namespace, if it differs."""
+    with open(f"/proc/sys/{key}", "r+", encoding="ascii") as f:
+        if f.read().strip() != value:
+            f.seek(0)
+            f.write(value)
+
+
+def disable_dad(netns_path: str, ifname: str) -> None:
+    """``accept_dad = 0`` on the pod's interface, as the bridge plugin sets it.
+
+    Duplicate address detection would hold the pod's IPv6 address tentative
+    (unusable) for a second or more after ADD; the node's IPAM already
+    guarantees the address is unique on the bridge.
+    """
+    in_netns(netns_path, lambda: write_sysctl(f"net/ipv6/conf/{ifname}/accept_dad", "0"))
 
 
 class NetnsNetlink(Netlink):
@@ -139,14 +185,14 @@ class PodSocket:
     def set_up(self, index: int) -> None:
         self._request(RTM_NEWLINK, NLM_F_ACK, _IFINFOMSG.pack(0, 0, index, IFF_UP, IFF_UP))
 
-    def add_address(self, index: int, address: IPv4Interface) -> None:
+    def add_address(self, index: int, address: Interface) -> None:
         packed = address.ip.packed
-        body = _IFADDRMSG.pack(socket.AF_INET, address.network.prefixlen, 0, 0, index)
+        body = _IFADDRMSG.pack(_family(address.version), address.network.prefixlen, 0, 0, index)
         self._request(RTM_NEWADDR, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
                       body + _attr(IFA_LOCAL, packed) + _attr(IFA_ADDRESS, packed))
 
-    def replace_route(self, dst: IPv4Network, gateway: IPv4Address | None, index: int, proto: int) -> None:
-        body = _RTMSG.pack(socket.AF_INET, dst.prefixlen, 0, 0, RT_TABLE_MAIN, proto, RT_SCOPE_UNIVERSE,
+    def replace_route(self, dst: Network, gateway: Address | None, index: int, proto: int) -> None:
+        body = _RTMSG.pack(_family(dst.version), dst.prefixlen, 0, 0, RT_TABLE_MAIN, proto, RT_SCOPE_UNIVERSE,
                            RTN_UNICAST, 0)
         if dst.prefixlen:
             body += _attr(RTA_DST, dst.network_address.packed)
@@ -171,6 +217,10 @@ class PodSocket:
                 return payload
 
 
+def _family(version: int) -> int:
+    return socket.AF_INET if version == 4 else socket.AF_INET6
+
+
 def _messages(data: bytes) -> Iterator[tuple[int, int, bytes]]:
     """(type, sequence number, payload) of each netlink message in one datagram."""
     offset = 0
@@ -190,6 +240,7 @@ NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400
 IFF_UP = 0x1
 IFLA_IFNAME = 3
 IFA_ADDRESS, IFA_LOCAL = 1, 2
+IFA_F_NODAD = 0x02
 RTA_DST, RTA_OIF, RTA_GATEWAY = 1, 4, 5
 RT_TABLE_MAIN, RT_SCOPE_UNIVERSE, RTN_UNICAST = 254, 0, 1
 _NLMSGHDR = struct.Struct("=IHHII")
@@ -206,12 +257,14 @@ def _attr(kind: int, payload: bytes) -> bytes:
 # --- bridge and veth helpers (used on the node's namespace) ----------------
 
 
-def ensure_bridge(nl: Netlink, name: str, mtu: int, gateway: IPv4Interface,
-                  stale: IPv4Network | None = None) -> int:
-    """The bridge's index, after making sure it exists, is up and holds ``gateway``.
+def ensure_bridge(nl: Netlink, name: str, mtu: int, gateways: Sequence[Interface],
+                  stale: Sequence[Network] = ()) -> int:
+    """The bridge's index, after making sure it exists, is up and holds each of ``gateways``.
 
-    Addresses inside ``stale`` other than the gateway (an old node subnet) are
-    removed; others are left alone. A concurrent creator is not an error.
+    Addresses inside a ``stale`` network other than the gateways (an old node
+    subnet) are removed; others are left alone. A concurrent creator is not an
+    error. An IPv6 gateway is added without duplicate address detection
+    (``IFA_F_NODAD``), so it is usable at once, even before a port gives the bridge a carrier.
     """
     index = nl.link_index(name)
     if index is None:
@@ -230,14 +283,48 @@ def ensure_bridge(nl: Netlink, name: str, mtu: int, gateway: IPv4Interface,
     attrs = nl.link_attrs(index)
     if not attrs["flags"] & 1:  # IFF_UP
         nl.set_link(index, state="up")
-    present = nl.ipv4_addresses(index)
-    if stale is not None:
-        for other in present:
-            if other != gateway and other.ip in stale:
-                nl.call("addr", "del", index=index, address=str(other.ip), prefixlen=other.network.prefixlen)
-    if gateway not in present:
-        nl.ensure_address(index, gateway, exclusive=False)
+    present = addresses(nl, index)
+    for other in present:
+        if other not in gateways and any(other.version == net.version and other.ip in net for net in stale):
+            nl.call("addr", "del", index=index, address=str(other.ip), prefixlen=other.network.prefixlen)
+    for gateway in gateways:
+        if gateway not in present:
+            _add_address(nl, index, gateway)
     return index
+
+
+def _add_address(nl: Netlink, index: int, address: Interface) -> None:
+    flags = IFA_F_NODAD if address.version == 6 else 0
+    try:
+        nl.call("addr", "add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen,
+                flags=flags)
+    except NetlinkError as exc:
+        if exc.code != errno.EEXIST:
+            raise
+
+
+def addresses(nl: Netlink, index: int) -> list[Interface]:
+    """The interface's IPv4 and IPv6 addresses (IPv6 link-local ones left out)."""
+    out: list[Interface] = []
+    for msg in nl.call("get_addr", index=index):
+        if msg["family"] in (socket.AF_INET, socket.AF_INET6):
+            address = ip_interface(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}")
+            if not address.ip.is_link_local or address.version == 4:
+                out.append(address)
+    return out
+
+
+def routes(nl: Netlink) -> set[tuple[Network, Address | None]]:
+    """(destination, gateway) of the main table's unicast routes, both families."""
+    out: set[tuple[Network, Address | None]] = set()
+    for family, default in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        for msg in nl.call("get_routes", family=family, table=RT_TABLE_MAIN):
+            if msg["type"] != RTN_UNICAST:
+                continue
+            gateway = msg.get_attr("RTA_GATEWAY")
+            out.add((ip_network(f"{msg.get_attr('RTA_DST') or default}/{msg['dst_len']}"),
+                     ip_address(gateway) if gateway else None))
+    return out
 
 
 def create_veth(nl: Netlink, host: str, peer: str, peer_netns_path: str, mtu: int, *,

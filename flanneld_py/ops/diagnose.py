@@ -3,7 +3,8 @@
 flannel leaves both to the host, and so does flanneld-py; what it adds is saying so:
 
 * ``net.ipv4.ip_forward=0``: the kernel forwards nothing, so no pod traffic leaves
-  or enters the node. Fatal for the overlay: ``/healthz`` answers 503.
+  or enters the node. Fatal for the overlay: ``/healthz`` answers 503. With IPv6
+  enabled in the network config, ``net.ipv6.conf.all.forwarding=0`` likewise.
 * the filter table's FORWARD policy is DROP (Docker sets it) and flanneld-py's
   FORWARD accept rules are not in place (``--iptables-forward-rules=false``, or
   iptables failed): pod traffic between nodes is dropped unless the host's own
@@ -25,15 +26,18 @@ from dataclasses import dataclass
 
 from ..firewall import Iptables, IptablesError
 
-__all__ = ["FORWARD_POLICY_DROP", "IP_FORWARD_DISABLED", "PROBLEMS", "NodeDoctor", "NodeProblem",
-           "forward_policy", "judge_node"]
+__all__ = ["FORWARD_POLICY_DROP", "IPV6_FORWARDING_DISABLED", "IP_FORWARD_DISABLED", "PROBLEMS", "NodeDoctor",
+           "NodeProblem", "forward_policy", "judge_node"]
 
 log = logging.getLogger(__name__)
 
 IP_FORWARD_DISABLED = "ip_forward_disabled"
 FORWARD_POLICY_DROP = "forward_policy_drop"
-PROBLEMS = (IP_FORWARD_DISABLED, FORWARD_POLICY_DROP)  # every code, for metrics that are 0 when fine
+IPV6_FORWARDING_DISABLED = "ipv6_forwarding_disabled"
+# every code, for metrics that are 0 when fine
+PROBLEMS = (IP_FORWARD_DISABLED, FORWARD_POLICY_DROP, IPV6_FORWARDING_DISABLED)
 IP_FORWARD_PATH = "/proc/sys/net/ipv4/ip_forward"
+IPV6_FORWARDING_PATH = "/proc/sys/net/ipv6/conf/all/forwarding"
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,17 +49,18 @@ class NodeProblem:
     fatal: bool
 
 
-def judge_node(ip_forward: str | None, policy: str | None, forward_rules_in_place: bool | None) -> list[NodeProblem]:
+def judge_node(ip_forward: str | None, policy: str | None, forward_rules_in_place: bool | None,
+               ipv6_forwarding: str | None = None) -> list[NodeProblem]:
     """Problems from the facts: the ``ip_forward`` sysctl's text, the FORWARD policy
-    (``ACCEPT``/``DROP``; None: unknown) and whether our accept rules are in place
-    (None: not known yet). Unknown facts give no problem."""
-    problems = []
-    if ip_forward is not None and ip_forward.strip() == "0":
-        problems.append(NodeProblem(
-            IP_FORWARD_DISABLED,
-            "net.ipv4.ip_forward is 0, so this node forwards no pod traffic; run "
-            "`sysctl -w net.ipv4.ip_forward=1` and keep it in /etc/sysctl.d/",
-            fatal=True))
+    (``ACCEPT``/``DROP``; None: unknown), whether our accept rules are in place
+    (None: not known yet) and, on a node with IPv6 pods, the
+    ``net.ipv6.conf.all.forwarding`` sysctl's text (None: IPv6 off, or unknown).
+    Unknown facts give no problem."""
+    problems = [problem for problem in (
+        _forwarding_off(IP_FORWARD_DISABLED, "net.ipv4.ip_forward", ip_forward, "pod traffic"),
+        _forwarding_off(IPV6_FORWARDING_DISABLED, "net.ipv6.conf.all.forwarding", ipv6_forwarding,
+                        "IPv6 pod traffic"),
+    ) if problem is not None]
     if policy == "DROP" and forward_rules_in_place is False:
         problems.append(NodeProblem(
             FORWARD_POLICY_DROP,
@@ -64,6 +69,14 @@ def judge_node(ip_forward: str | None, policy: str | None, forward_rules_in_plac
             "--iptables-forward-rules (the default) or accept the Network in FORWARD",
             fatal=False))
     return problems
+
+
+def _forwarding_off(code: str, sysctl: str, value: str | None, what: str) -> NodeProblem | None:
+    """A fatal problem when a forwarding sysctl reads 0."""
+    if value is None or value.strip() != "0":
+        return None
+    return NodeProblem(code, f"{sysctl} is 0, so this node forwards no {what}; run "
+                             f"`sysctl -w {sysctl}=1` and keep it in /etc/sysctl.d/", fatal=True)
 
 
 def forward_policy(rules: list[str]) -> str | None:
@@ -88,14 +101,19 @@ class NodeDoctor:
 
     ``forward_rules_in_place`` says whether our FORWARD accept rules are installed
     (None until known; then the policy is only read when they are not).
+    ``ipv6_enabled`` says whether the node has IPv6 pods (then IPv6 forwarding is checked too).
     """
 
     def __init__(self, forward_rules_in_place: Callable[[], bool | None], interval: float,
-                 iptables: Iptables | None = None, read_sysctl: Callable[[], str | None] = read_ip_forward) -> None:
+                 iptables: Iptables | None = None, read_sysctl: Callable[[], str | None] = read_ip_forward,
+                 ipv6_enabled: Callable[[], bool] = lambda: False,
+                 read_ipv6_sysctl: Callable[[], str | None] = lambda: read_ip_forward(IPV6_FORWARDING_PATH)) -> None:
         self.forward_rules_in_place = forward_rules_in_place
         self.interval = interval
         self.iptables = iptables or Iptables()
         self.read_sysctl = read_sysctl
+        self.ipv6_enabled = ipv6_enabled
+        self.read_ipv6_sysctl = read_ipv6_sysctl
         self.problems: tuple[NodeProblem, ...] = ()
 
     def check(self) -> list[NodeProblem]:
@@ -107,7 +125,8 @@ class NodeDoctor:
                 policy = forward_policy(self.iptables.list_rules("filter", "FORWARD"))
             except IptablesError:
                 policy = None
-        return judge_node(self.read_sysctl(), policy, in_place)
+        ipv6_forwarding = self.read_ipv6_sysctl() if self.ipv6_enabled() else None
+        return judge_node(self.read_sysctl(), policy, in_place, ipv6_forwarding)
 
     def update(self, found: list[NodeProblem]) -> None:
         """Log what appeared and what cleared since the last check."""

@@ -17,6 +17,16 @@ so a host's own DROP or REJECT rules there (Docker's, firewalld's) come after::
     filter FORWARD         -j FLANNEL-FWD
     filter FLANNEL-FWD     -s <network> ACCEPT; -d <network> ACCEPT
 
+With IPv6 enabled the same chains, comments and FORWARD rules go into
+ip6tables for the IPv6 Network; flannel's IPv6 masquerade set
+(``MasqIP6Rules``) is shorter and ordered differently::
+
+    nat    FLANNEL-POSTRTG marked by kube-proxy (0x4000)        RETURN
+                           -s <network6> -d <network6>          RETURN
+                           -s <network6> ! -d ff00::/8          MASQUERADE [--random-fully]
+                           ! -s <network6> -d <subnet6>         RETURN
+                           ! -s <network6> -d <network6>        MASQUERADE [--random-fully]
+
 A :class:`RuleApplier` per set checks every rule with ``iptables -C`` every
 ``--iptables-resync`` seconds (default 5); if any is missing it re-installs
 the whole set in order in one ``iptables-restore`` transaction (existing
@@ -32,7 +42,7 @@ import re
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 from typing import Protocol
 
 from ..firewall import IptablesError
@@ -42,6 +52,7 @@ __all__ = [
     "Rule",
     "RuleApplier",
     "forward_rules",
+    "masq_ip6_rules",
     "masq_rules",
     "restore_lines",
     "supports_random_fully",
@@ -53,6 +64,7 @@ POSTRTG = "FLANNEL-POSTRTG"
 FWD = "FLANNEL-FWD"
 KUBE_PROXY_MARK = "0x4000/0x4000"
 MULTICAST = "224.0.0.0/4"
+MULTICAST6 = "ff00::/8"
 MASQ_COMMENT = "flanneld masq"
 FWD_COMMENT = "flanneld forward"
 RESYNC_SECONDS = 5.0
@@ -77,14 +89,20 @@ def _ret(spec: list[str]) -> tuple[str, ...]:
     return tuple(spec + ["-m", "comment", "--comment", MASQ_COMMENT, "-j", "RETURN"])
 
 
-def masq_rules(network: IPv4Network, subnet: IPv4Network, random_fully: bool) -> list[Rule]:
-    """flannel's nat rules for ``network`` seen from the node leasing ``subnet``."""
-    net, pod = str(network), str(subnet)
+def _masq_head() -> list[Rule]:
     return [
         # Jump to our chain, so our rules run before later POSTROUTING rules.
         Rule("nat", "POSTROUTING", ("-m", "comment", "--comment", MASQ_COMMENT, "-j", POSTRTG), insert=True),
         # kube-proxy marks what it will masquerade itself: no double NAT.
         Rule("nat", POSTRTG, _ret(["-m", "mark", "--mark", KUBE_PROXY_MARK])),
+    ]
+
+
+def masq_rules(network: IPv4Network, subnet: IPv4Network, random_fully: bool) -> list[Rule]:
+    """flannel's nat rules for ``network`` seen from the node leasing ``subnet``."""
+    net, pod = str(network), str(subnet)
+    return [
+        *_masq_head(),
         # Traffic inside the overlay keeps pod addresses.
         Rule("nat", POSTRTG, _ret(["-s", pod, "-d", net])),
         Rule("nat", POSTRTG, _ret(["-s", net, "-d", pod])),
@@ -97,8 +115,24 @@ def masq_rules(network: IPv4Network, subnet: IPv4Network, random_fully: bool) ->
     ]
 
 
-def forward_rules(network: IPv4Network) -> list[Rule]:
-    """Accept forwarding to and from the overlay even under a DROP policy."""
+def masq_ip6_rules(network: IPv6Network, subnet: IPv6Network, random_fully: bool) -> list[Rule]:
+    """flannel's ip6tables nat rules (``MasqIP6Rules``) for ``network`` seen from the node leasing ``subnet``."""
+    net, pod = str(network), str(subnet)
+    return [
+        *_masq_head(),
+        # Traffic inside the overlay keeps pod addresses.
+        Rule("nat", POSTRTG, _ret(["-s", net, "-d", net])),
+        # Pods talking to the outside world leave with the node's address; never multicast.
+        Rule("nat", POSTRTG, _masq(["-s", net, "!", "-d", MULTICAST6], random_fully)),
+        # Outside traffic to our own pods keeps its source.
+        Rule("nat", POSTRTG, _ret(["!", "-s", net, "-d", pod])),
+        # Outside traffic into the overlay (host to remote pods) gets the node's address.
+        Rule("nat", POSTRTG, _masq(["!", "-s", net, "-d", net], random_fully)),
+    ]
+
+
+def forward_rules(network: IPv4Network | IPv6Network) -> list[Rule]:
+    """Accept forwarding to and from the overlay even under a DROP policy (iptables or ip6tables alike)."""
     net = str(network)
     comment = ("-m", "comment", "--comment", FWD_COMMENT)
     return [

@@ -11,9 +11,10 @@ Started at the very beginning of ``Daemon.run()``, before etcd is reached:
 * the control socket for ``flanneld-py status``;
 * once the lease is known, flannel's FORWARD accept rules (unless
   ``--iptables-forward-rules=false``) and, with ``--ip-masq``, the masquerade
-  rules, each set kept in place every ``--iptables-resync`` seconds;
-* the node checks (``ip_forward``, FORWARD policy): logged, and shown in
-  status, metrics and ``/healthz``.
+  rules, each set kept in place every ``--iptables-resync`` seconds; in
+  ip6tables too when ``ipv6_lease`` gives the IPv6 Network and subnet;
+* the node checks (``ip_forward``, with IPv6 ``net.ipv6.conf.all.forwarding``,
+  FORWARD policy): logged, and shown in status, metrics and ``/healthz``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from ipaddress import IPv6Network
 from typing import Any
 
 from ..cancellation import cancel_and_wait
@@ -32,7 +34,7 @@ from ..state import DaemonState
 from .control import ControlServer
 from .diagnose import NodeDoctor
 from .health import EtcdProbe, HealthServer, etcd_staleness, health_verdict
-from .ipmasq import Rule, RuleApplier, forward_rules, masq_rules
+from .ipmasq import Rule, RuleApplier, forward_rules, masq_ip6_rules, masq_rules
 from .notify import Notifier, watchdog_interval, watchdog_loop
 from .snapshot import DaemonView, Snapshot, take_snapshot
 
@@ -41,6 +43,11 @@ __all__ = ["Operations", "status_line"]
 log = logging.getLogger("flanneld_py.ops")
 
 MONITOR_SECONDS = 2.0
+
+
+def _repairs(*appliers: RuleApplier | None) -> int:
+    """Repairs of one rule set over both families."""
+    return sum(applier.repairs for applier in appliers if applier is not None)
 
 
 def status_line(snap: Snapshot, code: int, body: Mapping[str, Any]) -> str:
@@ -64,8 +71,13 @@ class Operations:
         self.etcd_probe = EtcdProbe(daemon.store, self.staleness / 3)
         self.masq: RuleApplier | None = None
         self.forward: RuleApplier | None = None
+        self.masq6: RuleApplier | None = None
+        self.forward6: RuleApplier | None = None
+        # The daemon sets this: (IPv6 Network, our IPv6 subnet) while the config enables IPv6.
+        self.ipv6_lease: Callable[[], tuple[IPv6Network, IPv6Network] | None] = lambda: None
         self._rules_started = False
-        self.doctor = NodeDoctor(self._forward_rules_in_place, self.options.iptables_resync)
+        self.doctor = NodeDoctor(self._forward_rules_in_place, self.options.iptables_resync,
+                                 ipv6_enabled=lambda: self.ipv6_lease() is not None)
         self.health: HealthServer | None = None
         self.control: ControlServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -74,8 +86,8 @@ class Operations:
     # --- readings -------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
-        return take_snapshot(self.daemon, self.etcd_probe.silence(), self.masq.repairs if self.masq else 0,
-                             forward_repairs=self.forward.repairs if self.forward else 0,
+        return take_snapshot(self.daemon, self.etcd_probe.silence(), _repairs(self.masq, self.masq6),
+                             forward_repairs=_repairs(self.forward, self.forward6),
                              problems=self.doctor.problems)
 
     def _forward_rules_in_place(self) -> bool | None:
@@ -164,13 +176,34 @@ class Operations:
             return None if state.config is None else forward_rules(state.config.network)
 
         interval = self.options.iptables_resync
+        random_fully = False if self.options.ip_masq_fully_random_disable else None  # None: ask iptables
         if self.options.iptables_forward_rules:
             self.forward = RuleApplier(Iptables(), forward, interval, random_fully=False, label="forward rules")
             self.forward.start()
         if self.options.ip_masq:
-            random_fully = False if self.options.ip_masq_fully_random_disable else None  # None: ask iptables
             self.masq = RuleApplier(Iptables(), masq, interval, random_fully=random_fully, label="ip-masq")
             self.masq.start()
+        if self.ipv6_lease() is not None:
+            self._start_ipv6_rules(interval, random_fully)
+
+    def _start_ipv6_rules(self, interval: float, random_fully: bool | None) -> None:
+        """The same sets in ip6tables, for the IPv6 Network (flannel's MasqIP6Rules and ForwardRules)."""
+
+        def masq6(random_fully: bool) -> list[Rule] | None:
+            lease = self.ipv6_lease()
+            return None if lease is None else masq_ip6_rules(*lease, random_fully)
+
+        def forward6(_random_fully: bool) -> list[Rule] | None:
+            lease = self.ipv6_lease()
+            return None if lease is None else forward_rules(lease[0])
+
+        ip6tables = Iptables().for_ipv6()
+        if self.options.iptables_forward_rules:
+            self.forward6 = RuleApplier(ip6tables, forward6, interval, random_fully=False, label="ipv6 forward rules")
+            self.forward6.start()
+        if self.options.ip_masq:
+            self.masq6 = RuleApplier(ip6tables, masq6, interval, random_fully=random_fully, label="ipv6 ip-masq")
+            self.masq6.start()
 
     async def _monitor(self) -> None:
         """Keep systemd's STATUS current and log health transitions."""
@@ -192,7 +225,7 @@ class Operations:
     async def close(self) -> None:
         await cancel_and_wait(self._tasks)
         self._tasks.clear()
-        for rules in (self.masq, self.forward):
+        for rules in (self.masq, self.forward, self.masq6, self.forward6):
             if rules is not None:
                 await rules.close(cleanup=self.options.cleanup_on_exit)
         for server in (self.health, self.control):
