@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import pytest
 
 from flanneld_py.lab.checks import ping_matrix, tcp_transfer, wait_until
-from flanneld_py.lab.cluster import Cluster, CniPlugin, Node, Pod
+from flanneld_py.lab.cluster import Cluster, CniPlugin, DaemonArgv, Node, Pod
 from flanneld_py.lab.flannel import (
     FlannelMissing,
     bridge_plugin,
@@ -76,6 +76,7 @@ class Mixed:
     backend: str
     py_nodes: list[Node]
     flanneld_node: Node | None
+    flanneld: DaemonArgv | None
     missing: tuple[str, ...] = ()
 
     def flanneld_pod(self) -> Pod:
@@ -92,8 +93,9 @@ def mixed(request: pytest.FixtureRequest, binaries: Binaries) -> Iterator[Mixed]
     if flannel_plugin is not None:
         plugins.insert(1, flannel_plugin)
     node_daemons = {}
-    if binaries.flanneld:
-        node_daemons[len(plugins) + 1] = flanneld_argv_builder(binaries.flanneld, "--ip-masq")
+    flanneld = flanneld_argv_builder(binaries.flanneld, "--ip-masq") if binaries.flanneld else None
+    if flanneld is not None:
+        node_daemons[len(plugins) + 1] = flanneld
         plugins.append(flannel_plugin or bridge_plugin())
     with Cluster(nodes=len(plugins), backend=backend, daemon_args=("--ip-masq",),
                  node_daemons=node_daemons) as lab:
@@ -107,7 +109,7 @@ def mixed(request: pytest.FixtureRequest, binaries: Binaries) -> Iterator[Mixed]
             lab.wait_ready(node)
         for node, plugin in zip(lab.nodes, plugins):
             lab.add_pod(node, plugin)
-        yield Mixed(lab, request.param, py_nodes, flanneld_node, tuple(binaries.missing))
+        yield Mixed(lab, request.param, py_nodes, flanneld_node, flanneld, tuple(binaries.missing))
 
 
 def lease_key(node: Node) -> str:
@@ -172,6 +174,32 @@ def test_flanneld_py_restart_keeps_working_with_flanneld(mixed: Mixed) -> None:
     assert node.subnet_env().subnet == before
     wait_full_mesh(mixed)
     transfer_intact(theirs, node.pods[0])
+
+
+def test_rolling_the_flanneld_node_over_to_flanneld_py_and_back(mixed: Mixed) -> None:
+    """The migration procedure: stop flanneld, start flanneld-py on the node (same flags, same
+    subnet file); its lease, subnet and the pods flannel's plugin wired there carry on. Then back."""
+    pod = mixed.flanneld_pod()
+    node, ours = pod.node, mixed.py_nodes[0].pods[0]
+    subnet = node.subnet_env().subnet
+    mixed.lab.stop_daemon(node, signal.SIGTERM)  # flanneld v0.20.2 may panic in its watch on the way out
+    mixed.lab.set_node_daemon(node, None)
+    mixed.lab.start_daemon(node)
+    assert node.subnet_env().subnet == subnet
+    assert mixed.lab.leases()[lease_key(node)]["BackendType"] == BACKENDS[mixed.backend]["Type"]
+    wait_full_mesh(mixed)
+    transfer_intact(pod, ours)
+    transfer_intact(ours, pod)
+
+    assert mixed.lab.stop_daemon(node, signal.SIGTERM) == 0, node.log_text()[-3000:]
+    if mixed.backend == "udp":  # flanneld would make flannel1 beside our persistent flannel0 and its route
+        node.netns.ip("link", "del", "flannel0")
+    assert mixed.flanneld is not None
+    mixed.lab.set_node_daemon(node, mixed.flanneld)
+    start_flanneld(mixed.lab, node)
+    assert node.subnet_env().subnet == subnet
+    wait_full_mesh(mixed)
+    transfer_intact(pod, ours)
 
 
 def test_a_flanneld_node_that_leaves_disappears_from_the_datapath(mixed: Mixed) -> None:

@@ -262,6 +262,15 @@ class Cluster:
             return self._daemon_argv_builder(self, node, extra)
         return self.default_daemon_argv(node, extra)
 
+    def set_node_daemon(self, node: Node, daemon: DaemonArgv | None) -> None:
+        """Run ``daemon`` on ``node`` from its next start (None: flanneld-py), as when a node is
+        rolled over from flannel's flanneld to flanneld-py or back."""
+        if daemon is None:
+            self._node_daemons.pop(node.index, None)
+        else:
+            self._node_daemons[node.index] = daemon
+        node.serves_cni = self.wait_for_cni_socket and daemon is None
+
     def default_daemon_argv(self, node: Node, extra: tuple[str, ...] = ()) -> list[str]:
         """flanneld-py on ``node``, pointed at the lab's etcd, files in the node's workdir."""
         return [
