@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
 
+from flanneld_py.core.lease import format_subnet_key
 from flanneld_py.lab.checks import ping_matrix, tcp_transfer, wait_until
 from flanneld_py.lab.cluster import Cluster, CniPlugin, DaemonArgv, Node, Pod
 from flanneld_py.lab.flannel import (
@@ -35,7 +36,6 @@ from flanneld_py.lab.flannel import (
     flanneld_binary,
     start_flanneld,
 )
-from flanneld_py.core.lease import format_subnet_key
 from test_faults_support import PREFIX, dump, peer_subnets
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -60,14 +60,16 @@ class Binaries:
 @pytest.fixture(scope="module")
 def binaries() -> Iterator[Binaries]:
     with tempfile.TemporaryDirectory(prefix="flannel-bin-") as folder:
-        found: dict[str, str | None] = {}
         missing: list[str] = []
-        for name, find in (("flanneld", flanneld_binary), ("flannel_cni", flannel_cni_binary)):
+
+        def find(binary: Callable[[str], str]) -> str | None:
             try:
-                found[name] = find(folder)
+                return binary(folder)
             except FlannelMissing as exc:
-                found[name], _ = None, missing.append(str(exc))
-        yield Binaries(found["flanneld"], found["flannel_cni"], missing)
+                missing.append(str(exc))
+                return None
+
+        yield Binaries(find(flanneld_binary), find(flannel_cni_binary), missing)
 
 
 @dataclass
