@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from flanneld_py.lab.cluster import REFERENCE_CNI, CniPlugin, Cluster
-from flanneld_py.lab.flannel import bridge_plugin, flannel_cni_plugin, flanneld_argv_builder, start_flanneld
+from flanneld_py.lab.flannel import bridge_plugin, flannel_cni_plugin, flanneld_argv_builder, start_nodes
 from flanneld_py.lab.netns import unique_tag
 
 from .measure import Endpoint, MeasureError, process_tree
@@ -108,7 +108,7 @@ def _daemon_pids(cluster: Cluster) -> tuple[int, ...]:
 
 def _start_daemons(cluster: Cluster) -> None:
     try:
-        cluster.start_all()
+        start_nodes(cluster)
     except (RuntimeError, TimeoutError) as exc:
         raise ModeError(f"daemon did not start: {exc}") from None
 
@@ -125,20 +125,8 @@ def _build_flanneld_py(cluster: Cluster, mode: str) -> Testbed:
     return Testbed(mode, src, dst, _daemon_pids(cluster), cluster)
 
 
-def _start_flanneld_daemons(cluster: Cluster) -> None:
-    """flannel's flanneld one node after the other (two starting together can lose a lease race)."""
-    try:
-        for node in cluster.nodes:
-            start_flanneld(cluster, node)
-    except (RuntimeError, TimeoutError) as exc:
-        raise ModeError(f"flanneld did not start: {exc}") from None
-
-
 def _build_with_plugin(cluster: Cluster, mode: str, plugin: CniPlugin) -> Testbed:
-    if mode == "flannel-udp":
-        _start_flanneld_daemons(cluster)
-    else:
-        _start_daemons(cluster)
+    _start_daemons(cluster)
     pods = [cluster.add_pod(node, plugin) for node in cluster.nodes]
     src, dst = (Endpoint(pod.netns, str(pod.ip.ip)) for pod in pods)
     return Testbed(mode, src, dst, _daemon_pids(cluster), cluster)

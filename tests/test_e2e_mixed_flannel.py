@@ -35,6 +35,7 @@ from flanneld_py.lab.flannel import (
     flanneld_argv_builder,
     flanneld_binary,
     start_flanneld,
+    start_nodes,
 )
 from test_faults_support import PREFIX, dump, peer_subnets
 
@@ -103,12 +104,7 @@ def mixed(request: pytest.FixtureRequest, binaries: Binaries) -> Iterator[Mixed]
                  node_daemons=node_daemons) as lab:
         py_nodes = [node for node in lab.nodes if node.serves_cni]
         flanneld_node = next((node for node in lab.nodes if not node.serves_cni), None)
-        if flanneld_node is not None:  # first and alone: flanneld's own start-up races
-            start_flanneld(lab, flanneld_node)
-        for node in py_nodes:
-            lab.start_daemon(node, wait=False)
-        for node in py_nodes:
-            lab.wait_ready(node)
+        start_nodes(lab)  # flanneld first and alone: its own start-up races
         for node, plugin in zip(lab.nodes, plugins):
             lab.add_pod(node, plugin)
         yield Mixed(lab, request.param, py_nodes, flanneld_node, flanneld, tuple(binaries.missing))

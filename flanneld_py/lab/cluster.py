@@ -6,6 +6,9 @@ Layout (``<tag>`` is unique per run)::
     fp<tag>sw   bridge br0 + etcd on 198.51.100.254:2379
     fp<tag>n1   eth0 198.51.100.1/24   flanneld-py, cni0, flannel0
     fp<tag>n1p1 eth0 10.244.x.y        a pod of node 1
+
+A node may run another daemon (``node_daemons``, e.g. flannel's own flanneld) and a pod may be
+wired by another CNI plugin (``CniPlugin``); ``lab/flannel.py`` has flannel's.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ __all__ = [
     "flanneld_argv_builder",
     "flanneld_binary",
     "start_flanneld",
+    "start_nodes",
 ]
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "flannel"  # ../shared/flannel from the repo root
@@ -118,6 +119,19 @@ def start_flanneld(cluster: Cluster, node: Node, *, settle: float = 3.0, timeout
             raise TimeoutError(f"flanneld on {node.name} wrote no subnet file in {timeout:g}s:\n{node.log_text()[-3000:]}")
         if attempt == 2:
             raise RuntimeError(f"flanneld on {node.name} exited {code} at start-up twice:\n{node.log_text()[-3000:]}")
+
+
+def start_nodes(cluster: Cluster) -> None:
+    """Start every node's daemon: flannel's flanneld nodes (those serving no CNI socket) first,
+    one after the other, then the flanneld-py nodes together, and wait until each is ready."""
+    ours = [node for node in cluster.nodes if node.serves_cni]
+    for node in cluster.nodes:
+        if not node.serves_cni:
+            start_flanneld(cluster, node)
+    for node in ours:
+        cluster.start_daemon(node, wait=False)
+    for node in ours:
+        cluster.wait_ready(node)
 
 
 def _written_since(path: str, since: float) -> bool:
