@@ -35,7 +35,7 @@ from flanneld_py.lab.cluster import REFERENCE_CNI, CniPlugin, Cluster
 from flanneld_py.lab.flannel import bridge_plugin, flannel_cni_plugin, flanneld_argv_builder, start_nodes
 from flanneld_py.lab.netns import unique_tag
 
-from .measure import Endpoint, MeasureError, process_tree
+from .measure import Endpoint, MeasureError
 
 __all__ = [
     "ALL_MODES",
@@ -98,11 +98,14 @@ def wait_reachable(src: Endpoint, dst: Endpoint, timeout: float = CONNECT_TIMEOU
 
 
 def _daemon_pids(cluster: Cluster) -> tuple[int, ...]:
+    """The daemons' own processes (every thread is counted). Not the helpers they fork for a
+    moment: iptables every few seconds with ``--ip-masq`` (and in flanneld for its forward
+    rules), which would be gone by the next CPU sample."""
     pids: list[int] = []
     for node in cluster.nodes:
         if node.daemon is None or node.daemon.poll() is not None:
             raise ModeError(f"the daemon on {node.name} is not running: {node.log_text()[-2000:]}")
-        pids.extend(process_tree(node.daemon.pid))
+        pids.append(node.daemon.pid)
     return tuple(pids)
 
 
