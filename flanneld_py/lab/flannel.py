@@ -12,8 +12,10 @@ import lzma
 import os
 import shutil
 import time
+from ipaddress import IPv4Network
 from pathlib import Path
 
+from .checks import wait_until
 from .cluster import PREFIX, REFERENCE_CNI, CniPlugin, Cluster, DaemonArgv, Node
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "flannel_cni_plugin",
     "flanneld_argv_builder",
     "flanneld_binary",
+    "flanneld_knows",
     "start_flanneld",
     "start_nodes",
 ]
@@ -121,17 +124,39 @@ def start_flanneld(cluster: Cluster, node: Node, *, settle: float = 3.0, timeout
             raise RuntimeError(f"flanneld on {node.name} exited {code} at start-up twice:\n{node.log_text()[-3000:]}")
 
 
-def start_nodes(cluster: Cluster) -> None:
-    """Start every node's daemon: flannel's flanneld nodes (those serving no CNI socket) first,
-    one after the other, then the flanneld-py nodes together, and wait until each is ready."""
+def start_nodes(cluster: Cluster, learn_timeout: float = 10.0) -> None:
+    """Start every node's daemon and wait until each is ready: the flanneld-py nodes together,
+    then flannel's flanneld nodes (those serving no CNI socket) one after the other, so that each
+    flanneld lists the leases already there when it starts.
+
+    flanneld v0.20.2 takes only the first event of each etcd watch response and can lose leases
+    written close together; a flanneld that has not taken a later flanneld node's lease within
+    ``learn_timeout`` is restarted once (a fresh start lists every lease).
+    """
     ours = [node for node in cluster.nodes if node.serves_cni]
-    for node in cluster.nodes:
-        if not node.serves_cni:
-            start_flanneld(cluster, node)
     for node in ours:
         cluster.start_daemon(node, wait=False)
     for node in ours:
         cluster.wait_ready(node)
+    started: list[Node] = []
+    for node in cluster.nodes:
+        if node.serves_cni:
+            continue
+        start_flanneld(cluster, node)
+        subnet = node.subnet_env().subnet
+        for earlier in started:
+            if not wait_until(lambda: flanneld_knows(earlier, subnet), learn_timeout):
+                cluster.stop_daemon(earlier)
+                start_flanneld(cluster, earlier)
+        started.append(node)
+
+
+def flanneld_knows(node: Node, subnet: IPv4Network) -> bool:
+    """Whether flanneld on ``node`` took the lease of ``subnet``: its route there (vxlan, host-gw)
+    or its log line (udp, whose peers live inside the daemon)."""
+    if f"Subnet added: {subnet}" in node.log_text():
+        return True
+    return bool(node.netns.ip("route", "show", str(subnet)).stdout.strip())
 
 
 def _written_since(path: str, since: float) -> bool:
