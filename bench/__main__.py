@@ -6,9 +6,12 @@ import argparse
 import os
 import signal
 import sys
+import tempfile
 from types import FrameType
 
-from .modes import ALL_MODES, DEFAULT_MODES
+from flanneld_py.lab.flannel import FlannelMissing, flannel_cni_binary
+
+from .modes import ALL_MODES, CNI_PLUGINS, DEFAULT_MODES, FLANNELD_PY_MODES, plugin_mode
 from .runner import BenchOptions, run_bench
 
 DEFAULT_OUT = os.path.join("bench", "out")
@@ -45,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--flanneld", metavar="PATH",
                         help="flannel's own flanneld binary: adds mode flannel-udp (its UDP backend), and with "
                              "--peers flannel-vxlan and flannel-host-gw beside ours in the scale part")
+    parser.add_argument("--cni-plugin", choices=CNI_PLUGINS, metavar="{" + ",".join(CNI_PLUGINS) + "}",
+                        help="also wire the pods of each selected flanneld-py mode with this plugin (flannel: flannel's "
+                             "own, from $FLANNEL_CNI_BIN or ../shared/flannel; bridge: bridge + host-local) and report "
+                             "them next to pods wired by flannel-py, with the ratio")
     parser.add_argument("--peers", type=positive, metavar="N",
                         help="also measure with N peer leases in etcd: start-up, idle CPU, lease event to traffic "
                              "(quiet and under churn), bulk delete and add, throughput")
@@ -76,18 +83,30 @@ def main(argv: list[str] | None = None) -> int:
             modes = (*modes, "flannel-udp")
     elif "flannel-udp" in modes:
         parser.error("mode flannel-udp needs --flanneld PATH")
+    if args.cni_plugin:
+        bases = [m for m in modes if m in FLANNELD_PY_MODES]
+        if not bases:
+            parser.error(f"--cni-plugin needs one of the modes {', '.join(FLANNELD_PY_MODES)}")
+        modes = (*modes, *(plugin_mode(m, args.cni_plugin) for m in bases))
     if os.geteuid() != 0:
         parser.error("needs root: it creates network namespaces")
-    handler = _Interrupts()
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, handler)
-    options = BenchOptions(modes=modes, rounds=args.rounds, quick=args.quick, out=os.path.abspath(args.out),
-                           flanneld=args.flanneld, peers=args.peers)
-    try:
-        return run_bench(options, ["python3", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
-    except KeyboardInterrupt:
-        print("\nbench: interrupted; every namespace and process it made was removed", file=sys.stderr)
-        return 130
+    with tempfile.TemporaryDirectory(prefix="bench-flannel-cni-") as binaries:
+        flannel_cni = None
+        if args.cni_plugin == "flannel":
+            try:
+                flannel_cni = flannel_cni_binary(binaries)
+            except FlannelMissing as exc:
+                parser.error(f"--cni-plugin flannel: {exc}")
+        handler = _Interrupts()
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, handler)
+        options = BenchOptions(modes=modes, rounds=args.rounds, quick=args.quick, out=os.path.abspath(args.out),
+                               flanneld=args.flanneld, peers=args.peers, flannel_cni=flannel_cni)
+        try:
+            return run_bench(options, ["python3", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
+        except KeyboardInterrupt:
+            print("\nbench: interrupted; every namespace and process it made was removed", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -6,9 +6,13 @@
   flanneld-py, one pod per node wired by the real ``flannel-py`` CNI plugin;
   pod to pod across nodes.
 * ``flannel-udp``: the same lab with the user's flannel ``flanneld`` binary as
-  the daemon (UDP backend), pods wired as flannel's own CNI plugin does it:
-  ``bridge`` + ``host-local`` from ``/usr/lib/cni`` with the subnet and MTU
-  of the daemon's subnet file.
+  the daemon (UDP backend, ``--ip-masq`` as kube-flannel.yml runs it), pods
+  wired as flannel's own CNI plugin does it: ``bridge`` + ``host-local`` from
+  ``/usr/lib/cni`` with the subnet and MTU of the daemon's subnet file.
+* ``<mode>+flannel-cni``, ``<mode>+bridge-cni`` (with ``--cni-plugin``): a
+  flanneld-py mode whose pods are wired by flannel's own CNI plugin, or by
+  ``bridge`` + ``host-local`` configured from the subnet file; the daemons run
+  with ``--ip-masq`` as under kube-flannel.yml, so neither plugin masquerades.
 * ``c-relay`` (a reference, asked for by name): the ``udp`` lab, whose daemons
   are then stopped (``flannel0`` and the routes stay) and replaced by
   ``c_relay.c``, the smallest C relay, one packet per read and per
@@ -23,30 +27,33 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from flanneld_py.lab.cluster import PREFIX, Cluster, Node
+from flanneld_py.lab.cluster import REFERENCE_CNI, CniPlugin, Cluster
+from flanneld_py.lab.flannel import bridge_plugin, flannel_cni_plugin, flanneld_argv_builder, start_nodes
 from flanneld_py.lab.netns import unique_tag
 
-from .measure import Endpoint, MeasureError, process_tree
+from .measure import Endpoint, MeasureError
 
 __all__ = [
     "ALL_MODES",
     "DEFAULT_MODES",
     "FLANNELD_PY_MODES",
     "ModeError",
+    "REFERENCE_CNI",
     "Testbed",
-    "flannel_argv_builder",
     "open_testbed",
+    "plugin_mode",
+    "split_plugin_mode",
 ]
 
 DEFAULT_MODES = ("bare", "host-gw", "vxlan", "udp")
 FLANNELD_PY_MODES = ("host-gw", "vxlan", "udp")
 ALL_MODES = (*DEFAULT_MODES, "c-relay", "flannel-udp")
+CNI_PLUGINS = ("flannel", "bridge")  # --cni-plugin: who else wires the pods of the flanneld-py modes
 C_RELAY_SOURCE = os.path.join(os.path.dirname(__file__), "c_relay.c")
-REFERENCE_CNI = "/usr/lib/cni"
 CONNECT_TIMEOUT = 20.0
 
 
@@ -64,37 +71,15 @@ class Testbed:
     notes: list[str] = field(default_factory=list)
 
 
-def flannel_argv_builder(binary: str) -> Callable[[Cluster, Node, tuple[str, ...]], list[str]]:
-    """flannel's flanneld on a lab node: same etcd, prefix, interface and subnet file as ours."""
-
-    def build(cluster: Cluster, node: Node, extra: tuple[str, ...]) -> list[str]:
-        return [
-            binary,
-            f"--etcd-endpoints={cluster.etcd_endpoint}",
-            f"--etcd-prefix={PREFIX}",
-            "--iface=eth0",
-            f"--subnet-file={node.subnet_file}",
-            "--ip-masq=false",
-            *extra,
-        ]
-
-    return build
+def plugin_mode(mode: str, plugin: str) -> str:
+    """``udp`` wired by ``flannel`` -> ``udp+flannel-cni``."""
+    return f"{mode}+{plugin}-cni"
 
 
-def reference_pod_config(cluster: Cluster, node: Node) -> dict:  # type: ignore[type-arg]
-    """What flannel's CNI plugin delegates to: bridge + host-local over the node's subnet file."""
-    env = node.subnet_env()
-    return {
-        "cniVersion": "1.0.0",
-        "name": f"flannel-{cluster.tag}-{node.name}",
-        "type": "bridge",
-        "bridge": "cni0",
-        "isGateway": True,
-        "isDefaultGateway": True,
-        "hairpinMode": True,
-        "mtu": env.mtu,
-        "ipam": {"type": "host-local", "subnet": str(env.subnet), "dataDir": os.path.join(node.workdir, "host-local")},
-    }
+def split_plugin_mode(mode: str) -> tuple[str, str | None]:
+    """``udp+flannel-cni`` -> ("udp", "flannel"); ``udp`` -> ("udp", None)."""
+    base, sep, rest = mode.partition("+")
+    return (base, rest.removesuffix("-cni")) if sep else (mode, None)
 
 
 def wait_reachable(src: Endpoint, dst: Endpoint, timeout: float = CONNECT_TIMEOUT) -> float:
@@ -113,17 +98,20 @@ def wait_reachable(src: Endpoint, dst: Endpoint, timeout: float = CONNECT_TIMEOU
 
 
 def _daemon_pids(cluster: Cluster) -> tuple[int, ...]:
+    """The daemons' own processes (every thread is counted). Not the helpers they fork for a
+    moment: iptables every few seconds with ``--ip-masq`` (and in flanneld for its forward
+    rules), which would be gone by the next CPU sample."""
     pids: list[int] = []
     for node in cluster.nodes:
         if node.daemon is None or node.daemon.poll() is not None:
             raise ModeError(f"the daemon on {node.name} is not running: {node.log_text()[-2000:]}")
-        pids.extend(process_tree(node.daemon.pid))
+        pids.append(node.daemon.pid)
     return tuple(pids)
 
 
 def _start_daemons(cluster: Cluster) -> None:
     try:
-        cluster.start_all()
+        start_nodes(cluster)
     except (RuntimeError, TimeoutError) as exc:
         raise ModeError(f"daemon did not start: {exc}") from None
 
@@ -140,14 +128,19 @@ def _build_flanneld_py(cluster: Cluster, mode: str) -> Testbed:
     return Testbed(mode, src, dst, _daemon_pids(cluster), cluster)
 
 
-def _build_flannel(cluster: Cluster) -> Testbed:
+def _build_with_plugin(cluster: Cluster, mode: str, plugin: CniPlugin) -> Testbed:
     _start_daemons(cluster)
-    pods = []
-    for node in cluster.nodes:
-        pods.append(cluster.add_pod(node, config=reference_pod_config(cluster, node),
-                                    plugin_argv=[os.path.join(REFERENCE_CNI, "bridge")]))
+    pods = [cluster.add_pod(node, plugin) for node in cluster.nodes]
     src, dst = (Endpoint(pod.netns, str(pod.ip.ip)) for pod in pods)
-    return Testbed("flannel-udp", src, dst, _daemon_pids(cluster), cluster)
+    return Testbed(mode, src, dst, _daemon_pids(cluster), cluster)
+
+
+def _other_plugin(name: str, flannel_cni: str | None) -> CniPlugin:
+    if name == "bridge":
+        return bridge_plugin()
+    if name == "flannel" and flannel_cni:
+        return flannel_cni_plugin(flannel_cni)
+    raise ModeError(f"pods wired by {name!r} need {'--cni-plugin flannel' if name == 'flannel' else 'a known plugin'}")
 
 
 def _build_c_relay(cluster: Cluster) -> Testbed:
@@ -174,30 +167,37 @@ def make_cluster(mode: str, flanneld: str | None = None, tag: str | None = None)
         return Cluster(nodes=2, tag=tag, start_etcd=False)
     if mode in FLANNELD_PY_MODES:
         return Cluster(nodes=2, backend={"Type": mode}, tag=tag)
+    base, plugin = split_plugin_mode(mode)
+    if plugin in CNI_PLUGINS and base in FLANNELD_PY_MODES:
+        return Cluster(nodes=2, backend={"Type": base}, tag=tag, daemon_args=("--ip-masq",))
     if mode == "c-relay":  # offloads off: the relay reattaches to flannel0 as a plain TUN device
         return Cluster(nodes=2, backend={"Type": "udp"}, tag=tag, daemon_args=("--offload=false",))
     if mode == "flannel-udp":
         if not flanneld:
             raise ModeError("mode flannel-udp needs --flanneld PATH")
         return Cluster(nodes=2, backend={"Type": "udp"}, tag=tag,
-                       daemon_argv_builder=flannel_argv_builder(flanneld), wait_for_cni_socket=False)
+                       daemon_argv_builder=flanneld_argv_builder(flanneld, "--ip-masq"), wait_for_cni_socket=False)
     raise ModeError(f"unknown mode {mode!r} (choose from {', '.join(ALL_MODES)})")
 
 
 @contextmanager
-def open_testbed(mode: str, flanneld: str | None = None, tag: str | None = None) -> Iterator[Testbed]:
+def open_testbed(mode: str, flanneld: str | None = None, tag: str | None = None,
+                 flannel_cni: str | None = None) -> Iterator[Testbed]:
     """Build ``mode``'s lab, wait until its endpoints reach each other, yield it, tear it down.
 
     Raises:
         ModeError: the lab could not be built, a daemon failed, or no connectivity.
     """
     cluster = make_cluster(mode, flanneld, tag)
+    plugin = split_plugin_mode(mode)[1]
     with cluster:
         try:
             if mode == "bare":
                 bed = _build_bare(cluster)
             elif mode == "flannel-udp":
-                bed = _build_flannel(cluster)
+                bed = _build_with_plugin(cluster, mode, bridge_plugin())
+            elif plugin is not None:
+                bed = _build_with_plugin(cluster, mode, _other_plugin(plugin, flannel_cni))
             elif mode == "c-relay":
                 bed = _build_c_relay(cluster)
             else:

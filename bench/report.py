@@ -14,6 +14,7 @@ from typing import Any
 
 from .cni_latency import OURS
 from .figures import CNI_FIGURES, DATAPATH_FIGURES, SCALE_FIGURES, Figure, figure
+from .modes import split_plugin_mode
 from .stats import median, ratio
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "add_ratios",
     "cni_lines",
     "render_report",
+    "side_by_side_pairs",
     "summarize_mode",
     "write_outputs",
 ]
@@ -149,6 +151,7 @@ def render_report(results: Mapping[str, Any]) -> str:
             got = modes[mode].get("ratios", {}).get(f"vs_{ref}", {})
             rows.append([mode] + [_ratio_text(got.get(k)) for k in ratio_keys])
         lines += _table(["mode"] + [f"{figure(k).label}" for k in ratio_keys], rows)
+    lines += _side_by_side_section(modes, order)
     lines += cni_lines(results.get("cni"))
     lines += _scale_section(results.get("scale"))
     failures = results.get("failures", [])
@@ -165,6 +168,38 @@ def render_report(results: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def side_by_side_pairs(order: Sequence[str]) -> list[tuple[str, str]]:
+    """(mode, against) pairs a reader compares directly: pods wired by another plugin against the
+    same backend's pods wired by flannel-py, and our udp against flannel's own (flannel-udp)."""
+    pairs = []
+    for mode in order:
+        base, plugin = split_plugin_mode(mode)
+        if plugin is not None and base in order:
+            pairs.append((mode, base))
+    if "udp" in order and "flannel-udp" in order:
+        pairs.append(("udp", "flannel-udp"))
+    return pairs
+
+
+SIDE_BY_SIDE_KEYS = ("tcp_1_gbps", "tcp_4_gbps", "udp64_pps", "rtt_p50_us")
+
+
+def _side_by_side_section(modes: Mapping[str, Any], order: Sequence[str]) -> list[str]:
+    rows = []
+    for mode, against in side_by_side_pairs(order):
+        tcp = figure("tcp_1_gbps")
+        rows.append([mode, against, tcp.show(_median(modes, mode, tcp.key)), tcp.show(_median(modes, against, tcp.key))]
+                    + [_ratio_text(ratio(_median(modes, mode, k), _median(modes, against, k))) for k in SIDE_BY_SIDE_KEYS])
+    if not rows:
+        return []
+    header = ["mode", "against", f"TCP, 1 stream ({figure('tcp_1_gbps').display_unit})", "against's"]
+    header += [f"{figure(k).label} ratio" for k in SIDE_BY_SIDE_KEYS]
+    return ["", "## Side by side", "",
+            "Pods wired by another CNI plugin against the same backend's pods wired by flannel-py, and "
+            "flanneld-py's udp against flannel's own daemon (medians of the same run; ratio = mode / against):",
+            ""] + _table(header, rows)
 
 
 def cni_lines(cni: Mapping[str, Any] | None) -> list[str]:

@@ -42,6 +42,7 @@ class BenchOptions:
     out: str
     flanneld: str | None = None
     peers: int | None = None
+    flannel_cni: str | None = None  # flannel's CNI plugin, for the +flannel-cni modes
 
 
 def rotate(modes: Sequence[str], round_index: int) -> list[str]:
@@ -126,7 +127,7 @@ class _Run:
                 target = progress.done + STEPS_PER_ROUND
                 try:
                     progress.step("building the lab")
-                    with open_testbed(mode, options.flanneld, self.tag()) as bed:
+                    with open_testbed(mode, options.flanneld, self.tag(), options.flannel_cni) as bed:
                         raw = measure_round(bed, self.plan, progress.step)
                         notes = list(bed.notes)
                     records[mode]["figures"].append(figures_from_round(raw))

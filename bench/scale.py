@@ -38,15 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from flanneld_py.lab.cluster import ETCD_HOST, PREFIX, Cluster, Node
+from flanneld_py.lab.flannel import bridge_plugin, flanneld_argv_builder
 
 from .measure import Endpoint, MeasureError, parse_iperf3_tcp, run_iperf3
-from .modes import (
-    REFERENCE_CNI,
-    ModeError,
-    flannel_argv_builder,
-    reference_pod_config,
-    wait_reachable,
-)
+from .modes import ModeError, wait_reachable
 from .stats import median, percentile, ratio
 
 __all__ = [
@@ -225,8 +220,7 @@ class _Lab:
         pods = []
         for node in self.cluster.nodes:
             if self.mode.startswith("flannel-"):
-                pods.append(self.cluster.add_pod(node, config=reference_pod_config(self.cluster, node),
-                                                 plugin_argv=[os.path.join(REFERENCE_CNI, "bridge")]))
+                pods.append(self.cluster.add_pod(node, plugin=bridge_plugin()))
             else:
                 pods.append(self.cluster.add_pod(node))
         src, dst = (Endpoint(pod.netns, str(pod.ip.ip)) for pod in pods)
@@ -254,7 +248,7 @@ def _cluster(mode: str, config: dict[str, Any], tag: str, flanneld: str | None) 
         return Cluster(nodes=2, config=config, tag=tag)
     if not flanneld:
         raise ModeError(f"mode {mode} needs --flanneld PATH")
-    return Cluster(nodes=2, config=config, tag=tag, daemon_argv_builder=flannel_argv_builder(flanneld),
+    return Cluster(nodes=2, config=config, tag=tag, daemon_argv_builder=flanneld_argv_builder(flanneld, "--ip-masq=false"),
                    wait_for_cni_socket=False)
 
 

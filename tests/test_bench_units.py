@@ -33,8 +33,9 @@ from bench.measure import (
     parse_schedstat,
     parse_vmhwm_kib,
 )
+from bench.modes import plugin_mode, split_plugin_mode
 from bench.progress import Progress
-from bench.report import add_ratios, render_report, summarize_mode, write_outputs
+from bench.report import add_ratios, render_report, side_by_side_pairs, summarize_mode, write_outputs
 from bench.runner import rotate
 from bench.scale import (
     cpu_seconds,
@@ -312,6 +313,31 @@ def test_render_report_puts_flannels_scale_modes_beside_ours_with_ratios() -> No
     assert "## Scale: 1000 peer leases" in text
     assert "| flannel-vxlan (partial) | — | 2.00 |" in text
     assert "vxlan over flannel-vxlan: start-up to all peers in place 0.50×, lease event to traffic, p50 1.00×." in text
+def test_plugin_modes_name_their_backend_and_plugin() -> None:
+    assert plugin_mode("udp", "flannel") == "udp+flannel-cni"
+    assert split_plugin_mode("udp+flannel-cni") == ("udp", "flannel")
+    assert split_plugin_mode("host-gw+bridge-cni") == ("host-gw", "bridge")
+    assert split_plugin_mode("flannel-udp") == ("flannel-udp", None)
+
+
+def test_side_by_side_pairs_other_plugins_with_their_backend_and_udp_with_flannels() -> None:
+    order = ["vxlan", "udp", "flannel-udp", "udp+flannel-cni", "vxlan+flannel-cni", "host-gw+flannel-cni"]
+    assert side_by_side_pairs(order) == [("udp+flannel-cni", "udp"), ("vxlan+flannel-cni", "vxlan"),
+                                         ("udp", "flannel-udp")]  # host-gw did not run: no pair
+    assert side_by_side_pairs(["udp", "vxlan"]) == []
+
+
+def test_render_report_side_by_side_ratios() -> None:
+    modes = {
+        "udp": summarize_mode([figures_from_round(_raw_round(4.0))], [], 1),
+        "flannel-udp": summarize_mode([figures_from_round(_raw_round(0.5))], [], 1),
+        "udp+flannel-cni": summarize_mode([figures_from_round(_raw_round(3.0))], [], 1),
+    }
+    text = render_report(_results(modes))
+    assert "## Side by side" in text
+    assert "| udp+flannel-cni | udp | 3.00 | 4.00 | 0.75× | 0.75× | 1.00× | 1.00× |" in text
+    assert "| udp | flannel-udp | 4.00 | 0.50 | 8.00× |" in text
+    assert "## Side by side" not in render_report(_results({"udp": modes["udp"]}))
 
 
 def test_write_outputs_makes_every_file(tmp_path: Any) -> None:

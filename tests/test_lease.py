@@ -100,3 +100,46 @@ def test_choose_subnet_respects_bounds_and_taken():
     assert choose_subnet(config, taken | {IPv4Network("10.244.11.0/24")}, rng) is None
     seen = {choose_subnet(config, set(), rng) for _ in range(50)}
     assert seen == {IPv4Network(f"10.244.{i}.0/24") for i in (10, 11, 12)}
+
+
+# --- flannel v0.20.2's own records (as its flanneld writes them) ---------------------------------
+
+FLANNEL_UDP = b'{"PublicIP":"192.0.2.4","PublicIPv6":null}'
+FLANNEL_VXLAN = b'{"PublicIP":"192.0.2.5","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"9a:1c:33:0f:5e:21"}}'
+FLANNEL_HOST_GW = b'{"PublicIP":"192.0.2.6","PublicIPv6":null,"BackendType":"host-gw"}'
+# the fields of flannel's subnet.LeaseAttrs (Go's encoding/json matches them case-insensitively)
+FLANNEL_LEASE_FIELDS = {"publicip", "publicipv6", "backendtype", "backenddata", "backendv6data"}
+
+
+@pytest.mark.parametrize("raw", [FLANNEL_UDP, b'{"PublicIP":"192.0.2.4","BackendType":""}',
+                                 b'{"PublicIP":"192.0.2.4","BackendType":null}'])
+def test_flannels_udp_lease_without_backend_type_is_a_udp_peer(raw):
+    assert LeaseAttrs.from_json(raw) == LeaseAttrs(IPv4Address("192.0.2.4"), "udp", None)
+
+
+def test_flannels_vxlan_and_host_gw_leases_keep_their_type_and_data():
+    vxlan = LeaseAttrs.from_json(FLANNEL_VXLAN)
+    assert (vxlan.backend_type, vxlan.backend_data) == ("vxlan", {"VNI": 1, "VtepMAC": "9a:1c:33:0f:5e:21"})
+    assert LeaseAttrs.from_json(FLANNEL_HOST_GW).backend_type == "host-gw"
+
+
+def test_watcher_hands_flannels_udp_lease_to_the_backends_as_udp():
+    w = LeaseWatcher(CONFIG, own_subnet=IPv4Network("10.244.1.0/24"))
+    events = w.reset([KeyPut("10.244.16.0-24", FLANNEL_UDP),
+                      KeyPut("10.244.17.0-24&fd00:10:244:11::-64", FLANNEL_VXLAN)])
+    got = {str(e.lease.subnet): e.lease.attrs.backend_type for e in events if isinstance(e, LeaseAdded)}
+    assert got == {"10.244.16.0/24": "udp", "10.244.17.0/24": "vxlan"}
+
+
+@pytest.mark.parametrize("backend, data", [("udp", None), ("vxlan", {"VNI": 1, "VtepMAC": "aa:bb:cc:dd:ee:ff"}),
+                                           ("host-gw", None)])
+def test_what_we_write_is_what_flannels_lease_attrs_read(backend, data):
+    """Only flannel's LeaseAttrs fields, PublicIP as a dotted quad (its ip.IP4 JSON form), a type that
+    flannel's vxlan and host-gw backends compare with their own name, and BackendData that is JSON
+    (flannel's json.RawMessage takes null). Each record reads back as itself."""
+    attrs = LeaseAttrs(IPv4Address("198.51.100.3"), backend, data)
+    doc = json.loads(attrs.to_json())
+    assert {key.lower() for key in doc} <= FLANNEL_LEASE_FIELDS
+    assert doc["PublicIP"] == "198.51.100.3" and doc["PublicIPv6"] is None
+    assert doc["BackendType"] == backend
+    assert LeaseAttrs.from_json(attrs.to_json()) == attrs

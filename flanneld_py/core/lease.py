@@ -2,6 +2,8 @@
 
 Key: ``<prefix>/subnets/10.244.7.0-24`` (flannel may append ``&<v6>-<len>``).
 Value: ``{"PublicIP": "...", "PublicIPv6": null, "BackendType": "udp", "BackendData": ...}``.
+flannel's own UDP backend leaves ``BackendType`` out (Go's ``omitempty``):
+``{"PublicIP": "192.0.2.4", "PublicIPv6": null}``.
 """
 
 from __future__ import annotations
@@ -27,10 +29,16 @@ __all__ = [
     "LeaseEvent",
     "LeaseRemoved",
     "LeaseWatcher",
+    "UNTYPED_BACKEND",
     "choose_subnet",
     "format_subnet_key",
     "parse_subnet_key",
 ]
+
+UNTYPED_BACKEND = "udp"
+"""The backend of a lease without ``BackendType``: flannel's UDP backend writes none, its vxlan and
+host-gw backends always write theirs (and skip leases of any other type), so such a lease is a udp
+peer in a udp network and ignored by the others, as flanneld treats it."""
 
 _KEY_RE = re.compile(r"^(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([0-9a-fA-F:]+)-(\d+))?$")
 
@@ -84,7 +92,7 @@ class LeaseAttrs:
             public_ip = IPv4Address(doc.get("PublicIP"))
         except ValueError:
             raise LeaseError(f"lease PublicIP {doc.get('PublicIP')!r} is not an IPv4 address") from None
-        backend_type = doc.get("BackendType") or ""
+        backend_type = doc.get("BackendType") or UNTYPED_BACKEND  # absent, null or ""
         if not isinstance(backend_type, str):
             raise LeaseError(f"lease BackendType {backend_type!r} is not a string")
         return cls(public_ip, backend_type, doc.get("BackendData"))

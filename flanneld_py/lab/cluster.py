@@ -6,6 +6,9 @@ Layout (``<tag>`` is unique per run)::
     fp<tag>sw   bridge br0 + etcd on 198.51.100.254:2379
     fp<tag>n1   eth0 198.51.100.1/24   flanneld-py, cni0, flannel0
     fp<tag>n1p1 eth0 10.244.x.y        a pod of node 1
+
+A node may run another daemon (``node_daemons``, e.g. flannel's own flanneld) and a pod may be
+wired by another CNI plugin (``CniPlugin``); ``lab/flannel.py`` has flannel's.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
@@ -29,11 +32,12 @@ from ..unixsock import socket_answers
 from .etcd import EtcdMember
 from .netns import Netns, run, unique_tag
 
-__all__ = ["COMPILED_PLUGIN", "Cluster", "DaemonArgv", "Node", "Pod", "cni_plugin_argv"]
+__all__ = ["COMPILED_PLUGIN", "REFERENCE_CNI", "CniPlugin", "Cluster", "DaemonArgv", "Node", "Pod", "cni_plugin_argv"]
 
 UNDERLAY = IPv4Network("198.51.100.0/24")
 ETCD_HOST = "198.51.100.254"
 PREFIX = "/coreos.com/network"
+REFERENCE_CNI = "/usr/lib/cni"  # Debian's containernetworking-plugins: bridge, host-local, portmap
 
 
 # built by .ci/setup from cni/flannel_py_shim.c: what a node installs as /opt/cni/bin/flannel-py
@@ -54,6 +58,17 @@ def cni_plugin_argv(kind: str | None = None) -> list[str]:
     return [sys.executable, "-I", "-S", flannel_py.__file__]  # as its shebang runs it
 
 
+@dataclass(frozen=True)
+class CniPlugin:
+    """A CNI plugin other than flannel-py, as a runtime runs it: the executable, its network
+    config for a node, and the folders it finds its delegates in (``CNI_PATH``)."""
+
+    name: str
+    argv: tuple[str, ...]
+    config: Callable[[Cluster, Node], dict]  # type: ignore[type-arg]
+    path: str = REFERENCE_CNI
+
+
 @dataclass
 class Pod:
     name: str
@@ -62,6 +77,7 @@ class Pod:
     ip: IPv4Interface
     result: dict  # type: ignore[type-arg]
     container_id: str
+    plugin: CniPlugin | None = None  # None: flannel-py wired it
 
     def sh(self, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return self.netns.sh(*cmd, check=check, timeout=timeout)
@@ -80,6 +96,7 @@ class Node:
     workdir: str
     daemon: subprocess.Popen[bytes] | None = None
     pods: list[Pod] = field(default_factory=list)
+    serves_cni: bool = True  # False for a daemon that is not flanneld-py (no CNI socket to wait for)
 
     @property
     def subnet_file(self) -> str:
@@ -125,7 +142,8 @@ class Cluster:
     ``wait_for_cni_socket=False`` is for such a daemon, which serves no CNI
     socket: it is then ready once the subnet file exists. ``node_daemon_args``
     adds flags to single nodes, by node index (node ``n2`` is index 2), also
-    when a test restarts them.
+    when a test restarts them; ``node_daemons`` runs another daemon on single
+    nodes (a mixed cluster), which then count as serving no CNI socket.
     """
 
     def __init__(
@@ -140,6 +158,7 @@ class Cluster:
         start_etcd: bool = True,
         daemon_argv_builder: DaemonArgv | None = None,
         wait_for_cni_socket: bool = True,
+        node_daemons: Mapping[int, DaemonArgv] | None = None,
     ) -> None:
         self.tag = tag or unique_tag()
         self.node_count = nodes
@@ -154,6 +173,7 @@ class Cluster:
         self._start_etcd = start_etcd
         self._daemon_argv_builder = daemon_argv_builder
         self.wait_for_cni_socket = wait_for_cni_socket
+        self._node_daemons = dict(node_daemons or {})
         self._pod_seq = 0
 
     # --- build & tear down ---------------------------------------------------
@@ -208,7 +228,8 @@ class Cluster:
         ns.sh("sysctl", "-qw", "net.ipv4.ip_forward=1")
         workdir = os.path.join(self.workdir, f"n{index}")
         os.makedirs(workdir, exist_ok=True)
-        node = Node(f"n{index}", index, ns, address, workdir)
+        serves_cni = self.wait_for_cni_socket and index not in self._node_daemons
+        node = Node(f"n{index}", index, ns, address, workdir, serves_cni=serves_cni)
         self.nodes.append(node)
         return node
 
@@ -240,9 +261,20 @@ class Cluster:
     # --- daemons -------------------------------------------------------------------
 
     def daemon_argv(self, node: Node, extra: tuple[str, ...] = ()) -> list[str]:
+        if node.index in self._node_daemons:
+            return self._node_daemons[node.index](self, node, extra)
         if self._daemon_argv_builder is not None:
             return self._daemon_argv_builder(self, node, extra)
         return self.default_daemon_argv(node, extra)
+
+    def set_node_daemon(self, node: Node, daemon: DaemonArgv | None) -> None:
+        """Run ``daemon`` on ``node`` from its next start (None: flanneld-py), as when a node is
+        rolled over from flannel's flanneld to flanneld-py or back."""
+        if daemon is None:
+            self._node_daemons.pop(node.index, None)
+        else:
+            self._node_daemons[node.index] = daemon
+        node.serves_cni = self.wait_for_cni_socket and daemon is None
 
     def default_daemon_argv(self, node: Node, extra: tuple[str, ...] = ()) -> list[str]:
         """flanneld-py on ``node``, pointed at the lab's etcd, files in the node's workdir."""
@@ -269,13 +301,13 @@ class Cluster:
             self.wait_ready(node)
 
     def wait_ready(self, node: Node, timeout: float = 30.0) -> None:
-        """Ready = subnet file written and the CNI socket answering."""
+        """Ready = subnet file written and the CNI socket answering (where the node serves one)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if node.daemon is not None and node.daemon.poll() is not None:
                 raise RuntimeError(f"flanneld-py on {node.name} exited {node.daemon.returncode}:\n{node.log_text()[-3000:]}")
             if os.path.exists(node.subnet_file) and (
-                    not self.wait_for_cni_socket or socket_answers(node.cni_socket)):
+                    not node.serves_cni or socket_answers(node.cni_socket)):
                 return
             time.sleep(0.1)
         raise TimeoutError(f"flanneld-py on {node.name} not ready after {timeout}s:\n{node.log_text()[-3000:]}")
@@ -317,8 +349,7 @@ class Cluster:
         }
 
     def cni(self, node: Node, command: str, pod_netns: Netns, container_id: str,
-            ifname: str = "eth0", config: dict | None = None,  # type: ignore[type-arg]
-            plugin_argv: Sequence[str] | None = None) -> subprocess.CompletedProcess[str]:
+            ifname: str = "eth0", plugin: CniPlugin | None = None) -> subprocess.CompletedProcess[str]:
         """Run a CNI plugin for ``node`` as a runtime does (default: flannel-py and its config)."""
         env = {
             "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin"),
@@ -326,31 +357,31 @@ class Cluster:
             "CNI_CONTAINERID": container_id,
             "CNI_NETNS": pod_netns.path,
             "CNI_IFNAME": ifname,
-            "CNI_PATH": "/usr/lib/cni",
+            "CNI_PATH": plugin.path if plugin else REFERENCE_CNI,
         }
-        stdin = json.dumps(config or self.cni_config(node))
-        argv = list(plugin_argv) if plugin_argv is not None else cni_plugin_argv()
+        stdin = json.dumps(plugin.config(self, node) if plugin else self.cni_config(node))
+        argv = list(plugin.argv) if plugin else cni_plugin_argv()
         return subprocess.run(node.netns.argv(*argv), input=stdin, env=env,
                               capture_output=True, text=True, timeout=30)
 
-    def add_pod(self, node: Node, config: dict | None = None,  # type: ignore[type-arg]
-                plugin_argv: Sequence[str] | None = None) -> Pod:
-        """A pod namespace on ``node`` wired by flannel-py (or by ``plugin_argv`` with ``config``)."""
+    def add_pod(self, node: Node, plugin: CniPlugin | None = None) -> Pod:
+        """A pod namespace on ``node`` wired by flannel-py (or by ``plugin``)."""
         self._pod_seq += 1
         name = f"{node.name}p{self._pod_seq}"
         ns = self._ns(name)
         container_id = f"lab-{self.tag}-{name}"
-        proc = self.cni(node, "ADD", ns, container_id, config=config, plugin_argv=plugin_argv)
+        proc = self.cni(node, "ADD", ns, container_id, plugin=plugin)
         if proc.returncode != 0:
-            raise RuntimeError(f"CNI ADD for {name} failed: {proc.stdout} {proc.stderr}")
+            raise RuntimeError(f"CNI ADD for {name} by {plugin.name if plugin else 'flannel-py'} failed: "
+                               f"{proc.stdout} {proc.stderr}")
         result = json.loads(proc.stdout)
-        ip = IPv4Interface(result["ips"][0]["address"])
-        pod = Pod(name, node, ns, ip, result, container_id)
+        ip = IPv4Interface(next(entry["address"] for entry in result["ips"] if "." in entry["address"]))
+        pod = Pod(name, node, ns, ip, result, container_id, plugin)
         node.pods.append(pod)
         return pod
 
     def delete_pod(self, pod: Pod) -> None:
-        proc = self.cni(pod.node, "DEL", pod.netns, pod.container_id)
+        proc = self.cni(pod.node, "DEL", pod.netns, pod.container_id, plugin=pod.plugin)
         if proc.returncode != 0:
             raise RuntimeError(f"CNI DEL for {pod.name} failed: {proc.stdout} {proc.stderr}")
         pod.node.pods.remove(pod)
