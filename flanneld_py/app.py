@@ -165,7 +165,10 @@ class Daemon:
 
     async def _start(self) -> None:
         self.netlink = await asyncio.to_thread(Netlink)
-        iface = await asyncio.to_thread(self.netlink.interface_info, self.options.iface)
+        try:
+            iface = await asyncio.to_thread(self.netlink.interface_info, self.options.iface)
+        except LookupError as exc:  # a configuration mistake: say which setting to fix
+            raise FatalError(f"{exc.args[0]}: set --iface (FLANNELD_IFACE) to the underlay interface") from None
         public_ip = IPv4Address(self.options.public_ip) if self.options.public_ip else iface.address
         log.info("using interface %s (%s, mtu %d), public IP %s", iface.name, iface.address, iface.mtu, public_ip)
         self._set_phase("waiting for network config")

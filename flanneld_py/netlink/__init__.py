@@ -173,7 +173,8 @@ class Netlink:
         else:
             index = self.link_index(name_or_address) or self._index_of_address(name_or_address)
         if index is None:
-            raise LookupError(f"no interface named or addressed {name_or_address!r}")
+            raise LookupError(f"no interface named or addressed {name_or_address!r}" if name_or_address
+                              else "no default route to take the underlay interface from")
         attrs = self.link_attrs(index)
         addresses = self.ipv4_addresses(index)
         if not addresses:
