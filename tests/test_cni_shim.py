@@ -18,7 +18,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-SHIM = Path(__file__).resolve().parents[1] / "cni" / "flannel_py.py"
+from flanneld_py.install import python_shim
+
+SHIM = python_shim()
 
 
 def load_shim() -> ModuleType:

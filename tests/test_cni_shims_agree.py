@@ -1,4 +1,4 @@
-"""The compiled shim (cni/flannel_py_shim.c) answers exactly as the Python shim does.
+"""The compiled shim (flanneld_py/cni/shim.c) answers exactly as the Python shim does.
 
 Both are run as a runtime runs them, on the same inputs: VERSION, every kind of
 malformed input, JSON corner cases (escapes, duplicate keys, nesting, numbers,
@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 
 from cni_helpers import CniNode, cni_network, pod_state, run_plugin, with_prev_result
-from flanneld_py.lab.cluster import COMPILED_PLUGIN, cni_plugin_argv
+from flanneld_py.install import compiled_shim
+from flanneld_py.lab.cluster import cni_plugin_argv
 
 pytestmark = [pytest.mark.netns,
-              pytest.mark.skipif(not COMPILED_PLUGIN.exists(), reason=f"{COMPILED_PLUGIN} not built: run .ci/setup")]
+              pytest.mark.skipif(compiled_shim() is None, reason="the compiled CNI shim is not built (no C compiler at install)")]
 
 ADD_ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "agree-1", "CNI_NETNS": "/var/run/netns/nowhere",
            "CNI_IFNAME": "eth0"}

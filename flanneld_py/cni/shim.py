@@ -16,7 +16,8 @@ Python 3.11: ``json`` pulls in ``re`` and ``enum`` for ~7 ms and ``socket``
 ``os`` costs ~1 ms that ``posix`` does not; the shebang's ``-I -S`` skips
 site packages (~3 ms with Debian's python3, ~25 ms under pyenv). What is
 left is ~9 ms, ~6.5 ms of it the interpreter's own start.
-Install: ``install -m 755 cni/flannel_py.py /opt/cni/bin/flannel-py``.
+Installed as /opt/cni/bin/flannel-py by ``flanneld-py install-cni`` where the compiled shim
+(shim.c) was not built.
 """
 
 import sys

@@ -1,7 +1,7 @@
 /*
  * flannel-py: the CNI plugin a container runtime executes for every pod, compiled.
  *
- * The same shim as cni/flannel_py.py, without an interpreter to start: the
+ * The same shim as flanneld_py/cni/shim.py, without an interpreter to start: the
  * kubelet waits on it for every pod, and Python's own start-up (~8 ms here) is
  * as long as the whole ADD of the reference Go plugins. It answers VERSION
  * itself and hands every other command to flanneld-py over its unix socket
@@ -17,7 +17,7 @@
  * daemonSocket) and the daemon's two-key answer, and sends the config text to
  * the daemon verbatim, as a JSON string, for the daemon to parse.
  *
- * Build: cc -O2 -o /opt/cni/bin/flannel-py cni/flannel_py_shim.c
+ * Built by setup.py into flanneld_py/cni/bin/flannel-py; installed by flanneld-py install-cni.
  */
 #define _GNU_SOURCE
 #include <errno.h>
