@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from . import __version__
+from .logs import journal_attached
 
 __all__ = ["DEFAULT_CONTROL_SOCKET", "DaemonOptions", "build_parser", "parse_duration", "parse_options"]
 
@@ -108,7 +110,8 @@ class _Parser(argparse.ArgumentParser):
     """Bad usage: one line naming the problem, exit 2 (no usage dump)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+        priority = "<3>" if journal_attached(os.environ, sys.stderr) else ""  # an error under journald too
+        self.exit(2, f"{priority}{self.prog}: {message} (see --help)\n")
 
 
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
