@@ -30,9 +30,10 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from flanneld_py.lab.checks import wait_until
 from wheel_helpers import REPO, build_wheel
 
 SUITE = "bookworm"
@@ -130,7 +131,7 @@ def base_rootfs() -> Path:
 # What README "Installing on a node" has an operator run, from the wheel to an enabled unit.
 INSTALL_SCRIPT = f"""
 python3 -m venv {VENV}
-{VENV}/bin/pip install --quiet --no-index --find-links /wheel /wheel/*.whl
+{VENV}/bin/pip install --quiet --no-index --find-links /wheel flanneld-py
 {VENV}/bin/flanneld-py install-cni
 {VENV}/bin/flanneld-py install-systemd
 """
@@ -233,15 +234,12 @@ class BootedNode:
             raise RuntimeError(f"in {self.name}: {' '.join(cmd)} exited {proc.returncode}: {proc.stdout} {proc.stderr}")
         return proc
 
-    def wait_until(self, what: str, predicate: object, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():  # type: ignore[operator]
-                return
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"container {self.name} exited: {self.log_tail()}")
-            time.sleep(0.25)
-        raise TimeoutError(f"{self.name}: not {what} after {timeout}s\n{self.journal()[-4000:]}")
+    def wait_until(self, what: str, predicate: Callable[[], object], timeout: float = 60) -> None:
+        """Wait for ``predicate``; on time-out fail with the container's journal."""
+        if not wait_until(lambda: predicate() or self.proc.poll() is not None, timeout, interval=0.25):
+            raise TimeoutError(f"{self.name}: not {what} after {timeout}s\n{self.journal()[-4000:]}")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"container {self.name} exited: {self.log_tail()}")
 
     def wait_booted(self, timeout: float = 90) -> None:
         self.wait_until("booted", lambda: self.run("systemctl", "is-system-running", check=False).stdout.strip()
