@@ -140,7 +140,18 @@ def test_hardening_holds_while_the_daemon_works(node: BootedNode, cluster: Clust
     assert node.run(*inside, "test", "-e", "/root/probe", check=False).returncode != 0  # ProtectHome
     assert node.run(*inside, "touch", "/var/lib/cni/networks/probe").returncode == 0  # ReadWritePaths
     node.run("rm", "-f", "/run/flannel/probe", "/var/lib/cni/networks/probe", "/root/probe")
-    assert "Operation not permitted" not in node.journal("-u", "flanneld-py")
+    journal = node.journal("-u", "flanneld-py")
+    assert "Operation not permitted" not in journal and "Permission denied" not in journal
+    # systemd applied the rest of the unit's sandbox to it, as written.
+    applied = node.unit("DevicePolicy", "ProtectSystem", "ProtectHome", "PrivateTmp", "ProtectKernelModules",
+                        "ProtectKernelLogs", "ProtectControlGroups", "ProtectClock", "RestrictRealtime",
+                        "RestrictSUIDSGID", "LockPersonality", "RestrictNamespaces", "RestrictAddressFamilies")
+    assert applied["DevicePolicy"] == "closed" and applied["ProtectSystem"] == "strict"
+    assert applied["ProtectHome"] == "yes" and applied["RestrictNamespaces"] == "net"
+    assert set(applied["RestrictAddressFamilies"].split()) == {"AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"}
+    assert all(applied[key] == "yes" for key in ("PrivateTmp", "ProtectKernelModules", "ProtectKernelLogs",
+                                                  "ProtectControlGroups", "ProtectClock", "RestrictRealtime",
+                                                  "RestrictSUIDSGID", "LockPersonality")), applied
     score = node.run("systemd-analyze", "security", "--no-pager", "flanneld-py").stdout
     print(score.splitlines()[-1])  # recorded in README (Running it as a service)
     assert re.search(r"Overall exposure level for flanneld-py.service: \d", score)
