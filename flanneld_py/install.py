@@ -145,6 +145,8 @@ def main_install_systemd(argv: Sequence[str]) -> int:
                         help="the flanneld-py program the unit runs (default: this installation's)")
     args = parser.parse_args(argv)
     program = args.exec_start or this_program()
+    if not os.path.isabs(program):
+        parser.error(f"--exec-start {program}: systemd needs an absolute path")
     return _run(lambda: install_systemd(Path(args.unit_dir), Path(args.defaults_file), program))
 
 
