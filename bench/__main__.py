@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import signal
 import sys
 import tempfile
 from types import FrameType
 
-from flanneld_py.lab.flannel import FlannelMissing, flannel_cni_binary
+# What a run needs beyond the standard library, and how to get it. Checked before the bench's
+# own modules import any of it, so a missing one is one line, not a traceback after the run.
+REQUIREMENTS = (
+    ("flanneld_py", "flanneld-py is not installed: pip install -e . (from this checkout)"),
+    ("matplotlib", "matplotlib is missing: install the bench extra, pip install -e '.[bench]'"),
+)
 
-from .modes import ALL_MODES, CNI_PLUGINS, DEFAULT_MODES, FLANNELD_PY_MODES, plugin_mode
-from .runner import BenchOptions, run_bench
+
+def missing_requirement() -> str | None:
+    """The first requirement that cannot be imported, as a one-line instruction, or None."""
+    return next((hint for module, hint in REQUIREMENTS if importlib.util.find_spec(module) is None), None)
+
+
+if __name__ == "__main__" and (problem := missing_requirement()):
+    sys.exit(f"bench: {problem}")
+
+from flanneld_py.lab.flannel import FlannelMissing, flannel_cni_binary  # noqa: E402 - after the requirement check
+
+from .modes import ALL_MODES, CNI_PLUGINS, DEFAULT_MODES, FLANNELD_PY_MODES, plugin_mode  # noqa: E402
+from .runner import BenchOptions, run_bench  # noqa: E402
 
 DEFAULT_OUT = os.path.join("bench", "out")
 

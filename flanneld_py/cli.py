@@ -1,4 +1,5 @@
-"""``flanneld-py``: the daemon, plus the operator subcommands ``status`` and ``trace``."""
+"""``flanneld-py``: the daemon, plus the operator subcommands ``status`` and ``trace`` and the
+install steps ``install-cni`` and ``install-systemd``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Sequence
 
 __all__ = ["main"]
 
-SUBCOMMANDS = ("status", "trace")
+SUBCOMMANDS = ("status", "trace", "install-cni", "install-systemd")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,6 +41,14 @@ def _run_subcommand(name: str, args: list[str]) -> int:
         from .ops.status import main as status_main
 
         return status_main(args)
+    if name == "install-cni":
+        from .install import main_install_cni
+
+        return main_install_cni(args)
+    if name == "install-systemd":
+        from .install import main_install_systemd
+
+        return main_install_systemd(args)
     from .ops.trace import main as trace_main
 
     return trace_main(args)

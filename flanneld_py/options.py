@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 from . import __version__
+from .logs import journal_attached
 
 __all__ = [
     "DEFAULT_CONTROL_SOCKET",
@@ -460,7 +461,8 @@ def parse_command_line(argv: Sequence[str], environ: Mapping[str, str] | None = 
     try:
         return read_command_line(argv, os.environ if environ is None else environ)
     except UsageError as exc:
-        _exit(2, f"flanneld-py: {exc}\n", sys.stderr)
+        priority = "<3>" if journal_attached(os.environ, sys.stderr) else ""  # an error under journald too
+        _exit(2, f"{priority}flanneld-py: {exc}\n", sys.stderr)
     except HelpRequested:
         _exit(0, usage_text(), sys.stdout)
     except VersionRequested:

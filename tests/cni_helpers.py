@@ -25,11 +25,12 @@ from typing import Any
 from flanneld_py.cni.models import Attachment
 from flanneld_py.cni.wiring import host_veth_name
 from flanneld_py.core.subnetenv import SubnetEnv
+from flanneld_py.install import python_shim
 from flanneld_py.lab.cluster import cni_plugin_argv
 from flanneld_py.lab.netns import Netns, unique_tag
 
 REPO = Path(__file__).resolve().parents[1]
-PYTHON_SHIM = REPO / "cni" / "flannel_py.py"
+PYTHON_SHIM = python_shim()
 PLUGIN = cni_plugin_argv()  # the compiled shim when built (FLANNEL_PY_PLUGIN=python: the Python one)
 CLUSTER = IPv4Network("10.244.0.0/16")
 CLUSTER6 = IPv6Network("fd00:10:244::/56")

@@ -477,3 +477,11 @@ def test_machine_parsers() -> None:
     assert parse_meminfo_gib("MemTotal:       24683520 kB\n") == 23.5
     assert parse_os_release('NAME="Debian"\nPRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\n') == \
         "Debian GNU/Linux 12 (bookworm)"
+
+
+def test_python_m_bench_names_a_missing_requirement_in_one_line(monkeypatch) -> None:
+    import bench.__main__ as bench_main
+
+    assert bench_main.missing_requirement() is None  # the test venv has them all
+    monkeypatch.setattr(bench_main, "REQUIREMENTS", (("no_such_module_for_bench", "install the x extra"),))
+    assert bench_main.missing_requirement() == "install the x extra"

@@ -14,9 +14,10 @@ from flanneld_py.cni.models import (SUPPORTED_VERSIONS, Attachment, CniError, Co
                                     IPConfig, NetConf, Result, Route, parse_cni_args, parse_request, valid_ifname,
                                     version_info)
 from flanneld_py.cni.wiring import HOST_VETH, host_veth_name
+from flanneld_py.install import data_file
 
 DEFAULTS = ConfigDefaults(subnet_file="/run/test/subnet.env", data_dir="/var/lib/test")
-CONFLIST = Path(__file__).resolve().parents[1] / "cni" / "10-flannel-py.conflist"
+CONFLIST = data_file("10-flannel-py.conflist")
 
 
 def wire(command: str = "ADD", env: dict[str, str] | None = None, **config: Any) -> dict[str, Any]:

@@ -98,6 +98,37 @@ def test_answers_and_errors(tmp_path: Path) -> None:
     serve(tmp_path, FakePlugin(), scenario)
 
 
+def framed(env: dict[str, str], stdin: bytes, compiled: bool) -> bytes:
+    """A request as each shim frames it: stdin verbatim, bytes that are not UTF-8 raw (compiled)
+    or as surrogate escapes (Python)."""
+    wire = {"command": env.get("CNI_COMMAND", ""), "env": env, "config_text": stdin.decode("utf-8", "surrogateescape")}
+    if compiled:
+        return json.dumps(wire, ensure_ascii=False).encode("utf-8", "surrogateescape")
+    return json.dumps(wire).encode()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize(("env", "stdin", "code"), [
+    ({}, json.dumps(CONF).encode(), 4),
+    ({"CNI_COMMAND": "ATTACH"}, json.dumps(CONF).encode(), 4),
+    (ENV, b'{"cniVersion": ', 6),
+    (ENV, b"\xff\xfe", 6),
+    (ENV, b'{"cniVersion": "1.0.0", "name": "\xc0\xaf"}', 6),
+    (ENV, b"[]", 7),
+    (ENV, json.dumps({"name": "x"}).encode(), 7),
+    (ENV, json.dumps({**CONF, "cniVersion": "0.2.0"}).encode(), 1),
+    ({**ENV, "CNI_NETNS": ""}, json.dumps(CONF).encode(), 4),
+    ({"CNI_COMMAND": "DEL"}, json.dumps(CONF).encode(), 4),
+])
+def test_the_daemon_judges_what_the_shims_forward(tmp_path: Path, env: dict[str, str], stdin: bytes, code: int,
+                                                   compiled: bool) -> None:
+    async def scenario(path: str) -> None:
+        answer = await ask(path, framed(env, stdin, compiled))
+        assert answer["exit"] == 1 and answer["output"]["code"] == code and answer["output"]["msg"]
+
+    serve(tmp_path, FakePlugin(), scenario)
+
+
 def test_requests_run_concurrently(tmp_path: Path) -> None:
     # each request waits in the plugin until all five are in it at once: served one at a time,
     # the barrier breaks after its (generous) deadline and the answers are errors

@@ -1,8 +1,10 @@
-"""The compiled shim (cni/flannel_py_shim.c) answers exactly as the Python shim does.
+"""The compiled shim (flanneld_py/cni/shim.c) answers exactly as the Python shim does.
 
 Both are run as a runtime runs them, on the same inputs: VERSION, every kind of
 malformed input, JSON corner cases (escapes, duplicate keys, nesting, numbers,
-NaN, a byte-order mark, bad UTF-8), no daemon, and requests the daemon judges.
+NaN, a byte-order mark, bad UTF-8), no daemon, and requests the daemon judges
+(all but VERSION: the shims only frame and forward, and read the config only for
+the daemon's socket and the version of their own answers).
 Outputs must be equal but for ``details``, which quotes each side's own error text.
 """
 
@@ -16,10 +18,11 @@ from typing import Any
 import pytest
 
 from cni_helpers import CniNode, cni_network, pod_state, run_plugin, with_prev_result
-from flanneld_py.lab.cluster import COMPILED_PLUGIN, cni_plugin_argv
+from flanneld_py.install import compiled_shim
+from flanneld_py.lab.cluster import cni_plugin_argv
 
 pytestmark = [pytest.mark.netns,
-              pytest.mark.skipif(not COMPILED_PLUGIN.exists(), reason=f"{COMPILED_PLUGIN} not built: run .ci/setup")]
+              pytest.mark.skipif(compiled_shim() is None, reason="the compiled CNI shim is not built (no C compiler at install)")]
 
 ADD_ENV = {"CNI_COMMAND": "ADD", "CNI_CONTAINERID": "agree-1", "CNI_NETNS": "/var/run/netns/nowhere",
            "CNI_IFNAME": "eth0"}
@@ -83,6 +86,17 @@ ALONE = {
 def test_same_answer_without_the_daemon(cni_node: CniNode, case: str, command: str) -> None:
     env = {**ADD_ENV, "CNI_COMMAND": command}
     python, compiled = both(cni_node, env, ALONE[case])
+    assert compiled == python
+
+
+@pytest.mark.parametrize("case", sorted(ALONE))
+def test_same_answer_from_the_daemon_for_the_same_input(cni_node: CniNode, case: str) -> None:
+    """The inputs above, sent to a daemon where the shims can tell where it is: both forward
+    them unchecked, so the daemon's verdict (or "not running") comes back through either."""
+    data = ALONE[case]
+    if data.startswith(b"{"):
+        data = b'{"daemonSocket": "%s", ' % cni_node.server.socket_path.encode() + data[1:]
+    python, compiled = both(cni_node, ADD_ENV, data)
     assert compiled == python
 
 

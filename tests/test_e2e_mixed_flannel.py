@@ -38,7 +38,7 @@ from flanneld_py.lab.flannel import (
     start_flanneld,
     start_nodes,
 )
-from test_faults_support import PREFIX, dump, peer_subnets
+from lab_helpers import PREFIX, dump, peer_subnets
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 

@@ -1,6 +1,6 @@
 """The CNI plugin under failure, end to end: the real shim, the real daemon.
 
-In our design the shim (cni/flannel_py.py) only forwards the request over a
+In our design the shim (flanneld_py/cni/shim.py) only forwards the request over a
 unix socket and the daemon does the work, so "killed during ADD" means two
 different things that both really happen:
 
@@ -124,7 +124,7 @@ class Runtime:
             time.sleep(0.2)
 
     def request(self, command: str, pod: PodNs) -> bytes:
-        """What the shim sends the daemon (see cni/flannel_py.py)."""
+        """What the shim sends the daemon (see flanneld_py/cni/shim.py)."""
         env = {k: v for k, v in self.env(command, pod).items() if k.startswith("CNI_")}
         return json.dumps({"command": command, "env": env, "config": self.config}).encode()
 

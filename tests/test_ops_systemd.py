@@ -6,14 +6,13 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from flanneld_py.install import data_file
 from flanneld_py.options import FLAGS, parse_options
 
-SYSTEMD = Path(__file__).resolve().parent.parent / "systemd"
-UNIT = SYSTEMD / "flanneld-py.service"
+UNIT = data_file("flanneld-py.service")
 INSTALLED_PATH = "/usr/local/bin/flanneld-py"
 
 
@@ -62,7 +61,7 @@ def test_unit_essentials():
 def test_example_environment_file_parses():
     known = {flag.env for flag in FLAGS}
     environ, mentioned = {}, set()
-    for line in (SYSTEMD / "flanneld-py.default").read_text().splitlines():
+    for line in data_file("flanneld-py.default").read_text().splitlines():
         assignment = line.lstrip("#")
         if assignment.startswith("FLANNELD_"):
             key, _, value = assignment.partition("=")

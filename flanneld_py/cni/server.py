@@ -1,7 +1,9 @@
 """The unix socket the ``flannel-py`` shim talks to, inside the daemon.
 
 One connection carries one request: the shim writes a JSON object
-``{"command", "env", "config"}`` and shuts down its write side; we answer
+``{"command", "env", "config_text"}`` (stdin as it came; tests may send the parsed
+``"config"``) and shuts down its write side. Every check of the request is made here
+(``models.parse_request``): the shims only frame and forward it. We answer
 ``{"exit": 0|1, "output": <stdout object or null>}`` and close. The command
 itself blocks (netlink, files, iptables), so it runs in a thread of the
 server's own pool; the event loop only moves bytes, and many requests can
@@ -197,13 +199,15 @@ async def _read_all(reader: asyncio.StreamReader) -> bytes:
 
 def _decode(raw: bytes) -> dict[str, Any]:
     try:
-        wire = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
+        # The shims frame stdin and the CNI_* variables as they came: bytes that are not UTF-8
+        # arrive raw (compiled shim) or as surrogate escapes (Python shim); both decode alike.
+        wire = json.loads(raw.decode("utf-8", "surrogateescape"))
+    except ValueError as exc:
         raise CniError(ErrorCode.DECODE_FAILURE, "cannot decode the request from the flannel-py plugin",
                        str(exc)) from None
     if not isinstance(wire, dict):
         raise CniError(ErrorCode.DECODE_FAILURE, "the request from the flannel-py plugin is not an object")
-    if isinstance(wire.get("config_text"), str):  # the compiled shim sends stdin as it came
+    if isinstance(wire.get("config_text"), str):  # the shims send stdin as it came
         wire["config"] = _config_from_stdin(wire.pop("config_text"))
     return wire
 
@@ -213,8 +217,9 @@ def _not_json(name: str) -> Any:
 
 
 def _config_from_stdin(text: str) -> dict[str, Any]:
-    """The network config as the runtime wrote it, checked as the Python shim checks it."""
+    """The network config as the runtime wrote it: UTF-8 JSON holding an object."""
     try:
+        text.encode("utf-8")  # refuses the surrogate escapes of bytes that were not UTF-8
         config = json.loads(text, parse_constant=_not_json)
     except ValueError as exc:
         raise CniError(ErrorCode.DECODE_FAILURE, "cannot decode the network config on stdin", str(exc)) from None

@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from ..core.subnetenv import SubnetEnv
+from ..install import compiled_shim, python_shim
 from ..unixsock import socket_answers
 from .etcd import EtcdMember
 from .netns import Netns, run, unique_tag
 
-__all__ = ["COMPILED_PLUGIN", "REFERENCE_CNI", "CniPlugin", "Cluster", "DaemonArgv", "Node", "Pod", "cni_plugin_argv"]
+__all__ = ["REFERENCE_CNI", "CniPlugin", "Cluster", "DaemonArgv", "Node", "Pod", "cni_plugin_argv"]
 
 UNDERLAY = IPv4Network("198.51.100.0/24")
 ETCD_HOST = "198.51.100.254"
@@ -40,22 +41,18 @@ PREFIX = "/coreos.com/network"
 REFERENCE_CNI = "/usr/lib/cni"  # Debian's containernetworking-plugins: bridge, host-local, portmap
 
 
-# built by .ci/setup from cni/flannel_py_shim.c: what a node installs as /opt/cni/bin/flannel-py
-COMPILED_PLUGIN = Path(__file__).resolve().parents[2] / "cni" / "bin" / "flannel-py"
-
-
 def cni_plugin_argv(kind: str | None = None) -> list[str]:
-    """How to run the flannel-py CNI plugin: the compiled shim when this checkout has it built,
-    else the Python shim. ``kind`` ("compiled" or "python", default ``$FLANNEL_PY_PLUGIN``)
-    forces one."""
-    kind = kind or os.environ.get("FLANNEL_PY_PLUGIN") or ("compiled" if COMPILED_PLUGIN.exists() else "python")
+    """How to run the flannel-py CNI plugin: the compiled shim when this installation has it
+    (``flanneld-py install-cni`` installs the same file), else the Python shim. ``kind``
+    ("compiled" or "python", default ``$FLANNEL_PY_PLUGIN``) forces one."""
+    compiled = compiled_shim()
+    kind = kind or os.environ.get("FLANNEL_PY_PLUGIN") or ("compiled" if compiled else "python")
     if kind == "compiled":
-        if not os.access(COMPILED_PLUGIN, os.X_OK):
-            raise FileNotFoundError(f"{COMPILED_PLUGIN} is not built: run .ci/setup (cc and cni/flannel_py_shim.c)")
-        return [str(COMPILED_PLUGIN)]
-    import flannel_py
-
-    return [sys.executable, "-I", "-S", flannel_py.__file__]  # as its shebang runs it
+        if compiled is None:
+            raise FileNotFoundError("the compiled CNI shim is not built: reinstall with a C compiler "
+                                    "(pip install -e . builds flanneld_py/cni/bin/flannel-py)")
+        return [str(compiled)]
+    return [sys.executable, "-I", "-S", str(python_shim())]  # as its shebang runs it
 
 
 @dataclass(frozen=True)

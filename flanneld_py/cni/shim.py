@@ -1,13 +1,14 @@
 #!/usr/bin/env -S python3 -I -S
 """flannel-py: the CNI plugin a container runtime executes for every pod it starts and stops.
 
-This is only a shim. It checks what it can check cheaply (CNI_* variables,
-the JSON on stdin, cniVersion), answers VERSION itself, and hands the rest
-to flanneld-py over a unix socket (config key ``daemonSocket``, default
-/run/flannel/cni.sock): the daemon has the netlink layer loaded and owns the
-address store, so a pod costs it a few milliseconds. It prints the
-daemon's answer and exits with its status; with no daemon it answers
-error 11 (try again later) and the runtime retries.
+This is only a shim: it frames the request (the command, the CNI_* variables and stdin as it
+came) and hands it to flanneld-py over a unix socket (config key ``daemonSocket``, default
+/run/flannel/cni.sock), which checks it (flanneld_py/cni/models.py) and does the work: the
+daemon has the netlink layer loaded and owns the address store, so a pod costs it a few
+milliseconds. It prints the daemon's answer and exits with its status. It reads the config only
+to find the daemon (so a config that is not a JSON object is its own error 6 or 7) and for what
+it must answer itself: VERSION, and, with no daemon, error 11 (try again later; 50 for STATUS)
+in the config's cniVersion, after which the runtime retries.
 
 Start-up is the whole budget here (the kubelet waits on this for every
 pod), so this file is stdlib-only and imports almost nothing. Measured with
@@ -16,7 +17,8 @@ Python 3.11: ``json`` pulls in ``re`` and ``enum`` for ~7 ms and ``socket``
 ``os`` costs ~1 ms that ``posix`` does not; the shebang's ``-I -S`` skips
 site packages (~3 ms with Debian's python3, ~25 ms under pyenv). What is
 left is ~9 ms, ~6.5 ms of it the interpreter's own start.
-Install: ``install -m 755 cni/flannel_py.py /opt/cni/bin/flannel-py``.
+Installed as /opt/cni/bin/flannel-py by ``flanneld-py install-cni`` where the compiled shim
+(shim.c) was not built.
 """
 
 import sys
@@ -40,19 +42,7 @@ SUPPORTED_VERSIONS = ("0.3.1", "0.4.0", "1.0.0", "1.1.0")
 DEFAULT_SOCKET = "/run/flannel/cni.sock"
 ANSWER_TIMEOUT = 120.0  # seconds; the kubelet gives up on its own schedule anyway
 
-# What each command cannot do without (SPEC.md, "Parameters").
-REQUIRED_ENV = {
-    "ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"),
-    "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"),
-    "DEL": ("CNI_CONTAINERID", "CNI_IFNAME"),
-    "STATUS": (),
-    "GC": (),
-    "VERSION": (),
-}
-
 # SPEC.md error codes (and one of ours).
-INCOMPATIBLE_VERSION = 1
-INVALID_ENVIRONMENT = 4
 DECODE_FAILURE = 6
 INVALID_CONFIG = 7
 TRY_AGAIN_LATER = 11
@@ -124,36 +114,15 @@ def answer_version(config):
     return version if version in SUPPORTED_VERSIONS else SUPPORTED_VERSIONS[-1]
 
 
-def read_config(command, stdin_bytes):
-    """The network config from stdin, checked as far as the shim checks it."""
-    if not command:
-        raise CniFailure(INVALID_ENVIRONMENT, "CNI_COMMAND is not set")
-    if command not in REQUIRED_ENV:
-        raise CniFailure(INVALID_ENVIRONMENT,
-                         "CNI_COMMAND %r is not one of %s" % (command, ", ".join(REQUIRED_ENV)))
+def read_config(stdin_bytes):
+    """The network config, read only as far as finding the daemon needs."""
     try:
         config = loads(stdin_bytes.decode("utf-8"))
     except ValueError as exc:  # UnicodeDecodeError is one too
-        if command == "VERSION":  # VERSION answers whatever came in, in our latest version
-            return {}
         raise CniFailure(DECODE_FAILURE, "cannot decode the network config on stdin", str(exc)) from None
-    if command == "VERSION":
-        return config if isinstance(config, dict) else {}
     if not isinstance(config, dict):
         raise CniFailure(INVALID_CONFIG, "the network config on stdin must be a JSON object")
-    version = config.get("cniVersion")
-    if not isinstance(version, str) or not version:
-        raise CniFailure(INVALID_CONFIG, "the network config has no cniVersion")
-    if version not in SUPPORTED_VERSIONS:
-        raise CniFailure(INCOMPATIBLE_VERSION, "cniVersion %s is not supported" % version,
-                         "supported versions: " + ", ".join(SUPPORTED_VERSIONS))
     return config
-
-
-def check_environment(command, environ):
-    missing = [name for name in REQUIRED_ENV[command] if not environ.get(name)]
-    if missing:
-        raise CniFailure(INVALID_ENVIRONMENT, "%s needs %s to be set" % (command, ", ".join(missing)))
 
 
 def ask_daemon(path, request):
@@ -197,26 +166,32 @@ def ask_daemon(path, request):
 def run(environ, stdin_bytes):
     """The exit status and the object to print (None: print nothing)."""
     command = environ.get("CNI_COMMAND", "")
-    config = None
+    config = {}
     try:
-        config = read_config(command, stdin_bytes)
-        if command == "VERSION":
-            return 0, {"cniVersion": answer_version(config), "supportedVersions": list(SUPPORTED_VERSIONS)}
-        check_environment(command, environ)
-        cni_env = {name: value for name, value in environ.items() if name.startswith("CNI_")}
-        request = dumps({"command": command, "env": cni_env, "config": config}).encode("utf-8")
-        try:
-            answer = ask_daemon(config.get("daemonSocket") or DEFAULT_SOCKET, request)
-        except CniFailure as failure:
-            if command == "STATUS" and failure.code == TRY_AGAIN_LATER:
-                failure.code = NOT_AVAILABLE  # STATUS's own word for it
-            raise
+        config = read_config(stdin_bytes)
     except CniFailure as failure:
-        error = {"cniVersion": answer_version(config), "code": failure.code, "msg": failure.msg}
-        if failure.details:
-            error["details"] = failure.details
-        return 1, error
+        if command != "VERSION":  # VERSION answers whatever came in, in our latest version
+            return 1, _error(config, failure)
+    if command == "VERSION":
+        return 0, {"cniVersion": answer_version(config), "supportedVersions": list(SUPPORTED_VERSIONS)}
+    # Everything else is the daemon's to check: the command, the variables, the config.
+    cni_env = {name: value for name, value in environ.items() if name.startswith("CNI_")}
+    request = dumps({"command": command, "env": cni_env, "config_text": stdin_bytes.decode("utf-8")}).encode("ascii")
+    path = config.get("daemonSocket")
+    try:
+        answer = ask_daemon(path if isinstance(path, str) and path else DEFAULT_SOCKET, request)
+    except CniFailure as failure:
+        if command == "STATUS" and failure.code == TRY_AGAIN_LATER:
+            failure.code = NOT_AVAILABLE  # STATUS's own word for it
+        return 1, _error(config, failure)
     return answer["exit"], answer.get("output")
+
+
+def _error(config, failure):
+    error = {"cniVersion": answer_version(config), "code": failure.code, "msg": failure.msg}
+    if failure.details:
+        error["details"] = failure.details
+    return error
 
 
 def _cni_environment():

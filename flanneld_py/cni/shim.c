@@ -1,7 +1,7 @@
 /*
  * flannel-py: the CNI plugin a container runtime executes for every pod, compiled.
  *
- * The same shim as cni/flannel_py.py, without an interpreter to start: the
+ * The same shim as flanneld_py/cni/shim.py, without an interpreter to start: the
  * kubelet waits on it for every pod, and Python's own start-up (~8 ms here) is
  * as long as the whole ADD of the reference Go plugins. It answers VERSION
  * itself and hands every other command to flanneld-py over its unix socket
@@ -10,14 +10,15 @@
  * of which X is printed and N is the exit status. With no daemon it answers
  * error 11 (try again later; 50 for STATUS) and the runtime retries.
  *
- * It makes the Python shim's checks, in its order and with its codes (a strict
- * JSON and UTF-8 check of stdin, cniVersion, CNI_COMMAND and the variables the
- * command needs: tests/test_cni_shims_agree.py holds the two to the same
- * answers), reads two top-level strings of the config (cniVersion,
- * daemonSocket) and the daemon's two-key answer, and sends the config text to
- * the daemon verbatim, as a JSON string, for the daemon to parse.
+ * It checks nothing of the request: it sends the command, the CNI_* variables
+ * and stdin verbatim (as JSON strings; bytes >= 0x80 pass through) for the
+ * daemon to judge. It reads the config only as far as it must: a well-formed
+ * UTF-8 JSON object (else it cannot find the daemon: error 6 or 7), its two
+ * top-level strings cniVersion and daemonSocket (where the daemon is, and the
+ * version of the answers it makes itself), and the daemon's two-key answer.
+ * tests/test_cni_shims_agree.py holds it to the Python shim's answers.
  *
- * Build: cc -O2 -o /opt/cni/bin/flannel-py cni/flannel_py_shim.c
+ * Built by setup.py into flanneld_py/cni/bin/flannel-py; installed by flanneld-py install-cni.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -37,8 +38,6 @@
 #define ANSWER_TIMEOUT_S 120    /* as the Python shim; the kubelet gives up on its own schedule */
 
 enum {
-    INCOMPATIBLE_VERSION = 1,
-    INVALID_ENVIRONMENT = 4,
     IO_FAILURE = 5,
     DECODE_FAILURE = 6,
     INVALID_CONFIG = 7,
@@ -354,19 +353,6 @@ static const char *answer_version(const char *requested) {
     return LATEST_VERSION;
 }
 
-/* The variables a command cannot do without (SPEC.md, "Parameters"), NUL-separated;
-   NULL for an unknown command. */
-static const char *required_env(const char *command) {
-    if (!command) return NULL;
-    if (!strcmp(command, "ADD") || !strcmp(command, "CHECK"))
-        return "CNI_CONTAINERID\0CNI_NETNS\0CNI_IFNAME\0";
-    if (!strcmp(command, "DEL"))
-        return "CNI_CONTAINERID\0CNI_IFNAME\0";
-    if (!strcmp(command, "STATUS") || !strcmp(command, "GC") || !strcmp(command, "VERSION"))
-        return "";
-    return NULL;
-}
-
 static int fail(const char *version, int code, const char *details, const char *fmt, ...) {
     char msg[1024];
     va_list ap;
@@ -450,46 +436,27 @@ int main(void) {
     if (read_all(STDIN_FILENO, &config, MAX_INPUT))
         return fail(LATEST_VERSION, IO_FAILURE, strerror(errno), "cannot read the network config on stdin");
 
-    /* the checks the Python shim makes, in its order, before it asks the daemon */
-    if (!command || !*command)
-        return fail(LATEST_VERSION, INVALID_ENVIRONMENT, NULL, "CNI_COMMAND is not set");
-    const char *required = required_env(command);
-    if (!required)
-        return fail(LATEST_VERSION, INVALID_ENVIRONMENT, NULL,
-                    "CNI_COMMAND '%s' is not one of ADD, CHECK, DEL, STATUS, GC, VERSION", command);
+    /* Only what the shim must answer itself: a config it cannot read (so it cannot find the
+       daemon), VERSION, and "not running" in the config's cniVersion. Every other check of
+       the request is the daemon's (flanneld_py/cni/models.py). */
+    if (!command)
+        command = "";
     int is_version = !strcmp(command, "VERSION");
-    if (!json_valid(config.data, config.len)) {
-        if (is_version)  /* VERSION answers whatever came in, in our latest version */
-            return printf("{\"cniVersion\":\"" LATEST_VERSION "\",\"supportedVersions\":" SUPPORTED "}\n") < 0;
+    static const char *const keys[] = {"cniVersion", "daemonSocket"};
+    const char *starts[2] = {NULL, NULL}, *ends[2] = {NULL, NULL};
+    int is_json = json_valid(config.data, config.len);
+    int is_object = is_json && object_members(config.data, config.len, keys, 2, starts, ends) == 0;
+    if (!is_version && !is_json)
         return fail(LATEST_VERSION, DECODE_FAILURE, "not well-formed UTF-8 JSON",
                     "cannot decode the network config on stdin");
-    }
-    static const char *const keys[] = {"cniVersion", "daemonSocket"};
-    const char *starts[2], *ends[2];
-    int is_object = object_members(config.data, config.len, keys, 2, starts, ends) == 0;
+    if (!is_version && !is_object)
+        return fail(LATEST_VERSION, INVALID_CONFIG, NULL, "the network config on stdin must be a JSON object");
     char *requested = is_object ? string_value(starts[0], ends[0]) : NULL;
     const char *version = answer_version(requested);
-    if (is_version) {
+    if (is_version) {  /* whatever came in: a config it cannot read gets our latest version */
         printf("{\"cniVersion\":\"%s\",\"supportedVersions\":" SUPPORTED "}\n", version);
         return 0;
     }
-    if (!is_object)
-        return fail(version, INVALID_CONFIG, NULL, "the network config on stdin must be a JSON object");
-    if (!requested || !*requested)
-        return fail(version, INVALID_CONFIG, NULL, "the network config has no cniVersion");
-    if (strcmp(requested, version))
-        return fail(version, INCOMPATIBLE_VERSION, "supported versions: 0.3.1, 0.4.0, 1.0.0, 1.1.0",
-                    "cniVersion %s is not supported", requested);
-    char missing[128] = "";
-    for (const char *name = required; *name; name += strlen(name) + 1) {
-        const char *value = getenv(name);
-        if (!value || !*value) {
-            if (*missing) strcat(missing, ", ");
-            strcat(missing, name);
-        }
-    }
-    if (*missing)
-        return fail(version, INVALID_ENVIRONMENT, NULL, "%s needs %s to be set", command, missing);
     char *socket_path = string_value(starts[1], ends[1]);
     const char *path = socket_path && *socket_path ? socket_path : DEFAULT_SOCKET;
     int unavailable = !strcmp(command, "STATUS") ? NOT_AVAILABLE : TRY_AGAIN_LATER;
