@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import tempfile
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 from .core.subnetenv import SubnetEnv, SubnetEnvError
 
-__all__ = ["previous_subnet", "write_subnet_file"]
+__all__ = ["previous_env", "previous_ipv6_subnet", "previous_subnet", "write_subnet_file"]
 
 
 def write_subnet_file(path: str, env: SubnetEnv) -> None:
@@ -31,10 +31,22 @@ def write_subnet_file(path: str, env: SubnetEnv) -> None:
         raise
 
 
-def previous_subnet(path: str) -> IPv4Network | None:
-    """The subnet a previous run wrote, if the file exists and parses."""
+def previous_env(path: str) -> SubnetEnv | None:
+    """What a previous run wrote, if the file exists and parses."""
     try:
         with open(path) as handle:
-            return SubnetEnv.parse(handle.read()).subnet
+            return SubnetEnv.parse(handle.read())
     except (FileNotFoundError, SubnetEnvError):
         return None
+
+
+def previous_subnet(path: str) -> IPv4Network | None:
+    """The IPv4 subnet a previous run wrote (None also on an IPv6-only node)."""
+    env = previous_env(path)
+    return env.subnet if env is not None else None
+
+
+def previous_ipv6_subnet(path: str) -> IPv6Network | None:
+    """The IPv6 subnet a previous run wrote (``FLANNEL_IPV6_SUBNET``), None if it wrote none."""
+    env = previous_env(path)
+    return env.ipv6_subnet if env is not None else None
