@@ -84,6 +84,14 @@ class LeaseAttrs:
     public_ipv6: IPv6Address | None = None
     backend_v6_data: Any = None
 
+    @property
+    def node_address(self) -> IPv4Address | IPv6Address:
+        """The address that tells nodes apart: PublicIP, or PublicIPv6 where PublicIP is flannel's
+        0.0.0.0 of an IPv6-only node."""
+        if self.public_ip.is_unspecified and self.public_ipv6 is not None:
+            return self.public_ipv6
+        return self.public_ip
+
     def to_json(self) -> bytes:
         """As Go marshals flannel's ``LeaseAttrs``: PublicIPv6 always (null if unset), the rest omitempty."""
         doc: dict[str, Any] = {
