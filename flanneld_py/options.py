@@ -422,21 +422,20 @@ def _validate(options: DaemonOptions) -> None:
 
 
 def _require_ipv4(flag: str, text: str) -> None:
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        raise UsageError(f"{flag}={text!r}: not an IP address") from None
-    if address.version != 4:
-        raise UsageError(f"{flag}={text}: give an IPv4 address here (an IPv6 one goes in --public-ipv6)")
+    _require_ip(flag, text, 4, "give an IPv4 address here (an IPv6 one goes in --public-ipv6)")
 
 
 def _require_ipv6(flag: str, text: str) -> None:
+    _require_ip(flag, text, 6, "not an IPv6 address (the IPv4 one goes in --public-ip)")
+
+
+def _require_ip(flag: str, text: str, version: int, wrong_family: str) -> None:
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
         raise UsageError(f"{flag}={text!r}: not an IP address") from None
-    if address.version != 6:
-        raise UsageError(f"{flag}={text}: not an IPv6 address (the IPv4 one goes in --public-ip)")
+    if address.version != version:
+        raise UsageError(f"{flag}={text}: {wrong_family}")
 
 
 def usage_text() -> str:

@@ -98,6 +98,15 @@ class BackendConfig:
         return self.mtu or interface_mtu
 
 
+def _holds(network: _Net, subnet_len: int, first: _Net, last: _Net, subnet: _Net) -> bool:
+    """``subnet`` is a ``/subnet_len`` of ``network`` from ``first`` to ``last``."""
+    return (
+        subnet.prefixlen == subnet_len
+        and subnet.subnet_of(network)
+        and int(first.network_address) <= int(subnet.network_address) <= int(last.network_address)
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class IPv6Range:
     """The IPv6 half of a network config: ``IPv6Network`` cut into ``/subnet_len`` subnets.
@@ -116,13 +125,7 @@ class IPv6Range:
 
     def holds_subnet(self, subnet: IPv6Network) -> bool:
         """True if ``subnet`` is one this config may hand out."""
-        return (
-            subnet.prefixlen == self.subnet_len
-            and subnet.subnet_of(self.network)
-            and int(self.subnet_min.network_address)
-            <= int(subnet.network_address)
-            <= int(self.subnet_max.network_address)
-        )
+        return _holds(self.network, self.subnet_len, self.subnet_min, self.subnet_max, subnet)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,13 +159,7 @@ class NetworkConfig:
         """True if ``subnet`` is one this config may hand out (IPv6-only: flannel's zero subnet)."""
         if not self.enable_ipv4:
             return subnet == NO_IPV4_SUBNET
-        return (
-            subnet.prefixlen == self.subnet_len
-            and subnet.subnet_of(self.network)
-            and int(self.subnet_min.network_address)
-            <= int(subnet.network_address)
-            <= int(self.subnet_max.network_address)
-        )
+        return _holds(self.network, self.subnet_len, self.subnet_min, self.subnet_max, subnet)
 
 
 def parse_network_config(raw: str | bytes) -> NetworkConfig:
@@ -198,43 +195,47 @@ def _parse_flag(name: str, value: Any) -> bool:
     return value
 
 
+@dataclass(frozen=True, slots=True)
+class _RangeKeys:
+    """One family's keys, and what its network must be."""
+
+    network: str
+    subnet_len: str
+    subnet_min: str
+    subnet_max: str
+    required: str  # how to say the network is required, with an example
+    longest: int  # the longest network prefix with room for four subnets
+
+
+_IPV4_RANGE = _RangeKeys("Network", "SubnetLen", "SubnetMin", "SubnetMax",
+                         "is required, e.g. \"10.244.0.0/16\"", 28)
+_IPV6_RANGE = _RangeKeys("IPv6Network", "IPv6SubnetLen", "IPv6SubnetMin", "IPv6SubnetMax",
+                         "is required with EnableIPv6, e.g. \"fd00:10:244::/56\"", 124)
+
+
 def _parse_ipv4(doc: Mapping[str, Any]) -> tuple[IPv4Network, int, IPv4Network, IPv4Network]:
-    network = _parse_network(doc.get("Network"))
-    subnet_len = _parse_subnet_len(doc.get("SubnetLen"), network)
-    step = 1 << (32 - subnet_len)
-    first = IPv4Network((int(network.network_address) + step, subnet_len))
-    last = IPv4Network((int(network.broadcast_address) + 1 - step, subnet_len))
-    subnet_min = _parse_bound("SubnetMin", doc.get("SubnetMin"), network, subnet_len, first)
-    subnet_max = _parse_bound("SubnetMax", doc.get("SubnetMax"), network, subnet_len, last)
-    if int(subnet_min.network_address) > int(subnet_max.network_address):
-        raise ConfigError("SubnetMin", str(subnet_min.network_address), "is above SubnetMax")
-    return network, subnet_len, subnet_min, subnet_max
+    network = _parse_network(_IPV4_RANGE, doc.get("Network"), IPv4Network)
+    return _parse_range(doc, _IPV4_RANGE, network, _parse_subnet_len(doc.get("SubnetLen"), network))
 
 
 def _parse_ipv6(doc: Mapping[str, Any]) -> IPv6Range:
     """flannel's IPv6 rules: a /64 per node where IPv6Network allows it, else a quarter of it."""
-    value = doc.get("IPv6Network")
-    if value is None:
-        raise ConfigError("IPv6Network", None, "is required with EnableIPv6, e.g. \"fd00:10:244::/56\"")
-    if not isinstance(value, str):
-        raise ConfigError("IPv6Network", value, "must be a string CIDR")
-    try:
-        network = ipaddress.ip_network(value, strict=False)
-    except ValueError:
-        raise ConfigError("IPv6Network", value, "is not a CIDR") from None
-    if not isinstance(network, IPv6Network):
-        raise ConfigError("IPv6Network", value, "must be IPv6")
-    if network.prefixlen > 124:
-        raise ConfigError("IPv6Network", value, "is too small (prefix longer than /124)")
+    network = _parse_network(_IPV6_RANGE, doc.get("IPv6Network"), IPv6Network)
     subnet_len = _parse_ipv6_subnet_len(doc.get("IPv6SubnetLen"), network)
-    step = 1 << (128 - subnet_len)
-    first = IPv6Network((int(network.network_address) + step, subnet_len))
-    last = IPv6Network((int(network.broadcast_address) + 1 - step, subnet_len))
-    subnet_min = _parse_bound("IPv6SubnetMin", doc.get("IPv6SubnetMin"), network, subnet_len, first)
-    subnet_max = _parse_bound("IPv6SubnetMax", doc.get("IPv6SubnetMax"), network, subnet_len, last)
+    return IPv6Range(*_parse_range(doc, _IPV6_RANGE, network, subnet_len))
+
+
+def _parse_range(doc: Mapping[str, Any], keys: _RangeKeys, network: _Net, subnet_len: int) -> tuple[_Net, int, _Net, _Net]:
+    """The subnet bounds: flannel's defaults skip the first subnet and end at the last."""
+    step = 1 << (network.max_prefixlen - subnet_len)
+    kind = type(network)
+    first = kind((int(network.network_address) + step, subnet_len))
+    last = kind((int(network.broadcast_address) + 1 - step, subnet_len))
+    subnet_min = _parse_bound(keys.subnet_min, doc.get(keys.subnet_min), network, subnet_len, first)
+    subnet_max = _parse_bound(keys.subnet_max, doc.get(keys.subnet_max), network, subnet_len, last)
     if int(subnet_min.network_address) > int(subnet_max.network_address):
-        raise ConfigError("IPv6SubnetMin", str(subnet_min.network_address), "is above IPv6SubnetMax")
-    return IPv6Range(network, subnet_len, subnet_min, subnet_max)
+        raise ConfigError(keys.subnet_min, str(subnet_min.network_address), f"is above {keys.subnet_max}")
+    return network, subnet_len, subnet_min, subnet_max
 
 
 def _parse_ipv6_subnet_len(value: Any, network: IPv6Network) -> int:
@@ -289,19 +290,19 @@ def _preview(raw: str | bytes) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _parse_network(value: Any) -> IPv4Network:
+def _parse_network(keys: _RangeKeys, value: Any, kind: type[_Net]) -> _Net:
     if value is None:
-        raise ConfigError("Network", None, "is required, e.g. \"10.244.0.0/16\"")
+        raise ConfigError(keys.network, None, keys.required)
     if not isinstance(value, str):
-        raise ConfigError("Network", value, "must be a string CIDR")
+        raise ConfigError(keys.network, value, "must be a string CIDR")
     try:
         network = ipaddress.ip_network(value, strict=False)
     except ValueError:
-        raise ConfigError("Network", value, "is not a CIDR") from None
-    if not isinstance(network, IPv4Network):
-        raise ConfigError("Network", value, "must be IPv4")
-    if network.prefixlen > 28:
-        raise ConfigError("Network", value, "is too small (prefix longer than /28)")
+        raise ConfigError(keys.network, value, "is not a CIDR") from None
+    if not isinstance(network, kind):
+        raise ConfigError(keys.network, value, "must be IPv4" if kind is IPv4Network else "must be IPv6")
+    if network.prefixlen > keys.longest:
+        raise ConfigError(keys.network, value, f"is too small (prefix longer than /{keys.longest})")
     return network
 
 
