@@ -17,8 +17,9 @@ link-local one (loopback addresses never count), as flannel's
 chosen address. With ``EnableIPv6``, ``--public-ipv6`` is what peers send IPv6 to;
 it defaults to the chosen interface's first global IPv6 address
 (:func:`choose_public_ipv6`; flannel would fall back to a link-local one, which peers
-across a router cannot reach, so flanneld-py asks for a global one). The I/O side (:meth:`flanneld_py.netlink.Netlink.select_underlay`)
-reads the links, the default route and the route to ``--iface-can-reach``.
+across a router cannot reach, so flanneld-py asks for a global one). The I/O side
+(:meth:`flanneld_py.netlink.Netlink.select_underlay`) reads the links, the default route and the
+route to ``--iface-can-reach``.
 """
 
 from __future__ import annotations
