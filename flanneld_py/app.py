@@ -156,7 +156,7 @@ class Daemon:
         backend = self._make_backend(config, iface, public_ip, public_ipv6)
         self._set_phase("acquiring lease")
         previous, previous6 = previous_subnet(self.options.subnet_file), previous_ipv6_subnet(self.options.subnet_file)
-        attrs = published_attrs(backend, public_ipv6)
+        attrs = published_attrs(backend, public_ipv6, config.enable_ipv4)
         own = await self._until_stopped(acquire_lease(self.manager, config, attrs, previous, previous6))
         if own is None:
             return

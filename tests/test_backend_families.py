@@ -46,3 +46,10 @@ def test_published_attrs_add_public_ipv6_to_what_the_backend_gives():
     assert attrs.public_ip == IPv4Address("192.0.2.1") and attrs.public_ipv6 == IPv6Address("2001:db8::1")
     assert attrs.backend_type == "udp" and attrs.backend_v6_data is None
     assert json.loads(attrs.to_json())["PublicIPv6"] == "2001:db8::1"
+
+
+def test_an_ipv6_only_node_publishes_flannels_zero_public_ip():
+    backend = create_backend(context({"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}))
+    attrs = published_attrs(backend, IPv6Address("2001:db8::1"), enable_ipv4=False)
+    assert attrs.to_json() == b'{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::1","BackendType":"host-gw"}'
+    assert attrs.node_address == IPv6Address("2001:db8::1")

@@ -155,9 +155,12 @@ def missing_families(backend: Backend, config: NetworkConfig) -> str:
     return ""
 
 
-def published_attrs(backend: Backend, public_ipv6: IPv6Address | None) -> LeaseAttrs:
-    """Our lease's value: the backend's attributes, plus ``PublicIPv6`` and ``BackendV6Data`` with IPv6."""
+def published_attrs(backend: Backend, public_ipv6: IPv6Address | None, enable_ipv4: bool = True) -> LeaseAttrs:
+    """Our lease's value: the backend's attributes, plus ``PublicIPv6`` and ``BackendV6Data`` with IPv6.
+    An IPv6-only node publishes ``PublicIP`` 0.0.0.0, as flanneld does."""
     attrs = backend.lease_attrs()
+    if not enable_ipv4:
+        attrs = replace(attrs, public_ip=IPv4Address(0))
     if public_ipv6 is None or attrs.public_ipv6 is not None:
         return attrs
     v6_data = backend.backend_v6_data() if isinstance(backend, CarriesIPv6) else None
