@@ -17,10 +17,10 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Coroutine, Sequence
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any, TypeVar
 
-from .backend.base import Backend, BackendContext
+from .backend.base import Backend, BackendContext, published_attrs
 from .backend.factory import create_backend
 from .cancellation import cancel_and_wait
 from .cni.models import ConfigDefaults
@@ -29,7 +29,7 @@ from .core.lease import LeaseEvent
 from .core.lease_policy import LeasePolicy
 from .core.netconfig import ConfigError, NetworkConfig
 from .core.subnetenv import SubnetEnv
-from .core.underlay import NoUnderlay, UnderlayChoice
+from .core.underlay import Link, NoUnderlay, UnderlayChoice, choose_public_ipv6
 from .errors import FatalError
 from .netlink import InterfaceInfo, Netlink, underlay_info
 from .ops import attach_operations
@@ -39,7 +39,7 @@ from .subnet.manager import LeaseLost, LocalManager, NoFreeSubnet
 from .subnet.registry import EtcdRegistry, EtcdTls, endpoints_use_https, parse_endpoints
 from .subnet.runner import LeaseRunner, acquire_lease, follow_config, wait_for_config
 from .subnet.store import EtcdAuthError
-from .subnetfile import previous_subnet, write_subnet_file
+from .subnetfile import previous_ipv6_subnet, previous_subnet, write_subnet_file
 from .unixsock import SocketPathBusy
 
 __all__ = ["Daemon"]
@@ -101,6 +101,7 @@ class Daemon:
         self.stopping = asyncio.Event()
         self._extras: list[object] = []  # started services with an async close()
         self._shutdown_step = "stopping the running tasks"
+        self._underlay_link: Link | None = None  # the chosen interface, for its IPv6 address
         self.on_state_change: list[Callable[[DaemonState], None]] = []  # run on every phase change
 
     # --- lifecycle ---------------------------------------------------------------
@@ -151,20 +152,24 @@ class Daemon:
         for warning in config.warnings:
             log.warning("%s", warning)
         log.info("network %s, subnets /%d, backend %s", config.network, config.subnet_len, config.backend.type)
-        backend = self._make_backend(config, iface, public_ip)
+        public_ipv6 = self._public_ipv6(config)
+        backend = self._make_backend(config, iface, public_ip, public_ipv6)
         self._set_phase("acquiring lease")
-        previous = previous_subnet(self.options.subnet_file)
-        own = await self._until_stopped(acquire_lease(self.manager, config, backend.lease_attrs(), previous))
+        previous, previous6 = previous_subnet(self.options.subnet_file), previous_ipv6_subnet(self.options.subnet_file)
+        attrs = published_attrs(backend, public_ipv6, config.enable_ipv4)
+        own = await self._until_stopped(acquire_lease(self.manager, config, attrs, previous, previous6))
         if own is None:
             return
         self.state.hold(own)
-        log.info("lease acquired: %s (etcd lease %x, ttl %ds)", own.subnet, own.lease_id, own.ttl)
+        log.info("lease acquired: %s (etcd lease %x, ttl %ds)", own.subnets, own.lease_id, own.ttl)
         self._set_phase("starting datapath")
         await backend.start(own.subnet)
         self.state.backend = backend
-        env = SubnetEnv(config.network, own.subnet, backend.mtu, self.options.ip_masq)
+        env = SubnetEnv(config.network if config.enable_ipv4 else None, own.subnet if config.enable_ipv4 else None,
+                        backend.mtu, self.options.ip_masq, config.ipv6.network if config.ipv6 else None, own.subnet6)
         write_subnet_file(self.options.subnet_file, env)
-        log.info("wrote %s: subnet %s, mtu %d", self.options.subnet_file, env.gateway, env.mtu)
+        log.info("wrote %s: subnet %s, mtu %d", self.options.subnet_file,
+                 " and ".join(str(family.gateway) for family in env.ranges), env.mtu)
         await self._start_services(env)
         self.state.ready = True
         self._set_phase("running")
@@ -181,9 +186,24 @@ class Daemon:
         for skipped in underlay.skipped:
             log.info("interface candidate skipped: %s", skipped)
         iface = underlay_info(underlay)
+        self._underlay_link = underlay.link
         log.info("using interface %s (%s, mtu %d), public IP %s", iface.name, iface.address, iface.mtu,
                  underlay.public_ip)
         return iface, underlay.public_ip
+
+    def _public_ipv6(self, config: NetworkConfig) -> IPv6Address | None:
+        """With EnableIPv6: --public-ipv6, else the underlay interface's global IPv6 address."""
+        if not config.enable_ipv6:
+            return None
+        assert self._underlay_link is not None
+        try:
+            address = choose_public_ipv6(self._underlay_link, self.options.public_ipv6)
+        except NoUnderlay as exc:
+            raise FatalError(str(exc)) from None
+        assert config.ipv6 is not None
+        log.info("IPv6 network %s, subnets /%d, public IPv6 %s", config.ipv6.network, config.ipv6.subnet_len,
+                 address)
+        return address
 
     async def _until_stopped(self, work: Coroutine[Any, Any, _T]) -> _T | None:
         """Await ``work`` unless a stop signal comes first (then None)."""
@@ -196,9 +216,11 @@ class Daemon:
         await cancel_and_wait([task])
         return None
 
-    def _make_backend(self, config: NetworkConfig, iface: InterfaceInfo, public_ip: IPv4Address) -> Backend:
+    def _make_backend(self, config: NetworkConfig, iface: InterfaceInfo, public_ip: IPv4Address,
+                      public_ipv6: IPv6Address | None) -> Backend:
         assert self.netlink is not None
-        ctx = BackendContext(config, iface, public_ip, self.netlink, offload=self.options.offload)
+        ctx = BackendContext(config, iface, public_ip, self.netlink, offload=self.options.offload,
+                             public_ipv6=public_ipv6)
         try:
             return create_backend(ctx)
         except ValueError as exc:

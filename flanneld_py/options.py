@@ -9,7 +9,7 @@ there is read from ``FLANNELD_<FLAG>`` (upper case, ``-`` as ``_``) when that is
 every command-line use, in order; their variable gives one value.
 
 Three kinds of flags besides the ones we implement: flannel's flags for what flanneld-py
-does not do (the Kubernetes subnet manager, IPv6) end the parse with a :class:`UsageError`
+does not do (the Kubernetes subnet manager, a config file) end the parse with a :class:`UsageError`
 that says what to use instead; klog's logging flags are accepted and ignored with a
 notice; unknown ``FLANNELD_*`` variables get a warning naming them. The parse is pure:
 :func:`read_command_line` returns the options and the notices to log, and raises
@@ -177,6 +177,8 @@ FLAGS: tuple[Flag, ...] = (
        "(ip route get), tried after --iface and --iface-regex"),
     _f("public-ip", _string, None, "IPv4 address other nodes send to (default: the interface's); alone, "
        "it also picks the interface that holds it"),
+    _f("public-ipv6", _string, None, "IPv6 address other nodes send to with EnableIPv6 (default: the "
+       "interface's first global IPv6 address)"),
     _f("subnet-file", _string, "/run/flannel/subnet.env", "where to write the subnet file"),
     _f("subnet-lease-renew-margin", go_int, 60, "renew the lease this many minutes before it expires (1-1439)"),
     _f("ip-masq", go_bool, False, "masquerade traffic that leaves the overlay network"),
@@ -209,7 +211,6 @@ UNSUPPORTED_FLAGS: dict[str, tuple[bool, str]] = {
     "set-node-network-unavailable": (True, f"belongs to --kube-subnet-mgr, which is not supported; {_ETCD_ONLY}"),
     "net-config-path": (False, ("a network config file is not supported; flanneld-py reads the config from "
                                 "etcd: etcdctl put /coreos.com/network/config \"$(cat FILE)\"")),
-    "public-ipv6": (False, "IPv6 is not supported yet; flanneld-py runs IPv4 networks only: remove the flag"),
     "ip-blackhole-route": (True, ("a blackhole route for the node's subnet (a flanneld v0.24+ flag) is not "
                                   "supported yet: remove the flag")),
 }
@@ -250,6 +251,7 @@ class DaemonOptions:
     iface_regex: tuple[str, ...] = ()
     iface_can_reach: str | None = None
     public_ip: str | None = None
+    public_ipv6: str | None = None
     subnet_file: str = "/run/flannel/subnet.env"
     subnet_lease_renew_margin: int = 60
     ip_masq: bool = False
@@ -411,6 +413,8 @@ def _validate(options: DaemonOptions) -> None:
     for flag, text in (("--public-ip", options.public_ip), ("--iface-can-reach", options.iface_can_reach)):
         if text is not None:
             _require_ipv4(flag, text)
+    if options.public_ipv6:
+        _require_ipv6("--public-ipv6", options.public_ipv6)
     for pattern in options.iface_regex:
         try:
             re.compile(pattern)
@@ -419,12 +423,20 @@ def _validate(options: DaemonOptions) -> None:
 
 
 def _require_ipv4(flag: str, text: str) -> None:
+    _require_ip(flag, text, 4, "give an IPv4 address here (an IPv6 one goes in --public-ipv6)")
+
+
+def _require_ipv6(flag: str, text: str) -> None:
+    _require_ip(flag, text, 6, "not an IPv6 address (the IPv4 one goes in --public-ip)")
+
+
+def _require_ip(flag: str, text: str, version: int, wrong_family: str) -> None:
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
         raise UsageError(f"{flag}={text!r}: not an IP address") from None
-    if address.version != 4:
-        raise UsageError(f"{flag}={text}: IPv6 is not supported yet; give an IPv4 address")
+    if address.version != version:
+        raise UsageError(f"{flag}={text}: {wrong_family}")
 
 
 def usage_text() -> str:

@@ -209,7 +209,8 @@ names = st.one_of(
     st.text(max_size=30),
     st.builds(lambda a, b, c, d: f"{a}.{b}.{c}.{d}-24", *[st.integers(0, 300)] * 4),
     st.sampled_from(["10.244.8.0-24", "10.244.9.0-24", "10.244.7.0-24", "10.99.0.0-24", "10.244.8.0-26",
-                     "10.244.8.0-24&fd00::-64", "config", "10.244.8.0/24"]),
+                     "10.244.8.0-24&fd00::-64", "0.0.0.0-0&fd00::-64", "10.244.8.0-24&fd00::1-64",
+                     "10.244.8.0-24&fd00::-200", "config", "10.244.8.0/24"]),
 )
 values = st.one_of(
     st.binary(max_size=60),
@@ -239,17 +240,19 @@ def test_lease_watcher_never_raises_and_reports_each_broken_record_once(snapshot
             assert isinstance(event, (LeaseAdded, LeaseRemoved))
             assert event.lease.subnet != OWN and event.lease.subnet.subnet_of(NETWORK)
     assert len(seen) == len(set(seen))
-    assert all(subnet.subnet_of(NETWORK) for subnet in watcher.leases)
+    assert all(subnet.subnet_of(NETWORK) for subnet, _ in watcher.leases)
 
 
 @FAST
 @given(st.one_of(st.binary(max_size=120), values,
                  st.builds(lambda doc: json.dumps(doc).encode(),
                            st.dictionaries(st.sampled_from(["Network", "SubnetLen", "SubnetMin", "SubnetMax",
-                                                            "Backend", "EnableIPv6", "EnableIPv4"]),
-                                           st.one_of(st.none(), st.integers(-5, 40), st.text(max_size=20),
+                                                            "Backend", "EnableIPv6", "EnableIPv4", "IPv6Network",
+                                                            "IPv6SubnetLen", "IPv6SubnetMin", "IPv6SubnetMax"]),
+                                           st.one_of(st.none(), st.integers(-5, 130), st.text(max_size=20),
                                                      st.booleans(), st.just({"Type": "udp", "Port": 70000}),
-                                                     st.sampled_from(["10.244.0.0/16", "10.0.0.0/30", "10.244.3.0"]))))))
+                                                     st.sampled_from(["10.244.0.0/16", "10.0.0.0/30", "10.244.3.0",
+                                                                      "fd00::/56", "fd00::/125", "fd00::100"]))))))
 def test_network_config_is_parsed_or_refused_with_a_config_error(raw: bytes) -> None:
     try:
         config = parse_network_config(raw)
@@ -257,4 +260,6 @@ def test_network_config_is_parsed_or_refused_with_a_config_error(raw: bytes) -> 
         assert str(exc).startswith("network config: ")
         return
     assert config.subnet_count >= 1
+    if config.ipv6 is not None:
+        assert config.ipv6.holds_subnet(config.ipv6.subnet_min) and config.ipv6.holds_subnet(config.ipv6.subnet_max)
     assume(config.subnet_len <= 30)

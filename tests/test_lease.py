@@ -73,7 +73,7 @@ def test_watcher_reset_then_updates_converge():
     # a re-list after compaction removes what vanished and adds what appeared
     events = w.reset([put("10.244.4.0-24", "198.51.100.4")])
     assert {type(e) for e in events} == {LeaseAdded, LeaseRemoved}
-    assert set(w.leases) == {IPv4Network("10.244.4.0/24")}
+    assert set(w.leases) == {(IPv4Network("10.244.4.0/24"), None)}
 
 
 def test_broken_records_are_reported_once_and_skipped():

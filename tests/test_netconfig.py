@@ -1,9 +1,11 @@
 import json
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 import pytest
 
-from flanneld_py.core.netconfig import ConfigError, parse_network_config
+from flanneld_py.core.netconfig import NO_IPV4_SUBNET, ConfigError, IPv6Range, parse_network_config
+
+V6 = {"EnableIPv4": False, "EnableIPv6": True}  # IPv6-only: the IPv6 keys are checked first
 
 
 def cfg(**doc):
@@ -63,7 +65,23 @@ def test_holds_subnet():
         ({"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "VNI": 0}}, "Backend.VNI", 0),
         ({"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan", "GBP": "yes"}}, "Backend.GBP", "yes"),
         ({"Network": "10.244.0.0/16", "Backend": "udp"}, "Backend", "udp"),
-        ({"Network": "10.244.0.0/16", "EnableIPv6": True}, "EnableIPv6", True),
+        ({"Network": "10.244.0.0/16", "EnableIPv6": True}, "IPv6Network", None),
+        ({"Network": "10.244.0.0/16", "EnableIPv6": "yes"}, "EnableIPv6", "yes"),
+        ({"Network": "10.244.0.0/16", "EnableIPv4": 0}, "EnableIPv4", 0),
+        ({"EnableIPv4": False}, "EnableIPv4", False),
+        ({**V6, "IPv6Network": "10.244.0.0/16"}, "IPv6Network", "10.244.0.0/16"),
+        ({**V6, "IPv6Network": "banana"}, "IPv6Network", "banana"),
+        ({**V6, "IPv6Network": 6}, "IPv6Network", 6),
+        ({**V6, "IPv6Network": "fd00::/125"}, "IPv6Network", "fd00::/125"),
+        ({**V6, "IPv6Network": "fd00::/56", "IPv6SubnetLen": 57}, "IPv6SubnetLen", 57),
+        ({**V6, "IPv6Network": "fd00::/56", "IPv6SubnetLen": 127}, "IPv6SubnetLen", 127),
+        ({**V6, "IPv6Network": "fd00::/56", "IPv6SubnetLen": "64"}, "IPv6SubnetLen", "64"),
+        ({**V6, "IPv6Network": "fd00::/56", "IPv6SubnetMin": "fd01::"}, "IPv6SubnetMin", "fd01::"),
+        ({**V6, "IPv6Network": "fd00::/56", "IPv6SubnetMin": "fd00::1"}, "IPv6SubnetMin", "fd00::1"),
+        ({**V6, "IPv6Network": "fd00::/56", "IPv6SubnetMax": "10.0.0.0"}, "IPv6SubnetMax", "10.0.0.0"),
+        ({**V6, "IPv6Network": "fd00::/56", "IPv6SubnetMax": 5}, "IPv6SubnetMax", 5),
+        ({**V6, "IPv6Network": "fd00::/56", "IPv6SubnetMin": "fd00:0:0:9::",
+          "IPv6SubnetMax": "fd00:0:0:3::"}, "IPv6SubnetMin", "fd00:0:0:9::"),
     ],
 )
 def test_every_validation_error_names_field_and_value(doc, field, value):
@@ -100,10 +118,43 @@ def test_ipv6_keys_are_flannel_keys_not_unknown():
     assert c.warnings == ()
 
 
-def test_enable_ipv6_is_refused_in_one_line():
+def test_dual_stack_takes_flannels_ipv6_defaults():
+    c = parse_network_config('{"network": "10.244.0.0/16", "enableipv6": true, "ipv6network": "fd00:10:244::/56"}')
+    assert c.enable_ipv4 and c.enable_ipv6 and c.network == IPv4Network("10.244.0.0/16")
+    assert c.ipv6 == IPv6Range(IPv6Network("fd00:10:244::/56"), 64, IPv6Network("fd00:10:244:1::/64"),
+                               IPv6Network("fd00:10:244:ff::/64"))
+    assert c.warnings == ()
+
+
+@pytest.mark.parametrize(("network", "length"), [("fd00::/48", 64), ("fd00::/62", 64), ("fd00::/63", 65),
+                                                 ("fd00::/120", 122), ("fd00::/124", 126)])
+def test_ipv6_subnet_len_default_is_flannels(network, length):
+    c = cfg(Network="10.244.0.0/16", EnableIPv6=True, IPv6Network=network)
+    assert c.ipv6 is not None and c.ipv6.subnet_len == length
+
+
+def test_ipv6_bounds_and_holds_subnet():
+    c = cfg(Network="10.244.0.0/16", EnableIPv6=True, IPv6Network="fd00::/56", IPv6SubnetLen=64,
+            IPv6SubnetMin="fd00:0:0:10::", IPv6SubnetMax="fd00:0:0:20::")
+    assert c.ipv6 is not None
+    assert c.ipv6.holds_subnet(IPv6Network("fd00:0:0:10::/64"))
+    assert c.ipv6.holds_subnet(IPv6Network("fd00:0:0:20::/64"))
+    assert not c.ipv6.holds_subnet(IPv6Network("fd00:0:0:21::/64"))
+    assert not c.ipv6.holds_subnet(IPv6Network("fd00:0:0:10::/65"))
+    assert not c.ipv6.holds_subnet(IPv6Network("fd01:0:0:10::/64"))
+
+
+def test_ipv6_only_keeps_flannels_zero_ipv4_values():
+    c = cfg(EnableIPv4=False, EnableIPv6=True, IPv6Network="fd00:10:244::/56")
+    assert not c.enable_ipv4 and c.enable_ipv6
+    assert c.network == NO_IPV4_SUBNET and c.subnet_len == 0
+    assert c.holds_subnet(NO_IPV4_SUBNET) and not c.holds_subnet(IPv4Network("10.244.1.0/24"))
+
+
+def test_ipv6_network_error_is_one_line_naming_field():
     with pytest.raises(ConfigError) as info:
-        cfg(Network="10.244.0.0/16", EnableIPv6=True, IPv6Network="fd00::/56")
-    assert "\n" not in str(info.value) and "IPv6" in str(info.value) and "EnableIPv6" in str(info.value)
+        cfg(Network="10.244.0.0/16", EnableIPv6=True, IPv6Network="fd00::/56", IPv6SubnetLen=40)
+    assert "\n" not in str(info.value) and "IPv6SubnetLen=40" in str(info.value)
 
 
 def test_flannel_keys_we_do_not_implement_are_warned_about():

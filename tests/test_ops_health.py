@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -127,3 +128,8 @@ def test_etcd_probe_records_answers_only():
         return seen
 
     assert asyncio.run(run()) == [10.0, 20.0, 30.0]  # one answer at t=100, then only failures
+
+
+def test_healthy_dual_stack_names_both_subnets():
+    code, body = health_verdict(replace(healthy(), subnet6="fd00:10:244:7::/64"), max_etcd_silence=10)
+    assert code == 200 and body["subnet"] == "10.244.7.0/24" and body["subnet6"] == "fd00:10:244:7::/64"

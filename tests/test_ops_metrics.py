@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from ipaddress import IPv4Network
+
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from flanneld_py.ops.metrics import batch_buckets, build_registry
-from ipaddress import IPv4Network
-
 from flanneld_py.backend.base import PeerStats
+from flanneld_py.ops.metrics import batch_buckets, build_registry
 from flanneld_py.ops.snapshot import BatchView, Snapshot
 
 
@@ -83,3 +84,10 @@ def test_before_the_lease_only_what_is_known():
 def test_process_metrics_are_included():
     text = generate_latest(build_registry(snapshot)).decode()
     assert "process_resident_memory_bytes" in text
+
+
+def test_ipv6_info_only_with_ipv6():
+    assert not any(name == "flanneld_ipv6_info" for name, _ in samples(snapshot()))
+    dual = replace(snapshot(), ipv6_network="fd00:10:244::/56", subnet6="fd00:10:244:7::/64", public_ipv6="2001:db8::1")
+    info6 = (("ipv6_network", "fd00:10:244::/56"), ("ipv6_subnet", "fd00:10:244:7::/64"), ("public_ipv6", "2001:db8::1"))
+    assert samples(dual)[("flanneld_ipv6_info", info6)] == 1

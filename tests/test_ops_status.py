@@ -9,10 +9,11 @@ import socket
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from ipaddress import IPv4Network
 
-from flanneld_py.ops.control import ControlServer, query
 from flanneld_py.backend.base import PeerStats
+from flanneld_py.ops.control import ControlServer, query
 from flanneld_py.ops.snapshot import Snapshot
 from flanneld_py.ops.status import render_status
 
@@ -132,3 +133,15 @@ def test_status_json_passes_the_answer_through(tmp_path):
         listener.close()
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["public_ip"] == "198.51.100.1"
+
+
+def test_render_shows_both_families_with_ipv6():
+    base = answer()
+    snap = replace(Snapshot(taken_at=1000.0, phase="running", ready=True, network="10.244.0.0/16",
+                            subnet="10.244.7.0/24", lease_id=0xABC, lease_expires_at=1000.0 + 86000),
+                   ipv6_network="fd00:10:244::/56", public_ipv6="2001:db8::1", subnet6="fd00:10:244:7::/64")
+    doc = {**base, **{k: v for k, v in snap.to_json().items() if k in ("ipv6_network", "public_ipv6", "lease")}}
+    lines = render_status(doc).splitlines()
+    assert "lease     10.244.7.0/24 and fd00:10:244:7::/64 (etcd lease abc), expires in 23h53m" in lines
+    assert "ipv6      fd00:10:244::/56, public IPv6 2001:db8::1" in lines
+    assert not any(line.startswith("ipv6") for line in render_status(answer()).splitlines())

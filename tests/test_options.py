@@ -149,7 +149,6 @@ def test_klog_flags_are_accepted_and_noted_once(argv):
     (["--kube-annotation-prefix=x"], {}, "--kube-annotation-prefix"),
     (["--net-config-path=/etc/kube-flannel/net-conf.json"], {}, "--net-config-path"),
     (["--set-node-network-unavailable"], {}, "--set-node-network-unavailable"),
-    (["--public-ipv6=2001:db8::1"], {}, "--public-ipv6"),
     ([], {"FLANNELD_KUBE_SUBNET_MGR": "true"}, "FLANNELD_KUBE_SUBNET_MGR"),
 ])
 def test_unsupported_flags_name_the_flag_and_the_way_out(argv, env, word):
@@ -160,7 +159,16 @@ def test_unsupported_flags_name_the_flag_and_the_way_out(argv, env, word):
 
 
 def test_unsupported_flags_set_to_what_we_do_are_fine():
-    assert read(["-kube-subnet-mgr=false", "--public-ipv6="])[0].ip_masq is False
+    assert read(["-kube-subnet-mgr=false"])[0].ip_masq is False
+
+
+def test_public_ipv6_is_a_flag_taking_an_ipv6_address():
+    assert read(["--public-ipv6=2001:db8::7"])[0].public_ipv6 == "2001:db8::7"
+    assert read([], {"FLANNELD_PUBLIC_IPV6": "2001:db8::8"})[0].public_ipv6 == "2001:db8::8"
+    assert read(["--public-ipv6="])[0].public_ipv6 == ""  # empty: the interface's address
+    for bad in ("192.0.2.1", "nonsense"):
+        with pytest.raises(UsageError, match="--public-ipv6"):
+            read([f"--public-ipv6={bad}"])
 
 
 @pytest.mark.parametrize("argv", [

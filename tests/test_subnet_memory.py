@@ -171,11 +171,11 @@ def test_a_lost_race_tries_another_subnet():
     class Racing(MemoryRegistry):
         """Another node takes the subnet between our listing and our create, once."""
 
-        async def create_subnet(self, name: str, value: bytes, lease_id: int) -> bool:
+        async def create_subnet(self, name: str, value: bytes, lease_id: int, unique_prefix: str = "") -> bool:
             if not self.raced:
                 self.raced = True
                 self.put_subnet(name, attrs(99).to_json())
-            return await super().create_subnet(name, value, lease_id)
+            return await super().create_subnet(name, value, lease_id, unique_prefix)
 
     store = Racing()
     store.raced = False  # type: ignore[attr-defined]

@@ -1,6 +1,6 @@
 """The underlay interface choice, flannel's rules (pure: links and routes made by hand)."""
 
-from ipaddress import IPv4Address, IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 
 import pytest
 
@@ -9,6 +9,7 @@ from flanneld_py.core.underlay import (
     NoUnderlay,
     RouteHint,
     UnderlayChoice,
+    choose_public_ipv6,
     choose_underlay,
     usable_addresses,
 )
@@ -96,3 +97,15 @@ def test_nothing_matches_lists_every_attempt():
         choose(iface=("eth7",), iface_regex=("^wl",), iface_can_reach="203.0.113.1", hint=None)
     text = str(info.value)
     assert "--iface=eth7" in text and "--iface-regex=^wl" in text and "--iface-can-reach=203.0.113.1" in text
+
+
+def test_public_ipv6_is_the_flag_else_the_first_global_ipv6_address():
+    link = Link("eth0", 2, 1500, (IPv4Interface("192.0.2.1/24"),),
+                (IPv6Interface("fe80::1/64"), IPv6Interface("2001:db8::1/64"), IPv6Interface("2001:db8::2/64")))
+    assert choose_public_ipv6(link, None) == IPv6Address("2001:db8::1")
+    assert choose_public_ipv6(link, "2001:db8::99") == IPv6Address("2001:db8::99")
+    only_link_local = Link("eth1", 3, 1500, (IPv4Interface("192.0.2.1/24"),), (IPv6Interface("fe80::1/64"),))
+    with pytest.raises(NoUnderlay) as info:
+        choose_public_ipv6(only_link_local, None)
+    assert "eth1" in str(info.value) and "--public-ipv6" in str(info.value) and "\n" not in str(info.value)
+    assert choose_public_ipv6(only_link_local, "2001:db8::5") == IPv6Address("2001:db8::5")

@@ -3,20 +3,40 @@
 A backend publishes its lease attributes before the subnet is claimed (vxlan
 needs its VTEP MAC in the lease), sets up its device once the subnet is known,
 then turns lease events into datapath state. The daemon owns the order.
+
+Address families: a backend carries IPv4 unless it says otherwise by having
+:class:`CarriesIPv6`'s members (``families`` and ``backend_v6_data``). The daemon
+refuses a config that enables a family the backend does not carry
+(:func:`missing_families`), and publishes ``PublicIPv6`` and the backend's
+``BackendV6Data`` next to its IPv4 attributes (:func:`published_attrs`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
+from typing import Any, Protocol, runtime_checkable
 
 from ..core.lease import LeaseAttrs, LeaseEvent
 from ..core.netconfig import NetworkConfig
 from ..netlink import InterfaceInfo, Netlink
 
-__all__ = ["Backend", "BackendContext", "BatchCount", "CountsBatches", "CountsDrops", "PeerStats"]
+__all__ = [
+    "IPV4_ONLY",
+    "Backend",
+    "BackendContext",
+    "BatchCount",
+    "CarriesIPv6",
+    "CountsBatches",
+    "CountsDrops",
+    "PeerStats",
+    "families_of",
+    "missing_families",
+    "published_attrs",
+]
+
+IPV4_ONLY = frozenset({4})
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +48,7 @@ class BackendContext:
     public_ip: IPv4Address
     netlink: Netlink
     offload: bool = True
+    public_ipv6: IPv6Address | None = None  # set with EnableIPv6: --public-ipv6 or the interface's
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,3 +126,42 @@ class CountsBatches(Protocol):
     """Packets moved per wakeup, by direction (a backend with a batching hot loop)."""
 
     def batch_counts(self) -> dict[str, BatchCount]: ...
+
+
+@runtime_checkable
+class CarriesIPv6(Protocol):
+    """A backend that carries IPv6 pod traffic: the families it carries (``{4, 6}``; ``{6}`` would
+    be IPv6-only) and what it publishes as ``BackendV6Data`` (None: nothing, as host-gw)."""
+
+    families: frozenset[int]
+
+    def backend_v6_data(self) -> Any: ...
+
+
+def families_of(backend: Backend) -> frozenset[int]:
+    """The address families ``backend`` carries: IPv4 only unless it is :class:`CarriesIPv6`."""
+    return backend.families if isinstance(backend, CarriesIPv6) else IPV4_ONLY
+
+
+def missing_families(backend: Backend, config: NetworkConfig) -> str:
+    """Why ``backend`` cannot run ``config``'s address families, in one line ("" if it can)."""
+    carried = families_of(backend)
+    if config.enable_ipv6 and 6 not in carried:
+        return (f"network config: EnableIPv6=true: the {backend.type_name} backend carries IPv4 only in this "
+                "version of flanneld-py; set EnableIPv6 to false (IPv6 pod networks wait for IPv6 in the "
+                f"{backend.type_name} backend)")
+    if config.enable_ipv4 and 4 not in carried:
+        return f"network config: EnableIPv4=true: the {backend.type_name} backend carries IPv6 only"
+    return ""
+
+
+def published_attrs(backend: Backend, public_ipv6: IPv6Address | None, enable_ipv4: bool = True) -> LeaseAttrs:
+    """Our lease's value: the backend's attributes, plus ``PublicIPv6`` and ``BackendV6Data`` with IPv6.
+    An IPv6-only node publishes ``PublicIP`` 0.0.0.0, as flanneld does."""
+    attrs = backend.lease_attrs()
+    if not enable_ipv4:
+        attrs = replace(attrs, public_ip=IPv4Address(0))
+    if public_ipv6 is None or attrs.public_ipv6 is not None:
+        return attrs
+    v6_data = backend.backend_v6_data() if isinstance(backend, CarriesIPv6) else None
+    return replace(attrs, public_ipv6=public_ipv6, backend_v6_data=v6_data)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .base import Backend, BackendContext
+from .base import Backend, BackendContext, missing_families
 
 __all__ = ["create_backend"]
 
@@ -38,9 +38,15 @@ _FACTORIES: dict[str, Callable[[BackendContext], Backend]] = {
 
 
 def create_backend(ctx: BackendContext) -> Backend:
+    """The configured backend; ValueError (one line) if it is missing or cannot carry the
+    config's address families (the gate IPv6 backends lift by being :class:`~.base.CarriesIPv6`)."""
     kind = ctx.config.backend.type
     try:
         factory = _FACTORIES[kind]
     except KeyError:
         raise ValueError(f"backend type {kind!r} is not available in this build") from None
-    return factory(ctx)
+    backend = factory(ctx)
+    problem = missing_families(backend, ctx.config)
+    if problem:
+        raise ValueError(problem)
+    return backend

@@ -1,9 +1,13 @@
 """Lease records as flannel stores them, and the pure watch reducer.
 
-Key: ``<prefix>/subnets/10.244.7.0-24`` (flannel may append ``&<v6>-<len>``).
-Value: ``{"PublicIP": "...", "PublicIPv6": null, "BackendType": "udp", "BackendData": ...}``.
-flannel's own UDP backend leaves ``BackendType`` out (Go's ``omitempty``):
-``{"PublicIP": "192.0.2.4", "PublicIPv6": null}``.
+Keys, as flannel's ``MakeSubnetKey`` writes them under ``<prefix>/subnets/``:
+IPv4 ``10.244.7.0-24``, dual-stack ``10.244.7.0-24&fd00:10:244:7::-64``,
+IPv6-only ``0.0.0.0-0&fd00:10:244:7::-64`` (flannel's zero IPv4 subnet).
+Value, in Go's field order with its ``omitempty`` rules: ``{"PublicIP": "...",
+"PublicIPv6": null, "BackendType": "vxlan", "BackendData": ..., "BackendV6Data": ...}``
+(``PublicIPv6`` is always there, null without IPv6; the others are left out when empty).
+flannel's own UDP backend leaves ``BackendType`` out: ``{"PublicIP": "192.0.2.4", "PublicIPv6": null}``,
+which flanneld takes as a udp peer, and so does this module (:data:`UNTYPED_BACKEND`).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import random
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 from .netconfig import NetworkConfig
@@ -29,9 +33,12 @@ __all__ = [
     "LeaseEvent",
     "LeaseRemoved",
     "LeaseWatcher",
+    "SubnetPair",
     "UNTYPED_BACKEND",
     "choose_subnet",
+    "choose_subnet6",
     "format_subnet_key",
+    "parse_lease_key",
     "parse_subnet_key",
 ]
 
@@ -47,20 +54,32 @@ class LeaseError(ValueError):
     """A lease key or value that is not a valid flannel record."""
 
 
-def format_subnet_key(subnet: IPv4Network) -> str:
-    """``10.244.7.0/24`` -> ``10.244.7.0-24`` (the last part of the etcd key)."""
-    return f"{subnet.network_address}-{subnet.prefixlen}"
+SubnetPair = tuple[IPv4Network, IPv6Network | None]
+"""What a lease key names: the IPv4 subnet (:data:`NO_IPV4_SUBNET` if IPv6-only) and the IPv6 one."""
 
 
-def parse_subnet_key(name: str) -> IPv4Network:
-    """The inverse of :func:`format_subnet_key`; any IPv6 half is ignored."""
+def format_subnet_key(subnet: IPv4Network, subnet6: IPv6Network | None = None) -> str:
+    """``10.244.7.0/24`` (and ``fd00::/64``) -> ``10.244.7.0-24&fd00::-64``, the last part of the etcd key."""
+    key = f"{subnet.network_address}-{subnet.prefixlen}"
+    return key if subnet6 is None else f"{key}&{subnet6.network_address}-{subnet6.prefixlen}"
+
+
+def parse_lease_key(name: str) -> SubnetPair:
+    """The inverse of :func:`format_subnet_key`: both subnets a key names."""
     match = _KEY_RE.match(name)
     if not match:
         raise LeaseError(f"key {name!r} is not a subnet (want e.g. 10.244.7.0-24)")
     try:
-        return IPv4Network(f"{match.group(1)}/{match.group(2)}")
+        subnet = IPv4Network(f"{match.group(1)}/{match.group(2)}")
+        subnet6 = None if match.group(3) is None else IPv6Network(f"{match.group(3)}/{match.group(4)}")
     except ValueError as exc:
         raise LeaseError(f"key {name!r} is not a subnet: {exc}") from None
+    return subnet, subnet6
+
+
+def parse_subnet_key(name: str) -> IPv4Network:
+    """The IPv4 subnet a key names (:func:`parse_lease_key` gives both)."""
+    return parse_lease_key(name)[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,14 +89,29 @@ class LeaseAttrs:
     public_ip: IPv4Address
     backend_type: str
     backend_data: Any = None
+    public_ipv6: IPv6Address | None = None
+    backend_v6_data: Any = None
+
+    @property
+    def node_address(self) -> IPv4Address | IPv6Address:
+        """The address that tells nodes apart: PublicIP, or PublicIPv6 where PublicIP is flannel's
+        0.0.0.0 of an IPv6-only node."""
+        if self.public_ip.is_unspecified and self.public_ipv6 is not None:
+            return self.public_ipv6
+        return self.public_ip
 
     def to_json(self) -> bytes:
-        doc = {
+        """As Go marshals flannel's ``LeaseAttrs``: PublicIPv6 always (null if unset), the rest omitempty."""
+        doc: dict[str, Any] = {
             "PublicIP": str(self.public_ip),
-            "PublicIPv6": None,
-            "BackendType": self.backend_type,
-            "BackendData": self.backend_data,
+            "PublicIPv6": None if self.public_ipv6 is None else str(self.public_ipv6),
         }
+        if self.backend_type:
+            doc["BackendType"] = self.backend_type
+        if self.backend_data is not None:
+            doc["BackendData"] = self.backend_data
+        if self.backend_v6_data is not None:
+            doc["BackendV6Data"] = self.backend_v6_data
         return json.dumps(doc, separators=(",", ":")).encode()
 
     @classmethod
@@ -95,13 +129,29 @@ class LeaseAttrs:
         backend_type = doc.get("BackendType") or UNTYPED_BACKEND  # absent, null or ""
         if not isinstance(backend_type, str):
             raise LeaseError(f"lease BackendType {backend_type!r} is not a string")
-        return cls(public_ip, backend_type, doc.get("BackendData"))
+        raw6 = doc.get("PublicIPv6")
+        try:
+            public_ipv6 = None if raw6 is None else IPv6Address(raw6)
+        except ValueError:
+            raise LeaseError(f"lease PublicIPv6 {raw6!r} is not an IPv6 address") from None
+        return cls(public_ip, backend_type, doc.get("BackendData"), public_ipv6, doc.get("BackendV6Data"))
 
 
 @dataclass(frozen=True, slots=True)
 class Lease:
+    """A node's lease: its IPv4 subnet (:data:`NO_IPV4_SUBNET` if IPv6-only), its IPv6 subnet if any."""
+
     subnet: IPv4Network
     attrs: LeaseAttrs
+    subnet6: IPv6Network | None = None
+
+    @property
+    def key(self) -> SubnetPair:
+        return self.subnet, self.subnet6
+
+    @property
+    def name(self) -> str:
+        return format_subnet_key(self.subnet, self.subnet6)
 
 
 # Raw store events, as the registry reports them (already stripped of the prefix).
@@ -150,23 +200,24 @@ class LeaseWatcher:
 
     config: NetworkConfig
     own_subnet: IPv4Network | None = None
-    leases: dict[IPv4Network, Lease] = field(default_factory=dict)
+    own_subnet6: IPv6Network | None = None
+    leases: dict[SubnetPair, Lease] = field(default_factory=dict)
     _reported: set[tuple[str, str]] = field(default_factory=set)
 
     def reset(self, snapshot: Iterable[KeyPut]) -> list[LeaseEvent]:
-        wanted: dict[IPv4Network, Lease] = {}
+        wanted: dict[SubnetPair, Lease] = {}
         out: list[LeaseEvent] = []
         for put in snapshot:
             lease = self._decode(put, out)
             if lease is not None:
-                wanted[lease.subnet] = lease
-        for subnet, old in list(self.leases.items()):
-            if subnet not in wanted:
-                del self.leases[subnet]
+                wanted[lease.key] = lease
+        for key, old in list(self.leases.items()):
+            if key not in wanted:
+                del self.leases[key]
                 out.append(LeaseRemoved(old))
-        for subnet, lease in wanted.items():
-            if self.leases.get(subnet) != lease:
-                self.leases[subnet] = lease
+        for key, lease in wanted.items():
+            if self.leases.get(key) != lease:
+                self.leases[key] = lease
                 out.append(LeaseAdded(lease))
         return out
 
@@ -177,8 +228,8 @@ class LeaseWatcher:
                 lease = self._decode(event, out)
                 if lease is None:
                     self._drop_key(event.name, out)
-                elif self.leases.get(lease.subnet) != lease:
-                    self.leases[lease.subnet] = lease
+                elif self.leases.get(lease.key) != lease:
+                    self.leases[lease.key] = lease
                     out.append(LeaseAdded(lease))
             else:
                 self._drop_key(event.name, out)
@@ -186,26 +237,46 @@ class LeaseWatcher:
 
     def _drop_key(self, name: str, out: list[LeaseEvent]) -> None:
         try:
-            subnet = parse_subnet_key(name)
+            key = parse_lease_key(name)
         except LeaseError:
             return
-        old = self.leases.pop(subnet, None)
+        old = self.leases.pop(key, None)
         if old is not None:
             out.append(LeaseRemoved(old))
 
     def _decode(self, put: KeyPut, out: list[LeaseEvent]) -> Lease | None:
         try:
-            subnet = parse_subnet_key(put.name)
+            subnet, subnet6 = parse_lease_key(put.name)
             attrs = LeaseAttrs.from_json(put.value)
         except LeaseError as exc:
             self._report(put.name, str(exc), out)
             return None
-        if subnet == self.own_subnet:
+        if self._is_own(subnet, subnet6):
             return None
-        if not self.config.network.supernet_of(subnet) or subnet.prefixlen != self.config.subnet_len:
-            self._report(put.name, f"subnet {subnet} is outside Network {self.config.network}", out)
+        problem = self._misfit(subnet, subnet6)
+        if problem:
+            self._report(put.name, problem, out)
             return None
-        return Lease(subnet, attrs)
+        return Lease(subnet, attrs, subnet6)
+
+    def _is_own(self, subnet: IPv4Network, subnet6: IPv6Network | None) -> bool:
+        if self.config.enable_ipv4:
+            return subnet == self.own_subnet
+        return subnet6 is not None and subnet6 == self.own_subnet6
+
+    def _misfit(self, subnet: IPv4Network, subnet6: IPv6Network | None) -> str:
+        """Why a record does not fit the config ("" if it does). A dual-stack network takes
+        IPv4-only peers (they get no IPv6 routes), as flannel does."""
+        config = self.config
+        if config.enable_ipv4 and (not config.network.supernet_of(subnet) or subnet.prefixlen != config.subnet_len):
+            return f"subnet {subnet} is outside Network {config.network}"
+        if config.ipv6 is None or (subnet6 is None and config.enable_ipv4):
+            return ""
+        if subnet6 is None:
+            return "no IPv6 subnet in an IPv6-only network"
+        if not config.ipv6.network.supernet_of(subnet6) or subnet6.prefixlen != config.ipv6.subnet_len:
+            return f"subnet {subnet6} is outside IPv6Network {config.ipv6.network}"
+        return ""
 
     def _report(self, name: str, reason: str, out: list[LeaseEvent]) -> None:
         if (name, reason) not in self._reported:
@@ -228,3 +299,26 @@ def choose_subnet(
     used = set(taken)
     free = [subnet for subnet in iter_subnets(config) if subnet not in used]
     return rng.choice(free) if free else None
+
+
+CANDIDATES_V6 = 100  # flannel's: pick among the first 100 free IPv6 subnets from IPv6SubnetMin
+
+
+def choose_subnet6(
+    config: NetworkConfig, taken: Iterable[IPv6Network], rng: random.Random
+) -> IPv6Network | None:
+    """A random free IPv6 subnet among the first free ones from IPv6SubnetMin, as flannel picks.
+
+    The space is too large to list: the walk stops after :data:`CANDIDATES_V6` free
+    subnets, so it costs at most that many steps plus the number taken.
+    """
+    assert config.ipv6 is not None
+    six = config.ipv6
+    used = {int(subnet.network_address) for subnet in taken if subnet.prefixlen == six.subnet_len}
+    free: list[int] = []
+    address, last = int(six.subnet_min.network_address), int(six.subnet_max.network_address)
+    while address <= last and len(free) < CANDIDATES_V6:
+        if address not in used:
+            free.append(address)
+        address += six.step
+    return IPv6Network((rng.choice(free), six.subnet_len)) if free else None

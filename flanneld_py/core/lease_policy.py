@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Literal
 
 from .lease import BadRecord, KeyDeleted, KeyPut, LeaseAttrs, LeaseError, LeaseEvent, LeaseWatcher, format_subnet_key
@@ -51,16 +51,22 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class OwnLease:
-    """The subnet we hold and the etcd lease that keeps it."""
+    """The subnets we hold (both families in one key) and the etcd lease that keeps them."""
 
     subnet: IPv4Network
     attrs: LeaseAttrs
     lease_id: int
     ttl: int
+    subnet6: IPv6Network | None = None
 
     @property
     def name(self) -> str:
-        return format_subnet_key(self.subnet)
+        return format_subnet_key(self.subnet, self.subnet6)
+
+    @property
+    def subnets(self) -> str:
+        """Both subnets for a log line."""
+        return str(self.subnet) if self.subnet6 is None else f"{self.subnet} and {self.subnet6}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +139,7 @@ class LeasePolicy:
 
     def __init__(self, config: NetworkConfig, own: OwnLease, renew_margin: float, now: float) -> None:
         self.own = own
-        self._watcher = LeaseWatcher(config, own_subnet=own.subnet)
+        self._watcher = LeaseWatcher(config, own_subnet=own.subnet, own_subnet6=own.subnet6)
         self._margin = renew_margin
         self._renew_at: float | None = now + renewal_delay(own.ttl, renew_margin)  # None: renewing
         self._renew_backoff = Backoff(first=0.5, ceiling=5.0)
@@ -168,9 +174,9 @@ class LeasePolicy:
 
     def renewed(self, own: OwnLease, now: float) -> list[Action]:
         if own.lease_id != self.own.lease_id:
-            message = f"lease on {own.subnet} re-claimed under etcd lease {own.lease_id:x}"
+            message = f"lease on {own.subnets} re-claimed under etcd lease {own.lease_id:x}"
         else:
-            message = f"lease on {own.subnet} renewed (ttl {own.ttl}s)"
+            message = f"lease on {own.subnets} renewed (ttl {own.ttl}s)"
         self.own = own
         self._renew_backoff.reset()
         self._renew_at = now + renewal_delay(own.ttl, self._margin)
@@ -199,10 +205,10 @@ class LeasePolicy:
             if event.name != self.own.name:
                 others.append(event)
             elif isinstance(event, KeyDeleted):
-                out.append(Report("warning", f"our lease {self.own.subnet} was deleted from etcd"))
+                out.append(Report("warning", f"our lease {self.own.subnets} was deleted from etcd"))
                 deleted = True
-            elif (holder := _holder(event.value)) not in (None, self.own.attrs.public_ip):
-                return [Fatal(f"our subnet {self.own.subnet} was rewritten for {holder}; "
+            elif (holder := _holder(event.value)) not in (None, self.own.attrs.node_address):
+                return [Fatal(f"our subnet {self.own.subnets} was rewritten for {holder}; "
                               "exiting so that this node gets drained")]
         self._pending = _Pending(tuple(others), revision, relist=False)
         if deleted:
@@ -271,9 +277,9 @@ class LeasePolicy:
         return out
 
 
-def _holder(value: bytes) -> IPv4Address | None:
-    """The PublicIP a lease value names, or None if it is not a valid lease."""
+def _holder(value: bytes) -> IPv4Address | IPv6Address | None:
+    """The node a lease value names, or None if it is not a valid lease."""
     try:
-        return LeaseAttrs.from_json(value).public_ip
+        return LeaseAttrs.from_json(value).node_address
     except LeaseError:
         return None

@@ -9,9 +9,15 @@ What flanneld-py does not use is never dropped silently: keys unknown to
 flannel, and flannel keys it does not implement (``Networks``,
 ``EnableNFTables``, vxlan ``Learning``), come back as
 :attr:`NetworkConfig.warnings` for the daemon to log once. A backend flannel
-has and flanneld-py lacks is a :class:`ConfigError` that lists ours; so is
-``EnableIPv6: true`` (IPv6 is not implemented yet). flannel's IPv6 keys are
-known keys: inert, as in flannel, while ``EnableIPv6`` is off.
+has and flanneld-py lacks is a :class:`ConfigError` that lists ours.
+
+IPv6 follows flannel v0.20.2: ``EnableIPv6`` turns on ``IPv6Network`` (with
+``IPv6SubnetLen``, ``IPv6SubnetMin``, ``IPv6SubnetMax`` defaulted as flannel
+does), ``EnableIPv4: false`` makes the network IPv6-only. The IPv6 keys are
+inert while ``EnableIPv6`` is off. An IPv6-only config keeps flannel's zero
+IPv4 values (``0.0.0.0/0``, length 0) in the IPv4 fields, as flannel's lease
+keys do; :attr:`NetworkConfig.enable_ipv4` says whether they mean anything.
+Whether the chosen backend carries IPv6 is the daemon's check, not the parser's.
 
 ``Backend.MTU`` is honoured where flannel honours it: the vxlan backend
 (flannel v0.21.3+) takes it as the underlay MTU to assume, so ``flannel.<VNI>``
@@ -25,14 +31,16 @@ import ipaddress
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
-from typing import Any
+from ipaddress import IPv4Network, IPv6Network
+from typing import Any, TypeVar
 
 __all__ = [
     "BACKEND_TYPES",
     "FLANNEL_ONLY_BACKENDS",
+    "NO_IPV4_SUBNET",
     "BackendConfig",
     "ConfigError",
+    "IPv6Range",
     "NetworkConfig",
     "parse_network_config",
 ]
@@ -54,6 +62,9 @@ _BACKEND_KEYS = {
 }
 _DEFAULT_PORTS = {"udp": 8285, "vxlan": 0, "host-gw": 0}
 VXLAN_KERNEL_PORT = 8472
+_Net = TypeVar("_Net", IPv4Network, IPv6Network)
+NO_IPV4_SUBNET = IPv4Network("0.0.0.0/0")
+"""flannel's zero IPv4 subnet: the IPv4 half of an IPv6-only network and of its lease keys."""
 
 
 class ConfigError(ValueError):
@@ -87,9 +98,43 @@ class BackendConfig:
         return self.mtu or interface_mtu
 
 
+def _holds(network: _Net, subnet_len: int, first: _Net, last: _Net, subnet: _Net) -> bool:
+    """``subnet`` is a ``/subnet_len`` of ``network`` from ``first`` to ``last``."""
+    return (
+        subnet.prefixlen == subnet_len
+        and subnet.subnet_of(network)
+        and int(first.network_address) <= int(subnet.network_address) <= int(last.network_address)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class IPv6Range:
+    """The IPv6 half of a network config: ``IPv6Network`` cut into ``/subnet_len`` subnets.
+
+    The space is far too large to list, so subnets are worked with as integers.
+    """
+
+    network: IPv6Network
+    subnet_len: int
+    subnet_min: IPv6Network
+    subnet_max: IPv6Network
+
+    @property
+    def step(self) -> int:
+        return 1 << (128 - self.subnet_len)
+
+    def holds_subnet(self, subnet: IPv6Network) -> bool:
+        """True if ``subnet`` is one this config may hand out."""
+        return _holds(self.network, self.subnet_len, self.subnet_min, self.subnet_max, subnet)
+
+
 @dataclass(frozen=True, slots=True)
 class NetworkConfig:
-    """A validated network config. ``subnet_min``/``subnet_max`` are subnets."""
+    """A validated network config. ``subnet_min``/``subnet_max`` are subnets.
+
+    ``ipv6`` is set when ``EnableIPv6`` is on; with ``enable_ipv4`` off the IPv4
+    fields hold flannel's zero values (:data:`NO_IPV4_SUBNET`).
+    """
 
     network: IPv4Network
     subnet_len: int
@@ -98,6 +143,12 @@ class NetworkConfig:
     backend: BackendConfig
     # what the daemon should log once: keys ignored, with why (not part of the config's meaning)
     warnings: tuple[str, ...] = field(default=(), compare=False)
+    enable_ipv4: bool = True
+    ipv6: IPv6Range | None = None
+
+    @property
+    def enable_ipv6(self) -> bool:
+        return self.ipv6 is not None
 
     @property
     def subnet_count(self) -> int:
@@ -105,14 +156,10 @@ class NetworkConfig:
         return (int(self.subnet_max.network_address) - int(self.subnet_min.network_address)) // step + 1
 
     def holds_subnet(self, subnet: IPv4Network) -> bool:
-        """True if ``subnet`` is one this config may hand out."""
-        return (
-            subnet.prefixlen == self.subnet_len
-            and subnet.subnet_of(self.network)
-            and int(self.subnet_min.network_address)
-            <= int(subnet.network_address)
-            <= int(self.subnet_max.network_address)
-        )
+        """True if ``subnet`` is one this config may hand out (IPv6-only: flannel's zero subnet)."""
+        if not self.enable_ipv4:
+            return subnet == NO_IPV4_SUBNET
+        return _holds(self.network, self.subnet_len, self.subnet_min, self.subnet_max, subnet)
 
 
 def parse_network_config(raw: str | bytes) -> NetworkConfig:
@@ -124,24 +171,84 @@ def parse_network_config(raw: str | bytes) -> NetworkConfig:
     if not isinstance(loaded, dict):
         raise ConfigError("config", _preview(raw), "must be a JSON object")
     doc, unknown = _fold_keys(loaded, (*_TOP_KEYS, *_IPV6_KEYS, *_UNIMPLEMENTED_KEYS))
-    if doc.get("EnableIPv6") not in (None, False):
-        raise ConfigError("EnableIPv6", doc["EnableIPv6"], "IPv6 networks are not supported yet; flanneld-py "
-                          "runs the IPv4 Network only: set EnableIPv6 to false or remove it")
-    if doc.get("EnableIPv4") is False:
-        raise ConfigError("EnableIPv4", False, "an IPv4 Network is required")
-    network = _parse_network(doc.get("Network"))
-    subnet_len = _parse_subnet_len(doc.get("SubnetLen"), network)
-    step = 1 << (32 - subnet_len)
-    first = IPv4Network((int(network.network_address) + step, subnet_len))
-    last = IPv4Network((int(network.broadcast_address) + 1 - step, subnet_len))
-    subnet_min = _parse_bound("SubnetMin", doc.get("SubnetMin"), network, subnet_len, first)
-    subnet_max = _parse_bound("SubnetMax", doc.get("SubnetMax"), network, subnet_len, last)
-    if int(subnet_min.network_address) > int(subnet_max.network_address):
-        raise ConfigError("SubnetMin", str(subnet_min.network_address), "is above SubnetMax")
+    enable_ipv4 = _parse_flag("EnableIPv4", doc.get("EnableIPv4", True))
+    enable_ipv6 = _parse_flag("EnableIPv6", doc.get("EnableIPv6", False))
+    if not enable_ipv4 and not enable_ipv6:
+        raise ConfigError("EnableIPv4", False, "and EnableIPv6 is off: enable at least one address family")
+    if enable_ipv4:
+        network, subnet_len, subnet_min, subnet_max = _parse_ipv4(doc)
+    else:
+        network, subnet_len, subnet_min, subnet_max = NO_IPV4_SUBNET, 0, NO_IPV4_SUBNET, NO_IPV4_SUBNET
+    ipv6 = _parse_ipv6(doc) if enable_ipv6 else None
     backend, backend_unknown, ignored = _parse_backend(doc.get("Backend"))
     warnings = _unknown_warning(unknown + [f"Backend.{key}" for key in backend_unknown], backend.type)
     warnings += _unimplemented_warnings(doc) + ignored
-    return NetworkConfig(network, subnet_len, subnet_min, subnet_max, backend, tuple(warnings))
+    return NetworkConfig(network, subnet_len, subnet_min, subnet_max, backend, tuple(warnings),
+                         enable_ipv4=enable_ipv4, ipv6=ipv6)
+
+
+def _parse_flag(name: str, value: Any) -> bool:
+    if value is None:  # JSON null leaves Go's default in place
+        return name == "EnableIPv4"
+    if not isinstance(value, bool):
+        raise ConfigError(name, value, "must be true or false")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class _RangeKeys:
+    """One family's keys, and what its network must be."""
+
+    network: str
+    subnet_len: str
+    subnet_min: str
+    subnet_max: str
+    required: str  # how to say the network is required, with an example
+    longest: int  # the longest network prefix with room for four subnets
+
+
+_IPV4_RANGE = _RangeKeys("Network", "SubnetLen", "SubnetMin", "SubnetMax",
+                         "is required, e.g. \"10.244.0.0/16\"", 28)
+_IPV6_RANGE = _RangeKeys("IPv6Network", "IPv6SubnetLen", "IPv6SubnetMin", "IPv6SubnetMax",
+                         "is required with EnableIPv6, e.g. \"fd00:10:244::/56\"", 124)
+
+
+def _parse_ipv4(doc: Mapping[str, Any]) -> tuple[IPv4Network, int, IPv4Network, IPv4Network]:
+    network = _parse_network(_IPV4_RANGE, doc.get("Network"), IPv4Network)
+    return _parse_range(doc, _IPV4_RANGE, network, _parse_subnet_len(doc.get("SubnetLen"), network))
+
+
+def _parse_ipv6(doc: Mapping[str, Any]) -> IPv6Range:
+    """flannel's IPv6 rules: a /64 per node where IPv6Network allows it, else a quarter of it."""
+    network = _parse_network(_IPV6_RANGE, doc.get("IPv6Network"), IPv6Network)
+    subnet_len = _parse_ipv6_subnet_len(doc.get("IPv6SubnetLen"), network)
+    return IPv6Range(*_parse_range(doc, _IPV6_RANGE, network, subnet_len))
+
+
+def _parse_range(doc: Mapping[str, Any], keys: _RangeKeys, network: _Net, subnet_len: int) -> tuple[_Net, int, _Net, _Net]:
+    """The subnet bounds: flannel's defaults skip the first subnet and end at the last."""
+    step = 1 << (network.max_prefixlen - subnet_len)
+    kind = type(network)
+    first = kind((int(network.network_address) + step, subnet_len))
+    last = kind((int(network.broadcast_address) + 1 - step, subnet_len))
+    subnet_min = _parse_bound(keys.subnet_min, doc.get(keys.subnet_min), network, subnet_len, first)
+    subnet_max = _parse_bound(keys.subnet_max, doc.get(keys.subnet_max), network, subnet_len, last)
+    if int(subnet_min.network_address) > int(subnet_max.network_address):
+        raise ConfigError(keys.subnet_min, str(subnet_min.network_address), f"is above {keys.subnet_max}")
+    return network, subnet_len, subnet_min, subnet_max
+
+
+def _parse_ipv6_subnet_len(value: Any, network: IPv6Network) -> int:
+    if value is None or value == 0:
+        return 64 if network.prefixlen <= 62 else network.prefixlen + 2
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError("IPv6SubnetLen", value, "must be an integer")
+    if value > 126:
+        raise ConfigError("IPv6SubnetLen", value, "must be 126 or less")
+    if value < network.prefixlen + 2:
+        raise ConfigError("IPv6SubnetLen", value, f"must be at least /{network.prefixlen + 2} so that "
+                          f"IPv6Network /{network.prefixlen} holds four subnets")
+    return value
 
 
 def _fold_keys(doc: Mapping[str, Any], known: Iterable[str]) -> tuple[dict[str, Any], list[str]]:
@@ -183,19 +290,19 @@ def _preview(raw: str | bytes) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _parse_network(value: Any) -> IPv4Network:
+def _parse_network(keys: _RangeKeys, value: Any, kind: type[_Net]) -> _Net:
     if value is None:
-        raise ConfigError("Network", None, "is required, e.g. \"10.244.0.0/16\"")
+        raise ConfigError(keys.network, None, keys.required)
     if not isinstance(value, str):
-        raise ConfigError("Network", value, "must be a string CIDR")
+        raise ConfigError(keys.network, value, "must be a string CIDR")
     try:
         network = ipaddress.ip_network(value, strict=False)
     except ValueError:
-        raise ConfigError("Network", value, "is not a CIDR") from None
-    if not isinstance(network, IPv4Network):
-        raise ConfigError("Network", value, "must be IPv4")
-    if network.prefixlen > 28:
-        raise ConfigError("Network", value, "is too small (prefix longer than /28)")
+        raise ConfigError(keys.network, value, "is not a CIDR") from None
+    if not isinstance(network, kind):
+        raise ConfigError(keys.network, value, "must be IPv4" if kind is IPv4Network else "must be IPv6")
+    if network.prefixlen > keys.longest:
+        raise ConfigError(keys.network, value, f"is too small (prefix longer than /{keys.longest})")
     return network
 
 
@@ -211,23 +318,24 @@ def _parse_subnet_len(value: Any, network: IPv4Network) -> int:
     return value
 
 
-def _parse_bound(
-    field: str, value: Any, network: IPv4Network, subnet_len: int, default: IPv4Network
-) -> IPv4Network:
+def _parse_bound(field: str, value: Any, network: _Net, subnet_len: int, default: _Net) -> _Net:
+    """SubnetMin/SubnetMax (or their IPv6 keys): an address in ``network`` on a subnet boundary."""
     if value is None or value == "":
         return default
+    family = "IPv4" if network.version == 4 else "IPv6"
     if not isinstance(value, str):
-        raise ConfigError(field, value, "must be an IPv4 address string")
+        raise ConfigError(field, value, f"must be an {family} address string")
     try:
-        address = IPv4Address(value.split("/")[0])
+        address = ipaddress.ip_address(value.split("/")[0])
     except ValueError:
-        raise ConfigError(field, value, "is not an IPv4 address") from None
+        address = None
+    if address is None or address.version != network.version:
+        raise ConfigError(field, value, f"is not an {family} address")
     if address not in network:
-        raise ConfigError(field, value, f"is outside Network {network}")
-    step = 1 << (32 - subnet_len)
-    if int(address) % step:
+        raise ConfigError(field, value, f"is outside {'Network' if network.version == 4 else 'IPv6Network'} {network}")
+    if int(address) % (1 << (network.max_prefixlen - subnet_len)):
         raise ConfigError(field, value, f"is not the start of a /{subnet_len} subnet")
-    return IPv4Network((int(address), subnet_len))
+    return type(network)((int(address), subnet_len))
 
 
 def _parse_backend(value: Any) -> tuple[BackendConfig, list[str], list[str]]:

@@ -14,8 +14,12 @@ The flags, in flannel's order of precedence:
 An interface's address is its first global unicast IPv4 address, else its first
 link-local one (loopback addresses never count), as flannel's
 ``GetInterfaceIP4Addrs``. ``--public-ip`` is what peers send to; it defaults to the
-chosen address. The I/O side (:meth:`flanneld_py.netlink.Netlink.select_underlay`)
-reads the links, the default route and the route to ``--iface-can-reach``.
+chosen address. With ``EnableIPv6``, ``--public-ipv6`` is what peers send IPv6 to;
+it defaults to the chosen interface's first global IPv6 address
+(:func:`choose_public_ipv6`; flannel would fall back to a link-local one, which peers
+across a router cannot reach, so flanneld-py asks for a global one). The I/O side
+(:meth:`flanneld_py.netlink.Netlink.select_underlay`) reads the links, the default route and the
+route to ``--iface-can-reach``.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 
-__all__ = ["Link", "NoUnderlay", "RouteHint", "Underlay", "UnderlayChoice", "choose_underlay", "usable_addresses"]
+__all__ = ["Link", "NoUnderlay", "RouteHint", "Underlay", "UnderlayChoice", "choose_public_ipv6", "choose_underlay",
+           "usable_addresses"]
 
 
 class NoUnderlay(LookupError):
@@ -40,6 +45,7 @@ class Link:
     index: int
     mtu: int
     addresses: tuple[IPv4Interface, ...] = ()
+    addresses6: tuple[IPv6Interface, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +79,22 @@ class Underlay:
     address: IPv4Interface
     public_ip: IPv4Address
     skipped: tuple[str, ...] = ()
+
+
+def choose_public_ipv6(link: Link, public_ipv6: str | None) -> IPv6Address:
+    """What peers send IPv6 to: ``--public-ipv6`` if given, else the link's first global IPv6 address.
+
+    Raises:
+        NoUnderlay: neither is there; the message says how to fix it.
+    """
+    if public_ipv6:
+        return IPv6Address(public_ipv6)
+    for address in link.addresses6:
+        if not (address.ip.is_link_local or address.ip.is_loopback or address.ip.is_multicast
+                or address.ip.is_unspecified):
+            return address.ip
+    raise NoUnderlay(f"EnableIPv6 is set but interface {link.name} has no global IPv6 address: add one, "
+                     "give --public-ipv6, or turn EnableIPv6 off")
 
 
 def _global_unicast(address: IPv4Address) -> bool:

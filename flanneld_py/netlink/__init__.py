@@ -15,7 +15,7 @@ import errno
 import socket
 import threading
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -187,13 +187,17 @@ class Netlink:
     # --- interface choice --------------------------------------------------
 
     def links(self) -> list[Link]:
-        """Every interface with its IPv4 addresses, in index order (what flannel's lookups walk)."""
+        """Every interface with its IPv4 and IPv6 addresses, in index order (what flannel's lookups walk)."""
         addresses: dict[int, list[IPv4Interface]] = {}
         for msg in self.call("get_addr", family=2):
             addresses.setdefault(int(msg["index"]), []).append(
                 IPv4Interface(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}"))
+        addresses6: dict[int, list[IPv6Interface]] = {}
+        for msg in self.call("get_addr", family=10):
+            addresses6.setdefault(int(msg["index"]), []).append(
+                IPv6Interface(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}"))
         out = [Link(link.get_attr("IFLA_IFNAME"), int(link["index"]), int(link.get_attr("IFLA_MTU") or 0),
-                    tuple(addresses.get(int(link["index"]), ())))
+                    tuple(addresses.get(int(link["index"]), ())), tuple(addresses6.get(int(link["index"]), ())))
                for link in self.call("get_links")]
         return sorted(out, key=lambda link: link.index)
 

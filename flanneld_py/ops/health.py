@@ -56,6 +56,8 @@ def health_verdict(snap: Snapshot, max_etcd_silence: float) -> tuple[int, dict[s
         "lease_expires_in_seconds": None if remaining is None else round(remaining, 1),
         "etcd_last_answer_seconds_ago": None if snap.etcd_silence is None else round(snap.etcd_silence, 1),
     }
+    if snap.subnet6 is not None:
+        body["subnet6"] = snap.subnet6
     if snap.problems:
         body["node_problems"] = [{"problem": p.code, "message": p.message} for p in snap.problems]
     failed = _failed_check(snap, max_etcd_silence)

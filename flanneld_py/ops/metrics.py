@@ -54,6 +54,11 @@ class DaemonCollector(Collector):
                                  labels=["version", "backend", "network", "subnet"])
         info.add_metric([snap.version, snap.backend or "", snap.network or "", snap.subnet or ""], 1)
         yield info
+        if snap.ipv6_network is not None:
+            info6 = GaugeMetricFamily("flanneld_ipv6_info", "IPv6 network, subnet and public IPv6 address of this "
+                                      "daemon (EnableIPv6).", labels=["ipv6_network", "ipv6_subnet", "public_ipv6"])
+            info6.add_metric([snap.ipv6_network, snap.subnet6 or "", snap.public_ipv6 or ""], 1)
+            yield info6
         yield GaugeMetricFamily("flanneld_ready", "1 once the lease is held, the subnet file written and "
                                 "the datapath up.", value=1 if snap.ready and snap.phase == "running" else 0)
         yield GaugeMetricFamily("flanneld_routes", "Peer subnets in the datapath's route table.",

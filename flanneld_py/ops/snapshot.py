@@ -58,6 +58,9 @@ class Snapshot:
     public_ip: str | None = None
     subnet: str | None = None
     lease_id: int | None = None
+    ipv6_network: str | None = None  # the IPv6 fields stay None without EnableIPv6
+    public_ipv6: str | None = None
+    subnet6: str | None = None
     lease_expires_at: float | None = None  # wall clock
     datapath_up: bool = False
     etcd_endpoint: str = ""
@@ -95,8 +98,11 @@ class Snapshot:
             "backend": self.backend,
             "mtu": self.mtu,
             "public_ip": self.public_ip,
+            "ipv6_network": self.ipv6_network,
+            "public_ipv6": self.public_ipv6,
             "lease": None if self.subnet is None else {
                 "subnet": self.subnet,
+                "subnet6": self.subnet6,
                 "etcd_lease_id": None if self.lease_id is None else f"{self.lease_id:x}",
                 "expires_at": self.lease_expires_at,
                 "expires_in_seconds": _round(self.lease_remaining),
@@ -166,6 +172,9 @@ def take_snapshot(daemon: DaemonView, etcd_silence: float | None, ipmasq_repairs
         public_ip=None if own is None else str(own.attrs.public_ip),
         subnet=None if own is None else str(own.subnet),
         lease_id=None if own is None else own.lease_id,
+        ipv6_network=None if config is None or config.ipv6 is None else str(config.ipv6.network),
+        public_ipv6=None if own is None or own.attrs.public_ipv6 is None else str(own.attrs.public_ipv6),
+        subnet6=None if own is None or own.subnet6 is None else str(own.subnet6),
         lease_expires_at=state.lease_expires_at,
         datapath_up=backend is not None and backend.is_up(),
         etcd_endpoint=store.endpoint,

@@ -60,13 +60,16 @@ def render_status(doc: dict[str, Any]) -> str:
     lines.append(f"health    {verdict}")
     lease = doc.get("lease")
     if lease:
-        lines.append(f"lease     {lease['subnet']} (etcd lease {lease.get('etcd_lease_id')}), "
+        subnets = lease["subnet"] if not lease.get("subnet6") else f"{lease['subnet']} and {lease['subnet6']}"
+        lines.append(f"lease     {subnets} (etcd lease {lease.get('etcd_lease_id')}), "
                      f"expires in {_duration(lease.get('expires_in_seconds'))}")
     else:
         lines.append("lease     none yet")
     lines.append(f"network   {doc.get('network') or '?'}, backend {doc.get('backend') or '?'}, "
                  f"mtu {doc.get('mtu') or '?'}, public IP {doc.get('public_ip') or '?'}, "
                  f"datapath {'up' if doc.get('datapath_up') else 'down'}")
+    if doc.get("ipv6_network"):
+        lines.append(f"ipv6      {doc['ipv6_network']}, public IPv6 {doc.get('public_ipv6') or '?'}")
     etcd = doc.get("etcd") or {}
     lines.append(f"etcd      {etcd.get('endpoint')}: last answer {_ago(etcd.get('last_answer_seconds_ago'))}, "
                  f"{etcd.get('errors', 0)} errors, {etcd.get('reconnects', 0)} reconnects")

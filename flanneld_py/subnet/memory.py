@@ -112,9 +112,11 @@ class MemoryRegistry:
         self._leases[lease_id] = (ttl, self.clock() + ttl)
         return lease_id
 
-    async def create_subnet(self, name: str, value: bytes, lease_id: int) -> bool:
+    async def create_subnet(self, name: str, value: bytes, lease_id: int, unique_prefix: str = "") -> bool:
         self._request()
         if f"subnets/{name}" in self._keys:
+            return False
+        if unique_prefix and any(key.startswith(f"subnets/{unique_prefix}") for key in self._keys):
             return False
         self._put(f"subnets/{name}", value, lease_id)
         return True

@@ -229,13 +229,19 @@ class _Member:
         request = rpc.RangeRequest(key=key, range_end=_prefix_end(key) if prefix else b"")
         return await self.kv.Range(request, timeout=self.timeout, metadata=self.metadata)
 
-    async def put_if(self, key: bytes, value: bytes, lease_id: int, *, mod_revision: int) -> bool:
-        """Put only if the key's mod revision is ``mod_revision`` (0: only if absent)."""
+    async def put_if(self, key: bytes, value: bytes, lease_id: int, *, mod_revision: int,
+                     absent_prefix: bytes = b"") -> bool:
+        """Put only if the key's mod revision is ``mod_revision`` (0: only if absent) and, with
+        ``absent_prefix``, no key starting with it exists (all in one transaction)."""
         compare = rpc.Compare(key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, mod_revision=mod_revision)
         if mod_revision == 0:
             compare = rpc.Compare(key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, create_revision=0)
+        compares = [compare]
+        if absent_prefix:  # every key in the range must have create revision 0, i.e. none exists
+            compares.append(rpc.Compare(key=absent_prefix, range_end=_prefix_end(absent_prefix),
+                                        result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, create_revision=0))
         put = rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value, lease=lease_id))
-        reply = await self.kv.Txn(rpc.TxnRequest(compare=[compare], success=[put], failure=[]),
+        reply = await self.kv.Txn(rpc.TxnRequest(compare=compares, success=[put], failure=[]),
                                   timeout=self.timeout, metadata=self.metadata)
         return bool(reply.succeeded)
 
@@ -485,10 +491,13 @@ class EtcdRegistry:
         member = await self._connected()
         return await self._call(member.grant(ttl), member)
 
-    async def create_subnet(self, name: str, value: bytes, lease_id: int) -> bool:
-        """Create the key only if absent, bound to ``lease_id``; False if it exists."""
+    async def create_subnet(self, name: str, value: bytes, lease_id: int, unique_prefix: str = "") -> bool:
+        """Create the key only if absent (and no key starts with ``unique_prefix``), bound to
+        ``lease_id``; False if it exists."""
         member = await self._connected()
-        return await self._call(member.put_if(self.subnet_key(name), value, lease_id, mod_revision=0), member)
+        absent = self.subnet_key(unique_prefix) if unique_prefix else b""
+        return await self._call(member.put_if(self.subnet_key(name), value, lease_id, mod_revision=0,
+                                              absent_prefix=absent), member)
 
     async def update_subnet(self, name: str, value: bytes, lease_id: int, mod_revision: int) -> bool:
         """Rewrite our own key only if nobody changed it since ``mod_revision``."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 from ..cancellation import cancel_and_wait
 from ..core.lease import KeyPut, LeaseAttrs, LeaseEvent
@@ -66,12 +66,12 @@ async def wait_for_config(registry: Registry) -> NetworkConfig:
 
 
 async def acquire_lease(manager: LocalManager, config: NetworkConfig, attrs: LeaseAttrs,
-                        previous: IPv4Network | None) -> OwnLease:
+                        previous: IPv4Network | None, previous6: IPv6Network | None = None) -> OwnLease:
     """:meth:`LocalManager.acquire`, retried while etcd cannot be reached."""
     backoff = Backoff()
     while True:
         try:
-            return await manager.acquire(config, attrs, previous)
+            return await manager.acquire(config, attrs, previous, previous6)
         except EtcdUnavailable as exc:
             delay = backoff.next()
             log.warning("cannot reach etcd to acquire a lease (%s); retrying in %.1fs", exc, delay)

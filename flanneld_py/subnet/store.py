@@ -94,8 +94,9 @@ class Registry(StoreStats, Protocol):
         """A new lease of ``ttl`` seconds; its id."""
         ...
 
-    async def create_subnet(self, name: str, value: bytes, lease_id: int) -> bool:
-        """Create the key only if absent, bound to ``lease_id``; False if it exists."""
+    async def create_subnet(self, name: str, value: bytes, lease_id: int, unique_prefix: str = "") -> bool:
+        """Create the key only if absent, bound to ``lease_id``; False if it exists, or if
+        ``unique_prefix`` is given and some key starting with it exists (one transaction)."""
         ...
 
     async def update_subnet(self, name: str, value: bytes, lease_id: int, mod_revision: int) -> bool:

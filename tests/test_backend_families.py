@@ -1,0 +1,55 @@
+"""Which address families each backend carries, the daemon's gate on them, and the lease it publishes."""
+
+from __future__ import annotations
+
+import json
+from ipaddress import IPv4Address, IPv6Address
+
+import pytest
+
+from flanneld_py.backend.base import IPV4_ONLY, BackendContext, families_of, published_attrs
+from flanneld_py.backend.factory import create_backend
+from flanneld_py.core.netconfig import parse_network_config
+from flanneld_py.netlink import InterfaceInfo
+
+IFACE = InterfaceInfo("eth0", 2, IPv4Address("192.0.2.1"), 24, 1500)
+
+
+def context(doc: dict, public_ipv6: str | None = None) -> BackendContext:
+    config = parse_network_config(json.dumps(doc))
+    return BackendContext(config, IFACE, IPv4Address("192.0.2.1"), None,  # type: ignore[arg-type]
+                          public_ipv6=None if public_ipv6 is None else IPv6Address(public_ipv6))
+
+
+@pytest.mark.parametrize("kind", ["udp", "vxlan", "host-gw"])
+def test_every_backend_carries_ipv4_only_so_far(kind):
+    backend = create_backend(context({"Network": "10.244.0.0/16", "Backend": {"Type": kind}}))
+    assert families_of(backend) == IPV4_ONLY
+
+
+@pytest.mark.parametrize("kind", ["udp", "vxlan", "host-gw"])
+@pytest.mark.parametrize("doc", [
+    {"Network": "10.244.0.0/16", "EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"},
+    {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"},
+])
+def test_a_config_with_ipv6_is_refused_in_one_line_naming_the_backend(kind, doc):
+    with pytest.raises(ValueError) as info:
+        create_backend(context({**doc, "Backend": {"Type": kind}}, "2001:db8::1"))
+    message = str(info.value)
+    assert "\n" not in message and f"the {kind} backend carries IPv4 only" in message and "EnableIPv6" in message
+
+
+def test_published_attrs_add_public_ipv6_to_what_the_backend_gives():
+    backend = create_backend(context({"Network": "10.244.0.0/16"}))
+    assert b'"PublicIPv6":null' in published_attrs(backend, None).to_json()
+    attrs = published_attrs(backend, IPv6Address("2001:db8::1"))
+    assert attrs.public_ip == IPv4Address("192.0.2.1") and attrs.public_ipv6 == IPv6Address("2001:db8::1")
+    assert attrs.backend_type == "udp" and attrs.backend_v6_data is None
+    assert json.loads(attrs.to_json())["PublicIPv6"] == "2001:db8::1"
+
+
+def test_an_ipv6_only_node_publishes_flannels_zero_public_ip():
+    backend = create_backend(context({"Network": "10.244.0.0/16", "Backend": {"Type": "host-gw"}}))
+    attrs = published_attrs(backend, IPv6Address("2001:db8::1"), enable_ipv4=False)
+    assert attrs.to_json() == b'{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::1","BackendType":"host-gw"}'
+    assert attrs.node_address == IPv6Address("2001:db8::1")
