@@ -10,11 +10,12 @@ Two shapes of the same stages:
 
 * plain: one inner packet per read and per ``sendto``/``write``;
 * offload (TUN virtio-net headers, UDP GSO/GRO): a read from flannel0 may
-  be a TCP super-packet, split by ``segment_tcp4`` and sent with one GSO
-  ``sendmsg``; a GRO read from the socket may hold many datagrams, checked
-  together (``tcp_flow_header_len``, :meth:`Engine.inbound_batch`) and, when
-  they are one TCP flow, written back as one super-packet (``merge_tcp4``).
-  The stages come from :mod:`.offload` (compiled, or the NumPy reference).
+  be a TCP super-packet, split by ``segment_tcp4`` into a run of datagrams
+  that leaves in GSO ``sendmsg`` calls (runs span super-packets, so a 64 KB
+  one costs no extra send); a GRO read from the socket may hold many datagrams, checked
+  in runs (``tcp_flow_run``, :meth:`Engine.inbound_batch`), each run of one
+  TCP flow written back as one super-packet (``merge_tcp4``). The stages
+  come from :mod:`.offload` (compiled, or the pure-Python reference).
 
 Either way every datagram on the wire is one complete inner IPv4 packet no
 larger than flannel0's MTU, and every packet ends forwarded or counted as a
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 
 from ...core.packet import Drop
 from .engine import Engine
-from .offload import complete_checksum, merge_tcp4, segment_tcp4, tcp_flow_header_len
+from .offload import complete_checksum, extend_tcp4, merge_tcp4, segment_tcp4, tcp_flow_run
 from .tun import TunDevice
 from .udpconn import GRO_CMSG_SPACE, MAX_GSO_BYTES, MAX_GSO_SEGMENTS, UdpConn, gro_segment_size, gso_control
 from .vnet import GSO_NONE, GSO_TCPV4, NEEDS_CSUM, VNET_HDR, VNET_HDR_LEN, ZERO_VNET_HDR
@@ -39,6 +40,9 @@ from .vnet import GSO_NONE, GSO_TCPV4, NEEDS_CSUM, VNET_HDR, VNET_HDR_LEN, ZERO_
 __all__ = ["BatchStats", "Pump"]
 
 MAX_PACKET = 65536 + VNET_HDR_LEN
+# room for one segmented super-packet: 64 KB grows by one header per segment
+# (at TCP's minimum MSS of 88 and the longest headers, to ~155 KB)
+SEGMENT_ROOM = 4 * MAX_PACKET
 _PROTO_UDP = 17
 
 
@@ -57,31 +61,38 @@ class BatchStats:
 
 
 class _SendRun:
-    """Equal-size packets to one peer, back to back, waiting for one GSO send."""
+    """Datagrams of one size to one peer, back to back in one buffer, waiting for GSO sends.
 
-    def __init__(self, buffer: bytearray) -> None:
-        self.view = memoryview(buffer)
-        self.capacity = len(buffer)
+    Segments of consecutive super-packets and small packets join one run, and
+    the run leaves in sends of as many datagrams as one UDP GSO call carries.
+    A pod's 64 KB super-packet (46 MTU-sized segments) is more than one send
+    can carry (44 under the 65507-byte UDP limit); its last segments wait
+    for the next super-packet's instead of costing a send of their own. Only
+    the last datagram of a send may be shorter: a short one ends the run.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.view = memoryview(bytearray(capacity))
+        self.capacity = capacity
         self.reset()
 
     def reset(self) -> None:
         self.addr: tuple[str, int] = ("", 0)
         self.seglen = 0
-        self.count = 0
+        self.start = 0  # pending datagrams: view[start:used]
         self.used = 0
+        self.closed = False  # ends with a short datagram: nothing may join
 
-    def fits(self, length: int, addr: tuple[str, int]) -> bool:
-        return self.count == 0 or (
-            length == self.seglen and addr == self.addr
-            and self.count < MAX_GSO_SEGMENTS and self.used + length <= self.capacity
-        )
+    @property
+    def pending(self) -> int:
+        return self.used - self.start
 
-    def append(self, packet: memoryview, length: int, addr: tuple[str, int]) -> None:
-        if self.count == 0:
-            self.addr, self.seglen = addr, length
-        self.view[self.used : self.used + length] = packet[:length]
-        self.used += length
-        self.count += 1
+    def compact(self) -> None:
+        """Move the pending datagrams to the front of the buffer."""
+        if self.start:
+            self.view[: self.pending] = self.view[self.start : self.used]
+            self.used -= self.start
+            self.start = 0
 
 
 class Pump:
@@ -97,13 +108,10 @@ class Pump:
         self._tun_view = memoryview(self._tun_buf)
         self._udp_buf = bytearray(MAX_PACKET)
         self._udp_view = memoryview(self._udp_buf)
-        # segmentation output: a 64 KB super-packet grows by one header per segment
-        # (at TCP's minimum MSS of 88 and the longest headers, to ~155 KB)
-        self._seg_out = bytearray(4 * MAX_PACKET)
-        self._seg_view = memoryview(self._seg_out)
         self._merge_buf = bytearray(MAX_PACKET)
         self._merge_view = memoryview(self._merge_buf)
-        self._run = _SendRun(bytearray(MAX_GSO_BYTES))
+        self._merged = 0  # a merged super-packet waiting in _merge_buf[:_merged] for more of its flow
+        self._run = _SendRun(MAX_GSO_BYTES + SEGMENT_ROOM)
         self.tun_batches = BatchStats()
         self.udp_batches = BatchStats()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -182,15 +190,15 @@ class Pump:
                 peer.last_tx = now
                 self._queue_small(packet, length, peer.addr)
             return
-        self._flush_run()
         if kind != GSO_TCPV4:
             engine.drops[Drop.NOT_IPV4] += 1
             return
         peer = engine.outbound(packet, length)
         if peer is None:
             return
+        run = self._make_room(peer.addr, SEGMENT_ROOM)
         try:
-            total, seglen, segments = segment_tcp4(packet, length, gso_size, self._seg_out)
+            total, seglen, segments = segment_tcp4(packet, length, gso_size, run.view[run.used :])
         except ValueError:
             peer.tx_packets -= 1
             peer.tx_bytes -= length
@@ -199,26 +207,58 @@ class Pump:
         peer.last_tx = now
         peer.tx_packets += segments - 1
         peer.tx_bytes += total - length
-        self._send_segments(self._seg_view, total, seglen, peer.addr)
+        self._append(peer.addr, total, seglen, total - (segments - 1) * seglen)
 
     def _queue_small(self, packet: memoryview, length: int, addr: tuple[str, int]) -> None:
-        """Gather a run of equal-size packets to one peer (a UDP flood, a stream of small
-        writes) into one GSO send; anything else flushes the run first."""
-        run = self._run
-        if not self.conn.gso or not run.fits(length, addr):
+        """Gather runs of equal-size packets to one peer (a UDP flood, a stream of small
+        writes) into GSO sends; without GSO each goes out at once."""
+        if not self.conn.gso:
             self._flush_run()
-            if not self.conn.gso:
-                self._send_one(packet[:length], addr)
-                return
-        run.append(packet, length, addr)
+            self._send_one(packet[:length], addr)
+            return
+        run = self._make_room(addr, length)
+        run.view[run.used : run.used + length] = packet[:length]
+        self._append(addr, length, length, length)
+
+    def _make_room(self, addr: tuple[str, int], size: int) -> _SendRun:
+        """The run, ready for ``size`` more bytes to ``addr`` at ``run.used``: a run to
+        another peer, or one that may not grow, is sent first."""
+        run = self._run
+        if run.pending and (run.addr != addr or run.closed):
+            self._flush_run()
+        if run.used + size > run.capacity:
+            run.compact()
+        return run
+
+    def _append(self, addr: tuple[str, int], nbytes: int, seglen: int, last_len: int) -> None:
+        """Take ``nbytes`` of datagrams just written at ``run.used`` into the run and send
+        every full GSO send's worth; the rest waits (:meth:`_flush_run` ends the wakeup)."""
+        run = self._run
+        if run.pending and seglen != run.seglen:
+            self._send_segments(run.view[run.start : run.used], run.pending, run.seglen, run.addr)
+            run.start = run.used
+        run.addr, run.seglen = addr, seglen
+        run.used += nbytes
+        run.closed = last_len != seglen
+        if run.closed:
+            self._flush_run()
+            return
+        chunk = self._per_send(seglen) * seglen
+        if run.pending >= chunk:
+            whole = run.pending - run.pending % chunk
+            self._send_segments(run.view[run.start : run.start + whole], whole, seglen, addr)
+            run.start += whole
+        if not run.pending:
+            run.reset()
 
     def _flush_run(self) -> None:
         run = self._run
-        if run.count == 1:
-            self._send_one(run.view[: run.used], run.addr)
-        elif run.count:
-            self._send_segments(run.view, run.used, run.seglen, run.addr)
+        if run.pending:
+            self._send_segments(run.view[run.start : run.used], run.pending, run.seglen, run.addr)
         run.reset()
+
+    def _per_send(self, seglen: int) -> int:
+        return min(MAX_GSO_SEGMENTS, MAX_GSO_BYTES // seglen) if self.conn.gso else 1
 
     def _send_one(self, data: memoryview, addr: tuple[str, int]) -> None:
         try:
@@ -229,7 +269,7 @@ class Pump:
     def _send_segments(self, view: memoryview, total: int, seglen: int, addr: tuple[str, int]) -> None:
         """Send ``view[:total]``, back-to-back datagrams of ``seglen`` (the last may be shorter):
         GSO runs when possible, else one by one."""
-        per_send = min(MAX_GSO_SEGMENTS, MAX_GSO_BYTES // seglen) if self.conn.gso else 1
+        per_send = self._per_send(seglen)
         sock = self.conn.sock
         start = 0
         while start < total:
@@ -306,14 +346,16 @@ class Pump:
             except OSError:
                 continue
             seglen = gro_segment_size(ancdata, nbytes)
-            if nbytes <= seglen:
+            if nbytes <= seglen and not self._merged:
                 count += 1
                 self._ingress_one(VNET_HDR_LEN, nbytes, source, now)
             else:
                 count += self._ingress_batch(nbytes, seglen, source, now)
+        self._flush_merged()  # within the same wakeup: merging adds no delay
         self.udp_batches.record(count)
 
     def _ingress_one(self, offset: int, size: int, source: str, now: float) -> None:
+        self._flush_merged()
         packet = self._udp_view[offset : offset + size]
         peer = self.engine.inbound(packet, size, source)
         if peer is None:
@@ -325,26 +367,66 @@ class Pump:
             self._tun_writev(packet)
 
     def _ingress_batch(self, nbytes: int, seglen: int, source: str, now: float) -> int:
-        """A GRO read: one plain TCP flow is checked by its first header and written as one
-        super-packet; other batches are checked together and written one by one; any
-        doubt sends each datagram through the one-by-one checks, so drops count exactly."""
+        """A GRO read, as runs: each run of in-order segments of one TCP flow is checked by its
+        first header and merged into one super-packet, which the next run of the same flow
+        (in this read or the next) may extend, so a sender's 64 KB super-packet that crossed
+        two GSO sends is written with one TUN write; a read that starts with no such run
+        (ACKs, a UDP flood) is checked as a whole and written one by one; anything else, and
+        any doubt, goes through the one-by-one checks, so drops count exactly."""
         segments = -(-nbytes // seglen)
-        batch = self._udp_view[VNET_HDR_LEN : VNET_HDR_LEN + nbytes]
-        hlen = tcp_flow_header_len(batch, segments, seglen, nbytes)
-        if hlen:
-            peer = self.engine.inbound_flow(batch, segments, nbytes, source)
-            if peer is not None:
-                peer.last_rx = now
-                self._tun_write(self._merge_view[: merge_tcp4(batch, segments, seglen, nbytes, hlen, self._merge_buf)])
+        end = VNET_HDR_LEN + nbytes
+        index = 0
+        while index < segments:
+            offset = VNET_HDR_LEN + index * seglen
+            rest = self._udp_view[offset:end]
+            hlen, run = tcp_flow_run(rest, segments - index, seglen, end - offset)
+            if run >= 2 or (run and self._merged):
+                run_bytes = min(run * seglen, end - offset)
+                peer = self.engine.inbound_flow(rest, run, run_bytes, source)
+                if peer is not None:
+                    peer.last_rx = now
+                    self._merge_run(rest, run, seglen, run_bytes, hlen)
+                    index += run
+                    continue
+                if run >= 2:
+                    for at in range(offset, offset + run_bytes, seglen):
+                        self._ingress_one(at, min(seglen, end - at), source, now)
+                    index += run
+                    continue
+            if not run and not index and self._ingress_plain_batch(segments, nbytes, seglen, source, now):
                 return segments
-        elif (peer := self.engine.inbound_batch(batch, segments, seglen, nbytes, source)) is not None:
-            peer.last_rx = now
-            for offset in range(VNET_HDR_LEN, VNET_HDR_LEN + nbytes, seglen):
-                self._tun_writev(self._udp_view[offset : min(offset + seglen, VNET_HDR_LEN + nbytes)])
-            return segments
-        for offset in range(VNET_HDR_LEN, VNET_HDR_LEN + nbytes, seglen):
-            self._ingress_one(offset, min(seglen, VNET_HDR_LEN + nbytes - offset), source, now)
+            self._ingress_one(offset, min(seglen, end - offset), source, now)
+            index += 1
         return segments
+
+    def _merge_run(self, run_view: memoryview, run: int, seglen: int, run_bytes: int, hlen: int) -> None:
+        """Extend the waiting super-packet with an accepted run, or write that one and start anew."""
+        if self._merged:
+            grown = extend_tcp4(run_view, run, seglen, run_bytes, hlen, self._merge_buf, self._merged)
+            if grown:
+                self._merged = grown
+                return
+            self._flush_merged()
+        if run >= 2:
+            self._merged = merge_tcp4(run_view, run, seglen, run_bytes, hlen, self._merge_buf)
+        else:
+            self._tun_writev(run_view[:run_bytes])
+
+    def _flush_merged(self) -> None:
+        if self._merged:
+            self._tun_write(self._merge_view[: self._merged])
+            self._merged = 0
+
+    def _ingress_plain_batch(self, segments: int, nbytes: int, seglen: int, source: str, now: float) -> bool:
+        batch = self._udp_view[VNET_HDR_LEN : VNET_HDR_LEN + nbytes]
+        peer = self.engine.inbound_batch(batch, segments, seglen, nbytes, source)
+        if peer is None:
+            return False
+        self._flush_merged()
+        peer.last_rx = now
+        for offset in range(VNET_HDR_LEN, VNET_HDR_LEN + nbytes, seglen):
+            self._tun_writev(self._udp_view[offset : min(offset + seglen, VNET_HDR_LEN + nbytes)])
+        return True
 
     def _tun_write(self, data: memoryview) -> None:
         try:
