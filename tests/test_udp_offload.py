@@ -17,7 +17,6 @@ from scapy.packet import Raw
 
 from flanneld_py.backend.udp import offload
 from flanneld_py.backend.udp.engine import Engine
-from flanneld_py.backend.udp.vnet import GSO_TCPV4, NEEDS_CSUM, VNET_HDR, VNET_HDR_LEN
 from flanneld_py.core.packet import check_ipv4
 
 BUILDS = {name: offload.load(name)[1] for name in ("c", "python")}  # the C build must have been built
@@ -82,7 +81,7 @@ def test_segments_are_valid_packets_that_rebuild_the_stream(build, payload_len, 
 def test_fin_and_cwr_flags_follow_the_kernel(build):
     original = super_packet(4000, flags="FPAC")
     out = bytearray(20_000)
-    total, seglen, count = build.segment_tcp4(original, len(original), 1432, out)
+    total, seglen, _count = build.segment_tcp4(original, len(original), 1432, out)
     flags = [IP(s)[TCP].flags for s in split(out, total, seglen)]
     assert "C" in flags[0] and not any("C" in f for f in flags[1:])
     assert "F" in flags[-1] and not any("F" in f for f in flags[:-1])
@@ -110,9 +109,7 @@ def test_coalesce_rebuilds_one_super_packet(build):
     merged = bytearray(70_000)
     length = coalesce(build, out, count, seglen, total, merged)
     assert length
-    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(merged, 0)
-    assert (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset) == (NEEDS_CSUM, GSO_TCPV4, 40, 1432, 20, 16)
-    packet = bytes(merged[VNET_HDR_LEN:length])
+    packet = bytes(merged[:length])
     parsed = IP(packet)
     assert check_ipv4(bytearray(packet), len(packet)) is None
     assert bytes(parsed[TCP].payload) == bytes(IP(bytes(original))[TCP].payload)
@@ -354,14 +351,14 @@ def test_extend_appends_the_run_that_continues_a_merged_super_packet(build):
     assert build.tcp_flow_run(second, 2, seglen, total - 44 * seglen) == (40, 2)
     grown = build.extend_tcp4(second, 2, seglen, total - 44 * seglen, 40, merged, used)
     assert grown == whole_len and merged[:grown] == whole[:whole_len]
-    assert len(IP(bytes(merged[VNET_HDR_LEN:grown]))[TCP].payload) == 1420 * 46
+    assert len(IP(bytes(merged[:grown]))[TCP].payload) == 1420 * 46
 
 
 @both_builds
 def test_extend_refuses_what_does_not_continue(build):
     original = super_packet(1432 * 6, flags="A")
     segmented = bytearray(20_000)
-    total, seglen, count = build.segment_tcp4(original, len(original), 1432, segmented)
+    total, seglen, _count = build.segment_tcp4(original, len(original), 1432, segmented)
     first, second = memoryview(segmented)[: 3 * seglen], bytearray(segmented[3 * seglen : total])
     merged = bytearray(70_000)
     used = build.merge_tcp4(first, 3, seglen, 3 * seglen, 40, merged)
@@ -372,9 +369,9 @@ def test_extend_refuses_what_does_not_continue(build):
     other_port[22] ^= 1
     for run in (gap, other_port):
         assert build.extend_tcp4(run, 3, seglen, len(second), 40, merged, used) == 0
-    merged[VNET_HDR_LEN + 33] = 0x18  # the merged packet ends with PSH: nothing may follow
+    merged[33] = 0x18  # the merged packet ends with PSH: nothing may follow
     assert build.extend_tcp4(second, 3, seglen, len(second), 40, merged, used) == 0
-    merged[VNET_HDR_LEN + 33] = 0x10
+    merged[33] = 0x10
     assert bytes(merged) == before
     big = super_packet(1432 * 45, flags="A")
     segmented_big = bytearray(200_000)

@@ -18,9 +18,6 @@
 #include <stdint.h>
 #include <string.h>
 
-#define VNET_HDR_LEN 10
-#define NEEDS_CSUM 1
-#define GSO_TCPV4 1
 #define TCP_FIN 0x01
 #define TCP_PSH 0x08
 #define TCP_ACK 0x10
@@ -217,84 +214,83 @@ done:
     return Py_BuildValue("nn", hlen, run);
 }
 
-/* merge_tcp4(batch, count, seglen, total, hlen, out) -> bytes written to out */
+/* The header of a merged super-packet: the last segment's flags (PSH), its
+ * length, the IP checksum, and for CHECKSUM_PARTIAL the pseudo-header sum
+ * that the kernel completes. */
+static void finish_merged(uint8_t *packet, uint8_t flags, Py_ssize_t length) {
+    packet[33] = flags;
+    put16(packet + 2, (uint32_t)length);
+    put16(packet + 10, 0);
+    put16(packet + 10, checksum(packet, 20, 0));
+    put16(packet + 36, fold_be(pseudo_sum(packet, 6, (uint32_t)(length - 20))));
+}
+
+/* The payloads of a run's segments, back to back from dest. */
+static void copy_payloads(const uint8_t *b, Py_ssize_t count, Py_ssize_t seglen, Py_ssize_t total, Py_ssize_t hlen,
+                          uint8_t *dest) {
+    Py_ssize_t full = count - 1, mss = seglen - hlen;
+    for (Py_ssize_t i = 0; i < full; i++, dest += mss)
+        memcpy(dest, b + i * seglen + hlen, mss);
+    memcpy(dest, b + full * seglen + hlen, total - full * seglen - hlen);
+}
+
+/* merge_tcp4(batch, count, seglen, total, hlen, out) -> the super-packet's length in out */
 static PyObject *merge_tcp4(PyObject *self, PyObject *args) {
     Py_buffer in, out;
     Py_ssize_t count, seglen, total, hlen;
     PyObject *result = NULL;
+    (void)self;
     if (!PyArg_ParseTuple(args, "y*nnnnw*", &in, &count, &seglen, &total, &hlen, &out))
         return NULL;
     const uint8_t *b = in.buf;
     Py_ssize_t full = count - 1, mss = seglen - hlen, length = total - full * hlen;
     if (!batch_fits(count, seglen, total, in.len) || count < 2 || hlen < 40 || mss <= 0 || total - full * seglen <= hlen
-        || length > 0xFFFF || VNET_HDR_LEN + length > out.len) {
+        || length > 0xFFFF || length > out.len) {
         fail("merge_tcp4: batch lengths out of range");
         goto done;
     }
-    uint8_t *vnet = out.buf, *packet = vnet + VNET_HDR_LEN, *dest = packet + hlen;
+    uint8_t *packet = out.buf;
     memcpy(packet, b, hlen);
-    for (Py_ssize_t i = 0; i < full; i++, dest += mss)
-        memcpy(dest, b + i * seglen + hlen, mss);
-    memcpy(dest, b + full * seglen + hlen, total - full * seglen - hlen);
-    packet[33] = b[full * seglen + 33]; /* the last segment's flags (PSH) */
-    put16(packet + 2, (uint32_t)length);
-    put16(packet + 10, 0);
-    put16(packet + 10, checksum(packet, 20, 0));
-    /* CHECKSUM_PARTIAL: the field holds the pseudo-header sum, the kernel adds the rest */
-    put16(packet + 36, fold_be(pseudo_sum(packet, 6, (uint32_t)(length - 20))));
-    uint16_t header[5] = {NEEDS_CSUM | (GSO_TCPV4 << 8), (uint16_t)hlen, (uint16_t)mss, 20, 16};
-    for (int i = 0; i < 5; i++) { /* little-endian, as the virtio-net header wants */
-        vnet[2 * i] = (uint8_t)header[i];
-        vnet[2 * i + 1] = (uint8_t)(header[i] >> 8);
-    }
-    result = PyLong_FromSsize_t(VNET_HDR_LEN + length);
+    copy_payloads(b, count, seglen, total, hlen, packet + hlen);
+    finish_merged(packet, b[full * seglen + 33], length);
+    result = PyLong_FromSsize_t(length);
 done:
     PyBuffer_Release(&in);
     PyBuffer_Release(&out);
     return result;
 }
 
-static inline uint16_t get16le(const uint8_t *p) { return (uint16_t)(p[0] | (p[1] << 8)); }
-
-/* extend_tcp4(batch, count, seglen, total, hlen, out, used) -> new used, or 0:
+/* extend_tcp4(batch, count, seglen, total, hlen, out, used) -> new length, or 0:
  * append a run (checked by tcp_flow_run) to the super-packet that merge_tcp4
- * or this function left in out[:used], when the run continues it: same flow
- * header, the next sequence number, the same MSS, whole segments so far, no
- * PSH yet, and room under the IP length limit (as offload_python.extend_tcp4). */
+ * or this function left in out[:used], when the run continues it: the same
+ * flow header, the next sequence number, whole segments so far, no PSH yet,
+ * and room under the IP length limit (as offload_python.extend_tcp4). */
 static PyObject *extend_tcp4(PyObject *self, PyObject *args) {
     Py_buffer in, out;
     Py_ssize_t count, seglen, total, hlen, used, grown = 0;
     PyObject *result = NULL;
+    (void)self;
     if (!PyArg_ParseTuple(args, "y*nnnnw*n", &in, &count, &seglen, &total, &hlen, &out, &used))
         return NULL;
     const uint8_t *b = in.buf;
     Py_ssize_t full = count - 1, mss = seglen - hlen;
     if (!batch_fits(count, seglen, total, in.len) || count < 1 || hlen < 40 || hlen > 80 || mss <= 0
-        || total - full * seglen <= hlen || used < VNET_HDR_LEN + hlen || used > out.len) {
+        || total - full * seglen <= hlen || used < hlen || used > out.len) {
         fail("extend_tcp4: lengths out of range");
         goto done;
     }
-    uint8_t *vnet = out.buf, *packet = vnet + VNET_HDR_LEN;
-    Py_ssize_t length = used - VNET_HDR_LEN, merged_payload = length - hlen;
-    Py_ssize_t added = total - count * hlen, grown_length = length + added;
-    if (get16le(vnet + 2) != hlen || get16le(vnet + 4) != mss || merged_payload % mss || packet[33] != TCP_ACK
-        || grown_length > 0xFFFF || VNET_HDR_LEN + grown_length > out.len)
+    uint8_t *packet = out.buf;
+    Py_ssize_t merged_payload = used - hlen, grown_length = used + total - count * hlen;
+    if (merged_payload % mss || packet[33] != TCP_ACK || grown_length > 0xFFFF || grown_length > out.len)
         goto answer;
     for (size_t r = 0; r < sizeof fixed_ranges / sizeof fixed_ranges[0]; r++)
         if (memcmp(packet + fixed_ranges[r][0], b + fixed_ranges[r][0], fixed_ranges[r][1] - fixed_ranges[r][0]))
             goto answer;
     if (memcmp(packet + 38, b + 38, hlen - 38) || get32(b + 24) != get32(packet + 24) + (uint32_t)merged_payload)
         goto answer;
-    uint8_t *dest = packet + length;
-    for (Py_ssize_t i = 0; i < full; i++, dest += mss)
-        memcpy(dest, b + i * seglen + hlen, mss);
-    memcpy(dest, b + full * seglen + hlen, total - full * seglen - hlen);
-    packet[33] = b[full * seglen + 33];
-    put16(packet + 2, (uint32_t)grown_length);
-    put16(packet + 10, 0);
-    put16(packet + 10, checksum(packet, 20, 0));
-    put16(packet + 36, fold_be(pseudo_sum(packet, 6, (uint32_t)(grown_length - 20))));
-    grown = VNET_HDR_LEN + grown_length;
+    copy_payloads(b, count, seglen, total, hlen, packet + used);
+    finish_merged(packet, b[full * seglen + 33], grown_length);
+    grown = grown_length;
 answer:
     result = PyLong_FromSsize_t(grown);
 done:
@@ -361,7 +357,7 @@ done:
 static PyMethodDef methods[] = {
     {"segment_tcp4", segment_tcp4, METH_VARARGS, "Split a TCP/IPv4 super-packet into MSS-sized packets."},
     {"tcp_flow_run", tcp_flow_run, METH_VARARGS, "(header length, count) of the leading datagrams that form one in-order TCP run."},
-    {"merge_tcp4", merge_tcp4, METH_VARARGS, "Write a checked flow as one TCP super-packet with a GSO virtio header."},
+    {"merge_tcp4", merge_tcp4, METH_VARARGS, "Write a checked run as one TCP super-packet (CHECKSUM_PARTIAL)."},
     {"extend_tcp4", extend_tcp4, METH_VARARGS, "Append a run to the super-packet it continues; the new length or 0."},
     {"plain_ipv4_batch", plain_ipv4_batch, METH_VARARGS, "True if every datagram is a plain valid IPv4 packet between two subnets."},
     {"complete_checksum", complete_checksum, METH_VARARGS, "Finish a CHECKSUM_PARTIAL packet's TCP or UDP checksum."},

@@ -21,8 +21,8 @@ from ..routed import NetlinkKernel, ReconcileLoop, Reconciler
 from . import offload
 from .engine import Engine
 from .loop import Pump
-from .tun import TunDevice, open_tun
-from .udpconn import UdpConn, open_udp
+from .tun import KernelTun, open_tun
+from .udpconn import KernelUdp, open_udp
 
 __all__ = ["UdpBackend"]
 
@@ -56,8 +56,8 @@ class UdpBackend:
         self.port = ctx.config.backend.port
         self.engine: Engine | None = None
         self.pump: Pump | None = None
-        self._tun: TunDevice | None = None
-        self._conn: UdpConn | None = None
+        self._tun: KernelTun | None = None
+        self._conn: KernelUdp | None = None
         self._keeper: ReconcileLoop | None = None
 
     @property

@@ -23,7 +23,6 @@ from __future__ import annotations
 import struct
 
 from ...core.packet import checksum, fold, pseudo_header_sum
-from .vnet import GSO_TCPV4, NEEDS_CSUM, VNET_HDR, VNET_HDR_LEN
 
 __all__ = [
     "complete_checksum",
@@ -185,11 +184,12 @@ def tcp_flow_run(batch: Buffer, count: int, seglen: int, total: int) -> tuple[in
 
 
 def merge_tcp4(batch: Buffer, count: int, seglen: int, total: int, hlen: int, out: bytearray | memoryview) -> int:
-    """Write a run (checked by :func:`tcp_flow_run`) as one TCP super-packet with a GSO virtio
-    header into ``out``; the TCP checksum is left to the kernel (CHECKSUM_PARTIAL).
+    """Write a run (checked by :func:`tcp_flow_run`) as one TCP super-packet into ``out``,
+    the TCP checksum left to the kernel (CHECKSUM_PARTIAL: the field holds the pseudo-header
+    sum); the TUN device adds the offload header (segments of ``seglen - hlen``).
 
     Returns:
-        The bytes written to ``out`` (virtio header included).
+        The super-packet's length.
     Raises:
         ValueError: lengths that do not fit the buffers.
     """
@@ -197,15 +197,44 @@ def merge_tcp4(batch: Buffer, count: int, seglen: int, total: int, hlen: int, ou
     full = count - 1
     mss = seglen - hlen
     length = total - full * hlen
-    if count < 2 or hlen < 40 or mss <= 0 or total - full * seglen <= hlen or length > 0xFFFF \
-            or VNET_HDR_LEN + length > len(out):
+    if count < 2 or hlen < 40 or mss <= 0 or total - full * seglen <= hlen or length > 0xFFFF or length > len(out):
         raise ValueError("merge_tcp4: batch lengths out of range")
-    packet = memoryview(out)[VNET_HDR_LEN : VNET_HDR_LEN + length]
+    packet = memoryview(out)
     packet[:hlen] = batch[:hlen]
     _copy_payloads(batch, count, seglen, total, hlen, packet, hlen)
     _finish_merged(packet, batch[full * seglen + 33], length)
-    VNET_HDR.pack_into(out, 0, NEEDS_CSUM, GSO_TCPV4, hlen, mss, 20, 16)
-    return VNET_HDR_LEN + length
+    return length
+
+
+def extend_tcp4(batch: Buffer, count: int, seglen: int, total: int, hlen: int, out: bytearray | memoryview,
+                used: int) -> int:
+    """Append a run (checked by :func:`tcp_flow_run`) to the super-packet that :func:`merge_tcp4`
+    or this function left in ``out[:used]``, when the run continues it: the same flow header,
+    the next sequence number, only whole segments so far, no PSH yet, and room under the IP
+    length limit. So a flow split over two GRO reads (a 64 KB super-packet is more than one UDP
+    GSO send carries) is written with one TUN write.
+
+    Returns:
+        The super-packet's new length, or 0 (``out`` untouched) when the run does not continue it.
+    Raises:
+        ValueError: lengths that do not fit the buffers.
+    """
+    _check_batch(count, seglen, total, len(batch), "extend_tcp4")
+    full = count - 1
+    mss = seglen - hlen
+    if count < 1 or not 40 <= hlen <= 80 or mss <= 0 or total - full * seglen <= hlen or not hlen <= used <= len(out):
+        raise ValueError("extend_tcp4: lengths out of range")
+    packet = memoryview(out)
+    grown = used + total - count * hlen
+    if (used - hlen) % mss or packet[33] != _TCP_ACK or grown > 0xFFFF or grown > len(out):
+        return 0
+    if not _same_flow(packet, memoryview(batch)[:hlen], hlen):
+        return 0
+    if _U32.unpack_from(batch, 24)[0] != (_U32.unpack_from(packet, 24)[0] + used - hlen) & 0xFFFFFFFF:
+        return 0
+    _copy_payloads(batch, count, seglen, total, hlen, packet, used)
+    _finish_merged(packet, batch[full * seglen + 33], grown)
+    return grown
 
 
 def _copy_payloads(batch: Buffer, count: int, seglen: int, total: int, hlen: int, packet: memoryview,
@@ -226,43 +255,6 @@ def _finish_merged(packet: memoryview, flags: int, length: int) -> None:
     _U16.pack_into(packet, 10, 0)
     _U16.pack_into(packet, 10, checksum(packet[:20]))
     _U16.pack_into(packet, 36, fold(pseudo_header_sum(packet, _PROTO_TCP, length - 20)))
-
-
-def extend_tcp4(batch: Buffer, count: int, seglen: int, total: int, hlen: int, out: bytearray | memoryview,
-                used: int) -> int:
-    """Append a run (checked by :func:`tcp_flow_run`) to the super-packet that :func:`merge_tcp4`
-    or this function left in ``out[:used]``, when the run continues it: the same flow header,
-    the next sequence number, the same MSS, only whole segments so far, no PSH yet, and room
-    under the IP length limit. So a flow split over two GRO reads (a 64 KB super-packet is
-    more than one UDP GSO send carries) is written with one TUN write.
-
-    Returns:
-        The new length of ``out``'s content, or 0 (``out`` untouched) when the run does not
-        continue the super-packet.
-    Raises:
-        ValueError: lengths that do not fit the buffers.
-    """
-    _check_batch(count, seglen, total, len(batch), "extend_tcp4")
-    full = count - 1
-    mss = seglen - hlen
-    if count < 1 or not 40 <= hlen <= 80 or mss <= 0 or total - full * seglen <= hlen \
-            or not VNET_HDR_LEN + hlen <= used <= len(out):
-        raise ValueError("extend_tcp4: lengths out of range")
-    _flags, _gso_type, merged_hlen, merged_mss, _start, _offset = VNET_HDR.unpack_from(out, 0)
-    packet = memoryview(out)[VNET_HDR_LEN:]
-    length = used - VNET_HDR_LEN
-    merged_payload = length - hlen
-    grown = length + total - count * hlen
-    if merged_hlen != hlen or merged_mss != mss or merged_payload % mss or packet[33] != _TCP_ACK \
-            or grown > 0xFFFF or VNET_HDR_LEN + grown > len(out):
-        return 0
-    if not _same_flow(packet, memoryview(batch)[:hlen], hlen):
-        return 0
-    if _U32.unpack_from(batch, 24)[0] != (_U32.unpack_from(packet, 24)[0] + merged_payload) & 0xFFFFFFFF:
-        return 0
-    _copy_payloads(batch, count, seglen, total, hlen, packet, length)
-    _finish_merged(packet, batch[full * seglen + 33], grown)
-    return VNET_HDR_LEN + grown
 
 
 def plain_ipv4_batch(batch: Buffer, count: int, seglen: int, total: int, src_net: int, dst_net: int,
