@@ -236,3 +236,13 @@ def test_a_gro_read_over_a_real_socket_reaches_flannel0_merged():
     (frame,) = tun.frames
     assert bytes(IP(frame[VNET_HDR_LEN:])[TCP].payload) == b"z" * (46 * 1420)
     assert peer_of(pump).rx_packets == 46 and sum(pump.engine.drops) == 0
+
+
+def test_an_empty_datagram_after_a_merged_run_is_counted_as_too_short():
+    conn = MemoryUdp()
+    pump, tun = make_pump(conn)
+    segmented, total, seglen = remote_flow(4 * 1420)
+    conn.inject(segmented[:total], seglen, PEER_IP)
+    conn.inject(b"", 0, PEER_IP)
+    pump._on_udp()
+    assert len(tun.frames) == 1 and pump.engine.drops[Drop.TOO_SHORT] == 1 and sum(pump.engine.drops) == 1

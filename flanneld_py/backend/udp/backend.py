@@ -44,6 +44,16 @@ def _accept_local_source(ifname: str) -> None:
         handle.write("1")
 
 
+def _no_ipv6(ifname: str) -> None:
+    """Keep IPv6 off flannel0: the udp overlay carries IPv4 only, and a link-local address would
+    make the kernel send router solicitations and MLD reports into it, counted as drops."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "w") as handle:
+            handle.write("1")
+    except FileNotFoundError:
+        pass  # a kernel without IPv6
+
+
 def _on_off(flag: bool) -> str:
     return "on" if flag else "off"
 
@@ -111,6 +121,7 @@ class UdpBackend:
         # egress device's gso_max_size is split by the kernel in software, so a lower value here
         # would hand us pods' 64 KB super-packets as single MTU-sized packets
         netlink.set_link(index, mtu=self.mtu, txqlen=TXQUEUELEN)
+        _no_ipv6(TUN_NAME)
         netlink.ensure_address(index, IPv4Interface((own_subnet.network_address, 32)))
         netlink.set_link(index, state="up")
         netlink.replace_route(RouteSpec(self.ctx.config.network, index))

@@ -254,7 +254,7 @@ class Pump:
             if got is None:
                 break
             nbytes, seglen, source = got
-            if nbytes <= seglen and not self._merged:
+            if nbytes <= seglen and (not self._merged or not nbytes):
                 count += 1
                 self._ingress_one(0, nbytes, source, now)
             else:
