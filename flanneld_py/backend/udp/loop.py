@@ -213,17 +213,23 @@ class Pump:
         if run.closed:
             self._flush_run()
             return
-        chunk = self.conn.per_send(seglen) * seglen
-        if run.pending >= chunk:
-            whole = run.pending - run.pending % chunk
-            self._send_run(run.start, run.start + whole)
-            run.start += whole
-        if not run.pending:
-            run.reset()
+        pending = run.used - run.start
+        if pending > seglen:  # one datagram never fills a send: nothing to check
+            chunk = self.conn.per_send(seglen) * seglen
+            if pending >= chunk:
+                self._send_run(run.start, run.start + pending - pending % chunk)
+                run.start += pending - pending % chunk
+                if run.start == run.used:
+                    run.reset()
 
     def _flush_run(self) -> None:
         run = self._run
-        if run.pending:
+        pending = run.used - run.start
+        if not pending:
+            return
+        if pending == run.seglen:  # one datagram, e.g. a lone packet: the common case at low load
+            self._send(run.view[run.start : run.used], pending, run.addr)
+        else:
             self._send_run(run.start, run.used)
         run.reset()
 
