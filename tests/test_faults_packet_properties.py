@@ -189,14 +189,14 @@ def test_gro_batch_paths_never_raise_and_agree_with_one_by_one(case, source: str
     count = len(segments)
     one_by_one = engine()
     singles = [one_by_one.inbound(memoryview(bytearray(s)), len(s), source) for s in segments]
-    hlen = offload.tcp_flow_header_len(batch, count, seglen, total)
-    assert isinstance(hlen, int)
-    assert hlen == offload.load("numpy")[1].tcp_flow_header_len(batch, count, seglen, total), "the builds disagree"
+    hlen, run = offload.tcp_flow_run(batch, count, seglen, total)
+    assert 0 <= run <= count
+    assert (hlen, run) == offload.load("python")[1].tcp_flow_run(batch, count, seglen, total), "the builds disagree"
     e = engine()
-    if hlen:
-        peer = e.inbound_flow(batch, count, total, source)
+    if run:
+        peer = e.inbound_flow(batch, run, min(run * seglen, total), source)
         if peer is not None:
-            assert all(isinstance(s, Peer) for s in singles), "a flow was accepted that one by one is not"
+            assert all(isinstance(s, Peer) for s in singles[:run]), "a run was accepted that one by one is not"
     peer = e.inbound_batch(batch, count, seglen, total, source)
     assert peer is None or isinstance(peer, Peer), f"inbound_batch returned {peer!r}"
     if peer is not None:

@@ -1,90 +1,248 @@
-"""The udp hot loop's egress callback in-process: a pipe stands in for flannel0's queue
-(one write, one read: one packet) and loopback UDP sockets for the peer, so the loop's own
-handling is checked without namespaces: segments on the wire, counters, and the drop of
-super-packets whose virtio-net header does not fit the packet."""
+"""The udp hot loop in-process, through its two edges: flannel0 as :class:`MemoryTun` (the real
+virtio-net handling over in-memory queues), the socket as :class:`MemoryUdp` (each send call
+recorded) or, where the kernel's GSO/GRO handling is the point, a real loopback socket.
+Checked: datagrams on the wire, how many sends and TUN writes carry them, counters, drops."""
 
 from __future__ import annotations
 
-import os
 import socket
+import time
 from ipaddress import IPv4Network
 
 import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.packet import Raw
+from udp_fakes import MemoryTun, MemoryUdp
 
 from flanneld_py.backend.udp.engine import Engine
 from flanneld_py.backend.udp.loop import Pump
-from flanneld_py.backend.udp.tun import TunDevice
-from flanneld_py.backend.udp.udpconn import open_udp
-from flanneld_py.backend.udp.vnet import GSO_NONE, GSO_TCPV4, NEEDS_CSUM, VNET_HDR
+from flanneld_py.backend.udp.offload import segment_tcp4
+from flanneld_py.backend.udp.udpconn import gso_control, open_udp
+from flanneld_py.backend.udp.vnet import (
+    GSO_NONE,
+    GSO_TCPV4,
+    NEEDS_CSUM,
+    VNET_HDR,
+    VNET_HDR_LEN,
+)
 from flanneld_py.core.packet import Drop
 
-
-@pytest.fixture
-def rig():
-    """(pump, write a flannel0 read, the peer's socket, the peer)."""
-    peer_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    peer_sock.bind(("127.0.0.1", 0))
-    peer_sock.settimeout(0.3)
-    engine = Engine(IPv4Network("10.244.0.0/16"), IPv4Network("10.244.7.0/24"), peer_sock.getsockname()[1])
-    peer = engine.set_peer(IPv4Network("10.244.9.0/24"), "127.0.0.1")
-    conn = open_udp("127.0.0.1", 0, offload=True)
-    read_end, write_end = os.pipe()
-    os.set_blocking(read_end, False)
-    pump = Pump(engine, TunDevice(read_end, "flannel0", offload=True), conn)
-    yield pump, lambda data: os.write(write_end, data), peer_sock, peer
-    for fd in (read_end, write_end):
-        os.close(fd)
-    conn.close()
-    peer_sock.close()
+OWN, REMOTE = IPv4Network("10.244.7.0/24"), IPv4Network("10.244.9.0/24")
+PEER_IP = "127.0.0.1"
 
 
-def tcp_packet(payload: int, data_offset: int | None = None) -> bytearray:
-    tcp = TCP(sport=40000, dport=5201, seq=7, flags="PA")
+def make_pump(conn, port: int = 8285) -> tuple[Pump, MemoryTun]:
+    engine = Engine(IPv4Network("10.244.0.0/16"), OWN, port)
+    engine.set_peer(REMOTE, PEER_IP)
+    tun = MemoryTun(offload=True)
+    return Pump(engine, tun, conn), tun
+
+
+def peer_of(pump: Pump):
+    (peer,) = pump.engine.peers.values()
+    return peer
+
+
+def tcp_packet(payload: int, data_offset: int | None = None, src: str = "10.244.7.5", dst: str = "10.244.9.8",
+               seq: int = 7, flags: str = "PA") -> bytearray:
+    tcp = TCP(sport=40000, dport=5201, seq=seq, flags=flags)
     if data_offset is not None:
         tcp.dataofs = data_offset
-    return bytearray(bytes(IP(src="10.244.7.5", dst="10.244.9.8", ttl=64) / tcp / Raw(b"z" * payload)))
+    return bytearray(bytes(IP(src=src, dst=dst, ttl=64, flags="DF") / tcp / Raw(b"z" * payload)))
 
 
-def received(sock: socket.socket) -> list[bytes]:
-    datagrams = []
-    try:
-        while True:
-            datagrams.append(sock.recv(65536))
-    except TimeoutError:
-        return datagrams
+def tso(packet: bytearray, mss: int) -> bytes:
+    """A flannel0 read of a TCP super-packet: the virtio-net header, then the packet."""
+    return VNET_HDR.pack(NEEDS_CSUM, GSO_TCPV4, 40, mss, 20, 16) + packet
 
 
-def test_super_packet_leaves_as_mss_sized_valid_packets(rig):
-    pump, write, peer_sock, peer = rig
-    packet = tcp_packet(5000)
-    write(VNET_HDR.pack(NEEDS_CSUM, GSO_TCPV4, 40, 1400, 20, 16) + packet)
-    pump._on_tun_offload()
-    datagrams = received(peer_sock)
-    assert [len(d) for d in datagrams] == [1440, 1440, 1440, 840]
+def assert_valid_segments(datagrams: list[bytes], mtu: int) -> bytes:
+    """Every datagram one valid routed TCP/IPv4 packet within ``mtu``; their payload, in order."""
     payload = b""
     for datagram in datagrams:
+        assert len(datagram) <= mtu
         inner = IP(datagram)
-        assert inner.ttl == 63  # routed: TTL decremented once, checksums valid
+        assert inner.len == len(datagram) and inner.ttl == 63  # routed: TTL decremented once
         fresh = IP(datagram)
         del fresh.chksum, fresh[TCP].chksum
         fresh = IP(bytes(fresh))
         assert (fresh.chksum, fresh[TCP].chksum) == (inner.chksum, inner[TCP].chksum)
         payload += bytes(inner[TCP].payload)
-    assert payload == b"z" * 5000
-    assert (peer.tx_packets, peer.tx_bytes) == (4, sum(map(len, datagrams)))
+    return payload
+
+
+# --- flannel0 -> UDP ----------------------------------------------------------------------
+
+def test_super_packet_leaves_as_mss_sized_valid_packets_over_a_real_socket():
+    peer_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer_sock.bind((PEER_IP, 0))
+    peer_sock.settimeout(0.3)
+    conn = open_udp(PEER_IP, 0, offload=True)
+    try:
+        pump, tun = make_pump(conn, peer_sock.getsockname()[1])
+        tun.inject(tso(tcp_packet(5000), 1400))
+        pump._on_tun()
+        datagrams = []
+        try:
+            while True:
+                datagrams.append(peer_sock.recv(65536))
+        except TimeoutError:
+            pass
+    finally:
+        conn.close()
+        peer_sock.close()
+    assert [len(d) for d in datagrams] == [1440, 1440, 1440, 840]
+    assert assert_valid_segments(datagrams, 1440) == b"z" * 5000
+    assert (peer_of(pump).tx_packets, peer_of(pump).tx_bytes) == (4, sum(map(len, datagrams)))
     assert sum(pump.engine.drops) == 0
+
+
+def test_a_64k_super_packet_leaves_as_valid_datagrams_within_the_mtu():
+    """A pod's TSO super-packet of 65535 bytes (46 segments at MTU 1472: more than one UDP GSO
+    send holds) leaves as MTU-sized valid packets, in order, all counted."""
+    conn = MemoryUdp()
+    pump, tun = make_pump(conn)
+    tun.inject(tso(tcp_packet(65535 - 40), 1432))
+    pump._on_tun()
+    datagrams = conn.datagrams
+    assert [len(d) for d in datagrams[:-1]] == [1472] * 45 and len(datagrams) == 46
+    assert assert_valid_segments(datagrams, 1472) == b"z" * (65535 - 40)
+    assert [len(s.datagrams) for s in conn.sends] == [44, 2]
+    assert (peer_of(pump).tx_packets, peer_of(pump).tx_bytes) == (46, sum(map(len, datagrams)))
+    assert sum(pump.engine.drops) == 0
+
+
+def test_a_send_run_spans_super_packets_to_one_peer():
+    """Two 46-segment super-packets read in one wakeup leave in three GSO sends (44 + 44 + 4),
+    not four: the first one's tail waits for the second's segments."""
+    conn = MemoryUdp()
+    pump, tun = make_pump(conn)
+    tun.inject(tso(tcp_packet(46 * 1420, seq=7, flags="A"), 1420))
+    tun.inject(tso(tcp_packet(46 * 1420, seq=7 + 46 * 1420, flags="A"), 1420))
+    pump._on_tun()
+    assert [len(s.datagrams) for s in conn.sends] == [44, 44, 4]
+    assert assert_valid_segments(conn.datagrams, 1460) == b"z" * (92 * 1420)
+    assert peer_of(pump).tx_packets == 92 and sum(pump.engine.drops) == 0
+
+
+def test_without_gso_every_datagram_is_its_own_send():
+    conn = MemoryUdp(gso=False)
+    pump, tun = make_pump(conn)
+    tun.inject(tso(tcp_packet(5000), 1400))
+    pump._on_tun()
+    assert [len(s.data) for s in conn.sends] == [1440, 1440, 1440, 840]
+
+
+def test_small_packets_of_one_size_to_one_peer_share_a_send():
+    conn = MemoryUdp()
+    pump, tun = make_pump(conn)
+    for _ in range(5):
+        tun.inject(bytes(VNET_HDR_LEN) + tcp_packet(100))
+    tun.inject(bytes(VNET_HDR_LEN) + tcp_packet(300))
+    pump._on_tun()
+    assert [(len(s.datagrams), s.seglen) for s in conn.sends] == [(5, 140), (1, 340)]
+    assert peer_of(pump).tx_packets == 6
 
 
 @pytest.mark.parametrize("header, packet", [
     (VNET_HDR.pack(NEEDS_CSUM, GSO_TCPV4, 40, 1400, 20, 16), tcp_packet(5000, data_offset=2)),  # TCP header < 20
     (VNET_HDR.pack(NEEDS_CSUM, GSO_NONE, 0, 0, 20, 200), tcp_packet(50)),  # checksum field past the end
-], ids=["tcp-data-offset", "csum-offset"])
-def test_read_whose_offload_header_does_not_fit_is_counted_and_dropped(rig, header, packet):
-    pump, write, peer_sock, peer = rig
-    write(header + packet)
-    pump._on_tun_offload()
-    assert received(peer_sock) == []
-    assert pump.engine.drops[Drop.BAD_OFFLOAD_HEADER] == 1 and sum(pump.engine.drops) == 1
-    assert (peer.tx_packets, peer.tx_bytes) == (0, 0)
+    (VNET_HDR.pack(0, 4, 60, 1400, 0, 0), tcp_packet(50)),  # TCPv6 GSO on an IPv4 overlay
+    (b"\x01\x01\x00", b""),  # shorter than the virtio-net header
+], ids=["tcp-data-offset", "csum-offset", "gso-tcpv6", "short-read"])
+def test_read_whose_offload_header_does_not_fit_is_counted_and_dropped(header, packet):
+    conn = MemoryUdp()
+    pump, tun = make_pump(conn)
+    tun.inject(header + packet)
+    pump._on_tun()
+    assert conn.sends == []
+    drops = pump.engine.drops
+    assert drops[Drop.BAD_OFFLOAD_HEADER] + drops[Drop.NOT_IPV4] == 1 and sum(drops) == 1
+    assert (peer_of(pump).tx_packets, peer_of(pump).tx_bytes) == (0, 0)
+
+
+# --- UDP -> flannel0 ----------------------------------------------------------------------
+
+def remote_flow(payload: int, mss: int = 1420) -> tuple[bytearray, int, int]:
+    """A remote pod's super-packet segmented as its node sends it: (segments, total, seglen)."""
+    original = tcp_packet(payload, src="10.244.9.8", dst="10.244.7.5", seq=11)
+    original[8] = 63  # TTL as the sending node leaves it
+    original[10:12] = b"\0\0"
+    segmented = bytearray(200_000)
+    total, seglen, _count = segment_tcp4(original, len(original), mss, segmented)
+    return segmented, total, seglen
+
+
+def test_a_flow_split_over_two_gro_reads_is_written_as_one_super_packet():
+    """A sender's 64 KB super-packet takes two GSO sends (44 + 2 segments); the receiving loop
+    extends the first read's merge with the second and writes one super-packet."""
+    conn = MemoryUdp()
+    pump, tun = make_pump(conn)
+    segmented, total, seglen = remote_flow(46 * 1420)
+    conn.inject(segmented[: 44 * seglen], seglen, PEER_IP)
+    conn.inject(segmented[44 * seglen : total], seglen, PEER_IP)
+    pump._on_udp()
+    (frame,) = tun.frames
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(frame, 0)
+    assert (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset) == (NEEDS_CSUM, GSO_TCPV4, 40, 1420, 20, 16)
+    merged = IP(frame[VNET_HDR_LEN:])
+    assert merged.len == len(frame) - VNET_HDR_LEN and bytes(merged[TCP].payload) == b"z" * (46 * 1420)
+    assert "P" in merged[TCP].flags
+    assert (peer_of(pump).rx_packets, peer_of(pump).rx_bytes) == (46, total)
+    assert sum(pump.engine.drops) == 0
+
+
+def test_a_run_of_another_flow_is_written_before_the_next_is_merged():
+    conn = MemoryUdp()
+    pump, tun = make_pump(conn)
+    first, first_total, seglen = remote_flow(10 * 1420)
+    conn.inject(first[:first_total], seglen, PEER_IP)
+    conn.inject(bytes(IP(src="10.244.9.8", dst="10.244.7.6", ttl=63) / TCP(flags="S")), seglen, PEER_IP)
+    pump._on_udp()
+    assert len(tun.frames) == 2
+    assert VNET_HDR.unpack_from(tun.frames[0], 0)[1] == GSO_TCPV4
+    assert tun.frames[1][:VNET_HDR_LEN] == bytes(VNET_HDR_LEN) and IP(tun.frames[1][VNET_HDR_LEN:])[TCP].flags == "S"
+    assert peer_of(pump).rx_packets == 11 and sum(pump.engine.drops) == 0
+
+
+def test_a_bad_datagram_inside_a_gro_read_is_dropped_alone():
+    conn = MemoryUdp()
+    pump, tun = make_pump(conn)
+    segmented, total, seglen = remote_flow(6 * 1420)
+    segmented[3 * seglen + 10] ^= 0xFF  # the fourth segment's IP checksum
+    conn.inject(segmented[:total], seglen, PEER_IP)
+    pump._on_udp()
+    assert pump.engine.drops[Drop.BAD_CHECKSUM] == 1 and sum(pump.engine.drops) == 1
+    assert peer_of(pump).rx_packets == 5
+    sizes = [len(IP(f[VNET_HDR_LEN:])[TCP].payload) for f in tun.frames]
+    assert sizes == [3 * 1420, 2 * 1420]
+
+
+def test_a_gro_read_over_a_real_socket_reaches_flannel0_merged():
+    """The kernel's UDP GRO hands the loop one read per GSO send, with the segment size."""
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender.bind((PEER_IP, 0))
+    conn = open_udp(PEER_IP, 0, offload=True)
+    try:
+        pump, tun = make_pump(conn, sender.getsockname()[1])
+        segmented, total, seglen = remote_flow(46 * 1420)
+        for start, end in ((0, 44 * seglen), (44 * seglen, total)):
+            sender.sendmsg([segmented[start:end]], gso_control(seglen), 0, conn.sock.getsockname())
+        time.sleep(0.05)
+        pump._on_udp()
+    finally:
+        conn.close()
+        sender.close()
+    (frame,) = tun.frames
+    assert bytes(IP(frame[VNET_HDR_LEN:])[TCP].payload) == b"z" * (46 * 1420)
+    assert peer_of(pump).rx_packets == 46 and sum(pump.engine.drops) == 0
+
+
+def test_an_empty_datagram_after_a_merged_run_is_counted_as_too_short():
+    conn = MemoryUdp()
+    pump, tun = make_pump(conn)
+    segmented, total, seglen = remote_flow(4 * 1420)
+    conn.inject(segmented[:total], seglen, PEER_IP)
+    conn.inject(b"", 0, PEER_IP)
+    pump._on_udp()
+    assert len(tun.frames) == 1 and pump.engine.drops[Drop.TOO_SHORT] == 1 and sum(pump.engine.drops) == 1

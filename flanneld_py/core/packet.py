@@ -20,6 +20,7 @@ __all__ = [
     "icmp_net_unreachable",
     "icmp_time_exceeded",
     "may_answer_with_icmp",
+    "pseudo_header_sum",
 ]
 
 _U32 = struct.Struct("!I")
@@ -134,10 +135,17 @@ def fold(total: int) -> int:
     return rest if rest or not total else 0xFFFF
 
 
-def checksum(data: bytes | bytearray | memoryview) -> int:
+def checksum(data: bytes | bytearray | memoryview, partial: int = 0) -> int:
     """The Internet checksum (RFC 1071) of a buffer: the value to store in its checksum field
-    when that field holds zero (or, for CHECKSUM_PARTIAL, the pseudo-header's partial sum)."""
+    when that field holds zero (or, for CHECKSUM_PARTIAL, the pseudo-header's partial sum).
+    ``partial`` is a sum to include, e.g. :func:`pseudo_header_sum`."""
     raw = bytes(data)
     if len(raw) % 2:
         raw += b"\x00"
-    return 0xFFFF - fold(int.from_bytes(raw, "big"))
+    return 0xFFFF - fold(int.from_bytes(raw, "big") + partial)
+
+
+def pseudo_header_sum(ip_header: bytes | bytearray | memoryview, protocol: int, length: int) -> int:
+    """The TCP/UDP pseudo-header of an IPv4 packet (addresses, protocol, transport length) as a
+    sum for :func:`checksum` or :func:`fold` (words add up to the same value mod 65535)."""
+    return int.from_bytes(ip_header[12:20], "big") + protocol + length

@@ -3,11 +3,11 @@
  * flanneld_py.backend.udp._offload: the compiled build of the offload
  * stages (segmentation, flow checks, merging, checksum completion).
  *
- * Same functions, arguments, results and bytes as the NumPy reference in
- * offload_numpy.py, which the tests hold this module to. Why a compiled
- * build: per 64 KB super-packet the NumPy build makes ~25 calls whose
- * fixed cost (~1-3 us each, array objects, dispatch) outweighs the work;
- * here each stage is one call that touches each byte once or twice.
+ * Same functions, arguments, results and bytes as the pure-Python
+ * reference in offload_python.py, which states the rules and which the
+ * tests hold this module to. Why a compiled build: per 64 KB super-packet
+ * the reference works segment by segment in the interpreter; here each
+ * stage is one call that touches each byte once or twice.
  *
  * Every function checks its lengths against the buffers it was given and
  * raises ValueError instead of reading or writing outside them: the
@@ -18,9 +18,6 @@
 #include <stdint.h>
 #include <string.h>
 
-#define VNET_HDR_LEN 10
-#define NEEDS_CSUM 1
-#define GSO_TCPV4 1
 #define TCP_FIN 0x01
 #define TCP_PSH 0x08
 #define TCP_ACK 0x10
@@ -151,7 +148,7 @@ done:
 
 /* Byte ranges of a TCP/IPv4 header (no IP options) that every segment of
  * one flow shares: all but length, id, IP checksum, sequence number, flags
- * and TCP checksum (as offload_numpy._fixed_bytes). */
+ * and TCP checksum (as offload_python._FIXED_RANGES). */
 static const int fixed_ranges[][2] = {{0, 2}, {6, 10}, {12, 24}, {28, 33}, {34, 36}};
 
 /* Lengths a caller may pass for a batch of count datagrams of seglen bytes
@@ -163,85 +160,139 @@ static int batch_fits(Py_ssize_t count, Py_ssize_t seglen, Py_ssize_t total, Py_
 
 static int ip_header_valid(const uint8_t *h) { return sum_le(h, 20, 0) % 0xFFFF == 0; }
 
-/* tcp_flow_header_len(batch, count, seglen, total) -> header length or 0 */
-static PyObject *tcp_flow_header_len(PyObject *self, PyObject *args) {
+/* tcp_flow_run(batch, count, seglen, total) -> (header length, run) or (0, 0):
+ * how many leading datagrams are in-order segments of one plain TCP flow
+ * (as offload_python.tcp_flow_run; a PSH ends the run). */
+static PyObject *tcp_flow_run(PyObject *self, PyObject *args) {
     Py_buffer in;
-    Py_ssize_t count, seglen, total, hlen = 0;
+    Py_ssize_t count, seglen, total, hlen = 0, run = 0;
     if (!PyArg_ParseTuple(args, "y*nnn", &in, &count, &seglen, &total))
         return NULL;
     const uint8_t *b = in.buf;
     if (!batch_fits(count, seglen, total, in.len)) {
         PyBuffer_Release(&in);
-        return fail("tcp_flow_header_len: batch lengths out of range");
+        return fail("tcp_flow_run: batch lengths out of range");
     }
-    if (count < 2 || seglen < 40 || total - (count - 1) * seglen < 40)
+    Py_ssize_t full = count - 1, last_len = total - full * seglen;
+    if (count < 1 || seglen < 40 || last_len < 40)
         goto done;
     if (b[0] != 0x45 || b[9] != 6 || (b[6] & 0x3F) || b[7])
         goto done;
     Py_ssize_t data_offset = b[32] >> 4;
     if (data_offset < 5)
         goto done;
-    Py_ssize_t full = count - 1, candidate = 20 + data_offset * 4;
-    Py_ssize_t mss = seglen - candidate, last_len = total - full * seglen;
+    Py_ssize_t candidate = 20 + data_offset * 4, mss = seglen - candidate;
     if (mss <= 0 || last_len <= candidate)
         goto done;
     uint32_t seq0 = get32(b + 24);
     for (Py_ssize_t i = 0; i < count; i++) {
         const uint8_t *h = b + i * seglen;
         if (i > 0) {
-            for (size_t r = 0; r < sizeof fixed_ranges / sizeof fixed_ranges[0]; r++)
-                if (memcmp(h + fixed_ranges[r][0], b + fixed_ranges[r][0], fixed_ranges[r][1] - fixed_ranges[r][0]))
-                    goto done;
-            if (memcmp(h + 38, b + 38, candidate - 38))
-                goto done;
+            int same = 1;
+            for (size_t r = 0; same && r < sizeof fixed_ranges / sizeof fixed_ranges[0]; r++)
+                same = !memcmp(h + fixed_ranges[r][0], b + fixed_ranges[r][0], fixed_ranges[r][1] - fixed_ranges[r][0]);
+            if (!same || memcmp(h + 38, b + 38, candidate - 38))
+                break;
         }
         uint8_t flags = h[33];
-        if (i < full ? flags != TCP_ACK : (flags != TCP_ACK && flags != (TCP_ACK | TCP_PSH)))
-            goto done;
+        if (flags != TCP_ACK && flags != (TCP_ACK | TCP_PSH))
+            break;
         if (get16(h + 2) != (i < full ? seglen : last_len))
-            goto done;
+            break;
         if (!ip_header_valid(h))
-            goto done;
+            break;
         if (get32(h + 24) != seq0 + (uint32_t)(i * mss))
-            goto done;
+            break;
+        run = i + 1;
+        if (flags & TCP_PSH)
+            break;
     }
-    hlen = candidate;
+    if (run)
+        hlen = candidate;
 done:
     PyBuffer_Release(&in);
-    return PyLong_FromSsize_t(hlen);
+    return Py_BuildValue("nn", hlen, run);
 }
 
-/* merge_tcp4(batch, count, seglen, total, hlen, out) -> bytes written to out */
+/* The header of a merged super-packet: the last segment's flags (PSH), its
+ * length, the IP checksum, and for CHECKSUM_PARTIAL the pseudo-header sum
+ * that the kernel completes. */
+static void finish_merged(uint8_t *packet, uint8_t flags, Py_ssize_t length) {
+    packet[33] = flags;
+    put16(packet + 2, (uint32_t)length);
+    put16(packet + 10, 0);
+    put16(packet + 10, checksum(packet, 20, 0));
+    put16(packet + 36, fold_be(pseudo_sum(packet, 6, (uint32_t)(length - 20))));
+}
+
+/* The payloads of a run's segments, back to back from dest. */
+static void copy_payloads(const uint8_t *b, Py_ssize_t count, Py_ssize_t seglen, Py_ssize_t total, Py_ssize_t hlen,
+                          uint8_t *dest) {
+    Py_ssize_t full = count - 1, mss = seglen - hlen;
+    for (Py_ssize_t i = 0; i < full; i++, dest += mss)
+        memcpy(dest, b + i * seglen + hlen, mss);
+    memcpy(dest, b + full * seglen + hlen, total - full * seglen - hlen);
+}
+
+/* merge_tcp4(batch, count, seglen, total, hlen, out) -> the super-packet's length in out */
 static PyObject *merge_tcp4(PyObject *self, PyObject *args) {
     Py_buffer in, out;
     Py_ssize_t count, seglen, total, hlen;
     PyObject *result = NULL;
+    (void)self;
     if (!PyArg_ParseTuple(args, "y*nnnnw*", &in, &count, &seglen, &total, &hlen, &out))
         return NULL;
     const uint8_t *b = in.buf;
     Py_ssize_t full = count - 1, mss = seglen - hlen, length = total - full * hlen;
     if (!batch_fits(count, seglen, total, in.len) || count < 2 || hlen < 40 || mss <= 0 || total - full * seglen <= hlen
-        || length > 0xFFFF || VNET_HDR_LEN + length > out.len) {
+        || length > 0xFFFF || length > out.len) {
         fail("merge_tcp4: batch lengths out of range");
         goto done;
     }
-    uint8_t *vnet = out.buf, *packet = vnet + VNET_HDR_LEN, *dest = packet + hlen;
+    uint8_t *packet = out.buf;
     memcpy(packet, b, hlen);
-    for (Py_ssize_t i = 0; i < full; i++, dest += mss)
-        memcpy(dest, b + i * seglen + hlen, mss);
-    memcpy(dest, b + full * seglen + hlen, total - full * seglen - hlen);
-    packet[33] = b[full * seglen + 33]; /* the last segment's flags (PSH) */
-    put16(packet + 2, (uint32_t)length);
-    put16(packet + 10, 0);
-    put16(packet + 10, checksum(packet, 20, 0));
-    /* CHECKSUM_PARTIAL: the field holds the pseudo-header sum, the kernel adds the rest */
-    put16(packet + 36, fold_be(pseudo_sum(packet, 6, (uint32_t)(length - 20))));
-    uint16_t header[5] = {NEEDS_CSUM | (GSO_TCPV4 << 8), (uint16_t)hlen, (uint16_t)mss, 20, 16};
-    for (int i = 0; i < 5; i++) { /* little-endian, as the virtio-net header wants */
-        vnet[2 * i] = (uint8_t)header[i];
-        vnet[2 * i + 1] = (uint8_t)(header[i] >> 8);
+    copy_payloads(b, count, seglen, total, hlen, packet + hlen);
+    finish_merged(packet, b[full * seglen + 33], length);
+    result = PyLong_FromSsize_t(length);
+done:
+    PyBuffer_Release(&in);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+/* extend_tcp4(batch, count, seglen, total, hlen, out, used) -> new length, or 0:
+ * append a run (checked by tcp_flow_run) to the super-packet that merge_tcp4
+ * or this function left in out[:used], when the run continues it: the same
+ * flow header, the next sequence number, whole segments so far, no PSH yet,
+ * and room under the IP length limit (as offload_python.extend_tcp4). */
+static PyObject *extend_tcp4(PyObject *self, PyObject *args) {
+    Py_buffer in, out;
+    Py_ssize_t count, seglen, total, hlen, used, grown = 0;
+    PyObject *result = NULL;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nnnnw*n", &in, &count, &seglen, &total, &hlen, &out, &used))
+        return NULL;
+    const uint8_t *b = in.buf;
+    Py_ssize_t full = count - 1, mss = seglen - hlen;
+    if (!batch_fits(count, seglen, total, in.len) || count < 1 || hlen < 40 || hlen > 80 || mss <= 0
+        || total - full * seglen <= hlen || used < hlen || used > out.len) {
+        fail("extend_tcp4: lengths out of range");
+        goto done;
     }
-    result = PyLong_FromSsize_t(VNET_HDR_LEN + length);
+    uint8_t *packet = out.buf;
+    Py_ssize_t merged_payload = used - hlen, grown_length = used + total - count * hlen;
+    if (merged_payload % mss || packet[33] != TCP_ACK || grown_length > 0xFFFF || grown_length > out.len)
+        goto answer;
+    for (size_t r = 0; r < sizeof fixed_ranges / sizeof fixed_ranges[0]; r++)
+        if (memcmp(packet + fixed_ranges[r][0], b + fixed_ranges[r][0], fixed_ranges[r][1] - fixed_ranges[r][0]))
+            goto answer;
+    if (memcmp(packet + 38, b + 38, hlen - 38) || get32(b + 24) != get32(packet + 24) + (uint32_t)merged_payload)
+        goto answer;
+    copy_payloads(b, count, seglen, total, hlen, packet + used);
+    finish_merged(packet, b[full * seglen + 33], grown_length);
+    grown = grown_length;
+answer:
+    result = PyLong_FromSsize_t(grown);
 done:
     PyBuffer_Release(&in);
     PyBuffer_Release(&out);
@@ -305,15 +356,16 @@ done:
 
 static PyMethodDef methods[] = {
     {"segment_tcp4", segment_tcp4, METH_VARARGS, "Split a TCP/IPv4 super-packet into MSS-sized packets."},
-    {"tcp_flow_header_len", tcp_flow_header_len, METH_VARARGS, "Header length if a GRO batch is one plain in-order TCP flow, else 0."},
-    {"merge_tcp4", merge_tcp4, METH_VARARGS, "Write a checked flow as one TCP super-packet with a GSO virtio header."},
+    {"tcp_flow_run", tcp_flow_run, METH_VARARGS, "(header length, count) of the leading datagrams that form one in-order TCP run."},
+    {"merge_tcp4", merge_tcp4, METH_VARARGS, "Write a checked run as one TCP super-packet (CHECKSUM_PARTIAL)."},
+    {"extend_tcp4", extend_tcp4, METH_VARARGS, "Append a run to the super-packet it continues; the new length or 0."},
     {"plain_ipv4_batch", plain_ipv4_batch, METH_VARARGS, "True if every datagram is a plain valid IPv4 packet between two subnets."},
     {"complete_checksum", complete_checksum, METH_VARARGS, "Finish a CHECKSUM_PARTIAL packet's TCP or UDP checksum."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_offload", "Compiled offload stages of the udp backend (see offload_numpy.py).", -1, methods,
+    PyModuleDef_HEAD_INIT, "_offload", "Compiled offload stages of the udp backend (see offload_python.py).", -1, methods,
 };
 
 PyMODINIT_FUNC PyInit__offload(void) { return PyModule_Create(&module); }

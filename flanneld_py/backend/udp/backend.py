@@ -23,8 +23,8 @@ from ..reconciler import Reconciler
 from . import offload
 from .engine import Engine
 from .loop import Pump
-from .tun import TunDevice, open_tun
-from .udpconn import UdpConn, open_udp
+from .tun import KernelTun, open_tun
+from .udpconn import KernelUdp, open_udp
 
 __all__ = ["UdpBackend"]
 
@@ -33,10 +33,6 @@ log = logging.getLogger(__name__)
 TUN_NAME = "flannel0"
 OVERHEAD = 28  # outer IPv4 (20) + UDP (8)
 TXQUEUELEN = 2000
-# A pod's TCP super-packet must fit one UDP GSO send once split into MTU-sized
-# datagrams: 44 x 1472 bytes is the most under the 65507-byte UDP limit, and a
-# 64 KB super-packet (45+ segments) would take two sends and two TUN writes.
-POD_GSO_MAX_SIZE = 63000
 
 
 def _accept_local_source(ifname: str) -> None:
@@ -48,6 +44,16 @@ def _accept_local_source(ifname: str) -> None:
     """
     with open(f"/proc/sys/net/ipv4/conf/{ifname}/accept_local", "w") as handle:
         handle.write("1")
+
+
+def _no_ipv6(ifname: str) -> None:
+    """Keep IPv6 off flannel0: the udp overlay carries IPv4 only, and a link-local address would
+    make the kernel send router solicitations and MLD reports into it, counted as drops."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "w") as handle:
+            handle.write("1")
+    except FileNotFoundError:
+        pass  # a kernel without IPv6
 
 
 def _on_off(flag: bool) -> str:
@@ -62,8 +68,8 @@ class UdpBackend:
         self.port = ctx.config.backend.port
         self.engine: Engine | None = None
         self.pump: Pump | None = None
-        self._tun: TunDevice | None = None
-        self._conn: UdpConn | None = None
+        self._tun: KernelTun | None = None
+        self._conn: KernelUdp | None = None
         self._keeper: ReconcileLoop | None = None
 
     @property
@@ -72,7 +78,11 @@ class UdpBackend:
 
     @property
     def pod_gso_max_size(self) -> int | None:
-        return POD_GSO_MAX_SIZE if self.ctx.offload else None
+        """The kernel's default: the loop carries a pod's 64 KB super-packet (more than one UDP
+        GSO send holds) across sends and GRO reads, so pods wired by any CNI plugin get the
+        same speed, and a lower cap on flannel0 or a pod veth would only make the kernel
+        split super-packets in software."""
+        return None
 
     def lease_attrs(self) -> LeaseAttrs:
         return LeaseAttrs(self.ctx.public_ip, self.type_name, None)
@@ -93,7 +103,11 @@ class UdpBackend:
         log.info("udp backend up: %s mtu %d, listening on %s:%d (offloads: tun %s, gso %s, gro %s; %s stages)",
                  TUN_NAME, self.mtu, self.ctx.iface.address, self.port,
                  _on_off(self._tun.offload), _on_off(self._conn.gso), _on_off(self._conn.gro),
-                 "compiled" if offload.IMPL == "c" else "NumPy")
+                 "compiled" if offload.IMPL == "c" else "pure-Python")
+        if offload.IMPL != "c" and self._tun.offload:
+            log.warning("the compiled offload stages are not built: super-packets are split and merged by the "
+                        "pure-Python reference, several times slower (install gcc and the Python headers, then "
+                        "reinstall flanneld-py)")
 
     def _keep(self, own_subnet: IPv4Network, index: int) -> None:
         """Restore flannel0's address and the Network route if they vanish (checked every 5 s)."""
@@ -105,9 +119,11 @@ class UdpBackend:
     def _configure_tun(self, own_subnet: IPv4Network) -> int:
         netlink = self.ctx.netlink
         index = netlink.require_index(TUN_NAME)
+        # flannel0 keeps the kernel's default gso_max_size: a forwarded super-packet larger than the
+        # egress device's gso_max_size is split by the kernel in software, so a lower value here
+        # would hand us pods' 64 KB super-packets as single MTU-sized packets
         netlink.set_link(index, mtu=self.mtu, txqlen=TXQUEUELEN)
-        if self.pod_gso_max_size:
-            netlink.set_link(index, gso_max_size=self.pod_gso_max_size)  # the node's own TCP through flannel0
+        _no_ipv6(TUN_NAME)
         netlink.ensure_address(index, IPv4Interface((own_subnet.network_address, 32)))
         netlink.set_link(index, state="up")
         netlink.replace_route(RouteSpec(self.ctx.config.network, index))

@@ -19,7 +19,6 @@ import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 
-from .offload import plain_ipv4_batch
 from ...core.packet import (
     Drop,
     check_ipv4,
@@ -28,6 +27,7 @@ from ...core.packet import (
     icmp_time_exceeded,
     may_answer_with_icmp,
 )
+from .offload import plain_ipv4_batch
 
 __all__ = ["Engine", "Peer"]
 

@@ -1,22 +1,29 @@
 """The udp backend's hot loop: the asyncio adapter around :class:`Engine`.
 
 Two reader callbacks on the event loop, one per direction. Each wakeup
-drains at most ``batch`` reads into preallocated buffers (a bounded drain
-keeps timers and the control plane responsive), hands each packet to the
-engine, and sends or writes the survivors at once: nothing waits for a
-batch to fill, so a lone packet goes out with no added delay.
+drains at most ``batch`` reads, hands each packet to the engine, and sends
+or writes the survivors within the same wakeup: nothing waits for a batch
+to fill, so a lone packet goes out with no added delay.
 
-Two shapes of the same stages:
+The loop talks to two small interfaces that keep the kernel's details:
+:class:`~.tun.TunDevice` (packets and TCP super-packets; the virtio-net
+header) and :class:`~.udpconn.UdpConn` (runs of equal-size datagrams; the
+GSO/GRO control messages). Stages, in order:
 
-* plain: one inner packet per read and per ``sendto``/``write``;
-* offload (TUN virtio-net headers, UDP GSO/GRO): a read from flannel0 may
-  be a TCP super-packet, split by ``segment_tcp4`` and sent with one GSO
-  ``sendmsg``; a GRO read from the socket may hold many datagrams, checked
-  together (``tcp_flow_header_len``, :meth:`Engine.inbound_batch`) and, when
-  they are one TCP flow, written back as one super-packet (``merge_tcp4``).
-  The stages come from :mod:`.offload` (compiled, or the NumPy reference).
+* flannel0 -> UDP: a read is one packet or, with TUN offloads, a TCP
+  super-packet, checked once by the engine, split by ``segment_tcp4`` into
+  a run of datagrams; runs to one peer span super-packets and leave in as
+  few sends as the connection allows (a pod's 64 KB super-packet is more
+  than one UDP GSO send holds, so its tail waits for the next one's
+  segments), small packets of one size to one peer too;
+* UDP -> flannel0: a read is one datagram or, with GRO, a run from one
+  sender, taken in runs of one TCP flow (``tcp_flow_run``), each checked by
+  its first header and merged (``merge_tcp4``) into a super-packet that the
+  next run of the flow may extend (``extend_tcp4``); other reads are
+  checked as a whole (:meth:`Engine.inbound_batch`) or one by one.
 
-Either way every datagram on the wire is one complete inner IPv4 packet no
+The stages come from :mod:`.offload` (compiled, or the pure-Python
+reference). Every datagram on the wire is one complete inner IPv4 packet no
 larger than flannel0's MTU, and every packet ends forwarded or counted as a
 drop. Peer changes run as ordinary callbacks on the same loop, so they land
 between batches.
@@ -25,21 +32,21 @@ between batches.
 from __future__ import annotations
 
 import asyncio
-import errno
-import os
 from dataclasses import dataclass, field
 
 from ...core.packet import Drop
-from .engine import Engine
-from .offload import complete_checksum, merge_tcp4, segment_tcp4, tcp_flow_header_len
-from .tun import TunDevice
-from .udpconn import GRO_CMSG_SPACE, MAX_GSO_BYTES, MAX_GSO_SEGMENTS, UdpConn, gro_segment_size, gso_control
-from .vnet import GSO_NONE, GSO_TCPV4, NEEDS_CSUM, VNET_HDR, VNET_HDR_LEN, ZERO_VNET_HDR
+from .engine import Engine, Peer
+from .offload import extend_tcp4, merge_tcp4, segment_tcp4, tcp_flow_run
+from .tun import HEADROOM, OffloadError, TunDevice
+from .udpconn import MAX_GSO_BYTES, UdpConn
 
 __all__ = ["BatchStats", "Pump"]
 
-MAX_PACKET = 65536 + VNET_HDR_LEN
-_PROTO_UDP = 17
+MAX_PACKET = 65536
+# room for one segmented super-packet: 64 KB grows by one header per segment
+# (at TCP's minimum MSS of 88 and the longest headers, to ~155 KB)
+SEGMENT_ROOM = 4 * MAX_PACKET
+Address = tuple[str, int]
 
 
 @dataclass
@@ -57,31 +64,38 @@ class BatchStats:
 
 
 class _SendRun:
-    """Equal-size packets to one peer, back to back, waiting for one GSO send."""
+    """Datagrams of one size to one peer, back to back in one buffer, waiting for GSO sends.
 
-    def __init__(self, buffer: bytearray) -> None:
-        self.view = memoryview(buffer)
-        self.capacity = len(buffer)
+    Segments of consecutive super-packets and small packets join one run, and
+    the run leaves in sends of as many datagrams as one UDP GSO call carries.
+    A pod's 64 KB super-packet (46 MTU-sized segments) is more than one send
+    can carry (44 under the 65507-byte UDP limit); its last segments wait
+    for the next super-packet's instead of costing a send of their own. Only
+    the last datagram of a send may be shorter: a short one ends the run.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.view = memoryview(bytearray(capacity))
+        self.capacity = capacity
         self.reset()
 
     def reset(self) -> None:
-        self.addr: tuple[str, int] = ("", 0)
+        self.addr: Address = ("", 0)
         self.seglen = 0
-        self.count = 0
+        self.start = 0  # pending datagrams: view[start:used]
         self.used = 0
+        self.closed = False  # ends with a short datagram: nothing may join
 
-    def fits(self, length: int, addr: tuple[str, int]) -> bool:
-        return self.count == 0 or (
-            length == self.seglen and addr == self.addr
-            and self.count < MAX_GSO_SEGMENTS and self.used + length <= self.capacity
-        )
+    @property
+    def pending(self) -> int:
+        return self.used - self.start
 
-    def append(self, packet: memoryview, length: int, addr: tuple[str, int]) -> None:
-        if self.count == 0:
-            self.addr, self.seglen = addr, length
-        self.view[self.used : self.used + length] = packet[:length]
-        self.used += length
-        self.count += 1
+    def compact(self) -> None:
+        """Move the pending datagrams to the front of the buffer."""
+        if self.start:
+            self.view[: self.pending] = self.view[self.start : self.used]
+            self.used -= self.start
+            self.start = 0
 
 
 class Pump:
@@ -92,18 +106,13 @@ class Pump:
         self.tun = tun
         self.conn = conn
         self.batch = batch
-        # one read buffer, reused: each packet is sent, or copied into the GSO run, before the next read
-        self._tun_buf = bytearray(MAX_PACKET)
-        self._tun_view = memoryview(self._tun_buf)
-        self._udp_buf = bytearray(MAX_PACKET)
-        self._udp_view = memoryview(self._udp_buf)
-        # segmentation output: a 64 KB super-packet grows by one header per segment
-        # (at TCP's minimum MSS of 88 and the longest headers, to ~155 KB)
-        self._seg_out = bytearray(4 * MAX_PACKET)
-        self._seg_view = memoryview(self._seg_out)
-        self._merge_buf = bytearray(MAX_PACKET)
-        self._merge_view = memoryview(self._merge_buf)
-        self._run = _SendRun(bytearray(MAX_GSO_BYTES))
+        self._udp_view = memoryview(bytearray(MAX_PACKET))
+        self._merge_view = memoryview(bytearray(HEADROOM + MAX_PACKET))
+        self._merge_out = self._merge_view[HEADROOM:]
+        self._merged = 0  # a merged super-packet waiting in _merge_out[:_merged] for more of its flow
+        self._merged_hlen = 0
+        self._merged_mss = 0
+        self._run = _SendRun(MAX_GSO_BYTES + SEGMENT_ROOM)
         self.tun_batches = BatchStats()
         self.udp_batches = BatchStats()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -114,16 +123,12 @@ class Pump:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        if self.tun.offload:
-            self._loop.add_reader(self.tun.fd, self._on_tun_offload)
-            self._loop.add_reader(self.conn.fileno(), self._on_udp_offload)
-        else:
-            self._loop.add_reader(self.tun.fd, self._on_tun_plain)
-            self._loop.add_reader(self.conn.fileno(), self._on_udp_plain)
+        self._loop.add_reader(self.tun.fileno(), self._on_tun)
+        self._loop.add_reader(self.conn.fileno(), self._on_udp)
 
     def stop(self) -> None:
         if self._loop is not None:
-            self._loop.remove_reader(self.tun.fd)
+            self._loop.remove_reader(self.tun.fileno())
             self._loop.remove_reader(self.conn.fileno())
             self._loop = None
 
@@ -132,228 +137,212 @@ class Pump:
 
     # --- flannel0 -> UDP ---------------------------------------------------------
 
-    def _on_tun_plain(self) -> None:
-        engine = self.engine
-        sendto = self.conn.sock.sendto
-        read, buf, view = self.tun.read_into, self._tun_buf, self._tun_view
+    def _on_tun(self) -> None:
+        engine, read = self.engine, self.tun.read
         now = self._now()
         count = 0
-        while count < self.batch and (size := read(buf)):
+        while count < self.batch:
+            try:
+                got = read()
+            except OffloadError as exc:
+                count += 1
+                engine.drops[exc.drop] += 1
+                continue
+            if got is None:
+                break
             count += 1
-            peer = engine.outbound(view, size)
+            peer = engine.outbound(got.packet, got.length)
             if peer is None:
                 continue
             peer.last_tx = now
-            try:
-                sendto(view[:size], peer.addr)
-            except OSError:
-                engine.drops[Drop.UDP_SEND_FAILED] += 1
+            if got.mss:
+                self._queue_super(got.packet, got.length, got.mss, peer)
+            else:
+                self._queue_small(got.packet, got.length, peer.addr)
+        self._flush_run()  # within the same wakeup: batching adds no delay
         self.tun_batches.record(count)
         if engine.replies:
             self._write_replies()
 
-    def _on_tun_offload(self) -> None:
-        read, buf, view = self.tun.read_into, self._tun_buf, self._tun_view
-        now = self._now()
-        count = 0
-        while count < self.batch and (size := read(buf)):
-            count += 1
-            self._egress_offloaded(view, size, now)
-        self._flush_run()  # within the same wakeup: batching adds no delay
-        self.tun_batches.record(count)
-        if self.engine.replies:
-            self._write_replies()
-
-    def _egress_offloaded(self, view: memoryview, size: int, now: float) -> None:
-        engine = self.engine
-        flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(view, 0)
-        packet = view[VNET_HDR_LEN:size]
-        length = size - VNET_HDR_LEN
-        kind = gso_type & 0x7F
-        if kind == GSO_NONE:
-            if flags & NEEDS_CSUM and length > 9:
-                try:
-                    complete_checksum(packet, length, csum_start, csum_offset, packet[9] == _PROTO_UDP)
-                except ValueError:
-                    engine.drops[Drop.BAD_OFFLOAD_HEADER] += 1
-                    return
-            peer = engine.outbound(packet, length)
-            if peer is not None:
-                peer.last_tx = now
-                self._queue_small(packet, length, peer.addr)
-            return
-        self._flush_run()
-        if kind != GSO_TCPV4:
-            engine.drops[Drop.NOT_IPV4] += 1
-            return
-        peer = engine.outbound(packet, length)
-        if peer is None:
-            return
+    def _queue_super(self, packet: memoryview, length: int, mss: int, peer: Peer) -> None:
+        """Split a TCP super-packet (counted by the engine as one packet) into the run."""
+        addr = peer.addr
+        run = self._make_room(addr, SEGMENT_ROOM)
         try:
-            total, seglen, segments = segment_tcp4(packet, length, gso_size, self._seg_out)
+            total, seglen, segments = segment_tcp4(packet, length, mss, run.view[run.used :])
         except ValueError:
             peer.tx_packets -= 1
             peer.tx_bytes -= length
-            engine.drops[Drop.BAD_OFFLOAD_HEADER] += 1
+            self.engine.drops[Drop.BAD_OFFLOAD_HEADER] += 1
             return
-        peer.last_tx = now
         peer.tx_packets += segments - 1
         peer.tx_bytes += total - length
-        self._send_segments(self._seg_view, total, seglen, peer.addr)
+        self._append(addr, total, seglen, total - (segments - 1) * seglen)
 
-    def _queue_small(self, packet: memoryview, length: int, addr: tuple[str, int]) -> None:
-        """Gather a run of equal-size packets to one peer (a UDP flood, a stream of small
-        writes) into one GSO send; anything else flushes the run first."""
-        run = self._run
-        if not self.conn.gso or not run.fits(length, addr):
+    def _queue_small(self, packet: memoryview, length: int, addr: Address) -> None:
+        """Gather runs of equal-size packets to one peer (a UDP flood, a stream of small
+        writes) into GSO sends; without GSO each goes out at once."""
+        if self.conn.per_send(length) == 1:
             self._flush_run()
-            if not self.conn.gso:
-                self._send_one(packet[:length], addr)
-                return
-        run.append(packet, length, addr)
+            self._send(packet[:length], length, addr)
+            return
+        run = self._make_room(addr, length)
+        run.view[run.used : run.used + length] = packet[:length]
+        self._append(addr, length, length, length)
+
+    def _make_room(self, addr: Address, size: int) -> _SendRun:
+        """The run, ready for ``size`` more bytes to ``addr`` at ``run.used``: a run to
+        another peer, or one that may not grow, is sent first."""
+        run = self._run
+        if run.pending and (run.addr != addr or run.closed):
+            self._flush_run()
+        if run.used + size > run.capacity:
+            run.compact()
+        return run
+
+    def _append(self, addr: Address, nbytes: int, seglen: int, last_len: int) -> None:
+        """Take ``nbytes`` of datagrams just written at ``run.used`` into the run and send
+        every full send's worth; the rest waits (:meth:`_flush_run` ends the wakeup)."""
+        run = self._run
+        if run.pending and seglen != run.seglen:
+            self._send_run(run.start, run.used)
+            run.start = run.used
+        run.addr, run.seglen = addr, seglen
+        run.used += nbytes
+        run.closed = last_len != seglen
+        if run.closed:
+            self._flush_run()
+            return
+        pending = run.used - run.start
+        if pending > seglen:  # one datagram never fills a send: nothing to check
+            chunk = self.conn.per_send(seglen) * seglen
+            if pending >= chunk:
+                self._send_run(run.start, run.start + pending - pending % chunk)
+                run.start += pending - pending % chunk
+                if run.start == run.used:
+                    run.reset()
 
     def _flush_run(self) -> None:
         run = self._run
-        if run.count == 1:
-            self._send_one(run.view[: run.used], run.addr)
-        elif run.count:
-            self._send_segments(run.view, run.used, run.seglen, run.addr)
+        pending = run.used - run.start
+        if not pending:
+            return
+        if pending == run.seglen:  # one datagram, e.g. a lone packet: the common case at low load
+            self._send(run.view[run.start : run.used], pending, run.addr)
+        else:
+            self._send_run(run.start, run.used)
         run.reset()
 
-    def _send_one(self, data: memoryview, addr: tuple[str, int]) -> None:
-        try:
-            self.conn.sock.sendto(data, addr)
-        except OSError:
-            self.engine.drops[Drop.UDP_SEND_FAILED] += 1
+    def _send_run(self, start: int, end: int) -> None:
+        """Send ``run.view[start:end]`` in as few calls as the connection allows."""
+        run = self._run
+        chunk = self.conn.per_send(run.seglen) * run.seglen
+        for at in range(start, end, chunk):
+            self._send(run.view[at : min(end, at + chunk)], run.seglen, run.addr)
 
-    def _send_segments(self, view: memoryview, total: int, seglen: int, addr: tuple[str, int]) -> None:
-        """Send ``view[:total]``, back-to-back datagrams of ``seglen`` (the last may be shorter):
-        GSO runs when possible, else one by one."""
-        per_send = min(MAX_GSO_SEGMENTS, MAX_GSO_BYTES // seglen) if self.conn.gso else 1
-        sock = self.conn.sock
-        start = 0
-        while start < total:
-            end = min(total, start + per_send * seglen)
-            chunk = view[start:end]
-            try:
-                if end - start > seglen:
-                    sock.sendmsg([chunk], gso_control(seglen), 0, addr)
-                else:
-                    sock.sendto(chunk, addr)
-            except (BlockingIOError, InterruptedError):
-                self.engine.drops[Drop.UDP_SEND_FAILED] += -(-(end - start) // seglen)
-            except OSError as exc:
-                if end - start > seglen and exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT):
-                    self.conn.disable_gso(exc)
-                    self._send_segments_plain(view, start, end, seglen, addr)
-                else:
-                    self.engine.drops[Drop.UDP_SEND_FAILED] += -(-(end - start) // seglen)
-            start = end
-
-    def _send_segments_plain(self, view: memoryview, start: int, end: int, seglen: int,
-                             addr: tuple[str, int]) -> None:
-        for offset in range(start, end, seglen):
-            self._send_one(view[offset : min(end, offset + seglen)], addr)
+    def _send(self, data: memoryview, seglen: int, addr: Address) -> None:
+        failed = self.conn.send(data, seglen, addr)
+        if failed:
+            self.engine.drops[Drop.UDP_SEND_FAILED] += failed
 
     def _write_replies(self) -> None:
-        prefix = ZERO_VNET_HDR if self.tun.offload else b""
         for reply in self.engine.take_replies():
-            try:
-                os.write(self.tun.fd, prefix + reply)
-            except OSError:
-                self.engine.drops[Drop.TUN_WRITE_FAILED] += 1
+            self._tun_write(memoryview(reply))
 
     # --- UDP -> flannel0 ---------------------------------------------------------
 
-    def _on_udp_plain(self) -> None:
-        engine = self.engine
-        recvfrom_into = self.conn.sock.recvfrom_into
-        fd = self.tun.fd
-        write = os.write
-        buf, view = self._udp_buf, self._udp_view
+    def _on_udp(self) -> None:
+        recv, view = self.conn.recv, self._udp_view
         now = self._now()
         count = 0
         for _ in range(self.batch):
-            try:
-                size, (source, _port) = recvfrom_into(buf)
-            except BlockingIOError:
+            got = recv(view)
+            if got is None:
                 break
-            except OSError:
-                continue  # e.g. a queued ICMP port-unreachable (ECONNREFUSED) for an earlier send
-            count += 1
-            peer = engine.inbound(buf, size, source)
-            if peer is None:
-                continue
-            peer.last_rx = now
-            try:
-                write(fd, view[:size])
-            except OSError:
-                engine.drops[Drop.TUN_WRITE_FAILED] += 1
-        self.udp_batches.record(count)
-
-    def _on_udp_offload(self) -> None:
-        """Datagrams land after a zero virtio header kept at the buffer's front, so a
-        single packet goes to flannel0 with one write and no copy."""
-        recvmsg_into = self.conn.sock.recvmsg_into
-        target = [self._udp_view[VNET_HDR_LEN:]]
-        now = self._now()
-        count = 0
-        for _ in range(self.batch):
-            try:
-                nbytes, ancdata, _flags, (source, _port) = recvmsg_into(target, GRO_CMSG_SPACE)
-            except BlockingIOError:
-                break
-            except OSError:
-                continue
-            seglen = gro_segment_size(ancdata, nbytes)
-            if nbytes <= seglen:
+            nbytes, seglen, source = got
+            if nbytes <= seglen and (not self._merged or not nbytes):
                 count += 1
-                self._ingress_one(VNET_HDR_LEN, nbytes, source, now)
+                self._ingress_one(0, nbytes, source, now)
             else:
                 count += self._ingress_batch(nbytes, seglen, source, now)
+        self._flush_merged()  # within the same wakeup: merging adds no delay
         self.udp_batches.record(count)
 
     def _ingress_one(self, offset: int, size: int, source: str, now: float) -> None:
+        self._flush_merged()
         packet = self._udp_view[offset : offset + size]
         peer = self.engine.inbound(packet, size, source)
-        if peer is None:
-            return
-        peer.last_rx = now
-        if offset == VNET_HDR_LEN:
-            self._tun_write(self._udp_view[: VNET_HDR_LEN + size])
-        else:
-            self._tun_writev(packet)
+        if peer is not None:
+            peer.last_rx = now
+            self._tun_write(packet)
 
     def _ingress_batch(self, nbytes: int, seglen: int, source: str, now: float) -> int:
-        """A GRO read: one plain TCP flow is checked by its first header and written as one
-        super-packet; other batches are checked together and written one by one; any
-        doubt sends each datagram through the one-by-one checks, so drops count exactly."""
+        """A GRO read, as runs: each run of in-order segments of one TCP flow is checked by its
+        first header and merged into one super-packet, which the next run of the same flow
+        (in this read or the next) may extend, so a sender's 64 KB super-packet that crossed
+        two GSO sends is written with one TUN write; a read that starts with no such run
+        (ACKs, a UDP flood) is checked as a whole and written one by one; anything else, and
+        any doubt, goes through the one-by-one checks, so drops count exactly."""
         segments = -(-nbytes // seglen)
-        batch = self._udp_view[VNET_HDR_LEN : VNET_HDR_LEN + nbytes]
-        hlen = tcp_flow_header_len(batch, segments, seglen, nbytes)
-        if hlen:
-            peer = self.engine.inbound_flow(batch, segments, nbytes, source)
-            if peer is not None:
-                peer.last_rx = now
-                self._tun_write(self._merge_view[: merge_tcp4(batch, segments, seglen, nbytes, hlen, self._merge_buf)])
+        index = 0
+        while index < segments:
+            offset = index * seglen
+            rest = self._udp_view[offset:nbytes]
+            hlen, run = tcp_flow_run(rest, segments - index, seglen, nbytes - offset)
+            if run >= 2 or (run and self._merged):
+                run_bytes = min(run * seglen, nbytes - offset)
+                peer = self.engine.inbound_flow(rest, run, run_bytes, source)
+                if peer is not None:
+                    peer.last_rx = now
+                    self._merge_run(rest, run, seglen, run_bytes, hlen)
+                    index += run
+                    continue
+                if run >= 2:
+                    for at in range(offset, offset + run_bytes, seglen):
+                        self._ingress_one(at, min(seglen, nbytes - at), source, now)
+                    index += run
+                    continue
+            if not run and not index and self._ingress_plain_batch(segments, nbytes, seglen, source, now):
                 return segments
-        elif (peer := self.engine.inbound_batch(batch, segments, seglen, nbytes, source)) is not None:
-            peer.last_rx = now
-            for offset in range(VNET_HDR_LEN, VNET_HDR_LEN + nbytes, seglen):
-                self._tun_writev(self._udp_view[offset : min(offset + seglen, VNET_HDR_LEN + nbytes)])
-            return segments
-        for offset in range(VNET_HDR_LEN, VNET_HDR_LEN + nbytes, seglen):
-            self._ingress_one(offset, min(seglen, VNET_HDR_LEN + nbytes - offset), source, now)
+            self._ingress_one(offset, min(seglen, nbytes - offset), source, now)
+            index += 1
         return segments
 
-    def _tun_write(self, data: memoryview) -> None:
-        try:
-            os.write(self.tun.fd, data)
-        except OSError:
-            self.engine.drops[Drop.TUN_WRITE_FAILED] += 1
+    def _merge_run(self, run_view: memoryview, run: int, seglen: int, run_bytes: int, hlen: int) -> None:
+        """Extend the waiting super-packet with an accepted run, or write that one and start anew."""
+        if self._merged:
+            grown = extend_tcp4(run_view, run, seglen, run_bytes, hlen, self._merge_out, self._merged)
+            if grown:
+                self._merged = grown
+                return
+            self._flush_merged()
+        if run >= 2:
+            self._merged = merge_tcp4(run_view, run, seglen, run_bytes, hlen, self._merge_out)
+            self._merged_hlen, self._merged_mss = hlen, seglen - hlen
+        else:
+            self._tun_write(run_view[:run_bytes])
 
-    def _tun_writev(self, packet: memoryview) -> None:
+    def _flush_merged(self) -> None:
+        if self._merged:
+            try:
+                self.tun.write_super(self._merge_view, self._merged, self._merged_hlen, self._merged_mss)
+            except OSError:
+                self.engine.drops[Drop.TUN_WRITE_FAILED] += 1
+            self._merged = 0
+
+    def _ingress_plain_batch(self, segments: int, nbytes: int, seglen: int, source: str, now: float) -> bool:
+        batch = self._udp_view[:nbytes]
+        peer = self.engine.inbound_batch(batch, segments, seglen, nbytes, source)
+        if peer is None:
+            return False
+        self._flush_merged()
+        peer.last_rx = now
+        for offset in range(0, nbytes, seglen):
+            self._tun_write(batch[offset : offset + seglen])
+        return True
+
+    def _tun_write(self, packet: memoryview) -> None:
         try:
-            os.writev(self.tun.fd, (ZERO_VNET_HDR, packet))
+            self.tun.write(packet)
         except OSError:
             self.engine.drops[Drop.TUN_WRITE_FAILED] += 1

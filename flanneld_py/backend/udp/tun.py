@@ -1,8 +1,11 @@
-"""The TUN device ``flannel0``: opened with the TUNSETIFF ioctl (pyroute2 gives no fd).
+"""The TUN device ``flannel0``: the device side of the udp backend (wireguard-go's ``tun/``).
 
-The device side of the udp backend, like wireguard-go's ``tun/``: one read is
-one IP packet, or with offloads on a virtio-net header and a packet that may be
-a TCP super-packet; the loop above decides what to do with either.
+The loop sees packets, never the virtio-net header: :class:`TunQueue` reads one
+packet (or, with offloads on, a TCP super-packet with its MSS), finishing
+CHECKSUM_PARTIAL checksums on the way, and writes single packets and merged
+super-packets, adding the header the kernel expects. The kernel edge is two
+raw calls (``_read_raw``/``_write_raw``): :class:`KernelTun` makes them on the
+TUNSETIFF fd (pyroute2 gives no fd), and the tests' fake keeps them in memory.
 """
 
 from __future__ import annotations
@@ -11,11 +14,15 @@ import fcntl
 import logging
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from .vnet import VNET_HDR_LEN
+from ...core.packet import Drop
+from .offload import complete_checksum
+from .vnet import GSO_NONE, GSO_TCPV4, NEEDS_CSUM, VNET_HDR, VNET_HDR_LEN, ZERO_VNET_HDR
 
-__all__ = ["TunDevice", "open_tun"]
+__all__ = ["HEADROOM", "KernelTun", "OffloadError", "TunDevice", "TunPacket", "TunQueue", "open_tun"]
 
 TUNSETIFF = 0x400454CA
 TUNSETPERSIST = 0x400454CB
@@ -27,27 +34,134 @@ IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
+HEADROOM = VNET_HDR_LEN  # bytes a caller leaves free before a super-packet it hands to write_super
+MAX_READ = 65536 + VNET_HDR_LEN
+_PROTO_UDP = 17
+_TCP_CSUM_START, _TCP_CSUM_OFFSET = 20, 16  # a merged super-packet: plain IPv4 header, TCP checksum
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class TunDevice:
-    """An open TUN queue: non-blocking fd plus the device name."""
+class OffloadError(Exception):
+    """A read whose virtio-net header cannot be honoured; ``drop`` says how it is counted."""
 
-    fd: int
+    def __init__(self, drop: Drop) -> None:
+        super().__init__(drop.label)
+        self.drop = drop
+
+
+@dataclass(slots=True)
+class TunPacket:
+    """One read from the device, reused for every read (the loop allocates nothing per packet).
+
+    ``packet[:length]`` is an IPv4 packet; ``mss`` is 0, or for a TCP/IPv4
+    super-packet the segment size to split it at. ``packet`` is scratch: the
+    next read overwrites it.
+    """
+
+    packet: memoryview
+    length: int = 0
+    mss: int = 0
+
+
+class TunDevice(Protocol):
+    """What the loop needs from flannel0."""
+
     name: str
-    offload: bool = False  # reads and writes carry a virtio-net header; TSO super-packets
+    offload: bool
 
-    def read_into(self, buf: bytearray) -> int:
-        """Read one packet into ``buf`` without blocking; its size, or 0 when none is queued."""
+    def fileno(self) -> int: ...
+
+    def read(self) -> TunPacket | None:
+        """The next packet, or None when none is queued. Raises :class:`OffloadError`."""
+
+    def write(self, packet: memoryview) -> None:
+        """Write one IPv4 packet. Raises OSError."""
+
+    def write_super(self, buf: memoryview, length: int, hlen: int, mss: int) -> None:
+        """Write the TCP/IPv4 super-packet ``buf[HEADROOM:HEADROOM + length]`` (headers of ``hlen``
+        bytes, segments of ``mss``, the TCP checksum field holding the pseudo-header sum), using
+        the ``HEADROOM`` bytes in front for the offload header. Raises OSError."""
+
+
+class TunQueue:
+    """flannel0's packet and offload handling (a :class:`TunDevice`) over two raw calls that a
+    subclass provides."""
+
+    def __init__(self, name: str, offload: bool) -> None:
+        self.name = name
+        self.offload = offload  # reads and writes carry a virtio-net header; TSO super-packets
+        self._buf = bytearray(MAX_READ)
+        self._view = memoryview(self._buf)
+        start = VNET_HDR_LEN if offload else 0
+        self._read = TunPacket(self._view[start:])
+
+    def fileno(self) -> int:
+        raise NotImplementedError
+
+    def _read_raw(self, buf: bytearray) -> int:
+        """Read one frame into ``buf``: its size, or 0 when none is queued."""
+        raise NotImplementedError
+
+    def _write_raw(self, parts: Sequence[bytes | memoryview]) -> None:
+        """Write one frame made of ``parts``. Raises OSError."""
+        raise NotImplementedError
+
+    def read(self) -> TunPacket | None:
+        size = self._read_raw(self._buf)
+        if not size:
+            return None
+        read = self._read
+        if not self.offload:
+            read.length, read.mss = size, 0
+            return read
+        if size < VNET_HDR_LEN:
+            raise OffloadError(Drop.BAD_OFFLOAD_HEADER)
+        flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(self._buf, 0)
+        length = size - VNET_HDR_LEN
+        kind = gso_type & 0x7F
+        if kind == GSO_NONE:
+            if flags & NEEDS_CSUM and length > 9:
+                try:
+                    complete_checksum(read.packet, length, csum_start, csum_offset, read.packet[9] == _PROTO_UDP)
+                except ValueError:
+                    raise OffloadError(Drop.BAD_OFFLOAD_HEADER) from None
+            read.length, read.mss = length, 0
+            return read
+        if kind != GSO_TCPV4:
+            raise OffloadError(Drop.NOT_IPV4)
+        read.length, read.mss = length, gso_size
+        return read
+
+    def write(self, packet: memoryview) -> None:
+        self._write_raw((ZERO_VNET_HDR, packet) if self.offload else (packet,))
+
+    def write_super(self, buf: memoryview, length: int, hlen: int, mss: int) -> None:
+        VNET_HDR.pack_into(buf, 0, NEEDS_CSUM, GSO_TCPV4, hlen, mss, _TCP_CSUM_START, _TCP_CSUM_OFFSET)
+        self._write_raw((buf[: HEADROOM + length],))
+
+
+class KernelTun(TunQueue):
+    """An open TUN queue: a non-blocking fd plus the device name."""
+
+    def __init__(self, fd: int, name: str, offload: bool = False) -> None:
+        super().__init__(name, offload)
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def _read_raw(self, buf: bytearray) -> int:
         try:
             return os.readv(self.fd, (buf,))
         except BlockingIOError:
             return 0
 
-    def write(self, packet: bytes | bytearray | memoryview) -> None:
-        os.write(self.fd, packet)
+    def _write_raw(self, parts: Sequence[bytes | memoryview]) -> None:
+        if len(parts) == 1:
+            os.write(self.fd, parts[0])
+        else:
+            os.writev(self.fd, parts)
 
     def set_persistent(self, persistent: bool) -> None:
         """A persistent device outlives our fd: a restarting daemon keeps flannel0 and its
@@ -60,7 +174,7 @@ class TunDevice:
             self.fd = -1
 
 
-def open_tun(name: str, offload: bool = False) -> TunDevice:
+def open_tun(name: str, offload: bool = False) -> KernelTun:
     """Create TUN device ``name`` (or attach to a persistent one) without packet info headers.
 
     With ``offload`` it also asks for virtio-net headers and checksum/TSO
@@ -75,7 +189,7 @@ def open_tun(name: str, offload: bool = False) -> TunDevice:
     return _open(name, offload=False)
 
 
-def _open(name: str, offload: bool) -> TunDevice:
+def _open(name: str, offload: bool) -> KernelTun:
     fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
@@ -87,4 +201,4 @@ def _open(name: str, offload: bool) -> TunDevice:
         os.close(fd)
         raise
     actual = result[:16].rstrip(b"\x00").decode()
-    return TunDevice(fd, actual, offload)
+    return KernelTun(fd, actual, offload)

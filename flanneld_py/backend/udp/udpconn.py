@@ -1,13 +1,19 @@
-"""The UDP side of the udp backend (wireguard-go's ``conn/``): one socket on port 8285."""
+"""The UDP side of the udp backend (wireguard-go's ``conn/``): one socket on port 8285.
+
+The loop hands over runs of equal-size datagrams and takes back GRO reads as
+``(size, segment size, source)``; the UDP_SEGMENT/UDP_GRO control messages,
+the probing of both at open and the fallback when GSO fails stay here.
+"""
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import struct
-from dataclasses import dataclass
+from typing import Protocol
 
-__all__ = ["UdpConn", "open_udp"]
+__all__ = ["KernelUdp", "UdpConn", "gro_segment_size", "gso_control", "open_udp"]
 
 SO_RCVBUFFORCE = 33
 SO_SNDBUFFORCE = 32
@@ -18,24 +24,78 @@ SOCKET_BUFFER = 8 * 1024 * 1024
 GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 MAX_GSO_SEGMENTS = 64
 MAX_GSO_BYTES = 65507
+_GSO_REFUSED = (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT)  # the kernel or device cannot segment
 
 log = logging.getLogger(__name__)
 
+Address = tuple[str, int]
 
-@dataclass
-class UdpConn:
-    sock: socket.socket
-    gso: bool = False
-    gro: bool = False
 
-    def disable_gso(self, reason: OSError) -> None:
+class UdpConn(Protocol):
+    """What the loop needs from the overlay socket."""
+
+    def fileno(self) -> int: ...
+
+    def per_send(self, seglen: int) -> int:
+        """How many datagrams of ``seglen`` one :meth:`send` carries in one call."""
+
+    def send(self, data: memoryview, seglen: int, addr: Address) -> int:
+        """Send ``data``: back-to-back datagrams of ``seglen`` bytes (the last may be shorter),
+        at most :meth:`per_send` of them. Returns how many datagrams could not be sent."""
+
+    def recv(self, buf: memoryview) -> tuple[int, int, str] | None:
+        """Receive into ``buf``: ``(size, segment size, source address)``, a run of datagrams
+        of one sender when GRO is on, or None when nothing is queued."""
+
+
+class KernelUdp:
+    """The overlay socket, with UDP GSO/GRO when the kernel has them."""
+
+    def __init__(self, sock: socket.socket, gso: bool = False, gro: bool = False) -> None:
+        self.sock = sock
+        self.gso = gso
+        self.gro = gro
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def per_send(self, seglen: int) -> int:
+        return min(MAX_GSO_SEGMENTS, MAX_GSO_BYTES // seglen) if self.gso else 1
+
+    def send(self, data: memoryview, seglen: int, addr: Address) -> int:
+        size = len(data)
+        try:
+            if size > seglen:
+                self.sock.sendmsg([data], gso_control(seglen), 0, addr)
+            else:
+                self.sock.sendto(data, addr)
+            return 0
+        except (BlockingIOError, InterruptedError):
+            return -(-size // seglen)
+        except OSError as exc:
+            if size > seglen and exc.errno in _GSO_REFUSED:
+                self._disable_gso(exc)
+                return sum(self.send(data[start : start + seglen], seglen, addr) for start in range(0, size, seglen))
+            return -(-size // seglen)
+
+    def _disable_gso(self, reason: OSError) -> None:
         """A send with UDP_SEGMENT failed for a reason other than a full buffer: stop using it."""
         if self.gso:
             log.warning("UDP GSO send failed (%s); sending one datagram per call from now on", reason)
             self.gso = False
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
+    def recv(self, buf: memoryview) -> tuple[int, int, str] | None:
+        while True:
+            try:
+                if self.gro:
+                    nbytes, ancdata, _flags, (source, _port) = self.sock.recvmsg_into([buf], GRO_CMSG_SPACE)
+                    return nbytes, gro_segment_size(ancdata, nbytes), source
+                nbytes, (source, _port) = self.sock.recvfrom_into(buf)
+                return nbytes, nbytes, source
+            except BlockingIOError:
+                return None
+            except OSError:
+                continue  # e.g. a queued ICMP port-unreachable (ECONNREFUSED) for an earlier send
 
     def close(self) -> None:
         self.sock.close()
@@ -50,7 +110,7 @@ def _grow_buffers(sock: socket.socket, size: int) -> None:
             sock.setsockopt(socket.SOL_SOCKET, plain, size)
 
 
-def open_udp(address: str, port: int, offload: bool = False) -> UdpConn:
+def open_udp(address: str, port: int, offload: bool = False) -> KernelUdp:
     """The overlay socket, bound to the underlay address; GSO/GRO probed when ``offload``."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -61,7 +121,7 @@ def open_udp(address: str, port: int, offload: bool = False) -> UdpConn:
     except OSError:
         sock.close()
         raise
-    conn = UdpConn(sock)
+    conn = KernelUdp(sock)
     if offload:
         conn.gso = _probe(sock, UDP_SEGMENT, 1400)
         conn.gro = _probe(sock, UDP_GRO, 1)
