@@ -87,8 +87,8 @@ def install_cni(bin_dir: Path, conf_dir: Path, say: Callable[[str], None] = prin
     shim = compiled_shim()
     source, kind = (shim, "compiled shim") if shim else (python_shim(), "Python shim")
     if shim is None:
-        say(f"warning: no compiled CNI shim in this installation (built without a C compiler); "
-            f"installing the Python shim, which needs python3 on the node and adds ~8 ms per pod")
+        say("warning: no compiled CNI shim in this installation (built without a C compiler); "
+            "installing the Python shim, which needs python3 on the node and adds ~8 ms per pod")
     plugin = bin_dir / PLUGIN_NAME
     say(f"{write_atomically(plugin, source.read_bytes(), 0o755)} {plugin} ({kind})")
     conflist = conf_dir / CONFLIST_NAME

@@ -25,8 +25,9 @@ from ipaddress import (
 from typing import Any
 
 __all__ = [
-    "Attachment",
     "COMMANDS",
+    "SUPPORTED_VERSIONS",
+    "Attachment",
     "CniError",
     "ConfigDefaults",
     "ErrorCode",
@@ -36,7 +37,6 @@ __all__ = [
     "Request",
     "Result",
     "Route",
-    "SUPPORTED_VERSIONS",
     "parse_request",
     "version_info",
 ]

@@ -32,10 +32,10 @@ from typing import Any
 from ..firewall import Iptables
 from ..netlink import Netlink
 from ..unixsock import claim_socket_path
-from .models import ConfigDefaults, CniError, ErrorCode, Request, answer_version, parse_request
+from .models import CniError, ConfigDefaults, ErrorCode, Request, answer_version, parse_request
 from .plugin import CniPlugin, LeaseSource
 
-__all__ = ["CniServer", "DEFAULT_SOCKET"]
+__all__ = ["DEFAULT_SOCKET", "CniServer"]
 
 DEFAULT_SOCKET = "/run/flannel/cni.sock"
 MAX_REQUEST_BYTES = 1 << 20
@@ -141,7 +141,7 @@ class CniServer:
                 if request is not None and request.command == "ADD" and reply["exit"] == 0:
                     await self._undo_add(request)
                 raise
-        except (asyncio.TimeoutError, ConnectionError) as exc:
+        except (TimeoutError, ConnectionError) as exc:
             log.warning("CNI client went away: %r", exc)
         finally:
             writer.close()

@@ -23,6 +23,7 @@ from typing import Any
 from .netconfig import NetworkConfig
 
 __all__ = [
+    "UNTYPED_BACKEND",
     "BadRecord",
     "KeyDeleted",
     "KeyPut",
@@ -34,7 +35,6 @@ __all__ = [
     "LeaseRemoved",
     "LeaseWatcher",
     "SubnetPair",
-    "UNTYPED_BACKEND",
     "choose_subnet",
     "choose_subnet6",
     "format_subnet_key",
