@@ -35,8 +35,14 @@ try:
     from _json import encode_basestring_ascii as _quote
     from _json import make_encoder as _make_encoder
     from _json import make_scanner as _make_scanner
+    _HAVE_C_JSON = True
 except ImportError:  # a Python without the C accelerator: json below, ~8 ms slower
-    _make_scanner = None
+    _HAVE_C_JSON = False
+
+# mypy reads this block; at run time it is skipped, as typing costs milliseconds to import.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 SUPPORTED_VERSIONS = ("0.3.1", "0.4.0", "1.0.0", "1.1.0")
 DEFAULT_SOCKET = "/run/flannel/cni.sock"
@@ -53,7 +59,7 @@ _JSON_WHITESPACE = " \t\n\r"
 
 
 class CniFailure(Exception):
-    def __init__(self, code, msg, details=""):
+    def __init__(self, code: int, msg: str, details: str = "") -> None:
         super().__init__(msg)
         self.code, self.msg, self.details = code, msg, details
 
@@ -71,18 +77,19 @@ class _ScanContext:
     parse_int = int
 
     @staticmethod
-    def parse_constant(name):
+    def parse_constant(name: str) -> "NoReturn":
         raise ValueError(name + " is not valid JSON")
 
 
-def loads(text):
+def loads(text: str) -> object:
     """``json.loads`` for a str; raises ValueError."""
-    if _make_scanner is None:
+    if not _HAVE_C_JSON:
         import json
         return json.loads(text, parse_constant=_ScanContext.parse_constant)
     start = len(text) - len(text.lstrip(_JSON_WHITESPACE))
     try:
-        value, end = _make_scanner(_ScanContext)(text, start)
+        # _json reads only these attributes of its context (typeshed asks for a make_scanner).
+        value, end = _make_scanner(_ScanContext)(text, start)  # type: ignore[arg-type]
         if not text[end:].strip(_JSON_WHITESPACE):
             return value
     except (StopIteration, ValueError, SystemError):
@@ -93,13 +100,13 @@ def loads(text):
     return json.loads(text, parse_constant=_ScanContext.parse_constant)
 
 
-def _unencodable(obj):
-    raise TypeError("cannot encode %r as JSON" % (obj,))
+def _unencodable(obj: object) -> "NoReturn":
+    raise TypeError(f"cannot encode {obj!r} as JSON")
 
 
-def dumps(obj):
+def dumps(obj: object) -> str:
     """Compact ``json.dumps``."""
-    if _make_scanner is None:
+    if not _HAVE_C_JSON:
         import json
         return json.dumps(obj, separators=(",", ":"))
     encode = _make_encoder(None, _unencodable, _quote, None, ":", ",", False, False, False)
@@ -109,12 +116,12 @@ def dumps(obj):
 # --- the plugin ----------------------------------------------------------------
 
 
-def answer_version(config):
-    version = config.get("cniVersion") if isinstance(config, dict) else None
-    return version if version in SUPPORTED_VERSIONS else SUPPORTED_VERSIONS[-1]
+def answer_version(config: dict[str, object]) -> str:
+    version = config.get("cniVersion")
+    return version if isinstance(version, str) and version in SUPPORTED_VERSIONS else SUPPORTED_VERSIONS[-1]
 
 
-def read_config(stdin_bytes):
+def read_config(stdin_bytes: bytes) -> dict[str, object]:
     """The network config, read only as far as finding the daemon needs."""
     try:
         config = loads(stdin_bytes.decode("utf-8"))
@@ -125,8 +132,8 @@ def read_config(stdin_bytes):
     return config
 
 
-def ask_daemon(path, request):
-    """Send one request, return the decoded ``{"exit", "output"}`` answer."""
+def ask_daemon(path: str, request: bytes) -> tuple[int, object]:
+    """Send one request, return the exit status and output of the daemon's answer."""
     sock = _sock.socket(_sock.AF_UNIX, _sock.SOCK_STREAM)
     try:
         sock.settimeout(ANSWER_TIMEOUT)
@@ -134,39 +141,39 @@ def ask_daemon(path, request):
             sock.connect(path)
         except OSError as exc:
             raise CniFailure(TRY_AGAIN_LATER,
-                             "flanneld-py is not running on this node (no answer on %s); "
-                             "the runtime will retry" % path, str(exc)) from None
+                             f"flanneld-py is not running on this node (no answer on {path}); "
+                             "the runtime will retry", str(exc)) from None
         try:
             sock.sendall(request)
             sock.shutdown(_sock.SHUT_WR)
-            chunks = []
+            chunks: list[bytes] = []
             while True:
                 chunk = sock.recv(65536)
                 if not chunk:
                     break
                 chunks.append(chunk)
         except TimeoutError:
-            raise CniFailure(TRY_AGAIN_LATER, "flanneld-py did not answer on %s within %d s; the runtime "
-                             "will retry" % (path, ANSWER_TIMEOUT)) from None
+            raise CniFailure(TRY_AGAIN_LATER, f"flanneld-py did not answer on {path} within {ANSWER_TIMEOUT:.0f} s; "
+                             "the runtime will retry") from None
         except OSError as exc:
-            raise CniFailure(TRY_AGAIN_LATER, "lost the connection to flanneld-py on %s" % path,
+            raise CniFailure(TRY_AGAIN_LATER, f"lost the connection to flanneld-py on {path}",
                              str(exc)) from None
     finally:
         sock.close()
     try:
         answer = loads(b"".join(chunks).decode("utf-8"))
         if not isinstance(answer, dict) or answer.get("exit") not in (0, 1):
-            raise ValueError("no exit status in %r" % (answer,))
+            raise ValueError(f"no exit status in {answer!r}")
     except ValueError as exc:
         raise CniFailure(BAD_ANSWER, "flanneld-py sent an answer the plugin cannot read; "
                          "are the plugin and the daemon the same version?", str(exc)) from None
-    return answer
+    return answer["exit"], answer.get("output")
 
 
-def run(environ, stdin_bytes):
+def run(environ: dict[str, str], stdin_bytes: bytes) -> tuple[int, object]:
     """The exit status and the object to print (None: print nothing)."""
     command = environ.get("CNI_COMMAND", "")
-    config = {}
+    config: dict[str, object] = {}
     try:
         config = read_config(stdin_bytes)
     except CniFailure as failure:
@@ -179,28 +186,27 @@ def run(environ, stdin_bytes):
     request = dumps({"command": command, "env": cni_env, "config_text": stdin_bytes.decode("utf-8")}).encode("ascii")
     path = config.get("daemonSocket")
     try:
-        answer = ask_daemon(path if isinstance(path, str) and path else DEFAULT_SOCKET, request)
+        return ask_daemon(path if isinstance(path, str) and path else DEFAULT_SOCKET, request)
     except CniFailure as failure:
         if command == "STATUS" and failure.code == TRY_AGAIN_LATER:
             failure.code = NOT_AVAILABLE  # STATUS's own word for it
         return 1, _error(config, failure)
-    return answer["exit"], answer.get("output")
 
 
-def _error(config, failure):
-    error = {"cniVersion": answer_version(config), "code": failure.code, "msg": failure.msg}
+def _error(config: dict[str, object], failure: CniFailure) -> dict[str, object]:
+    error: dict[str, object] = {"cniVersion": answer_version(config), "code": failure.code, "msg": failure.msg}
     if failure.details:
         error["details"] = failure.details
     return error
 
 
-def _cni_environment():
+def _cni_environment() -> dict[str, str]:
     """The environment as str (posix gives bytes), non-UTF-8 bytes kept as surrogates."""
     return {key.decode("utf-8", "surrogateescape"): value.decode("utf-8", "surrogateescape")
             for key, value in _environb.items() if key.startswith(b"CNI_")}
 
 
-def main():
+def main() -> int:
     status, output = run(_cni_environment(), sys.stdin.buffer.read())
     if output is not None:
         sys.stdout.write(dumps(output) + "\n")
