@@ -12,11 +12,12 @@ import lzma
 import os
 import shutil
 import time
-from ipaddress import IPv4Network
+from functools import partial
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 
 from .checks import wait_until
-from .cluster import PREFIX, REFERENCE_CNI, CniPlugin, Cluster, DaemonArgv, Node
+from .cluster import PREFIX, REFERENCE_CNI, Cluster, CniPlugin, DaemonArgv, Node
 
 __all__ = [
     "FLANNELD_ENV",
@@ -143,15 +144,15 @@ def start_nodes(cluster: Cluster, learn_timeout: float = 10.0) -> None:
         if node.serves_cni:
             continue
         start_flanneld(cluster, node)
-        subnet = node.subnet_env().subnet
+        subnet = node.subnet_env().ranges[0].subnet  # the IPv4 one where there is one
         for earlier in started:
-            if not wait_until(lambda: flanneld_knows(earlier, subnet), learn_timeout):
+            if not wait_until(partial(flanneld_knows, earlier, subnet), learn_timeout):
                 cluster.stop_daemon(earlier)
                 start_flanneld(cluster, earlier)
         started.append(node)
 
 
-def flanneld_knows(node: Node, subnet: IPv4Network) -> bool:
+def flanneld_knows(node: Node, subnet: IPv4Network | IPv6Network) -> bool:
     """Whether flanneld on ``node`` took the lease of ``subnet``: its route there (vxlan, host-gw)
     or its log line (udp, whose peers live inside the daemon)."""
     if f"Subnet added: {subnet}" in node.log_text():

@@ -86,7 +86,7 @@ def _masq(spec: list[str], random_fully: bool) -> tuple[str, ...]:
 
 
 def _ret(spec: list[str]) -> tuple[str, ...]:
-    return tuple(spec + ["-m", "comment", "--comment", MASQ_COMMENT, "-j", "RETURN"])
+    return (*spec, "-m", "comment", "--comment", MASQ_COMMENT, "-j", "RETURN")
 
 
 def _masq_head() -> list[Rule]:
