@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Interface, IPv4Network
-from pathlib import Path
 from typing import Any
 
 from ..core.subnetenv import SubnetEnv
@@ -33,7 +32,7 @@ from ..unixsock import socket_answers
 from .etcd import EtcdMember
 from .netns import Netns, run, unique_tag
 
-__all__ = ["REFERENCE_CNI", "CniPlugin", "Cluster", "DaemonArgv", "Node", "Pod", "cni_plugin_argv"]
+__all__ = ["REFERENCE_CNI", "Cluster", "CniPlugin", "DaemonArgv", "Node", "Pod", "cni_plugin_argv"]
 
 UNDERLAY = IPv4Network("198.51.100.0/24")
 ETCD_HOST = "198.51.100.254"
