@@ -4,13 +4,16 @@ All it supplies to the shared peer handling is flannel's ``GetRoute``:
 ``<peer subnet> via <PublicIP> dev <iface>`` per peer. A peer whose PublicIP
 is not on our interface's subnet cannot be a next hop; it is refused with a
 log line instead of a route the kernel would reject. No device, no
-encapsulation: pods get the full interface MTU.
+encapsulation: pods get the full interface MTU. With ``EnableIPv6`` each peer
+also gets ``<peer IPv6 subnet> via <PublicIPv6> dev <iface>``, its PublicIPv6
+on our interface's IPv6 prefix.
 """
 
 from __future__ import annotations
 
 import logging
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface, IPv4Network, IPv6Network
+from typing import Any
 
 from ..core.lease import Lease, LeaseAttrs
 from .base import BackendContext
@@ -26,6 +29,7 @@ log = logging.getLogger(__name__)
 
 class HostGwBackend(RoutedBackend):
     type_name = "host-gw"
+    families = frozenset({4, 6})
 
     def __init__(self, ctx: BackendContext, kernel: Kernel | None = None,
                  interval: float = RECONCILE_INTERVAL) -> None:
@@ -33,6 +37,10 @@ class HostGwBackend(RoutedBackend):
         iface = ctx.iface
         segment = IPv4Interface(f"{iface.address}/{iface.prefixlen}").network
         self._local = HostGwLocal(iface.index, segment, iface.name)
+        self._local6: HostGwLocal | None = None
+        if ctx.config.enable_ipv6 and ctx.public_ipv6 is not None:
+            segment6 = ctx.ipv6_segment or IPv6Network((ctx.public_ipv6, 128))
+            self._local6 = HostGwLocal(iface.index, segment6, iface.name)
 
     @property
     def mtu(self) -> int:
@@ -41,12 +49,18 @@ class HostGwBackend(RoutedBackend):
     def lease_attrs(self) -> LeaseAttrs:
         return LeaseAttrs(self.ctx.public_ip, self.type_name, None)
 
+    def backend_v6_data(self) -> Any:
+        return None  # flannel's host-gw publishes no BackendV6Data
+
     def _setup(self, own_subnet: IPv4Network) -> None:
-        log.info("host-gw backend up: routes to peers via their PublicIP on %s (%s), mtu %d",
-                 self.ctx.iface.name, self._local.underlay, self.mtu)
+        six = f" and their PublicIPv6 ({self._local6.underlay})" if self._local6 is not None else ""
+        log.info("host-gw backend up: routes to peers via their PublicIP on %s (%s)%s, mtu %d",
+                 self.ctx.iface.name, self._local.underlay, six, self.mtu)
 
     def _scope(self) -> Scope:
-        return Scope(self.ctx.config.network, frozenset({self.ctx.iface.index}))
+        ipv6 = self.ctx.config.ipv6
+        return Scope(self.ctx.config.network, frozenset({self.ctx.iface.index}),
+                     network6=ipv6.network if ipv6 is not None and self._local6 is not None else None)
 
     def _peer_entries(self, lease: Lease) -> PeerEntries:
-        return hostgw_peer_entries(self._local, lease)
+        return hostgw_peer_entries(self._local, lease, self._local6)

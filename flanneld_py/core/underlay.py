@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, IPv6Network
 
 __all__ = ["Link", "NoUnderlay", "RouteHint", "Underlay", "UnderlayChoice", "choose_public_ipv6", "choose_underlay",
            "usable_addresses"]
@@ -95,6 +95,14 @@ def choose_public_ipv6(link: Link, public_ipv6: str | None) -> IPv6Address:
             return address.ip
     raise NoUnderlay(f"EnableIPv6 is set but interface {link.name} has no global IPv6 address: add one, "
                      "give --public-ipv6, or turn EnableIPv6 off")
+
+
+def ipv6_prefix(link: Link, address: IPv6Address) -> IPv6Network | None:
+    """The prefix of ``link``'s IPv6 address ``address`` (the segment of IPv6 next hops), if the link has it."""
+    for found in link.addresses6:
+        if found.ip == address:
+            return found.network
+    return None
 
 
 def _global_unicast(address: IPv4Address) -> bool:
