@@ -18,12 +18,12 @@ from collections.abc import Iterator
 from ipaddress import IPv6Network
 
 import pytest
+from lab_helpers import start
 
 from flanneld_py.core.lease import format_subnet_key
 from flanneld_py.lab.checks import dns_check, ping_matrix, tcp_transfer, wait_until
 from flanneld_py.lab.cluster import PREFIX, Cluster, Node, Pod
 from flanneld_py.lab.netns import run
-from lab_helpers import start
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 

@@ -158,7 +158,7 @@ def missing_families(backend: Backend, config: NetworkConfig) -> str:
         return f"network config: EnableIPv4=true: the {backend.type_name} backend carries IPv6 only"
     if not config.enable_ipv4:
         return ("network config: EnableIPv4=false: IPv6-only pod networks are not available in this version "
-                "of flanneld-py (the underlay choice needs an IPv4 address); run dual-stack (EnableIPv4 true)")
+                "of flanneld-py; run dual-stack (EnableIPv4 true, EnableIPv6 true)")
     return ""
 
 
