@@ -658,3 +658,28 @@ def test_dual_stack_vxlan_publishes_flannels_v6_records_and_converges_both_famil
         await backend.stop(cleanup=False)
 
     asyncio.run(scenario())
+
+
+def test_an_ipv6_only_host_gw_node_owns_and_wants_ipv6_routes_only() -> None:
+    config = parse_network_config(
+        '{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00:10:244::/48", "Backend": {"Type": "host-gw"}}')
+    iface = InterfaceInfo("eth0", ETH0, IPv4Address("198.51.100.1"), 24, 1500)
+    ctx = BackendContext(config, iface, IPv4Address("198.51.100.1"), netlink=None,  # type: ignore[arg-type]
+                         public_ipv6=IPv6Address("2001:db8::1"), ipv6_segment=UNDERLAY6)
+    foreign4 = route_to("10.244.9.0/24", "198.51.100.9")  # a proto-252 IPv4 route: not ours on an IPv6-only node
+    kernel = FakeKernel({foreign4})
+    backend = HostGwBackend(ctx, kernel=kernel, interval=3600)
+    peer = Lease(IPv4Network("0.0.0.0/0"), LeaseAttrs(IPv4Address(0), "host-gw", None, IPv6Address("2001:db8::2")),
+                 IPv6Network("fd00:10:244:2::/64"))
+
+    async def scenario() -> None:
+        await backend.start(IPv4Network("0.0.0.0/0"), IPv6Network("fd00:10:244:1::/64"))
+        await backend.apply([LeaseAdded(peer)])
+        assert kernel.entries == {foreign4, RouteSpec(IPv6Network("fd00:10:244:2::/64"), ETH0,
+                                                      gateway=IPv6Address("2001:db8::2"))}
+        await backend.apply([LeaseRemoved(peer)])
+        assert kernel.entries == {foreign4}
+        await backend.stop(cleanup=True)
+        assert kernel.entries == {foreign4}
+
+    asyncio.run(scenario())

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import signal
 from collections.abc import Iterator
-from ipaddress import IPv6Network
+from ipaddress import IPv4Network, IPv6Network
 
 import pytest
 from lab_helpers import start
@@ -52,9 +52,8 @@ def subnet6(node: Node) -> IPv6Network:
 
 
 def lease_of(cluster: Cluster, node: Node) -> dict:  # type: ignore[type-arg]
-    env = node.subnet_env()
-    assert env.subnet is not None
-    return cluster.leases()[format_subnet_key(env.subnet, env.ipv6_subnet)]
+    env = node.subnet_env()  # an IPv6-only node's key has flannel's zero IPv4 half
+    return cluster.leases()[format_subnet_key(env.subnet or IPv4Network("0.0.0.0/0"), env.ipv6_subnet)]
 
 
 def fdb6(node: Node) -> set[tuple[str, str]]:
@@ -225,3 +224,24 @@ def test_vxlan_ipv6_direct_routing_uses_plain_routes_on_one_segment() -> None:
         assert neighbours6(a) == {} and fdb6(a) == set()
         pods = [cluster.add_pod(node) for node in cluster.nodes]
         assert unreachable(pods, ipv6=True) == []
+
+
+@pytest.mark.parametrize("kind", ["vxlan", "host-gw"])
+def test_an_ipv6_only_cluster_carries_ipv6_pods(kind: str) -> None:
+    config = {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": NETWORK6, "Backend": {"Type": kind}}
+    with Cluster(nodes=2, config=config, underlay6=True) as cluster:
+        start(cluster, *cluster.nodes)
+        for node in cluster.nodes:
+            env = node.subnet_env()
+            assert env.subnet is None and env.ipv6_subnet is not None
+            lease = lease_of(cluster, node)
+            assert (lease["PublicIP"], lease["PublicIPv6"]) == ("0.0.0.0", node.address6)
+        assert converged6(kind, cluster) == []
+        for node in cluster.nodes:
+            assert ip_json(node, "route", "show", "proto", "252") == []  # no IPv4 entries at all
+            assert node.netns.ip("link", "show", "flannel.1", check=False).returncode != 0
+        pods = [cluster.add_pod(node) for node in cluster.nodes]
+        assert all(pod.ip is None and pod.ip6 is not None for pod in pods)
+        assert unreachable(pods, ipv6=True) == []
+        result = tcp_transfer(pods[0], pods[1], 1024 * 1024, port=5208, ipv6=True)
+        assert result.intact, f"sent {result.sent!r}, received {result.received!r}"

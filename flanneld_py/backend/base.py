@@ -156,9 +156,6 @@ def missing_families(backend: Backend, config: NetworkConfig) -> str:
                 f"{backend.type_name} backend)")
     if config.enable_ipv4 and 4 not in carried:
         return f"network config: EnableIPv4=true: the {backend.type_name} backend carries IPv6 only"
-    if not config.enable_ipv4:
-        return ("network config: EnableIPv4=false: IPv6-only pod networks are not available in this version "
-                "of flanneld-py; run dual-stack (EnableIPv4 true, EnableIPv6 true)")
     return ""
 
 

@@ -36,7 +36,7 @@ class HostGwBackend(RoutedBackend):
         super().__init__(ctx, kernel, interval)
         iface = ctx.iface
         segment = IPv4Interface(f"{iface.address}/{iface.prefixlen}").network
-        self._local = HostGwLocal(iface.index, segment, iface.name)
+        self._local: HostGwLocal | None = HostGwLocal(iface.index, segment, iface.name) if ctx.config.enable_ipv4 else None
         self._local6: HostGwLocal | None = None
         if ctx.config.enable_ipv6 and ctx.public_ipv6 is not None:
             segment6 = ctx.ipv6_segment or IPv6Network((ctx.public_ipv6, 128))
@@ -53,13 +53,14 @@ class HostGwBackend(RoutedBackend):
         return None  # flannel's host-gw publishes no BackendV6Data
 
     def _setup(self, own_subnet: IPv4Network) -> None:
-        six = f" and their PublicIPv6 ({self._local6.underlay})" if self._local6 is not None else ""
-        log.info("host-gw backend up: routes to peers via their PublicIP on %s (%s)%s, mtu %d",
-                 self.ctx.iface.name, self._local.underlay, six, self.mtu)
+        families = [f"{name} ({local.underlay})" for name, local in (("PublicIP", self._local), ("PublicIPv6", self._local6))
+                    if local is not None]
+        log.info("host-gw backend up: routes to peers via their %s on %s, mtu %d",
+                 " and ".join(families), self.ctx.iface.name, self.mtu)
 
     def _scope(self) -> Scope:
         ipv6 = self.ctx.config.ipv6
-        return Scope(self.ctx.config.network, frozenset({self.ctx.iface.index}),
+        return Scope(self.ctx.config.network if self._local is not None else None, frozenset({self.ctx.iface.index}),
                      network6=ipv6.network if ipv6 is not None and self._local6 is not None else None)
 
     def _peer_entries(self, lease: Lease) -> PeerEntries:

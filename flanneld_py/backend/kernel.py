@@ -127,7 +127,8 @@ class NetlinkKernel:
 
         IPv6 routes, addresses and neighbours are listed only for a scope with an IPv6 network.
         """
-        families = (AF_INET, AF_INET6) if scope.network6 is not None else (AF_INET,)
+        families = tuple(family for family, network in ((AF_INET, scope.network), (AF_INET6, scope.network6))
+                         if network is not None)
         with self._lister.lock:
             rtnl = self._lister.get()
             seen: dict[RawKey, Entry] = {}

@@ -88,13 +88,13 @@ class Scope:
     """Which kernel entries are ours.
 
     Routes: protocol 252 (the netlink layer's RTPROT_FLANNEL), a destination
-    inside ``network`` (IPv4) or ``network6`` (IPv6, with EnableIPv6),
+    inside ``network`` (IPv4, unless IPv6-only) or ``network6`` (IPv6, with EnableIPv6),
     through one of ``route_ifindexes``. Addresses, permanent neighbours and
     FDB entries: everything on ``device_ifindexes`` (devices we created) but
     the kernel's own link-local addresses.
     """
 
-    network: IPv4Network
+    network: IPv4Network | None  # None: IPv6-only, no IPv4 route is ours
     route_ifindexes: frozenset[int]
     device_ifindexes: frozenset[int] = frozenset()
     network6: IPv6Network | None = None

@@ -20,6 +20,7 @@ from collections.abc import Hashable, Sequence
 from ipaddress import IPv4Network, IPv6Network
 
 from ..core.lease import Lease, LeaseAdded, LeaseAttrs, LeaseEvent, LeaseRemoved, SubnetPair
+from ..core.netconfig import NO_IPV4_SUBNET
 from .base import BackendContext, PeerStats
 from .kernel import Kernel, NetlinkKernel
 from .kernel_state import Entry, PeerEntries, Plan, Scope, Wanted, plan
@@ -31,6 +32,14 @@ __all__ = ["RoutedBackend"]
 log = logging.getLogger(__name__)
 
 PEER_LINES_LIMIT = 50  # lease events in one batch that still get a log line each at INFO
+
+
+def _subnets(lease: Lease) -> str:
+    """A peer in log lines: its IPv4 subnet (the IPv6 one follows in the entries' summary), or its
+    IPv6 subnet alone for an IPv6-only peer."""
+    if lease.subnet == NO_IPV4_SUBNET and lease.subnet6 is not None:
+        return str(lease.subnet6)
+    return str(lease.subnet)
 
 
 class RoutedBackend:
@@ -192,7 +201,7 @@ class RoutedBackend:
 
     def _accept(self, lease: Lease, level: int, verbs: Counter[str]) -> frozenset[Entry]:
         """Record a new or changed peer; the entries it wants (none if it is ignored or refused)."""
-        name, key, address = lease.subnet, lease.key, lease.attrs.node_address
+        name, key, address = _subnets(lease), lease.key, lease.attrs.node_address
         if lease.attrs.backend_type != self.type_name:
             log.warning("peer %s (%s) uses backend %r, not %s; ignoring it",
                         name, address, lease.attrs.backend_type, self.type_name)
@@ -213,7 +222,7 @@ class RoutedBackend:
         old = self._peers.pop(lease.key, None)
         if old is not None:
             verbs["removed"] += 1
-            log.log(level, "peer removed: %s (was %s)", old.subnet, old.attrs.node_address)
+            log.log(level, "peer removed: %s (was %s)", _subnets(old), old.attrs.node_address)
         return frozenset()
 
     def is_up(self) -> bool:

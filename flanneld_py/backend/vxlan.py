@@ -174,7 +174,8 @@ class VxlanBackend(RoutedBackend):
     def _scope(self) -> Scope:
         devices = frozenset(local.device_index for local in (self._local, self._local6) if local is not None)
         ipv6 = self.ctx.config.ipv6
-        return Scope(self.ctx.config.network, devices | {self.ctx.iface.index}, devices,
+        network = self.ctx.config.network if self._v4 else None
+        return Scope(network, devices | {self.ctx.iface.index}, devices,
                      network6=ipv6.network if ipv6 is not None and self._v6 else None)
 
     def _own_entries(self) -> frozenset[Entry]:

@@ -34,6 +34,7 @@ def wait_until(predicate: Callable[[], object], timeout: float, interval: float 
 def pod_address(pod: Pod, ipv6: bool = False) -> str:
     """The pod's IPv4 address, or with ``ipv6`` its IPv6 one (which it must have)."""
     if not ipv6:
+        assert pod.ip is not None, f"pod {pod.name} has no IPv4 address"
         return str(pod.ip.ip)
     assert pod.ip6 is not None, f"pod {pod.name} has no IPv6 address"
     return str(pod.ip6.ip)

@@ -75,7 +75,7 @@ class Pod:
     name: str
     node: Node
     netns: Netns
-    ip: IPv4Interface
+    ip: IPv4Interface | None  # None: an IPv6-only pod (see ip6)
     result: dict  # type: ignore[type-arg]
     container_id: str
     plugin: CniPlugin | None = None  # None: flannel-py wired it
@@ -390,7 +390,7 @@ class Cluster:
             raise RuntimeError(f"CNI ADD for {name} by {plugin.name if plugin else 'flannel-py'} failed: "
                                f"{proc.stdout} {proc.stderr}")
         result = json.loads(proc.stdout)
-        ip = IPv4Interface(next(entry["address"] for entry in result["ips"] if "." in entry["address"]))
+        ip = next((IPv4Interface(entry["address"]) for entry in result["ips"] if "." in entry["address"]), None)
         pod = Pod(name, node, ns, ip, result, container_id, plugin)
         node.pods.append(pod)
         return pod
