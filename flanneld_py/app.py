@@ -226,7 +226,7 @@ class Daemon:
         if public_ipv6 is not None and self._underlay_link is not None:
             segment6 = ipv6_prefix(self._underlay_link, public_ipv6)
         ctx = BackendContext(config, iface, public_ip, self.netlink, offload=self.options.offload,
-                             public_ipv6=public_ipv6, ipv6_segment=segment6)
+                             public_ipv6=public_ipv6, ipv6_prefix=segment6)
         try:
             return create_backend(ctx)
         except ValueError as exc:

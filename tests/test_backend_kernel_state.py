@@ -620,7 +620,7 @@ def vx_dual_backend(kernel: FakeKernel, direct: bool = False) -> VxlanBackend:
         f' "Backend": {{"Type": "vxlan", "DirectRouting": {str(direct).lower()}}}}}')
     iface = InterfaceInfo("eth0", ETH0, IPv4Address("198.51.100.1"), 24, 1500)
     ctx = BackendContext(config, iface, IPv4Address("198.51.100.1"), netlink=None,  # type: ignore[arg-type]
-                         public_ipv6=IPv6Address("2001:db8::1"), ipv6_segment=UNDERLAY6)
+                         public_ipv6=IPv6Address("2001:db8::1"), ipv6_prefix=UNDERLAY6)
     backend = VxlanBackend(ctx, kernel=kernel, interval=3600)
     backend._macs = {backend.device_name: "aa:bb:cc:dd:ee:01", backend.device6_name: "aa:bb:cc:dd:ee:61"}
 
@@ -665,7 +665,7 @@ def test_an_ipv6_only_host_gw_node_owns_and_wants_ipv6_routes_only() -> None:
         '{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00:10:244::/48", "Backend": {"Type": "host-gw"}}')
     iface = InterfaceInfo("eth0", ETH0, IPv4Address("198.51.100.1"), 24, 1500)
     ctx = BackendContext(config, iface, IPv4Address("198.51.100.1"), netlink=None,  # type: ignore[arg-type]
-                         public_ipv6=IPv6Address("2001:db8::1"), ipv6_segment=UNDERLAY6)
+                         public_ipv6=IPv6Address("2001:db8::1"), ipv6_prefix=UNDERLAY6)
     foreign4 = route_to("10.244.9.0/24", "198.51.100.9")  # a proto-252 IPv4 route: not ours on an IPv6-only node
     kernel = FakeKernel({foreign4})
     backend = HostGwBackend(ctx, kernel=kernel, interval=3600)

@@ -49,7 +49,14 @@ class BackendContext:
     netlink: Netlink
     offload: bool = True
     public_ipv6: IPv6Address | None = None  # set with EnableIPv6: --public-ipv6 or the interface's
-    ipv6_segment: IPv6Network | None = None  # the interface's IPv6 prefix holding public_ipv6, if it has one
+    ipv6_prefix: IPv6Network | None = None  # the interface's IPv6 prefix holding public_ipv6, if it has one
+
+    @property
+    def ipv6_segment(self) -> IPv6Network | None:
+        """Where IPv6 next hops are on-link (host-gw, DirectRouting): our prefix, else our PublicIPv6 alone."""
+        if self.public_ipv6 is None:
+            return None
+        return self.ipv6_prefix or IPv6Network((self.public_ipv6, 128))
 
 
 @dataclass(frozen=True, slots=True)

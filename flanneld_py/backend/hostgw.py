@@ -12,7 +12,7 @@ on our interface's IPv6 prefix.
 from __future__ import annotations
 
 import logging
-from ipaddress import IPv4Interface, IPv4Network, IPv6Network
+from ipaddress import IPv4Interface, IPv4Network
 from typing import Any
 
 from ..core.lease import Lease, LeaseAttrs
@@ -38,9 +38,8 @@ class HostGwBackend(RoutedBackend):
         segment = IPv4Interface(f"{iface.address}/{iface.prefixlen}").network
         self._local: HostGwLocal | None = HostGwLocal(iface.index, segment, iface.name) if ctx.config.enable_ipv4 else None
         self._local6: HostGwLocal | None = None
-        if ctx.config.enable_ipv6 and ctx.public_ipv6 is not None:
-            segment6 = ctx.ipv6_segment or IPv6Network((ctx.public_ipv6, 128))
-            self._local6 = HostGwLocal(iface.index, segment6, iface.name)
+        if ctx.config.enable_ipv6 and ctx.ipv6_segment is not None:
+            self._local6 = HostGwLocal(iface.index, ctx.ipv6_segment, iface.name)
 
     @property
     def mtu(self) -> int:

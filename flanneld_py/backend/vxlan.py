@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Hashable
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address
 from typing import Any
 
 from ..core.lease import Lease, LeaseAttrs
@@ -127,8 +127,8 @@ class VxlanBackend(RoutedBackend):
     def _set_device(self, name: str, index: int) -> None:
         direct = self.ctx.config.backend.direct_routing
         if name == self.device6_name:
-            segment = self.ctx.ipv6_segment or IPv6Network((self.ctx.public_ipv6 or 0, 128))
-            self._local6 = VxlanLocal(index, self.ctx.iface.index, segment, direct)
+            assert self.ctx.ipv6_segment is not None
+            self._local6 = VxlanLocal(index, self.ctx.iface.index, self.ctx.ipv6_segment, direct)
         else:
             self._local = VxlanLocal(index, self.ctx.iface.index, self._underlay, direct)
 
