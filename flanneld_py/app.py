@@ -20,7 +20,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, TypeVar
 
-from .backend.base import Backend, BackendContext, published_attrs
+from .backend.base import Backend, BackendContext, CarriesIPv6, published_attrs
 from .backend.factory import create_backend
 from .cancellation import cancel_and_wait
 from .cni.models import ConfigDefaults
@@ -29,7 +29,7 @@ from .core.lease import LeaseEvent
 from .core.lease_policy import LeasePolicy
 from .core.netconfig import ConfigError, NetworkConfig
 from .core.subnetenv import SubnetEnv
-from .core.underlay import Link, NoUnderlay, UnderlayChoice, choose_public_ipv6
+from .core.underlay import Link, NoUnderlay, UnderlayChoice, choose_public_ipv6, ipv6_prefix
 from .errors import FatalError
 from .netlink import InterfaceInfo, Netlink, underlay_info
 from .ops import attach_operations
@@ -163,7 +163,10 @@ class Daemon:
         self.state.hold(own)
         log.info("lease acquired: %s (etcd lease %x, ttl %ds)", own.subnets, own.lease_id, own.ttl)
         self._set_phase("starting datapath")
-        await backend.start(own.subnet)
+        if isinstance(backend, CarriesIPv6):
+            await backend.start(own.subnet, own.subnet6)
+        else:
+            await backend.start(own.subnet)
         self.state.backend = backend
         env = SubnetEnv(config.network if config.enable_ipv4 else None, own.subnet if config.enable_ipv4 else None,
                         backend.mtu, self.options.ip_masq, config.ipv6.network if config.ipv6 else None, own.subnet6)
@@ -219,8 +222,11 @@ class Daemon:
     def _make_backend(self, config: NetworkConfig, iface: InterfaceInfo, public_ip: IPv4Address,
                       public_ipv6: IPv6Address | None) -> Backend:
         assert self.netlink is not None
+        segment6 = None
+        if public_ipv6 is not None and self._underlay_link is not None:
+            segment6 = ipv6_prefix(self._underlay_link, public_ipv6)
         ctx = BackendContext(config, iface, public_ip, self.netlink, offload=self.options.offload,
-                             public_ipv6=public_ipv6)
+                             public_ipv6=public_ipv6, ipv6_prefix=segment6)
         try:
             return create_backend(ctx)
         except ValueError as exc:

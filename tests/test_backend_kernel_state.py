@@ -6,7 +6,7 @@ import asyncio
 import errno
 import logging
 import random
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
 
 import pytest
 
@@ -29,8 +29,8 @@ from flanneld_py.backend.kernel_state import (
     plan,
     random_vtep_mac,
     udp_own_entries,
+    vtep_address,
     vxlan_backend_data,
-    vxlan_own_entries,
     vxlan_peer_entries,
 )
 from flanneld_py.backend.reconcile_loop import ReconcileLoop
@@ -96,7 +96,7 @@ def test_vxlan_peer_without_a_valid_vtep_mac_is_refused(data: object) -> None:
 
 
 def test_vxlan_own_address_is_the_subnet_address_slash_32() -> None:
-    assert vxlan_own_entries(FLANNEL1, IPv4Network("10.244.1.0/24")) == {
+    assert {vtep_address(FLANNEL1, IPv4Network("10.244.1.0/24"))} == {
         AddrSpec(FLANNEL1, IPv4Interface("10.244.1.0/32"))
     }
 
@@ -291,7 +291,7 @@ def test_reconciler_keeps_going_past_a_failing_entry() -> None:
 
 
 def test_reconciler_close_removes_what_we_own_and_stops_later_passes() -> None:
-    wanted = Wanted(VX_SCOPE, peer_set(vx_lease()) | vxlan_own_entries(FLANNEL1, IPv4Network("10.244.1.0/24")))
+    wanted = Wanted(VX_SCOPE, peer_set(vx_lease()) | {vtep_address(FLANNEL1, IPv4Network("10.244.1.0/24"))})
     foreign = RouteSpec(IPv4Network("10.244.1.0/24"), CNI0)
     kernel = FakeKernel({foreign})
     reconciler = Reconciler(kernel, lambda: wanted)
@@ -428,8 +428,8 @@ def vx_backend(kernel: FakeKernel) -> VxlanBackend:
     iface = InterfaceInfo("eth0", ETH0, IPv4Address("198.51.100.1"), 24, 1500)
     ctx = BackendContext(config, iface, IPv4Address("198.51.100.1"), netlink=None)  # type: ignore[arg-type]
     backend = VxlanBackend(ctx, kernel=kernel, interval=3600)
-    backend.vtep_mac = "aa:bb:cc:dd:ee:01"
-    backend._setup = lambda own_subnet: backend._set_device(FLANNEL1)  # type: ignore[method-assign]
+    backend._macs[backend.device_name] = "aa:bb:cc:dd:ee:01"
+    backend._setup = lambda own_subnet: backend._set_device(backend.device_name, FLANNEL1)  # type: ignore[method-assign]
     backend._ensure = lambda: None  # type: ignore[method-assign]
     return backend
 
@@ -530,5 +530,156 @@ def test_a_batch_that_adds_and_removes_one_subnet_leaves_nothing_of_it() -> None
         assert kernel.entries == {route_to("10.244.3.0/24", "198.51.100.3")}
         assert kernel.entries == backend._wanted().entries
         await backend.stop(cleanup=False)
+
+    asyncio.run(scenario())
+
+
+# --- IPv6: dual-stack peers -------------------------------------------------------------------
+
+NETWORK6 = IPv6Network("fd00:10:244::/48")
+UNDERLAY6 = IPv6Network("2001:db8::/64")
+FLANNEL_V6 = 8
+MAC6 = "aa:bb:cc:dd:ee:62"
+VX6 = VxlanLocal(device_index=FLANNEL_V6, underlay_index=ETH0, underlay=UNDERLAY6, direct_routing=False)
+VX6_DIRECT = VxlanLocal(device_index=FLANNEL_V6, underlay_index=ETH0, underlay=UNDERLAY6, direct_routing=True)
+HG6 = HostGwLocal(underlay_index=ETH0, underlay=UNDERLAY6, iface_name="eth0")
+
+
+def dual_lease(subnet: str = "10.244.2.0/24", subnet6: str = "fd00:10:244:2::/64", public_ip: str = "198.51.100.2",
+               public_ipv6: str | None = "2001:db8::2", kind: str = "vxlan", v6_data: object = "default") -> Lease:
+    data = {"VNI": 1, "VtepMAC": MAC} if kind == "vxlan" else None
+    v6 = ({"VNI": 1, "VtepMAC": MAC6} if kind == "vxlan" else None) if v6_data == "default" else v6_data
+    attrs = LeaseAttrs(IPv4Address(public_ip), kind, data,
+                       IPv6Address(public_ipv6) if public_ipv6 else None, v6)
+    return Lease(IPv4Network(subnet), attrs, IPv6Network(subnet6))
+
+
+def test_vxlan_dual_stack_peer_wants_both_families_on_their_own_devices() -> None:
+    wants = vxlan_peer_entries(VX, dual_lease(), VX6)
+    assert wants.refused is None
+    gateway6 = IPv6Address("fd00:10:244:2::")
+    assert wants.entries == vxlan_peer_entries(VX, dual_lease()).entries | {
+        NeighSpec(FLANNEL_V6, gateway6, MAC6),
+        FdbSpec(FLANNEL_V6, MAC6, IPv6Address("2001:db8::2")),
+        RouteSpec(IPv6Network("fd00:10:244:2::/64"), FLANNEL_V6, gateway=gateway6, onlink=True),
+    }
+    assert "fd00:10:244:2::/64 via 2001:db8::2" in wants.summary
+
+
+def test_vxlan_ipv6_direct_routing_is_a_plain_route_via_the_public_ipv6_on_our_prefix() -> None:
+    wants = vxlan_peer_entries(VX_DIRECT, dual_lease(), VX6_DIRECT)
+    assert wants.entries == {
+        RouteSpec(IPv4Network("10.244.2.0/24"), ETH0, gateway=IPv4Address("198.51.100.2")),
+        RouteSpec(IPv6Network("fd00:10:244:2::/64"), ETH0, gateway=IPv6Address("2001:db8::2")),
+    }
+    off_prefix = vxlan_peer_entries(VX_DIRECT, dual_lease(public_ipv6="2001:db8:1::2"), VX6_DIRECT)
+    assert FdbSpec(FLANNEL_V6, MAC6, IPv6Address("2001:db8:1::2")) in off_prefix.entries
+
+
+def test_an_ipv4_only_peer_in_a_dual_stack_cluster_gets_its_ipv4_entries() -> None:
+    assert vxlan_peer_entries(VX, vx_lease(), VX6) == vxlan_peer_entries(VX, vx_lease())
+    assert hostgw_peer_entries(HG, lease("10.244.2.0/24", "198.51.100.2", "host-gw"), HG6).entries == {
+        route_to("10.244.2.0/24", "198.51.100.2")}
+
+
+@pytest.mark.parametrize(("peer", "reason"), [
+    (dual_lease(public_ipv6=None), "publishes no PublicIPv6"),
+    (dual_lease(v6_data={"VNI": 1}), "IPv6: its BackendV6Data"),
+    (dual_lease(v6_data=None), "IPv6: its BackendV6Data"),
+])
+def test_a_dual_stack_vxlan_peer_without_usable_ipv6_records_is_refused(peer: Lease, reason: str) -> None:
+    wants = vxlan_peer_entries(VX, peer, VX6)
+    assert not wants.entries and wants.refused is not None and reason in wants.refused
+
+
+def test_hostgw_ipv6_route_via_public_ipv6_and_off_prefix_peers_refused() -> None:
+    wants = hostgw_peer_entries(HG, dual_lease(kind="host-gw"), HG6)
+    assert wants.entries == {route_to("10.244.2.0/24", "198.51.100.2"),
+                             RouteSpec(IPv6Network("fd00:10:244:2::/64"), ETH0, gateway=IPv6Address("2001:db8::2"))}
+    refused = hostgw_peer_entries(HG, dual_lease(kind="host-gw", public_ipv6="2001:db8:9::2"), HG6).refused
+    assert refused is not None and "PublicIPv6 2001:db8:9::2 is not on eth0's segment 2001:db8::/64" in refused
+
+
+def test_vtep_address_is_the_ipv6_subnet_address_slash_128() -> None:
+    assert vtep_address(FLANNEL_V6, IPv6Network("fd00:10:244:1::/64")) == AddrSpec(
+        FLANNEL_V6, IPv6Interface("fd00:10:244:1::/128"))
+
+
+def test_ipv6_routes_are_ours_only_inside_the_ipv6_network_of_a_scope_that_has_one() -> None:
+    inside = RouteSpec(IPv6Network("fd00:10:244:9::/64"), FLANNEL_V6, IPv6Address("fd00:10:244:9::"), True)
+    outside = RouteSpec(IPv6Network("fd00:99::/64"), FLANNEL_V6, IPv6Address("fd00:99::"), True)
+    scope = Scope(NETWORK, frozenset({FLANNEL1, FLANNEL_V6}), frozenset({FLANNEL1, FLANNEL_V6}), NETWORK6)
+    assert in_scope(scope, inside) and not in_scope(scope, outside)
+    assert not in_scope(Scope(NETWORK, frozenset({FLANNEL1, FLANNEL_V6})), inside)
+    assert plan(Wanted(scope, frozenset()), [inside, outside]).remove == (inside,)
+
+
+def vx_dual_backend(kernel: FakeKernel, direct: bool = False) -> VxlanBackend:
+    config = parse_network_config(
+        '{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:10:244::/48",'
+        f' "Backend": {{"Type": "vxlan", "DirectRouting": {str(direct).lower()}}}}}')
+    iface = InterfaceInfo("eth0", ETH0, IPv4Address("198.51.100.1"), 24, 1500)
+    ctx = BackendContext(config, iface, IPv4Address("198.51.100.1"), netlink=None,  # type: ignore[arg-type]
+                         public_ipv6=IPv6Address("2001:db8::1"), ipv6_prefix=UNDERLAY6)
+    backend = VxlanBackend(ctx, kernel=kernel, interval=3600)
+    backend._macs = {backend.device_name: "aa:bb:cc:dd:ee:01", backend.device6_name: "aa:bb:cc:dd:ee:61"}
+
+    def setup(own_subnet: IPv4Network) -> None:
+        backend._set_device(backend.device_name, FLANNEL1)
+        backend._set_device(backend.device6_name, FLANNEL_V6)
+
+    backend._setup = setup  # type: ignore[method-assign]
+    backend._ensure = lambda: None  # type: ignore[method-assign]
+    return backend
+
+
+def test_dual_stack_vxlan_publishes_flannels_v6_records_and_converges_both_families() -> None:
+    kernel = FakeKernel()
+    backend = vx_dual_backend(kernel)
+    assert backend.backend_v6_data() == {"VNI": 1, "VtepMAC": "aa:bb:cc:dd:ee:61"}
+    assert backend.mtu == 1450
+    peer = dual_lease()
+    own6 = AddrSpec(FLANNEL_V6, IPv6Interface("fd00:10:244:1::/128"))
+
+    async def scenario() -> None:
+        await backend.start(IPv4Network("10.244.1.0/24"), IPv6Network("fd00:10:244:1::/64"))
+        await backend.apply([LeaseAdded(peer)])
+        assert kernel.entries == vxlan_peer_entries(VX, peer, VX6).entries | {
+            own6, AddrSpec(FLANNEL1, IPv4Interface("10.244.1.0/32"))}
+        route6 = RouteSpec(IPv6Network("fd00:10:244:2::/64"), FLANNEL_V6, IPv6Address("fd00:10:244:2::"), True)
+        kernel.entries.discard(route6)  # drift: an IPv6 route deleted by hand
+        stale6 = RouteSpec(IPv6Network("fd00:10:244:7::/64"), FLANNEL_V6, IPv6Address("fd00:10:244:7::"), True)
+        kernel.entries.add(stale6)  # and one of a peer long gone
+        assert backend._loop is not None
+        await backend._loop.sync("test")
+        assert route6 in kernel.entries and stale6 not in kernel.entries
+        await backend.apply([LeaseRemoved(peer)])
+        assert kernel.entries == {own6, AddrSpec(FLANNEL1, IPv4Interface("10.244.1.0/32"))}
+        await backend.stop(cleanup=False)
+
+    asyncio.run(scenario())
+
+
+def test_an_ipv6_only_host_gw_node_owns_and_wants_ipv6_routes_only() -> None:
+    config = parse_network_config(
+        '{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fd00:10:244::/48", "Backend": {"Type": "host-gw"}}')
+    iface = InterfaceInfo("eth0", ETH0, IPv4Address("198.51.100.1"), 24, 1500)
+    ctx = BackendContext(config, iface, IPv4Address("198.51.100.1"), netlink=None,  # type: ignore[arg-type]
+                         public_ipv6=IPv6Address("2001:db8::1"), ipv6_prefix=UNDERLAY6)
+    foreign4 = route_to("10.244.9.0/24", "198.51.100.9")  # a proto-252 IPv4 route: not ours on an IPv6-only node
+    kernel = FakeKernel({foreign4})
+    backend = HostGwBackend(ctx, kernel=kernel, interval=3600)
+    peer = Lease(IPv4Network("0.0.0.0/0"), LeaseAttrs(IPv4Address(0), "host-gw", None, IPv6Address("2001:db8::2")),
+                 IPv6Network("fd00:10:244:2::/64"))
+
+    async def scenario() -> None:
+        await backend.start(IPv4Network("0.0.0.0/0"), IPv6Network("fd00:10:244:1::/64"))
+        await backend.apply([LeaseAdded(peer)])
+        assert kernel.entries == {foreign4, RouteSpec(IPv6Network("fd00:10:244:2::/64"), ETH0,
+                                                      gateway=IPv6Address("2001:db8::2"))}
+        await backend.apply([LeaseRemoved(peer)])
+        assert kernel.entries == {foreign4}
+        await backend.stop(cleanup=True)
+        assert kernel.entries == {foreign4}
 
     asyncio.run(scenario())

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from ipaddress import IPv4Address, IPv4Network
+from dataclasses import replace
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import pytest
 
@@ -25,6 +26,7 @@ from flanneld_py.backend.kernel_state import (
     VxlanLocal,
     Wanted,
     hostgw_peer_entries,
+    vtep_address,
     vxlan_peer_entries,
 )
 from flanneld_py.backend.reconciler import PassResult, Reconciler
@@ -183,3 +185,73 @@ def test_a_removal_of_what_is_already_gone_is_not_a_failure(node: Node) -> None:
     node.ns.ip("link", "del", "flannel.1")
     failed = node.kernel.change(Plan((), tuple(entries)))  # the device is gone: every add fails, each named
     assert {e for e, _ in failed} == set(entries)
+
+
+NETWORK6 = IPv6Network("fd00:10:244::/48")
+
+
+def dual_stack_leases(count: int) -> list[Lease]:
+    """vxlan leases with both families, as flannel writes them (a VTEP MAC per family)."""
+    out = []
+    for index, lease in enumerate(leases(count, vxlan=True)):
+        subnet6 = IPv6Network((int(NETWORK6.network_address) + ((index + 1) << 64), 64))
+        mac6 = "02:f6:" + ":".join(f"{(index >> s) & 0xFF:02x}" for s in (24, 16, 8, 0))
+        attrs = replace(lease.attrs, public_ipv6=IPv6Address(f"2001:db8::{index + 10:x}"),
+                        backend_v6_data={"VNI": 1, "VtepMAC": mac6})
+        out.append(Lease(lease.subnet, attrs, subnet6))
+    return out
+
+
+def ipv6_state(node: Node) -> tuple[set[tuple[str, str, str]], set[tuple[str, str]], set[tuple[str, str]], set[str]]:
+    """IPv6 routes of proto 252, flannel-v6.1's permanent neighbours, FDB entries and global addresses, by iproute2."""
+    routes = {(r["dst"], r.get("gateway", ""), r["dev"])
+              for r in json.loads(node.ns.ip("-6", "-j", "route", "show", "proto", "252").stdout or "[]")}
+    neighbours = {(n["dst"], n["lladdr"]) for n in json.loads(
+        node.ns.ip("-6", "-j", "neigh", "show", "dev", "flannel-v6.1", "nud", "permanent").stdout or "[]")}
+    fdb = {(f["mac"], f["dst"]) for f in json.loads(
+        node.ns.sh("bridge", "-j", "fdb", "show", "dev", "flannel-v6.1").stdout or "[]") if "dst" in f}
+    addresses = {f"{a['local']}/{a['prefixlen']}" for link in json.loads(
+        node.ns.ip("-6", "-j", "addr", "show", "dev", "flannel-v6.1").stdout or "[]")
+        for a in link.get("addr_info", []) if a.get("scope") == "global"}
+    return routes, neighbours, fdb, addresses
+
+
+def test_dual_stack_entries_are_added_read_back_repaired_and_removed_in_both_families(node: Node) -> None:
+    node.ns.ip("addr", "add", "2001:db8::1/64", "dev", "eth0", "nodad")
+    node.ns.ip("link", "add", "flannel-v6.1", "type", "vxlan", "id", "1", "dev", "eth0", "local", "2001:db8::1",
+               "dstport", "8472", "nolearning")
+    node.ns.ip("link", "set", "flannel-v6.1", "up")
+    v6dev = node.netlink.require_index("flannel-v6.1")
+    devices = frozenset({node.flannel1, v6dev})
+    scope = Scope(NETWORK, devices | {node.eth0}, devices, NETWORK6)
+    local = VxlanLocal(node.flannel1, node.eth0, UNDERLAY, direct_routing=False)
+    local6 = VxlanLocal(v6dev, node.eth0, IPv6Network("2001:db8::/64"), direct_routing=False)
+    peers = dual_stack_leases(200)
+    own = {vtep_address(node.flannel1, IPv4Network("10.244.0.0/26")),
+           vtep_address(v6dev, IPv6Network("fd00:10:244::/64"))}
+    entries = frozenset(e for lease in peers for e in vxlan_peer_entries(local, lease, local6).entries) | own
+    wanted = Wanted(scope, entries)
+    reconciler = Reconciler(node.kernel, lambda: wanted)
+
+    first = reconciler.run_pass()
+    assert first.failed == () and len(first.added) == len(entries)
+    v6 = frozenset(e for e in entries if e.ifindex == v6dev)
+    routes, neighbours, fdb, addresses = ipv6_state(node)
+    assert routes == {(str(e.dst), str(e.gateway), "flannel-v6.1") for e in v6 if isinstance(e, RouteSpec)}
+    assert neighbours == {(str(e.ip), e.mac) for e in v6 if isinstance(e, NeighSpec)}
+    assert fdb == {(e.mac, str(e.dst)) for e in v6 if isinstance(e, FdbSpec)}
+    assert addresses == {"fd00:10:244::/128"}
+    assert set(node.kernel.dump(scope)) == entries  # the kernel's fe80:: address is not listed as ours
+    assert reconciler.run_pass() == PassResult()
+
+    route = next(e for e in v6 if isinstance(e, RouteSpec))
+    node.ns.ip("-6", "route", "del", str(route.dst), "dev", "flannel-v6.1")
+    node.ns.ip("-6", "route", "add", "fd00:10:244:ffff::/64", "dev", "flannel-v6.1", "proto", "252")  # a stray
+    repaired = reconciler.run_pass()
+    assert repaired.added == (route,)
+    assert [str(e.dst) for e in repaired.removed if isinstance(e, RouteSpec)] == ["fd00:10:244:ffff::/64"]
+
+    wanted = Wanted(scope, frozenset())
+    removed = reconciler.run_pass()
+    assert removed.failed == () and len(removed.removed) == len(entries)
+    assert ipv6_state(node) == (set(), set(), set(), set()) and kernel_state(node) == (set(), set(), set())

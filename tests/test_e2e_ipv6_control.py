@@ -1,8 +1,9 @@
 """IPv6's control plane with real daemons in namespaces: a dual-stack underlay (198.51.100.0/24
 plus 2001:db8::/64), pods 10.244.0.0/16 and fd00:10:244::/56, the lab's real etcd.
 
-No backend of ours carries IPv6 yet, so our daemon must refuse a dual-stack config in one line
-(and a node without an IPv6 address in another). Compatibility is checked against flannel's
+The udp backend does not carry IPv6 yet, so our daemon must refuse a dual-stack udp config in
+one line (and a node without an IPv6 address in another); vxlan and host-gw, dual-stack and
+IPv6-only, run end to end in ``test_e2e_ipv6_kernel.py``. Compatibility is checked against flannel's
 own flanneld v0.20.2: its dual-stack vxlan lease is parsed by our code exactly, and a
 dual-stack record in our format is one flanneld takes (it programs both routes to it).
 """

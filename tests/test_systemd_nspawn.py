@@ -222,7 +222,7 @@ def set_defaults(node: BootedNode, values: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize(("setting", "needle", "restarts"), [
-    ({"FLANNELD_IFACE": "nope0"}, "'nope0': set --iface", True),
+    ({"FLANNELD_IFACE": "nope0"}, "--iface=nope0: no interface named nope0): set --iface", True),
     ({"FLANNELD_SUBNET_LEASE_TTL": "soon"}, "FLANNELD_SUBNET_LEASE_TTL='soon'", False),
 ])
 def test_a_configuration_mistake_is_one_journal_line(node: BootedNode, setting: dict[str, str], needle: str,

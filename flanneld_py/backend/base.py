@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from ipaddress import IPv4Address, IPv4Network, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any, Protocol, runtime_checkable
 
 from ..core.lease import LeaseAttrs, LeaseEvent
@@ -49,6 +49,14 @@ class BackendContext:
     netlink: Netlink
     offload: bool = True
     public_ipv6: IPv6Address | None = None  # set with EnableIPv6: --public-ipv6 or the interface's
+    ipv6_prefix: IPv6Network | None = None  # the interface's IPv6 prefix holding public_ipv6, if it has one
+
+    @property
+    def ipv6_segment(self) -> IPv6Network | None:
+        """Where IPv6 next hops are on-link (host-gw, DirectRouting): our prefix, else our PublicIPv6 alone."""
+        if self.public_ipv6 is None:
+            return None
+        return self.ipv6_prefix or IPv6Network((self.public_ipv6, 128))
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,11 +139,14 @@ class CountsBatches(Protocol):
 @runtime_checkable
 class CarriesIPv6(Protocol):
     """A backend that carries IPv6 pod traffic: the families it carries (``{4, 6}``; ``{6}`` would
-    be IPv6-only) and what it publishes as ``BackendV6Data`` (None: nothing, as host-gw)."""
+    be IPv6-only), what it publishes as ``BackendV6Data`` (None: nothing, as host-gw), and a
+    ``start`` that also takes our IPv6 subnet (None without EnableIPv6)."""
 
     families: frozenset[int]
 
     def backend_v6_data(self) -> Any: ...
+
+    async def start(self, own_subnet: IPv4Network, own_subnet6: IPv6Network | None = None) -> None: ...
 
 
 def families_of(backend: Backend) -> frozenset[int]:

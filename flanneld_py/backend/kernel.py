@@ -13,13 +13,14 @@ import errno
 import os
 import threading
 from collections.abc import Iterable
-from ipaddress import IPv4Address, IPv4Interface
+from ipaddress import ip_address, ip_interface
 from typing import Protocol
 
 from ..netlink import RTPROT_FLANNEL, Netlink, RouteSpec
 from ..netlink.batch import (
     AF_BRIDGE,
     AF_INET,
+    AF_INET6,
     NUD_PERMANENT,
     Request,
     RouteRecord,
@@ -57,7 +58,7 @@ class Kernel(Protocol):
         ...
 
 
-NeighbourKey = tuple[str, int, bytes, bytes]  # "neigh", "fdb" or "addr", device, raw IPv4 address, MAC or prefix
+NeighbourKey = tuple[str, int, bytes, bytes]  # "neigh", "fdb" or "addr", device, raw IPv4/IPv6 address, MAC or prefix
 RawKey = bytes | NeighbourKey  # a route's: its whole message
 
 
@@ -67,10 +68,10 @@ def _entry_of(key: RawKey, route: RouteRecord | None) -> Entry:
     assert isinstance(key, tuple)
     kind, index, ip, mac = key
     if kind == "neigh":
-        return NeighSpec(index, IPv4Address(ip), mac.hex(":"))
+        return NeighSpec(index, ip_address(ip), mac.hex(":"))
     if kind == "addr":
-        return AddrSpec(index, IPv4Interface((IPv4Address(ip), mac[0])))
-    return FdbSpec(index, mac.hex(":"), IPv4Address(ip))
+        return AddrSpec(index, ip_interface((ip_address(ip), mac[0])))
+    return FdbSpec(index, mac.hex(":"), ip_address(ip))
 
 
 def _request(entry: Entry, delete: bool) -> Request:
@@ -122,21 +123,28 @@ class NetlinkKernel:
         self._entries: dict[RawKey, Entry] = {}  # the last dump's entries by raw key
 
     def dump(self, scope: Scope) -> list[Entry]:
-        """What we own, as the same entry objects from pass to pass while the kernel is unchanged."""
+        """What we own, as the same entry objects from pass to pass while the kernel is unchanged.
+
+        IPv6 routes, addresses and neighbours are listed only for a scope with an IPv6 network.
+        """
+        families = tuple(family for family, network in ((AF_INET, scope.network), (AF_INET6, scope.network6))
+                         if network is not None)
         with self._lister.lock:
             rtnl = self._lister.get()
             seen: dict[RawKey, Entry] = {}
             out: list[Entry] = []
-            for raw, found in rtnl.route_messages(RTPROT_FLANNEL):
-                route = self._known(seen, raw, found)
-                if in_scope(scope, route):
-                    out.append(route)
+            for family in families:
+                for raw, found in rtnl.route_messages(RTPROT_FLANNEL, family=family):
+                    route = self._known(seen, raw, found)
+                    if in_scope(scope, route):
+                        out.append(route)
             for index in sorted(scope.device_ifindexes):
-                for address in rtnl.ipv4_addresses(index):
-                    out.append(self._known(seen, ("addr", index, address.ip.packed, bytes([address.network.prefixlen])), None))
-                for state, ip, mac in rtnl.neighbour_keys(AF_INET, index):
-                    if state & NUD_PERMANENT:
-                        out.append(self._known(seen, ("neigh", index, ip, mac), None))
+                for family in families:
+                    for ip, prefixlen in rtnl.address_keys(family, index):
+                        out.append(self._known(seen, ("addr", index, ip, bytes([prefixlen])), None))
+                    for state, ip, mac in rtnl.neighbour_keys(family, index):
+                        if state & NUD_PERMANENT:
+                            out.append(self._known(seen, ("neigh", index, ip, mac), None))
                 for _state, ip, mac in rtnl.neighbour_keys(AF_BRIDGE, index):
                     out.append(self._known(seen, ("fdb", index, ip, mac), None))
             self._entries = seen

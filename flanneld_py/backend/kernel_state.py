@@ -3,7 +3,8 @@
 No I/O here: the backends and the reconciler (:mod:`.reconciler`, over
 :mod:`.kernel`) turn these records into netlink calls, and tests check the mappings without a kernel.
 Routes reuse :class:`~flanneld_py.netlink.RouteSpec` (a plain dataclass);
-addresses, neighbours and FDB entries are defined here.
+addresses, neighbours and FDB entries are defined here. Every record holds
+IPv4 or IPv6 addresses alike: a dual-stack peer simply wants more entries.
 
 A backend's whole wish is a :class:`Wanted`: the entries it wants plus the
 :class:`Scope` of entries it owns. Only entries inside the scope are ever
@@ -16,7 +17,7 @@ import random
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network, ip_interface
 from typing import Any
 
 from ..core.lease import Lease
@@ -40,12 +41,13 @@ __all__ = [
     "plan",
     "random_vtep_mac",
     "udp_own_entries",
+    "vtep_address",
     "vxlan_backend_data",
-    "vxlan_own_entries",
     "vxlan_peer_entries",
 ]
 
 VXLAN_OVERHEAD = 50  # outer Ethernet 14 + IPv4 20 + UDP 8 + VXLAN 8
+VXLAN_V6_OVERHEAD = 70  # the same over an IPv6 underlay (outer header 40)
 _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
@@ -54,18 +56,18 @@ _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 @dataclass(frozen=True, slots=True)
 class AddrSpec:
-    """An IPv4 address on one of our devices."""
+    """An address on one of our devices."""
 
     ifindex: int
-    address: IPv4Interface
+    address: IPv4Interface | IPv6Interface
 
 
 @dataclass(frozen=True, slots=True)
 class NeighSpec:
-    """A permanent neighbour (ARP) entry: ``ip`` answers at ``mac`` on device ``ifindex``."""
+    """A permanent neighbour (ARP or NDP) entry: ``ip`` answers at ``mac`` on device ``ifindex``."""
 
     ifindex: int
-    ip: IPv4Address
+    ip: IPv4Address | IPv6Address
     mac: str
 
 
@@ -75,7 +77,7 @@ class FdbSpec:
 
     ifindex: int
     mac: str
-    dst: IPv4Address
+    dst: IPv4Address | IPv6Address
 
 
 Entry = AddrSpec | RouteSpec | NeighSpec | FdbSpec
@@ -86,14 +88,16 @@ class Scope:
     """Which kernel entries are ours.
 
     Routes: protocol 252 (the netlink layer's RTPROT_FLANNEL), a destination
-    inside ``network``, through one of ``route_ifindexes``. Addresses,
-    permanent neighbours and FDB entries: everything on ``device_ifindexes``
-    (devices we created).
+    inside ``network`` (IPv4, unless IPv6-only) or ``network6`` (IPv6, with EnableIPv6),
+    through one of ``route_ifindexes``. Addresses, permanent neighbours and
+    FDB entries: everything on ``device_ifindexes`` (devices we created) but
+    the kernel's own link-local addresses.
     """
 
-    network: IPv4Network
+    network: IPv4Network | None  # None: IPv6-only, no IPv4 route is ours
     route_ifindexes: frozenset[int]
     device_ifindexes: frozenset[int] = frozenset()
+    network6: IPv6Network | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,18 +128,18 @@ class Plan:
 
 @dataclass(frozen=True, slots=True)
 class VxlanLocal:
-    """Our side of the vxlan datapath, as the peer mapping needs it."""
+    """Our side of one family's vxlan datapath (``flannel.N`` or ``flannel-v6.N``), as the peer mapping needs it."""
 
     device_index: int
     underlay_index: int
-    underlay: IPv4Network  # the underlay interface's subnet (for DirectRouting)
+    underlay: IPv4Network | IPv6Network  # the underlay interface's prefix of this family (for DirectRouting)
     direct_routing: bool
 
 
 @dataclass(frozen=True, slots=True)
 class HostGwLocal:
     underlay_index: int
-    underlay: IPv4Network
+    underlay: IPv4Network | IPv6Network  # the segment of this family's next hops
     iface_name: str
 
 
@@ -163,44 +167,96 @@ def _peer_vtep_mac(data: Any) -> str | None:
     return mac.lower()
 
 
-def vxlan_peer_entries(local: VxlanLocal, lease: Lease) -> PeerEntries:
-    """flannel's vxlan peer handling.
+def _vxlan_family(local: VxlanLocal, subnet: IPv4Network | IPv6Network, public: IPv4Address | IPv6Address,
+                  data: Any, field: str) -> PeerEntries:
+    """One family of flannel's vxlan peer handling.
 
-    DirectRouting and a peer on our underlay subnet: one plain route via its
-    PublicIP. Otherwise: neighbour (peer subnet address -> VtepMAC), FDB
-    (VtepMAC -> PublicIP), and ``<subnet> via <subnet address> dev flannel.N onlink``.
+    DirectRouting and a peer on our underlay prefix: one plain route via its
+    public address. Otherwise: neighbour (peer subnet address -> VtepMAC), FDB
+    (VtepMAC -> public address), and ``<subnet> via <subnet address> dev <vtep> onlink``.
     """
-    public_ip = lease.attrs.public_ip
-    if local.direct_routing and public_ip in local.underlay:
-        route = RouteSpec(lease.subnet, local.underlay_index, gateway=public_ip)
-        return PeerEntries(frozenset({route}), summary=f"via {public_ip} (direct route)")
-    mac = _peer_vtep_mac(lease.attrs.backend_data)
+    if local.direct_routing and public in local.underlay:
+        route = RouteSpec(subnet, local.underlay_index, gateway=public)
+        return PeerEntries(frozenset({route}), summary=f"{_named(subnet)}via {public} (direct route)")
+    mac = _peer_vtep_mac(data)
     if mac is None:
-        return PeerEntries(refused=f"its BackendData {lease.attrs.backend_data!r} has no valid VtepMAC")
-    gateway = lease.subnet.network_address
+        return PeerEntries(refused=f"its {field} {data!r} has no valid VtepMAC")
+    gateway = subnet.network_address
     entries: frozenset[Entry] = frozenset({
         NeighSpec(local.device_index, gateway, mac),
-        FdbSpec(local.device_index, mac, public_ip),
-        RouteSpec(lease.subnet, local.device_index, gateway=gateway, onlink=True),
+        FdbSpec(local.device_index, mac, public),
+        RouteSpec(subnet, local.device_index, gateway=gateway, onlink=True),
     })
-    return PeerEntries(entries, summary=f"via {public_ip} (VTEP {mac})")
+    return PeerEntries(entries, summary=f"{_named(subnet)}via {public} (VTEP {mac})")
 
 
-def vxlan_own_entries(device_index: int, own_subnet: IPv4Network) -> frozenset[Entry]:
-    """The VTEP's address: ``<subnet address>/32``, so the kernel adds no subnet route."""
-    return frozenset({AddrSpec(device_index, IPv4Interface((own_subnet.network_address, 32)))})
+def _named(subnet: IPv4Network | IPv6Network) -> str:
+    """The IPv6 part of a peer's log line names its subnet (the line starts with the IPv4 one)."""
+    return f"{subnet} " if subnet.version == 6 else ""
 
 
-def hostgw_peer_entries(local: HostGwLocal, lease: Lease) -> PeerEntries:
-    """flannel's host-gw ``GetRoute``: ``<subnet> via <PublicIP> dev <iface>``, on-segment peers only."""
-    public_ip = lease.attrs.public_ip
-    if public_ip not in local.underlay:
+def _both(v4: PeerEntries | None, v6: PeerEntries | None) -> PeerEntries:
+    """One peer's two families as one: refused if either is (IPv6's reason says so)."""
+    if v6 is not None and v6.refused is not None:
+        return PeerEntries(refused=f"IPv6: {v6.refused}")
+    parts = [p for p in (v4, v6) if p is not None]
+    for part in parts:
+        if part.refused is not None:
+            return part
+    return PeerEntries(frozenset().union(*(p.entries for p in parts)), summary=", ".join(p.summary for p in parts))
+
+
+def _ipv6_part(lease: Lease) -> tuple[IPv6Network, IPv6Address] | str | None:
+    """The peer's IPv6 subnet and PublicIPv6; None if it has no IPv6 subnet; why not, if it lacks the address."""
+    if lease.subnet6 is None:
+        return None
+    if lease.attrs.public_ipv6 is None:
+        return f"it leases {lease.subnet6} but publishes no PublicIPv6"
+    return lease.subnet6, lease.attrs.public_ipv6
+
+
+def vxlan_peer_entries(local: VxlanLocal | None, lease: Lease, local6: VxlanLocal | None = None) -> PeerEntries:
+    """flannel's vxlan peer handling, per family we carry (``local``: IPv4, ``local6``: IPv6).
+
+    A peer without an IPv6 subnet (an IPv4-only node) gets its IPv4 entries only.
+    """
+    v4 = None if local is None else _vxlan_family(
+        local, lease.subnet, lease.attrs.public_ip, lease.attrs.backend_data, "BackendData")
+    v6 = None
+    six = _ipv6_part(lease) if local6 is not None else None
+    if isinstance(six, str):
+        v6 = PeerEntries(refused=six)
+    elif six is not None and local6 is not None:
+        v6 = _vxlan_family(local6, six[0], six[1], lease.attrs.backend_v6_data, "BackendV6Data")
+    return _both(v4, v6)
+
+
+def vtep_address(device_index: int, own_subnet: IPv4Network | IPv6Network) -> AddrSpec:
+    """A VTEP's address: ``<subnet address>/32`` (``/128``), so the kernel adds no subnet route."""
+    return AddrSpec(device_index, ip_interface((own_subnet.network_address, own_subnet.max_prefixlen)))
+
+
+def _hostgw_family(local: HostGwLocal, subnet: IPv4Network | IPv6Network,
+                   public: IPv4Address | IPv6Address, field: str) -> PeerEntries:
+    if public not in local.underlay:
         return PeerEntries(refused=(
-            f"its PublicIP {public_ip} is not on {local.iface_name}'s segment {local.underlay}; "
+            f"its {field} {public} is not on {local.iface_name}'s segment {local.underlay}; "
             "host-gw needs every node on one L2 segment (use vxlan across segments)"
         ))
-    route = RouteSpec(lease.subnet, local.underlay_index, gateway=public_ip)
-    return PeerEntries(frozenset({route}), summary=f"via {public_ip} dev {local.iface_name}")
+    route = RouteSpec(subnet, local.underlay_index, gateway=public)
+    return PeerEntries(frozenset({route}), summary=f"{_named(subnet)}via {public} dev {local.iface_name}")
+
+
+def hostgw_peer_entries(local: HostGwLocal | None, lease: Lease, local6: HostGwLocal | None = None) -> PeerEntries:
+    """flannel's host-gw ``GetRoute`` per family: ``<subnet> via <PublicIP(v6)> dev <iface>``, on-segment peers only."""
+    v4 = None if local is None else _hostgw_family(local, lease.subnet, lease.attrs.public_ip, "PublicIP")
+    v6 = None
+    six = _ipv6_part(lease) if local6 is not None else None
+    if isinstance(six, str):
+        v6 = PeerEntries(refused=six)
+    elif six is not None and local6 is not None:
+        v6 = _hostgw_family(local6, six[0], six[1], "PublicIPv6")
+    return _both(v4, v6)
 
 
 def udp_own_entries(network: IPv4Network, own_subnet: IPv4Network, tun_index: int) -> Wanted:
@@ -219,12 +275,15 @@ def udp_own_entries(network: IPv4Network, own_subnet: IPv4Network, tun_index: in
 def in_scope(scope: Scope, entry: Entry) -> bool:
     """True if ``entry`` (as found in the kernel, or wanted) is one we own."""
     if isinstance(entry, RouteSpec):
-        return entry.ifindex in scope.route_ifindexes and _inside(entry.dst, scope.network)
+        if entry.ifindex not in scope.route_ifindexes:
+            return False
+        network = scope.network if entry.dst.version == 4 else scope.network6
+        return network is not None and _inside(entry.dst, network)
     return entry.ifindex in scope.device_ifindexes
 
 
-def _inside(subnet: IPv4Network, network: IPv4Network) -> bool:
-    """``subnet.subnet_of(network)`` in integer arithmetic (run for every entry of every pass)."""
+def _inside(subnet: IPv4Network | IPv6Network, network: IPv4Network | IPv6Network) -> bool:
+    """``subnet.subnet_of(network)`` in integer arithmetic, one family (run for every entry of every pass)."""
     return (subnet.prefixlen >= network.prefixlen
             and int(subnet.network_address) & int(network.netmask) == int(network.network_address))
 

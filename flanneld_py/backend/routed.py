@@ -17,9 +17,10 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Hashable, Sequence
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
-from ..core.lease import Lease, LeaseAdded, LeaseAttrs, LeaseEvent, LeaseRemoved
+from ..core.lease import Lease, LeaseAdded, LeaseAttrs, LeaseEvent, LeaseRemoved, SubnetPair
+from ..core.netconfig import NO_IPV4_SUBNET
 from .base import BackendContext, PeerStats
 from .kernel import Kernel, NetlinkKernel
 from .kernel_state import Entry, PeerEntries, Plan, Scope, Wanted, plan
@@ -31,6 +32,14 @@ __all__ = ["RoutedBackend"]
 log = logging.getLogger(__name__)
 
 PEER_LINES_LIMIT = 50  # lease events in one batch that still get a log line each at INFO
+
+
+def _subnets(lease: Lease) -> str:
+    """A peer in log lines: its IPv4 subnet (the IPv6 one follows in the entries' summary), or its
+    IPv6 subnet alone for an IPv6-only peer."""
+    if lease.subnet == NO_IPV4_SUBNET and lease.subnet6 is not None:
+        return str(lease.subnet6)
+    return str(lease.subnet)
 
 
 class RoutedBackend:
@@ -48,11 +57,11 @@ class RoutedBackend:
         self.ctx = ctx
         self._kernel: Kernel = kernel if kernel is not None else NetlinkKernel(ctx.netlink)
         self._interval = interval
-        self._peers: dict[IPv4Network, Lease] = {}
+        self._peers: dict[SubnetPair, Lease] = {}  # by lease key: both subnets (IPv6-only leases share the IPv4 one)
         # What the accepted peers want, kept by the event loop; the reconcile thread
         # copies it under the lock.
         self._lock = threading.Lock()
-        self._wants: dict[IPv4Network, frozenset[Entry]] = {}
+        self._wants: dict[SubnetPair, frozenset[Entry]] = {}
         self._counts: Counter[Entry] = Counter()  # how many peers want each entry
         self._wants_for: Hashable = None  # the device state ``_wants`` was computed for
         self._version = 0  # counts lease batches applied
@@ -60,6 +69,7 @@ class RoutedBackend:
         self._listed = False  # the first lease listing since start was applied
         self._recounted = False  # the device changed: a full pass must follow
         self._own_subnet: IPv4Network | None = None
+        self._own_subnet6: IPv6Network | None = None
         self._loop: ReconcileLoop | None = None
 
     # --- hooks -----------------------------------------------------------------------------
@@ -102,8 +112,9 @@ class RoutedBackend:
 
     # --- Backend ---------------------------------------------------------------------------
 
-    async def start(self, own_subnet: IPv4Network) -> None:
-        self._own_subnet = own_subnet
+    async def start(self, own_subnet: IPv4Network, own_subnet6: IPv6Network | None = None) -> None:
+        """Set up for our subnets (``own_subnet6`` with EnableIPv6: :class:`~.base.CarriesIPv6`'s start)."""
+        self._own_subnet, self._own_subnet6 = own_subnet, own_subnet6
         await asyncio.to_thread(self._setup, own_subnet)
         self._wants_for = self._device_state()
         self._loop = ReconcileLoop(Reconciler(self._kernel, self._wanted), self.type_name,
@@ -131,16 +142,16 @@ class RoutedBackend:
 
     async def apply(self, events: Sequence[LeaseEvent]) -> None:
         assert self._loop is not None, "apply() before start()"
-        updates: list[tuple[IPv4Network, frozenset[Entry]]] = []
+        updates: list[tuple[SubnetPair, frozenset[Entry]]] = []
         # one line per peer, unless a listing brings thousands: then one line in all, and each peer's at -v
         level = logging.INFO if len(events) <= PEER_LINES_LIMIT else logging.DEBUG
         verbs: Counter[str] = Counter()
         with self._lock:
             for event in events:
                 if isinstance(event, LeaseAdded):
-                    updates.append((event.lease.subnet, self._accept(event.lease, level, verbs)))
+                    updates.append((event.lease.key, self._accept(event.lease, level, verbs)))
                 elif isinstance(event, LeaseRemoved):
-                    updates.append((event.lease.subnet, self._forget(event.lease, level, verbs)))
+                    updates.append((event.lease.key, self._forget(event.lease, level, verbs)))
         if level != logging.INFO:
             log.info("peers: %s (%d in all; each peer's line at -v)",
                      ", ".join(f"{n} {verb}" for verb, n in sorted(verbs.items())) or "none changed", len(self._peers))
@@ -154,7 +165,7 @@ class RoutedBackend:
             self._listed, self._recounted = True, False
             await self._loop.sync("peers")
 
-    def _count(self, updates: Sequence[tuple[IPv4Network, frozenset[Entry]]]) -> Plan:
+    def _count(self, updates: Sequence[tuple[SubnetPair, frozenset[Entry]]]) -> Plan:
         """Record what each updated peer now wants; the plan for the entries whose wanted-ness flipped.
 
         Only those entries: without listing the kernel, so a lease event costs what it changes.
@@ -165,10 +176,10 @@ class RoutedBackend:
                 self._recount()
                 return Plan((), ())
             changes: list[tuple[frozenset[Entry], frozenset[Entry]]] = []
-            for subnet, new in updates:  # in order: a batch may change one subnet twice
-                changes.append((self._wants.pop(subnet, frozenset()), new))
+            for key, new in updates:  # in order: a batch may change one lease twice
+                changes.append((self._wants.pop(key, frozenset()), new))
                 if new:
-                    self._wants[subnet] = new
+                    self._wants[key] = new
             touched: set[Entry] = set().union(*(old | new for old, new in changes))
             before = frozenset(e for e in touched if self._counts[e] > 0)
             for old, new in changes:
@@ -183,35 +194,35 @@ class RoutedBackend:
 
     def _recount(self) -> None:
         """After a device was recreated (new ifindex), every peer's entries are new ones."""
-        self._wants = {s: self._peer_entries(lease).entries for s, lease in self._peers.items()}
+        self._wants = {key: self._peer_entries(lease).entries for key, lease in self._peers.items()}
         self._counts = Counter(e for entries in self._wants.values() for e in entries)
         self._wants_for = self._device_state()
         self._recounted = True
 
     def _accept(self, lease: Lease, level: int, verbs: Counter[str]) -> frozenset[Entry]:
         """Record a new or changed peer; the entries it wants (none if it is ignored or refused)."""
-        subnet = lease.subnet
+        name, key, address = _subnets(lease), lease.key, lease.attrs.node_address
         if lease.attrs.backend_type != self.type_name:
             log.warning("peer %s (%s) uses backend %r, not %s; ignoring it",
-                        subnet, lease.attrs.public_ip, lease.attrs.backend_type, self.type_name)
-            self._peers.pop(subnet, None)
+                        name, address, lease.attrs.backend_type, self.type_name)
+            self._peers.pop(key, None)
             return frozenset()
         wants = self._peer_entries(lease)
         if wants.refused is not None:
-            log.error("peer %s (%s) refused: %s", subnet, lease.attrs.public_ip, wants.refused)
-            self._peers.pop(subnet, None)
+            log.error("peer %s (%s) refused: %s", name, address, wants.refused)
+            self._peers.pop(key, None)
             return frozenset()
-        verb = "updated" if subnet in self._peers else "added"
-        self._peers[subnet] = lease
+        verb = "updated" if key in self._peers else "added"
+        self._peers[key] = lease
         verbs[verb] += 1
-        log.log(level, "peer %s: %s %s", verb, subnet, wants.summary)
+        log.log(level, "peer %s: %s %s", verb, name, wants.summary)
         return wants.entries
 
     def _forget(self, lease: Lease, level: int, verbs: Counter[str]) -> frozenset[Entry]:
-        old = self._peers.pop(lease.subnet, None)
+        old = self._peers.pop(lease.key, None)
         if old is not None:
             verbs["removed"] += 1
-            log.log(level, "peer removed: %s (was %s)", old.subnet, old.attrs.public_ip)
+            log.log(level, "peer removed: %s (was %s)", _subnets(old), old.attrs.node_address)
         return frozenset()
 
     def is_up(self) -> bool:

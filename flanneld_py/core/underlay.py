@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface, IPv6Network
 
 __all__ = ["Link", "NoUnderlay", "RouteHint", "Underlay", "UnderlayChoice", "choose_public_ipv6", "choose_underlay",
            "usable_addresses"]
@@ -97,6 +97,14 @@ def choose_public_ipv6(link: Link, public_ipv6: str | None) -> IPv6Address:
                      "give --public-ipv6, or turn EnableIPv6 off")
 
 
+def ipv6_prefix(link: Link, address: IPv6Address) -> IPv6Network | None:
+    """The prefix of ``link``'s IPv6 address ``address`` (the segment of IPv6 next hops), if the link has it."""
+    for found in link.addresses6:
+        if found.ip == address:
+            return found.network
+    return None
+
+
 def _global_unicast(address: IPv4Address) -> bool:
     """Go's ``net.IP.IsGlobalUnicast`` for IPv4 (private ranges count as global)."""
     return not (address.is_unspecified or address.is_loopback or address.is_multicast
@@ -135,7 +143,8 @@ def choose_underlay(links: Sequence[Link], choice: UnderlayChoice, default_route
             return _result(*_by_route(links, can_reach), choice, skipped)
         except NoUnderlay as exc:
             skipped.append(f"--iface-can-reach={choice.iface_can_reach}: {exc}")
-    raise NoUnderlay("no interface matches the interface flags (" + "; ".join(skipped) + ")")
+    raise NoUnderlay("no interface matches the interface flags (" + "; ".join(skipped) + "): set --iface, "
+                     "--iface-regex or --iface-can-reach (FLANNELD_IFACE, ...) to the underlay interface")
 
 
 def _result(link: Link, address: IPv4Interface, choice: UnderlayChoice, skipped: Sequence[str]) -> Underlay:

@@ -7,6 +7,9 @@ Layout (``<tag>`` is unique per run)::
     fp<tag>n1   eth0 198.51.100.1/24   flanneld-py, cni0, flannel0
     fp<tag>n1p1 eth0 10.244.x.y        a pod of node 1
 
+With ``underlay6`` every node's eth0 also has ``2001:db8::<index>/64`` (a dual-stack
+underlay, for configs with ``EnableIPv6``) and forwards IPv6.
+
 A node may run another daemon (``node_daemons``, e.g. flannel's own flanneld) and a pod may be
 wired by another CNI plugin (``CniPlugin``); ``lab/flannel.py`` has flannel's.
 """
@@ -23,7 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
 from typing import Any
 
 from ..core.subnetenv import SubnetEnv
@@ -35,6 +38,7 @@ from .netns import Netns, run, unique_tag
 __all__ = ["REFERENCE_CNI", "Cluster", "CniPlugin", "DaemonArgv", "Node", "Pod", "cni_plugin_argv"]
 
 UNDERLAY = IPv4Network("198.51.100.0/24")
+UNDERLAY6 = IPv6Network("2001:db8::/64")
 ETCD_HOST = "198.51.100.254"
 PREFIX = "/coreos.com/network"
 REFERENCE_CNI = "/usr/lib/cni"  # Debian's containernetworking-plugins: bridge, host-local, portmap
@@ -70,13 +74,19 @@ class Pod:
     name: str
     node: Node
     netns: Netns
-    ip: IPv4Interface
+    ip: IPv4Interface | None  # None: an IPv6-only pod (see ip6)
     result: dict  # type: ignore[type-arg]
     container_id: str
     plugin: CniPlugin | None = None  # None: flannel-py wired it
 
     def sh(self, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return self.netns.sh(*cmd, check=check, timeout=timeout)
+
+    @property
+    def ip6(self) -> IPv6Interface | None:
+        """The pod's IPv6 address from the CNI result (None on an IPv4-only network)."""
+        found = [entry["address"] for entry in self.result.get("ips", []) if ":" in entry["address"]]
+        return IPv6Interface(found[0]) if found else None
 
     def ping(self, address: str, count: int = 1, timeout: float = 2) -> bool:
         proc = self.sh("ping", "-c", str(count), "-W", str(int(timeout)), "-i", "0.2", address, check=False)
@@ -93,6 +103,7 @@ class Node:
     daemon: subprocess.Popen[bytes] | None = None
     pods: list[Pod] = field(default_factory=list)
     serves_cni: bool = True  # False for a daemon that is not flanneld-py (no CNI socket to wait for)
+    address6: str | None = None  # its IPv6 underlay address, with ``underlay6``
 
     @property
     def subnet_file(self) -> str:
@@ -155,6 +166,7 @@ class Cluster:
         daemon_argv_builder: DaemonArgv | None = None,
         wait_for_cni_socket: bool = True,
         node_daemons: Mapping[int, DaemonArgv] | None = None,
+        underlay6: bool = False,
     ) -> None:
         self.tag = tag or unique_tag()
         self.node_count = nodes
@@ -171,6 +183,7 @@ class Cluster:
         self.wait_for_cni_socket = wait_for_cni_socket
         self._node_daemons = dict(node_daemons or {})
         self._pod_seq = 0
+        self.underlay6 = underlay6
 
     # --- build & tear down ---------------------------------------------------
 
@@ -222,10 +235,15 @@ class Cluster:
         address = str(UNDERLAY.network_address + index)
         self.plug_into_underlay(ns, f"n{index}", address)
         ns.sh("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        address6 = None
+        if self.underlay6:
+            address6 = str(UNDERLAY6.network_address + index)
+            ns.ip("addr", "add", f"{address6}/{UNDERLAY6.prefixlen}", "dev", "eth0", "nodad")
+            ns.sh("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
         workdir = os.path.join(self.workdir, f"n{index}")
         os.makedirs(workdir, exist_ok=True)
         serves_cni = self.wait_for_cni_socket and index not in self._node_daemons
-        node = Node(f"n{index}", index, ns, address, workdir, serves_cni=serves_cni)
+        node = Node(f"n{index}", index, ns, address, workdir, serves_cni=serves_cni, address6=address6)
         self.nodes.append(node)
         return node
 
@@ -371,7 +389,7 @@ class Cluster:
             raise RuntimeError(f"CNI ADD for {name} by {plugin.name if plugin else 'flannel-py'} failed: "
                                f"{proc.stdout} {proc.stderr}")
         result = json.loads(proc.stdout)
-        ip = IPv4Interface(next(entry["address"] for entry in result["ips"] if "." in entry["address"]))
+        ip = next((IPv4Interface(entry["address"]) for entry in result["ips"] if "." in entry["address"]), None)
         pod = Pod(name, node, ns, ip, result, container_id, plugin)
         node.pods.append(pod)
         return pod

@@ -1,6 +1,6 @@
 """A TCP transfer whose both ends print the sha256 of the bytes they moved.
 
-``python3 -m flanneld_py.lab.tcpcheck serve PORT`` accepts one connection and
+``python3 -m flanneld_py.lab.tcpcheck serve PORT`` accepts one connection (IPv4 or IPv6) and
 prints the digest of everything received; ``send HOST PORT NBYTES`` sends
 NBYTES of pseudo-random data and prints its digest. Equal digests mean the
 overlay delivered every byte intact.
@@ -17,7 +17,7 @@ CHUNK = 256 * 1024
 
 
 def serve(port: int, timeout: float = 120.0) -> str:
-    with socket.create_server(("0.0.0.0", port), reuse_port=True) as server:
+    with socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True, reuse_port=True) as server:
         server.settimeout(timeout)
         print("listening", flush=True)
         conn, _ = server.accept()

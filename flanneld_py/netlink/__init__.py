@@ -15,7 +15,7 @@ import errno
 import socket
 import threading
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -47,11 +47,11 @@ class InterfaceInfo:
 
 @dataclass(frozen=True, slots=True)
 class RouteSpec:
-    """One IPv4 route as a backend wants it in the kernel."""
+    """One route as a backend wants it in the kernel (IPv4 or IPv6: the destination's family)."""
 
-    dst: IPv4Network
+    dst: IPv4Network | IPv6Network
     ifindex: int
-    gateway: IPv4Address | None = None
+    gateway: IPv4Address | IPv6Address | None = None
     onlink: bool = False
 
 

@@ -26,11 +26,12 @@ import socket
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network, ip_address
 from typing import NamedTuple
 
 __all__ = [
     "AF_BRIDGE",
+    "AF_INET6",
     "NetlinkBatchError",
     "Request",
     "RouteRecord",
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 AF_INET = socket.AF_INET
+AF_INET6 = socket.AF_INET6
 AF_BRIDGE = 7
 NETLINK_ROUTE = 0
 SOL_NETLINK = 270
@@ -66,6 +68,7 @@ NDA_DST, NDA_LLADDR, NDA_IFINDEX = 1, 2, 8
 NUD_NOARP, NUD_PERMANENT = 0x40, 0x80
 NTF_SELF = 0x02
 IFA_ADDRESS, IFA_LOCAL = 1, 2
+IFA_F_NODAD = 0x02
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_LINKINFO = 1, 3, 18
 IFLA_INFO_KIND = 1
 
@@ -82,6 +85,15 @@ MAX_BATCH = 256  # requests per send: their acknowledgements must fit the receiv
 RECEIVE_BUFFER = 8 << 20
 _CHANGE = NLM_F_REQUEST | NLM_F_ACK
 _REPLACE = _CHANGE | NLM_F_CREATE | NLM_F_REPLACE
+_ADDRESS_BYTES: dict[int, int] = {AF_INET: 4, AF_INET6: 16}
+
+IPAddress = IPv4Address | IPv6Address
+IPNetwork = IPv4Network | IPv6Network
+
+
+def family_of(address: IPAddress | IPNetwork | IPv4Interface | IPv6Interface) -> int:
+    """AF_INET or AF_INET6, from an address, network or interface of either family."""
+    return AF_INET6 if address.version == 6 else AF_INET
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,18 +114,19 @@ def _mac(text: str) -> bytes:
     return bytes.fromhex(text.replace(":", ""))
 
 
-def route_request(dst: IPv4Network, ifindex: int, gateway: IPv4Address | None, onlink: bool,
+def route_request(dst: IPNetwork, ifindex: int, gateway: IPAddress | None, onlink: bool,
                   proto: int, delete: bool = False) -> Request:
     """``ip route replace|del <dst> [via <gateway>] dev <ifindex> [onlink] proto <proto>`` (main table).
 
     A delete names the device and protocol, so it never removes another
-    owner's route to the same destination.
+    owner's route to the same destination. The family is the destination's.
     """
+    family = family_of(dst)
     if delete:
-        head = _RTMSG.pack(AF_INET, dst.prefixlen, 0, 0, RT_TABLE_MAIN, proto, RT_SCOPE_NOWHERE, 0, 0)
+        head = _RTMSG.pack(family, dst.prefixlen, 0, 0, RT_TABLE_MAIN, proto, RT_SCOPE_NOWHERE, 0, 0)
     else:
         scope = RT_SCOPE_LINK if gateway is None else RT_SCOPE_UNIVERSE
-        head = _RTMSG.pack(AF_INET, dst.prefixlen, 0, 0, RT_TABLE_MAIN, proto, scope, RTN_UNICAST,
+        head = _RTMSG.pack(family, dst.prefixlen, 0, 0, RT_TABLE_MAIN, proto, scope, RTN_UNICAST,
                            RTNH_F_ONLINK if onlink else 0)
     body = head + _attr(RTA_DST, dst.network_address.packed) + _attr(RTA_OIF, _U32.pack(ifindex))
     if gateway is not None and not delete:
@@ -121,24 +134,26 @@ def route_request(dst: IPv4Network, ifindex: int, gateway: IPv4Address | None, o
     return Request(RTM_DELROUTE if delete else RTM_NEWROUTE, _CHANGE if delete else _REPLACE, body)
 
 
-def neigh_request(ifindex: int, ip: IPv4Address, mac: str, delete: bool = False) -> Request:
-    """``ip neigh replace|del <ip> lladdr <mac> dev <ifindex> nud permanent``."""
-    body = _NDMSG.pack(AF_INET, ifindex, NUD_PERMANENT, 0, 0) + _attr(NDA_DST, ip.packed)
+def neigh_request(ifindex: int, ip: IPAddress, mac: str, delete: bool = False) -> Request:
+    """``ip neigh replace|del <ip> lladdr <mac> dev <ifindex> nud permanent`` (ARP or NDP by the IP's family)."""
+    body = _NDMSG.pack(family_of(ip), ifindex, NUD_PERMANENT, 0, 0) + _attr(NDA_DST, ip.packed)
     if delete:
         return Request(RTM_DELNEIGH, _CHANGE, body)
     return Request(RTM_NEWNEIGH, _REPLACE, body + _attr(NDA_LLADDR, _mac(mac)))
 
 
-def fdb_request(ifindex: int, mac: str, dst: IPv4Address, delete: bool = False) -> Request:
+def fdb_request(ifindex: int, mac: str, dst: IPAddress, delete: bool = False) -> Request:
     """``bridge fdb replace|del <mac> dev <ifindex> dst <dst> self permanent`` (flannel's AddFDB)."""
     body = (_NDMSG.pack(AF_BRIDGE, ifindex, NUD_PERMANENT | NUD_NOARP, NTF_SELF, 0)
             + _attr(NDA_LLADDR, _mac(mac)) + _attr(NDA_DST, dst.packed))
     return Request(RTM_DELNEIGH if delete else RTM_NEWNEIGH, _CHANGE if delete else _REPLACE, body)
 
 
-def address_request(ifindex: int, address: IPv4Interface, delete: bool = False) -> Request:
-    """``ip addr add|del <address> dev <ifindex>``."""
-    body = (_IFADDRMSG.pack(AF_INET, address.network.prefixlen, 0, RT_SCOPE_UNIVERSE, ifindex)
+def address_request(ifindex: int, address: IPv4Interface | IPv6Interface, delete: bool = False) -> Request:
+    """``ip addr add|del <address> dev <ifindex>`` (IPv6: ``nodad``, as the address is ours alone)."""
+    family = family_of(address)
+    flags = IFA_F_NODAD if family == AF_INET6 else 0
+    body = (_IFADDRMSG.pack(family, address.network.prefixlen, flags, RT_SCOPE_UNIVERSE, ifindex)
             + _attr(IFA_LOCAL, address.ip.packed) + _attr(IFA_ADDRESS, address.ip.packed))
     return Request(RTM_DELADDR if delete else RTM_NEWADDR, _CHANGE if delete else _CHANGE | NLM_F_CREATE, body)
 
@@ -166,9 +181,9 @@ def _messages(data: bytes) -> Iterator[tuple[int, int, int, int]]:
 
 
 class RouteRecord(NamedTuple):
-    dst: IPv4Network
+    dst: IPNetwork
     ifindex: int
-    gateway: IPv4Address | None
+    gateway: IPAddress | None
     onlink: bool
     proto: int
     table: int
@@ -177,16 +192,17 @@ class RouteRecord(NamedTuple):
 _UNPARSED = RouteRecord(IPv4Network("0.0.0.0/0"), 0, None, False, 0, 0)
 
 
-def _route_record(message: bytes) -> RouteRecord | None:
-    """An IPv4 route from an RTM_NEWROUTE body (None for another family)."""
+def _route_record(message: bytes, want: int = AF_INET) -> RouteRecord | None:
+    """A route of family ``want`` from an RTM_NEWROUTE body (None for another family)."""
     family, dst_len, _src, _tos, table, proto, _scope, _type, flags = _RTMSG.unpack_from(message)
-    if family != AF_INET:
+    if family != want:
         return None
     attrs = _attrs(message, _RTMSG.size, len(message))
     table = _U32.unpack(attrs[RTA_TABLE])[0] if RTA_TABLE in attrs else table
-    dst = IPv4Network((int.from_bytes(attrs.get(RTA_DST, b"\0\0\0\0"), "big"), dst_len))
+    raw_dst = int.from_bytes(attrs.get(RTA_DST, b""), "big")
+    dst: IPNetwork = IPv6Network((raw_dst, dst_len)) if family == AF_INET6 else IPv4Network((raw_dst, dst_len))
     oif = _U32.unpack(attrs[RTA_OIF])[0] if RTA_OIF in attrs else 0
-    gateway = IPv4Address(attrs[RTA_GATEWAY]) if RTA_GATEWAY in attrs else None
+    gateway = ip_address(attrs[RTA_GATEWAY]) if RTA_GATEWAY in attrs else None
     return RouteRecord(dst, oif, gateway, bool(flags & RTNH_F_ONLINK), proto, table)
 
 
@@ -203,7 +219,7 @@ class RtnlSocket:
         self._tune()
         self._seq = 0
         self._buffer = bytearray(1 << 16)
-        self._routes: dict[bytes, RouteRecord | None] = {}  # the last route dump, parsed
+        self._routes: dict[tuple[int, bytes], RouteRecord | None] = {}  # the last route dumps, parsed
 
     def _tune(self) -> None:
         for option, value in ((NETLINK_CAP_ACK, 1), (NETLINK_GET_STRICT_CHK, 1)):
@@ -299,20 +315,22 @@ class RtnlSocket:
 
     # --- what the backends read --------------------------------------------------------------
 
-    def routes(self, proto: int | None, table: int = RT_TABLE_MAIN) -> list[RouteRecord]:
-        """The IPv4 routes of ``table``, only those of ``proto`` unless it is None."""
-        return [record for _raw, record in self.route_messages(proto, table)]
+    def routes(self, proto: int | None, table: int = RT_TABLE_MAIN, family: int = AF_INET) -> list[RouteRecord]:
+        """The routes of ``family`` in ``table``, only those of ``proto`` unless it is None."""
+        return [record for _raw, record in self.route_messages(proto, table, family)]
 
-    def route_messages(self, proto: int | None, table: int = RT_TABLE_MAIN) -> list[tuple[bytes, RouteRecord]]:
+    def route_messages(self, proto: int | None, table: int = RT_TABLE_MAIN,
+                       family: int = AF_INET) -> list[tuple[bytes, RouteRecord]]:
         """Like :meth:`routes`, each with its raw message (the same bytes while the route is unchanged)."""
-        request = Request(RTM_GETROUTE, 0, _RTMSG.pack(AF_INET, 0, 0, 0, table, proto or 0, 0, 0, 0))
-        seen: dict[bytes, RouteRecord | None] = {}
+        request = Request(RTM_GETROUTE, 0, _RTMSG.pack(family, 0, 0, 0, table, proto or 0, 0, 0, 0))
+        seen: dict[tuple[int, bytes], RouteRecord | None] = {}
         for message in self.dump_raw(request):
             # parse each distinct message once, not on every pass
-            record = self._routes.get(message, _UNPARSED)
-            seen[message] = _route_record(message) if record is _UNPARSED else record
-        self._routes = seen
-        return [(raw, r) for raw, r in seen.items()
+            key = (family, message)
+            record = self._routes.get(key, _UNPARSED)
+            seen[key] = _route_record(message, family) if record is _UNPARSED else record
+        self._routes = {k: r for k, r in self._routes.items() if k[0] != family} | seen
+        return [(raw, r) for (_family, raw), r in seen.items()
                 if r is not None and r.table == table and proto in (None, r.proto)]
 
     @staticmethod
@@ -334,12 +352,15 @@ class RtnlSocket:
         return count
 
     def neighbour_keys(self, family: int, ifindex: int) -> list[tuple[int, bytes, bytes]]:
-        """(state, NDA_DST bytes, NDA_LLADDR bytes) of every neighbour (AF_INET) or FDB entry (AF_BRIDGE) on the device."""
+        """(state, NDA_DST bytes, NDA_LLADDR bytes) of every neighbour (AF_INET, AF_INET6) or FDB entry
+        (AF_BRIDGE: IPv4 and IPv6 remotes) on the device."""
         out = []
+        size = _ADDRESS_BYTES.get(family)
         for head, attrs in self.dump(self._neighbour_dump(family, ifindex), _NDMSG.size):
             got_family, got_index, state, _flags, _type = _NDMSG.unpack(head)
             dst, mac = attrs.get(NDA_DST), attrs.get(NDA_LLADDR)
-            if got_family == family and got_index == ifindex and dst and mac and len(dst) == 4:
+            if (got_family == family and got_index == ifindex and dst and mac
+                    and (len(dst) == size if size else len(dst) in (4, 16))):
                 out.append((state, dst, mac))
         return out
 
@@ -350,16 +371,23 @@ class RtnlSocket:
 
     def fdb_entries(self, ifindex: int) -> list[tuple[str, IPv4Address]]:
         """(MAC, remote VTEP) of every FDB entry with an IPv4 remote on the device."""
-        return [(mac.hex(":"), IPv4Address(dst)) for _state, dst, mac in self.neighbour_keys(AF_BRIDGE, ifindex)]
+        return [(mac.hex(":"), IPv4Address(dst)) for _state, dst, mac in self.neighbour_keys(AF_BRIDGE, ifindex)
+                if len(dst) == 4]
 
     def ipv4_addresses(self, ifindex: int) -> list[IPv4Interface]:
-        request = Request(RTM_GETADDR, 0, _IFADDRMSG.pack(AF_INET, 0, 0, 0, ifindex))
+        return [IPv4Interface((int.from_bytes(raw, "big"), prefixlen))
+                for raw, prefixlen in self.address_keys(AF_INET, ifindex)]
+
+    def address_keys(self, family: int, ifindex: int) -> list[tuple[bytes, int]]:
+        """(address bytes, prefix length) of every ``family`` address on the device but link-scope ones
+        (the kernel's own IPv6 fe80:: addresses are not ours to list or remove)."""
+        request = Request(RTM_GETADDR, 0, _IFADDRMSG.pack(family, 0, 0, 0, ifindex))
         out = []
         for head, attrs in self.dump(request, _IFADDRMSG.size):
-            family, prefixlen, _flags, _scope, index = _IFADDRMSG.unpack(head)
+            got_family, prefixlen, _flags, scope, index = _IFADDRMSG.unpack(head)
             address = attrs.get(IFA_LOCAL) or attrs.get(IFA_ADDRESS)
-            if family == AF_INET and index == ifindex and address:
-                out.append(IPv4Interface((int.from_bytes(address, "big"), prefixlen)))
+            if got_family == family and index == ifindex and address and scope != RT_SCOPE_LINK:
+                out.append((address, prefixlen))
         return out
 
     def link_kind_and_mac(self, name: str) -> tuple[str, str] | None:

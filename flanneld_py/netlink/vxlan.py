@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
 from . import Netlink
@@ -21,13 +21,13 @@ __all__ = ["DeviceOutcome", "VxlanDeviceSpec", "ensure_vxlan_device"]
 
 @dataclass(frozen=True, slots=True)
 class VxlanDeviceSpec:
-    """A flannel VTEP: ``flannel.<VNI>`` over the underlay, learning off."""
+    """A flannel VTEP: ``flannel.<VNI>`` (``flannel-v6.<VNI>`` with an IPv6 ``local``) over the underlay, learning off."""
 
     name: str
     vni: int
     port: int
     underlay_index: int
-    local: IPv4Address
+    local: IPv4Address | IPv6Address
     mtu: int
     mac: str
     gbp: bool = False
@@ -53,11 +53,22 @@ def _vxlan_data(netlink: Netlink, index: int) -> dict[str, Any] | None:
     return out
 
 
+def _local_attr(spec: VxlanDeviceSpec) -> str:
+    return "IFLA_VXLAN_LOCAL6" if spec.local.version == 6 else "IFLA_VXLAN_LOCAL"
+
+
+def _same_address(found: Any, wanted: IPv4Address | IPv6Address) -> bool:
+    try:
+        return found is not None and ip_address(found) == wanted
+    except ValueError:
+        return False
+
+
 def _compatible(data: dict[str, Any], spec: VxlanDeviceSpec) -> bool:
     return (
         data.get("IFLA_VXLAN_ID") == spec.vni
         and data.get("IFLA_VXLAN_LINK") == spec.underlay_index
-        and data.get("IFLA_VXLAN_LOCAL") == str(spec.local)
+        and _same_address(data.get(_local_attr(spec)), spec.local)
         and data.get("IFLA_VXLAN_PORT") == spec.port
         and not data.get("IFLA_VXLAN_LEARNING")
         and bool("IFLA_VXLAN_GBP" in data) == spec.gbp
@@ -70,7 +81,7 @@ def _create(netlink: Netlink, spec: VxlanDeviceSpec) -> int:
         "kind": "vxlan",
         "vxlan_id": spec.vni,
         "vxlan_link": spec.underlay_index,
-        "vxlan_local": str(spec.local),
+        _local_attr(spec).lower().removeprefix("ifla_"): str(spec.local),
         "vxlan_port": spec.port,
         "vxlan_learning": 0,
         "address": spec.mac,

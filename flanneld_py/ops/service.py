@@ -177,10 +177,11 @@ class Operations:
 
         interval = self.options.iptables_resync
         random_fully = False if self.options.ip_masq_fully_random_disable else None  # None: ask iptables
-        if self.options.iptables_forward_rules:
+        ipv4 = state.config is None or state.config.enable_ipv4  # IPv6-only: ip6tables only
+        if self.options.iptables_forward_rules and ipv4:
             self.forward = RuleApplier(Iptables(), forward, interval, random_fully=False, label="forward rules")
             self.forward.start()
-        if self.options.ip_masq:
+        if self.options.ip_masq and ipv4:
             self.masq = RuleApplier(Iptables(), masq, interval, random_fully=random_fully, label="ip-masq")
             self.masq.start()
         if self.ipv6_lease() is not None:
