@@ -68,7 +68,8 @@ def test_inbound_accepts_only_peer_traffic_for_us():
         (pkt("10.244.9.3", "10.244.7.5"), "198.51.100.8", Drop.SOURCE_NOT_IN_PEER_SUBNET),
         (pkt("10.244.55.3", "10.244.7.5"), "198.51.100.8", Drop.SOURCE_NOT_IN_PEER_SUBNET),
         (pkt("10.244.8.3", "10.244.9.5"), "198.51.100.8", Drop.DESTINATION_NOT_LOCAL),
-        (bytearray(b"\x60" + bytes(39)), "198.51.100.8", Drop.NOT_IPV4),
+        (bytearray(b"\x50" + bytes(39)), "198.51.100.8", Drop.NOT_IPV4),
+        (bytearray(b"\x60" + bytes(39)), "198.51.100.8", Drop.BAD_IPV6_HEADER),
         (bytearray(b"\x45\x00"), "198.51.100.8", Drop.TOO_SHORT),
     ]
     for buf, source, reason in cases:

@@ -23,8 +23,9 @@ GSO/GRO control messages). Stages, in order:
   checked as a whole (:meth:`Engine.inbound_batch`) or one by one.
 
 The stages come from :mod:`.offload` (compiled, or the pure-Python
-reference). Every datagram on the wire is one complete inner IPv4 packet no
-larger than flannel0's MTU, and every packet ends forwarded or counted as a
+reference). Every datagram on the wire is one complete inner IPv4 or IPv6
+packet no larger than flannel0's MTU (IPv6 TCP arrives from flannel0 as MTU-sized
+packets: TSO6 is not advertised until the stages segment IPv6), and every packet ends forwarded or counted as a
 drop. Peer changes run as ordinary callbacks on the same loop, so they land
 between batches.
 """
@@ -157,8 +158,10 @@ class Pump:
             peer.last_tx = now
             if got.mss:
                 self._queue_super(got.packet, got.length, got.mss, peer)
-            else:
+            elif got.packet[0] < 0x60:
                 self._queue_small(got.packet, got.length, peer.addr)
+            else:  # IPv6: the engine routes only to peers with an IPv6 address to send to
+                self._queue_small(got.packet, got.length, peer.addr6 or peer.addr)
         self._flush_run()  # within the same wakeup: batching adds no delay
         self.tun_batches.record(count)
         if engine.replies:
