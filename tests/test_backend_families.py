@@ -21,13 +21,22 @@ def context(doc: dict, public_ipv6: str | None = None) -> BackendContext:
                           public_ipv6=None if public_ipv6 is None else IPv6Address(public_ipv6))
 
 
-@pytest.mark.parametrize("kind", ["udp", "vxlan", "host-gw"])
-def test_every_backend_carries_ipv4_only_so_far(kind):
+@pytest.mark.parametrize("kind", ["vxlan", "host-gw"])
+def test_the_kernel_backends_carry_ipv4_only_so_far(kind):
     backend = create_backend(context({"Network": "10.244.0.0/16", "Backend": {"Type": kind}}))
     assert families_of(backend) == IPV4_ONLY
 
 
-@pytest.mark.parametrize("kind", ["udp", "vxlan", "host-gw"])
+def test_udp_carries_both_families_and_takes_a_dual_stack_config():
+    dual = {"Network": "10.244.0.0/16", "EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"}
+    backend = create_backend(context(dual, "2001:db8::1"))
+    assert families_of(backend) == {4, 6}
+    attrs = published_attrs(backend, IPv6Address("2001:db8::1"))
+    assert attrs.backend_type == "udp" and attrs.backend_v6_data is None
+    assert attrs.public_ipv6 == IPv6Address("2001:db8::1")
+
+
+@pytest.mark.parametrize("kind", ["vxlan", "host-gw"])
 @pytest.mark.parametrize("doc", [
     {"Network": "10.244.0.0/16", "EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"},
     {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"},
