@@ -246,3 +246,61 @@ def test_an_empty_datagram_after_a_merged_run_is_counted_as_too_short():
     conn.inject(b"", 0, PEER_IP)
     pump._on_udp()
     assert len(tun.frames) == 1 and pump.engine.drops[Drop.TOO_SHORT] == 1 and sum(pump.engine.drops) == 1
+
+
+# --- IPv6 pod traffic ------------------------------------------------------------------------
+
+from ipaddress import IPv6Network  # noqa: E402
+
+from scapy.layers.inet6 import ICMPv6DestUnreach, IPv6  # noqa: E402
+
+OWN6, REMOTE6 = IPv6Network("fd00:10:244:7::/64"), IPv6Network("fd00:10:244:9::/64")
+ZERO6 = bytes(VNET_HDR_LEN)  # a plain flannel0 read: no offload asked for
+
+
+def make_pump6(conn) -> tuple[Pump, MemoryTun]:
+    engine = Engine(IPv4Network("10.244.0.0/16"), OWN, 8285, IPv6Network("fd00:10:244::/48"), OWN6)
+    engine.set_peer(REMOTE, PEER_IP, REMOTE6, "2001:db8::9")
+    tun = MemoryTun(offload=True)
+    return Pump(engine, tun, conn), tun
+
+
+def tcp6_packet(payload: int, src: str = "fd00:10:244:7::5", dst: str = "fd00:10:244:9::8", seq: int = 7,
+                hlim: int = 64) -> bytearray:
+    return bytearray(bytes(IPv6(src=src, dst=dst, hlim=hlim) / TCP(sport=40000, dport=5201, seq=seq, flags="PA")
+                           / Raw(b"z" * payload)))
+
+
+def test_ipv6_from_a_pod_leaves_over_the_ipv4_underlay_with_its_checksum_completed():
+    conn = MemoryUdp()
+    pump, tun = make_pump6(conn)
+    packet = tcp6_packet(1000)
+    sent_checksum = IPv6(bytes(packet))[TCP].chksum
+    # CHECKSUM_PARTIAL, as the kernel hands it over: the field holds the pseudo-header sum only
+    partial = bytearray(packet)
+    pseudo = int.from_bytes(partial[8:40], "big") + len(partial) - 40 + 6
+    partial[56:58] = (pseudo % 0xFFFF or 0xFFFF).to_bytes(2, "big")
+    tun.inject(VNET_HDR.pack(NEEDS_CSUM, GSO_NONE, 0, 0, 40, 16) + partial)
+    tun.inject(ZERO6 + tcp6_packet(10, dst="fd00:10:244:200::1"))  # no such peer: ICMPv6 back
+    pump._on_tun()
+    (datagram,) = conn.datagrams
+    assert conn.sends[0].addr == (PEER_IP, 8285)
+    inner = IPv6(datagram)
+    assert inner.hlim == 63 and inner[TCP].chksum == sent_checksum
+    assert peer_of(pump).tx_packets == 1 and pump.engine.drops[Drop.NO_ROUTE] == 1
+    (reply,) = tun.frames
+    assert IPv6(reply[VNET_HDR_LEN:]).haslayer(ICMPv6DestUnreach)
+
+
+def test_ipv6_from_a_peer_reaches_flannel0_one_by_one_also_from_a_gro_read():
+    conn = MemoryUdp()
+    pump, tun = make_pump6(conn)
+    segments = [bytes(tcp6_packet(1000, src="fd00:10:244:9::8", dst="fd00:10:244:7::5", seq=7 + 1000 * i))
+                for i in range(4)]
+    conn.inject(b"".join(segments), len(segments[0]), PEER_IP)
+    conn.inject(segments[0], len(segments[0]), "2001:db8::9")  # its PublicIPv6 is its address too
+    conn.inject(bytes(tcp6_packet(10, src="fd00:10:244:8::1", dst="fd00:10:244:7::5")), 1500, PEER_IP)
+    pump._on_udp()
+    assert [frame[VNET_HDR_LEN:] for frame in tun.frames] == segments + segments[:1]
+    assert peer_of(pump).rx_packets == 5
+    assert pump.engine.drops[Drop.SOURCE_NOT_IN_PEER_SUBNET] == 1 and sum(pump.engine.drops) == 1
