@@ -31,6 +31,8 @@ def test_udp_carries_both_families_and_takes_a_dual_stack_config():
     dual = {"Network": "10.244.0.0/16", "EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"}
     backend = create_backend(context(dual, "2001:db8::1"))
     assert families_of(backend) == {4, 6}
+    assert backend.mtu == 1500 - 48  # room for an IPv6 underlay's header
+    assert create_backend(context({"Network": "10.244.0.0/16"})).mtu == 1500 - 28
     attrs = published_attrs(backend, IPv6Address("2001:db8::1"))
     assert attrs.backend_type == "udp" and attrs.backend_v6_data is None
     assert attrs.public_ipv6 == IPv6Address("2001:db8::1")

@@ -304,3 +304,35 @@ def test_ipv6_from_a_peer_reaches_flannel0_one_by_one_also_from_a_gro_read():
     assert [frame[VNET_HDR_LEN:] for frame in tun.frames] == segments + segments[:1]
     assert peer_of(pump).rx_packets == 5
     assert pump.engine.drops[Drop.SOURCE_NOT_IN_PEER_SUBNET] == 1 and sum(pump.engine.drops) == 1
+
+
+def test_ipv6_crosses_an_ipv6_underlay_both_ways_over_real_sockets():
+    peer_sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    peer_sock.bind(("::1", 0))
+    peer_sock.settimeout(5)
+    port = peer_sock.getsockname()[1]
+    conn, conn6 = open_udp(PEER_IP, 0, offload=True), open_udp("::1", 0, offload=True)
+    try:
+        engine = Engine(IPv4Network("10.244.0.0/16"), OWN, port, IPv6Network("fd00:10:244::/48"), OWN6,
+                        underlay6=True)
+        engine.set_peer(REMOTE, PEER_IP, REMOTE6, "::1")
+        tun = MemoryTun(offload=True)
+        pump = Pump(engine, tun, conn, conn6=conn6)
+        out = tcp6_packet(500)
+        tun.inject(ZERO6 + out)
+        pump._on_tun()
+        datagram, source = peer_sock.recvfrom(65536)
+        assert IPv6(datagram).hlim == 63 and datagram[8:] == bytes(out[8:])
+        assert source[0] == "::1" and source[1] == conn6.sock.getsockname()[1]  # left by the IPv6 socket
+
+        back = bytes(tcp6_packet(500, src="fd00:10:244:9::8", dst="fd00:10:244:7::5"))
+        peer_sock.sendto(back, ("::1", conn6.sock.getsockname()[1]))
+        deadline = time.monotonic() + 5
+        while not tun.frames and time.monotonic() < deadline:
+            pump._on_udp(conn6)
+        assert [frame[VNET_HDR_LEN:] for frame in tun.frames] == [back]
+        assert peer_of(pump).rx_packets == 1 and sum(engine.drops) == 0
+    finally:
+        peer_sock.close()
+        conn.close()
+        conn6.close()

@@ -5,8 +5,10 @@ headers), address ``<subnet>/32`` and the route ``<Network> dev flannel0``;
 with an IPv6 subnet of ours also ``<IPv6Network> dev flannel0`` (no IPv6
 address: flannel0 needs none to carry IPv6, and without a link-local one the
 kernel sends no router solicitations or MLD reports into it). IPv6 pod
-packets cross an IPv4 underlay, to peers' PublicIP. Peers live only in the
-engine's table, never in the kernel.
+packets go to a peer's PublicIPv6 from a second socket bound to ours (the
+IPv6 underlay), or to its PublicIP when either side has no PublicIPv6; with
+an IPv6 underlay the MTU leaves room for its 40-byte header. Peers live only
+in the engine's table, never in the kernel.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 
 TUN_NAME = "flannel0"
 OVERHEAD = 28  # outer IPv4 (20) + UDP (8)
+OVERHEAD6 = 48  # outer IPv6 (40) + UDP (8)
 TXQUEUELEN = 2000
 
 
@@ -85,11 +88,16 @@ class UdpBackend:
         self.pump: Pump | None = None
         self._tun: KernelTun | None = None
         self._conn: KernelUdp | None = None
+        self._conn6: KernelUdp | None = None
         self._keeper: ReconcileLoop | None = None
 
     @property
+    def _ipv6_underlay(self) -> bool:
+        return self.ctx.config.ipv6 is not None and self.ctx.public_ipv6 is not None
+
+    @property
     def mtu(self) -> int:
-        return self.ctx.iface.mtu - OVERHEAD
+        return self.ctx.iface.mtu - (OVERHEAD6 if self._ipv6_underlay else OVERHEAD)
 
     @property
     def pod_gso_max_size(self) -> int | None:
@@ -112,16 +120,18 @@ class UdpBackend:
         if ipv6 is not None and own_subnet6 is None:
             log.warning("EnableIPv6 is set but the daemon gave the udp backend no IPv6 subnet: "
                         "carrying IPv4 only")
-        self.engine = Engine(self.ctx.config.network, own_subnet, self.port, network6,
-                             own_subnet6 if network6 is not None else None)
         self._conn = open_udp(str(self.ctx.iface.address), self.port, offload=self.ctx.offload)
+        if network6 is not None and self._ipv6_underlay:
+            self._conn6 = self._open_udp6()
+        self.engine = Engine(self.ctx.config.network, own_subnet, self.port, network6,
+                             own_subnet6 if network6 is not None else None, underlay6=self._conn6 is not None)
         self._tun = open_tun(TUN_NAME, offload=self.ctx.offload)
         try:
             index = await asyncio.to_thread(self._configure_tun, own_subnet, network6)
         except Exception:
             self._close_fds()
             raise
-        self.pump = Pump(self.engine, self._tun, self._conn)
+        self.pump = Pump(self.engine, self._tun, self._conn, conn6=self._conn6)
         self.pump.start()
         self._tun.set_persistent(True)
         self._keep(own_subnet, index)
@@ -129,10 +139,25 @@ class UdpBackend:
                  TUN_NAME, self.mtu, self.ctx.iface.address, self.port,
                  _on_off(self._tun.offload), _on_off(self._conn.gso), _on_off(self._conn.gro),
                  "compiled" if offload.IMPL == "c" else "pure-Python")
+        if own_subnet6 is not None and self.engine.own_subnet6 is not None:
+            log.info("udp backend carries IPv6: %s dev %s, %s", self.engine.network6, TUN_NAME,
+                     f"IPv6 underlay on [{self.ctx.public_ipv6}]:{self.port}" if self._conn6 is not None
+                     else "over the IPv4 underlay")
         if offload.IMPL != "c" and self._tun.offload:
             log.warning("the compiled offload stages are not built: super-packets are split and merged by the "
                         "pure-Python reference, several times slower (install gcc and the Python headers, then "
                         "reinstall flanneld-py)")
+
+    def _open_udp6(self) -> KernelUdp | None:
+        """The IPv6 underlay's socket on our PublicIPv6; None (IPv6 pods then cross the IPv4
+        underlay) when that address is not one of this node's, e.g. a NATed --public-ipv6."""
+        address = str(self.ctx.public_ipv6)
+        try:
+            return open_udp(address, self.port, offload=self.ctx.offload)
+        except OSError as exc:
+            log.warning("cannot listen on [%s]:%d (%s): IPv6 pod traffic crosses the IPv4 underlay",
+                        address, self.port, exc.strerror or exc)
+            return None
 
     def _keep(self, own_subnet: IPv4Network, index: int) -> None:
         """Restore flannel0's address and the Network route if they vanish (checked every 5 s)."""
@@ -220,6 +245,7 @@ class UdpBackend:
         if self._tun is not None:
             self._tun.close()
             self._tun = None
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        for conn in (self._conn, self._conn6):
+            if conn is not None:
+                conn.close()
+        self._conn = self._conn6 = None
