@@ -7,7 +7,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 
-from flanneld_py.backend.base import IPV4_ONLY, BackendContext, families_of, published_attrs
+from flanneld_py.backend.base import IPV4_ONLY, BackendContext, families_of, missing_families, published_attrs
 from flanneld_py.backend.factory import create_backend
 from flanneld_py.core.netconfig import parse_network_config
 from flanneld_py.netlink import InterfaceInfo
@@ -21,22 +21,38 @@ def context(doc: dict, public_ipv6: str | None = None) -> BackendContext:
                           public_ipv6=None if public_ipv6 is None else IPv6Address(public_ipv6))
 
 
-def test_udp_carries_ipv4_only_and_the_kernel_backends_both_families():
-    assert families_of(create_backend(context({"Network": "10.244.0.0/16"}))) == IPV4_ONLY
-    for kind in ("vxlan", "host-gw"):
+def test_every_backend_carries_both_families():
+    for kind in ("udp", "vxlan", "host-gw"):
         backend = create_backend(context({"Network": "10.244.0.0/16", "Backend": {"Type": kind}}))
         assert families_of(backend) == {4, 6}
+
+
+def test_udp_carries_both_families_and_takes_a_dual_stack_config():
+    dual = {"Network": "10.244.0.0/16", "EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"}
+    backend = create_backend(context(dual, "2001:db8::1"))
+    assert families_of(backend) == {4, 6}
+    assert backend.mtu == 1500 - 48  # room for an IPv6 underlay's header
+    assert create_backend(context({"Network": "10.244.0.0/16"})).mtu == 1500 - 28
+    attrs = published_attrs(backend, IPv6Address("2001:db8::1"))
+    assert attrs.backend_type == "udp" and attrs.backend_v6_data is None
+    assert attrs.public_ipv6 == IPv6Address("2001:db8::1")
+
+
+class _IPv4OnlyBackend:
+    """The gate's input: a backend that declares no IPv6 (no ``CarriesIPv6``)."""
+
+    type_name = "example"
 
 
 @pytest.mark.parametrize("doc", [
     {"Network": "10.244.0.0/16", "EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"},
     {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"},
 ])
-def test_a_config_with_ipv6_is_refused_for_udp_in_one_line_naming_the_backend(doc):
-    with pytest.raises(ValueError) as info:
-        create_backend(context({**doc, "Backend": {"Type": "udp"}}, "2001:db8::1"))
-    message = str(info.value)
-    assert "\n" not in message and "the udp backend carries IPv4 only" in message and "EnableIPv6" in message
+def test_a_config_with_ipv6_is_refused_in_one_line_for_a_backend_without_it(doc):
+    backend = _IPv4OnlyBackend()
+    assert families_of(backend) == IPV4_ONLY  # type: ignore[arg-type]
+    message = missing_families(backend, parse_network_config(json.dumps(doc)))  # type: ignore[arg-type]
+    assert "\n" not in message and "the example backend carries IPv4 only" in message and "EnableIPv6" in message
 
 
 @pytest.mark.parametrize("kind", ["vxlan", "host-gw"])

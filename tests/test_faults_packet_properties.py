@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -19,7 +19,7 @@ from flanneld_py.backend.udp.engine import Engine, Peer
 from flanneld_py.backend.udp import offload
 from flanneld_py.core.lease import BadRecord, KeyDeleted, KeyPut, LeaseAdded, LeaseRemoved, LeaseWatcher
 from flanneld_py.core.netconfig import ConfigError, parse_network_config
-from flanneld_py.core.packet import Drop, check_ipv4, checksum, decrement_ttl
+from flanneld_py.core.packet import Drop, check_ipv4, check_ipv6, checksum, decrement_ttl
 
 NETWORK = IPv4Network("10.244.0.0/16")
 OWN = IPv4Network("10.244.7.0/24")
@@ -112,6 +112,105 @@ def test_decrement_ttl_keeps_the_checksum_valid(packet: bytearray) -> None:
         assert check_ipv4(packet, len(packet)) is None
     else:
         assert ttl <= 1 and packet[8] == ttl
+
+
+# --- IPv6 ------------------------------------------------------------------------------
+
+OWN6 = IPv6Network("fd00:10:244:7::/64")
+PEERS6 = {IPv4Network("10.244.8.0/24"): (IPv6Network("fd00:10:244:8::/64"), "2001:db8::8")}
+SOURCES6 = [*SOURCES, "2001:db8::8", "2001:db8::66"]
+
+
+def engine6() -> Engine:
+    e = Engine(NETWORK, OWN, 8285, IPv6Network("fd00:10:244::/48"), OWN6)
+    for subnet, ip in PEERS.items():
+        subnet6, ip6 = PEERS6.get(subnet, (None, None))
+        e.set_peer(subnet, ip, subnet6, ip6)
+    e.icmp6_budget.burst = e.icmp6_budget.tokens = 10**6  # the property is about the replies, not their rate
+    return e
+
+
+addresses6 = st.one_of(
+    st.binary(min_size=16, max_size=16),
+    st.sampled_from([bytes(16), b"\xff\x02" + bytes(13) + b"\x01", b"\xfe\x80" + bytes(13) + b"\x01"]),
+    st.builds(lambda net, host: (int(net.network_address) + host).to_bytes(16, "big"),
+              st.sampled_from([OWN6, PEERS6[IPv4Network("10.244.8.0/24")][0], IPv6Network("fd00:10:244:200::/64")]),
+              st.integers(0, 2**64 - 1)),
+)
+
+
+@st.composite
+def valid_packets6(draw: st.DrawFn) -> bytearray:
+    """IPv6 packets whose payload length fits, between any addresses, any next header (ICMPv6 often)."""
+    next_header = draw(st.one_of(st.just(58), st.integers(0, 255)))
+    payload = draw(st.binary(max_size=200))
+    if next_header == 58 and draw(st.booleans()):
+        payload = bytes([draw(st.integers(0, 255))]) + payload
+    return bytearray(struct.pack("!IHBB16s16s", 0x60000000, len(payload), next_header, draw(st.integers(0, 255)),
+                                 draw(addresses6), draw(addresses6)) + payload)
+
+
+@st.composite
+def hostile6(draw: st.DrawFn) -> bytearray:
+    """An IPv6 packet, maybe cut, padded or with one byte changed (the version nibble kept)."""
+    packet = draw(valid_packets6())
+    kind = draw(st.sampled_from(["cut", "pad", "flip", "valid"]))
+    if kind == "cut":
+        return packet[: draw(st.integers(1, len(packet)))]
+    if kind == "pad":
+        return packet + draw(st.binary(min_size=1, max_size=40))
+    if kind == "flip":
+        index = draw(st.integers(1, len(packet) - 1))
+        packet[index] ^= draw(st.integers(1, 255))
+    return packet
+
+
+@FAST
+@given(st.lists(st.tuples(st.one_of(hostile6(), hostile()), st.sampled_from(SOURCES6)), max_size=30))
+def test_ipv6_inbound_counts_every_datagram_once_and_accepts_only_peer_to_us(batch) -> None:  # type: ignore[no-untyped-def]
+    e = engine6()
+    accepted = 0
+    for data, source in batch:
+        peer = e.inbound(memoryview(data), len(data), source)
+        if peer is None:
+            continue
+        accepted += 1
+        if data[0] >> 4 != 6:
+            continue  # IPv4: the property above
+        assert check_ipv6(data, len(data)) is None
+        subnet6, ip6 = PEERS6[peer.subnet]
+        assert source in (peer.public_ip, ip6)
+        assert IPv6Address(bytes(data[8:24])) in subnet6 and IPv6Address(bytes(data[24:40])) in OWN6
+    assert accepted + sum(e.drops) == len(batch)
+    assert sum(p.rx_packets for p in e.peers.values()) == accepted
+
+
+def _icmp6_checksum_ok(reply: bytes) -> bool:
+    """The ICMPv6 checksum, computed here independently: pseudo-header plus message sums to 0xFFFF."""
+    message = reply[40:] + b"\0" * (len(reply) % 2)
+    words = reply[8:40] + struct.pack("!IxxxB", len(reply) - 40, 58) + message
+    total = sum(struct.unpack(f"!{len(words) // 2}H", words))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total == 0xFFFF
+
+
+@FAST
+@given(st.lists(hostile6(), max_size=20))
+def test_ipv6_outbound_never_raises_and_answers_only_with_valid_icmpv6(packets: list[bytearray]) -> None:
+    e = engine6()
+    answered: list[bytearray] = []
+    for data in packets:
+        buf = bytearray(data) + bytearray(64)
+        before = len(e.replies)
+        e.outbound(buf, len(data))
+        if len(e.replies) > before:
+            answered.append(data)
+    for reply, invoking in zip(e.take_replies(), answered, strict=True):
+        assert check_ipv6(reply, len(reply)) is None and len(reply) <= 1280
+        assert reply[6] == 58 and reply[40] in (1, 3) and _icmp6_checksum_ok(reply)
+        assert reply[24:40] == invoking[8:24] and reply[48:] == invoking[: 1280 - 48]
+        assert not (invoking[6] == 58 and len(invoking) > 40 and invoking[40] < 128)  # never about an error
 
 
 # --- the engine -----------------------------------------------------------------------

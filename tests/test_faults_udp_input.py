@@ -127,6 +127,8 @@ def verdict(data: bytes, source: str, peers: dict[IPv4Network, str], own: IPv4Ne
     if source not in peers.values():
         return "not_a_peer"
     n = len(data)
+    if n and data[0] >> 4 == 6:
+        return verdict6(data)
     if n < 20:
         return "too_short"
     if data[0] >> 4 != 4:
@@ -144,6 +146,17 @@ def verdict(data: bytes, source: str, peers: dict[IPv4Network, str], own: IPv4Ne
     if dst not in own:
         return "destination_not_local"
     return "forwarded"
+
+
+def verdict6(data: bytes) -> str:
+    """The IPv6 ingress rules for a node whose peers publish no IPv6 subnet (this cluster is IPv4)."""
+    if len(data) < 40:
+        return "too_short"
+    if struct.unpack_from("!H", data, 4)[0] + 40 != len(data):
+        return "bad_total_length"
+    if data[8] == 0xFF or not any(data[8:24]):
+        return "bad_ipv6_header"
+    return "source_not_in_peer_subnet"
 
 
 def build_flood(seed: int, count: int, source: str, peers: dict[IPv4Network, str], own: IPv4Network,

@@ -25,7 +25,8 @@ def inner(src: str, dst: str, **kw) -> bytes:
     ("198.51.100.1", "198.51.100.2", inner("10.244.3.5", "10.244.2.9"), "drop: source_not_in_peer_subnet"),
     ("198.51.100.1", "198.51.100.2", inner("10.244.1.5", "10.244.1.9"), "drop: destination_not_local"),
     ("198.51.100.1", "198.51.100.2", inner("10.244.1.5", "10.244.2.9", chksum=1), "drop: bad_checksum"),
-    ("198.51.100.1", "198.51.100.2", b"\x60" + bytes(39), "drop: not_ipv4"),
+    ("198.51.100.1", "198.51.100.2", b"\x50" + bytes(39), "drop: not_ipv4"),
+    ("198.51.100.1", "198.51.100.2", b"\x60" + bytes(39), "drop: bad_ipv6_header"),
     ("198.51.100.1", "198.51.100.99", inner("10.244.1.5", "10.244.2.9"),
      "not for a flannel node: 198.51.100.99 holds no lease"),
 ])

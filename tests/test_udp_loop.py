@@ -246,3 +246,93 @@ def test_an_empty_datagram_after_a_merged_run_is_counted_as_too_short():
     conn.inject(b"", 0, PEER_IP)
     pump._on_udp()
     assert len(tun.frames) == 1 and pump.engine.drops[Drop.TOO_SHORT] == 1 and sum(pump.engine.drops) == 1
+
+
+# --- IPv6 pod traffic ------------------------------------------------------------------------
+
+from ipaddress import IPv6Network  # noqa: E402
+
+from scapy.layers.inet6 import ICMPv6DestUnreach, IPv6  # noqa: E402
+
+OWN6, REMOTE6 = IPv6Network("fd00:10:244:7::/64"), IPv6Network("fd00:10:244:9::/64")
+ZERO6 = bytes(VNET_HDR_LEN)  # a plain flannel0 read: no offload asked for
+
+
+def make_pump6(conn) -> tuple[Pump, MemoryTun]:
+    engine = Engine(IPv4Network("10.244.0.0/16"), OWN, 8285, IPv6Network("fd00:10:244::/48"), OWN6)
+    engine.set_peer(REMOTE, PEER_IP, REMOTE6, "2001:db8::9")
+    tun = MemoryTun(offload=True)
+    return Pump(engine, tun, conn), tun
+
+
+def tcp6_packet(payload: int, src: str = "fd00:10:244:7::5", dst: str = "fd00:10:244:9::8", seq: int = 7,
+                hlim: int = 64) -> bytearray:
+    return bytearray(bytes(IPv6(src=src, dst=dst, hlim=hlim) / TCP(sport=40000, dport=5201, seq=seq, flags="PA")
+                           / Raw(b"z" * payload)))
+
+
+def test_ipv6_from_a_pod_leaves_over_the_ipv4_underlay_with_its_checksum_completed():
+    conn = MemoryUdp()
+    pump, tun = make_pump6(conn)
+    packet = tcp6_packet(1000)
+    sent_checksum = IPv6(bytes(packet))[TCP].chksum
+    # CHECKSUM_PARTIAL, as the kernel hands it over: the field holds the pseudo-header sum only
+    partial = bytearray(packet)
+    pseudo = int.from_bytes(partial[8:40], "big") + len(partial) - 40 + 6
+    partial[56:58] = (pseudo % 0xFFFF or 0xFFFF).to_bytes(2, "big")
+    tun.inject(VNET_HDR.pack(NEEDS_CSUM, GSO_NONE, 0, 0, 40, 16) + partial)
+    tun.inject(ZERO6 + tcp6_packet(10, dst="fd00:10:244:200::1"))  # no such peer: ICMPv6 back
+    pump._on_tun()
+    (datagram,) = conn.datagrams
+    assert conn.sends[0].addr == (PEER_IP, 8285)
+    inner = IPv6(datagram)
+    assert inner.hlim == 63 and inner[TCP].chksum == sent_checksum
+    assert peer_of(pump).tx_packets == 1 and pump.engine.drops[Drop.NO_ROUTE] == 1
+    (reply,) = tun.frames
+    assert IPv6(reply[VNET_HDR_LEN:]).haslayer(ICMPv6DestUnreach)
+
+
+def test_ipv6_from_a_peer_reaches_flannel0_one_by_one_also_from_a_gro_read():
+    conn = MemoryUdp()
+    pump, tun = make_pump6(conn)
+    segments = [bytes(tcp6_packet(1000, src="fd00:10:244:9::8", dst="fd00:10:244:7::5", seq=7 + 1000 * i))
+                for i in range(4)]
+    conn.inject(b"".join(segments), len(segments[0]), PEER_IP)
+    conn.inject(segments[0], len(segments[0]), "2001:db8::9")  # its PublicIPv6 is its address too
+    conn.inject(bytes(tcp6_packet(10, src="fd00:10:244:8::1", dst="fd00:10:244:7::5")), 1500, PEER_IP)
+    pump._on_udp()
+    assert [frame[VNET_HDR_LEN:] for frame in tun.frames] == segments + segments[:1]
+    assert peer_of(pump).rx_packets == 5
+    assert pump.engine.drops[Drop.SOURCE_NOT_IN_PEER_SUBNET] == 1 and sum(pump.engine.drops) == 1
+
+
+def test_ipv6_crosses_an_ipv6_underlay_both_ways_over_real_sockets():
+    peer_sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    peer_sock.bind(("::1", 0))
+    peer_sock.settimeout(5)
+    port = peer_sock.getsockname()[1]
+    conn, conn6 = open_udp(PEER_IP, 0, offload=True), open_udp("::1", 0, offload=True)
+    try:
+        engine = Engine(IPv4Network("10.244.0.0/16"), OWN, port, IPv6Network("fd00:10:244::/48"), OWN6,
+                        underlay6=True)
+        engine.set_peer(REMOTE, PEER_IP, REMOTE6, "::1")
+        tun = MemoryTun(offload=True)
+        pump = Pump(engine, tun, conn, conn6=conn6)
+        out = tcp6_packet(500)
+        tun.inject(ZERO6 + out)
+        pump._on_tun()
+        datagram, source = peer_sock.recvfrom(65536)
+        assert IPv6(datagram).hlim == 63 and datagram[8:] == bytes(out[8:])
+        assert source[0] == "::1" and source[1] == conn6.sock.getsockname()[1]  # left by the IPv6 socket
+
+        back = bytes(tcp6_packet(500, src="fd00:10:244:9::8", dst="fd00:10:244:7::5"))
+        peer_sock.sendto(back, ("::1", conn6.sock.getsockname()[1]))
+        deadline = time.monotonic() + 5
+        while not tun.frames and time.monotonic() < deadline:
+            pump._on_udp(conn6)
+        assert [frame[VNET_HDR_LEN:] for frame in tun.frames] == [back]
+        assert peer_of(pump).rx_packets == 1 and sum(engine.drops) == 0
+    finally:
+        peer_sock.close()
+        conn.close()
+        conn6.close()

@@ -1,4 +1,4 @@
-"""IPv4 packet checks, TTL handling and ICMP errors, on plain buffers.
+"""IPv4 and IPv6 packet checks, TTL / hop-limit handling and ICMP / ICMPv6 errors, on plain buffers.
 
 Functions take a ``bytearray``/``memoryview`` and a length so that the hot loop
 can hand over preallocated buffers without slicing. Nothing allocates except
@@ -13,13 +13,20 @@ from enum import IntEnum
 __all__ = [
     "Drop",
     "check_ipv4",
+    "check_ipv6",
     "checksum",
+    "decrement_hop_limit",
     "decrement_ttl",
     "fold",
+    "icmp6_error",
+    "icmp6_no_route",
+    "icmp6_time_exceeded",
     "icmp_error",
     "icmp_net_unreachable",
     "icmp_time_exceeded",
+    "is_link_scope6",
     "may_answer_with_icmp",
+    "may_answer_with_icmp6",
     "pseudo_header_sum",
 ]
 
@@ -49,6 +56,8 @@ class Drop(IntEnum):
     TUN_WRITE_FAILED = 10
     UDP_SEND_FAILED = 11
     BAD_OFFLOAD_HEADER = 12  # a flannel0 read whose virtio-net header does not fit its packet
+    BAD_IPV6_HEADER = 13  # an IPv6 packet with a multicast or unspecified source
+    LINK_SCOPE = 14  # flannel0's own link-scope IPv6 (router solicitations, MLD): never forwarded, not hostile
 
     @property
     def label(self) -> str:
@@ -149,3 +158,95 @@ def pseudo_header_sum(ip_header: bytes | bytearray | memoryview, protocol: int, 
     """The TCP/UDP pseudo-header of an IPv4 packet (addresses, protocol, transport length) as a
     sum for :func:`checksum` or :func:`fold` (words add up to the same value mod 65535)."""
     return int.from_bytes(ip_header[12:20], "big") + protocol + length
+
+
+# --- IPv6 -------------------------------------------------------------------------------------------
+
+PROTO_ICMPV6 = 58
+ICMP6_DEST_UNREACH = 1
+ICMP6_NO_ROUTE = 0
+ICMP6_TIME_EXCEEDED = 3
+ICMP6_HOP_LIMIT = 64
+IPV6_MIN_MTU = 1280
+_IPV6_HEADER = 40
+# extension headers walked to find an ICMPv6 message: hop-by-hop, routing, destination options
+_EXTENSIONS = frozenset({0, 43, 60})
+_FRAGMENT = 44
+
+
+def check_ipv6(buf: bytearray | memoryview | bytes, n: int) -> Drop | None:
+    """Validate the fixed IPv6 header of ``buf[:n]``; ``None`` if well formed.
+
+    IPv6 has no header checksum; a payload length that disagrees with the datagram
+    (or 0, a jumbogram, which never fits a UDP datagram) counts as a bad total length.
+    """
+    if n < _IPV6_HEADER:
+        return Drop.TOO_SHORT
+    if buf[0] >> 4 != 6:
+        return Drop.NOT_IPV4
+    if _U16.unpack_from(buf, 4)[0] + _IPV6_HEADER != n:
+        return Drop.BAD_TOTAL_LENGTH
+    if buf[8] == 0xFF or not any(buf[8:24]):
+        return Drop.BAD_IPV6_HEADER
+    return None
+
+
+def is_link_scope6(buf: bytearray | memoryview | bytes) -> bool:
+    """True for IPv6 that stays on the link: from ``::`` or ``fe80::/10``, or to a multicast or
+    link-local address (the kernel's router solicitations, MLD reports, neighbour discovery)."""
+    unspecified = not any(buf[8:24])
+    return unspecified or (buf[8] == 0xFE and buf[9] & 0xC0 == 0x80) or buf[24] == 0xFF or (
+        buf[24] == 0xFE and buf[25] & 0xC0 == 0x80)
+
+
+def decrement_hop_limit(buf: bytearray | memoryview) -> bool:
+    """Decrement the hop limit in place (IPv6 has no header checksum to update).
+
+    Returns False, leaving the packet untouched, when it would reach 0.
+    """
+    hops = buf[7]
+    if hops <= 1:
+        return False
+    buf[7] = hops - 1
+    return True
+
+
+def may_answer_with_icmp6(buf: bytearray | memoryview | bytes, n: int) -> bool:
+    """RFC 4443 2.4 (e): no ICMPv6 error about an ICMPv6 error, nor about a packet whose source
+    does not name one node (unspecified, multicast) or that went to a multicast address."""
+    if n < _IPV6_HEADER or buf[8] == 0xFF or not any(buf[8:24]) or buf[24] == 0xFF:
+        return False
+    next_header, at = buf[6], _IPV6_HEADER
+    while next_header in _EXTENSIONS or next_header == _FRAGMENT:
+        if at + 8 > n:
+            return True
+        if next_header == _FRAGMENT and _U16.unpack_from(buf, at + 2)[0] & 0xFFF8:
+            return True  # a later fragment: its first bytes are data, not an ICMPv6 header
+        length = 8 if next_header == _FRAGMENT else (buf[at + 1] + 1) * 8
+        next_header, at = buf[at], at + length
+    if next_header == PROTO_ICMPV6:
+        return at < n and buf[at] >= 128  # 0-127 are errors; an empty message gets nothing either
+    return True
+
+
+def icmp6_error(original: bytes | bytearray | memoryview, source: bytes, icmp_type: int, code: int) -> bytes:
+    """An ICMPv6 error from ``source`` (16 bytes) about ``original``, sent back to its sender.
+
+    As RFC 4443 2.4 (c) asks, the invoking packet is quoted as far as the whole error
+    still fits the IPv6 minimum MTU; the checksum covers the pseudo-header (RFC 8200 8.1).
+    """
+    quoted = bytes(original[: IPV6_MIN_MTU - _IPV6_HEADER - 8])
+    destination = bytes(original[8:24])
+    icmp = bytearray(struct.pack("!BBHI", icmp_type, code, 0, 0) + quoted)
+    pseudo = int.from_bytes(source + destination, "big") + len(icmp) + PROTO_ICMPV6
+    _U16.pack_into(icmp, 2, checksum(icmp, pseudo))
+    header = struct.pack("!IHBB16s16s", 6 << 28, len(icmp), PROTO_ICMPV6, ICMP6_HOP_LIMIT, source, destination)
+    return header + bytes(icmp)
+
+
+def icmp6_no_route(original: bytes | bytearray | memoryview, source: bytes) -> bytes:
+    return icmp6_error(original, source, ICMP6_DEST_UNREACH, ICMP6_NO_ROUTE)
+
+
+def icmp6_time_exceeded(original: bytes | bytearray | memoryview, source: bytes) -> bytes:
+    return icmp6_error(original, source, ICMP6_TIME_EXCEEDED, 0)

@@ -23,8 +23,9 @@ GSO/GRO control messages). Stages, in order:
   checked as a whole (:meth:`Engine.inbound_batch`) or one by one.
 
 The stages come from :mod:`.offload` (compiled, or the pure-Python
-reference). Every datagram on the wire is one complete inner IPv4 packet no
-larger than flannel0's MTU, and every packet ends forwarded or counted as a
+reference). Every datagram on the wire is one complete inner IPv4 or IPv6
+packet no larger than flannel0's MTU (IPv6 TCP arrives from flannel0 as MTU-sized
+packets: TSO6 is not advertised until the stages segment IPv6), and every packet ends forwarded or counted as a
 drop. Peer changes run as ordinary callbacks on the same loop, so they land
 between batches.
 """
@@ -101,10 +102,12 @@ class _SendRun:
 class Pump:
     """Moves packets between flannel0 and the UDP socket for one :class:`Engine`."""
 
-    def __init__(self, engine: Engine, tun: TunDevice, conn: UdpConn, batch: int = 32) -> None:
+    def __init__(self, engine: Engine, tun: TunDevice, conn: UdpConn, batch: int = 32,
+                 conn6: UdpConn | None = None) -> None:
         self.engine = engine
         self.tun = tun
         self.conn = conn
+        self.conn6 = conn6  # the IPv6 underlay's socket, for peers' PublicIPv6 (None: IPv4 underlay only)
         self.batch = batch
         self._udp_view = memoryview(bytearray(MAX_PACKET))
         self._merge_view = memoryview(bytearray(HEADROOM + MAX_PACKET))
@@ -125,11 +128,15 @@ class Pump:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self.tun.fileno(), self._on_tun)
         self._loop.add_reader(self.conn.fileno(), self._on_udp)
+        if self.conn6 is not None:
+            self._loop.add_reader(self.conn6.fileno(), self._on_udp, self.conn6)
 
     def stop(self) -> None:
         if self._loop is not None:
             self._loop.remove_reader(self.tun.fileno())
             self._loop.remove_reader(self.conn.fileno())
+            if self.conn6 is not None:
+                self._loop.remove_reader(self.conn6.fileno())
             self._loop = None
 
     def _now(self) -> float:
@@ -157,8 +164,10 @@ class Pump:
             peer.last_tx = now
             if got.mss:
                 self._queue_super(got.packet, got.length, got.mss, peer)
-            else:
+            elif got.packet[0] < 0x60:
                 self._queue_small(got.packet, got.length, peer.addr)
+            else:  # IPv6: the engine routes only to peers with an IPv6 address to send to
+                self._queue_small(got.packet, got.length, peer.addr6 or peer.addr)
         self._flush_run()  # within the same wakeup: batching adds no delay
         self.tun_batches.record(count)
         if engine.replies:
@@ -182,7 +191,7 @@ class Pump:
     def _queue_small(self, packet: memoryview, length: int, addr: Address) -> None:
         """Gather runs of equal-size packets to one peer (a UDP flood, a stream of small
         writes) into GSO sends; without GSO each goes out at once."""
-        if self.conn.per_send(length) == 1:
+        if self._conn_for(addr).per_send(length) == 1:
             self._flush_run()
             self._send(packet[:length], length, addr)
             return
@@ -215,7 +224,7 @@ class Pump:
             return
         pending = run.used - run.start
         if pending > seglen:  # one datagram never fills a send: nothing to check
-            chunk = self.conn.per_send(seglen) * seglen
+            chunk = self._conn_for(addr).per_send(seglen) * seglen
             if pending >= chunk:
                 self._send_run(run.start, run.start + pending - pending % chunk)
                 run.start += pending - pending % chunk
@@ -236,14 +245,20 @@ class Pump:
     def _send_run(self, start: int, end: int) -> None:
         """Send ``run.view[start:end]`` in as few calls as the connection allows."""
         run = self._run
-        chunk = self.conn.per_send(run.seglen) * run.seglen
+        chunk = self._conn_for(run.addr).per_send(run.seglen) * run.seglen
         for at in range(start, end, chunk):
             self._send(run.view[at : min(end, at + chunk)], run.seglen, run.addr)
 
     def _send(self, data: memoryview, seglen: int, addr: Address) -> None:
-        failed = self.conn.send(data, seglen, addr)
+        failed = self._conn_for(addr).send(data, seglen, addr)
         if failed:
             self.engine.drops[Drop.UDP_SEND_FAILED] += failed
+
+    def _conn_for(self, addr: Address) -> UdpConn:
+        """The socket of ``addr``'s family (the engine routes to an IPv6 address only with conn6)."""
+        if self.conn6 is not None and ":" in addr[0]:
+            return self.conn6
+        return self.conn
 
     def _write_replies(self) -> None:
         for reply in self.engine.take_replies():
@@ -251,8 +266,8 @@ class Pump:
 
     # --- UDP -> flannel0 ---------------------------------------------------------
 
-    def _on_udp(self) -> None:
-        recv, view = self.conn.recv, self._udp_view
+    def _on_udp(self, conn: UdpConn | None = None) -> None:
+        recv, view = (conn or self.conn).recv, self._udp_view
         now = self._now()
         count = 0
         for _ in range(self.batch):

@@ -42,6 +42,13 @@ _TCP_CSUM_START, _TCP_CSUM_OFFSET = 20, 16  # a merged super-packet: plain IPv4 
 log = logging.getLogger(__name__)
 
 
+def _is_udp(packet: memoryview) -> bool:
+    """Whether a packet's transport is UDP (whose checksum 0 must be sent as 0xFFFF): IPv4's
+    protocol byte or IPv6's next header (a UDP packet with extension headers is rare enough to
+    keep a computed 0, which receivers read as no checksum at worst)."""
+    return packet[9 if packet[0] < 0x60 else 6] == _PROTO_UDP
+
+
 class OffloadError(Exception):
     """A read whose virtio-net header cannot be honoured; ``drop`` says how it is counted."""
 
@@ -123,7 +130,7 @@ class TunQueue:
         if kind == GSO_NONE:
             if flags & NEEDS_CSUM and length > 9:
                 try:
-                    complete_checksum(read.packet, length, csum_start, csum_offset, read.packet[9] == _PROTO_UDP)
+                    complete_checksum(read.packet, length, csum_start, csum_offset, _is_udp(read.packet))
                 except ValueError:
                     raise OffloadError(Drop.BAD_OFFLOAD_HEADER) from None
             read.length, read.mss = length, 0
@@ -196,7 +203,8 @@ def _open(name: str, offload: bool) -> KernelTun:
         result = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
         if offload:
             fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
-            fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
+            # TSO6 stays off until the offload stages segment IPv6: IPv6 TCP then comes as MTU packets
+            fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4)
     except OSError:
         os.close(fd)
         raise

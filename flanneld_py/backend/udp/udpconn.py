@@ -1,4 +1,5 @@
-"""The UDP side of the udp backend (wireguard-go's ``conn/``): one socket on port 8285.
+"""The UDP side of the udp backend (wireguard-go's ``conn/``): a socket on port 8285 per underlay
+family (IPv4; IPv6 too when the node has a PublicIPv6).
 
 The loop hands over runs of equal-size datagrams and takes back GRO reads as
 ``(size, segment size, source)``; the UDP_SEGMENT/UDP_GRO control messages,
@@ -88,10 +89,10 @@ class KernelUdp:
         while True:
             try:
                 if self.gro:
-                    nbytes, ancdata, _flags, (source, _port) = self.sock.recvmsg_into([buf], GRO_CMSG_SPACE)
-                    return nbytes, gro_segment_size(ancdata, nbytes), source
-                nbytes, (source, _port) = self.sock.recvfrom_into(buf)
-                return nbytes, nbytes, source
+                    nbytes, ancdata, _flags, peer = self.sock.recvmsg_into([buf], GRO_CMSG_SPACE)
+                    return nbytes, gro_segment_size(ancdata, nbytes), peer[0]
+                nbytes, peer = self.sock.recvfrom_into(buf)
+                return nbytes, nbytes, peer[0]  # (host, port) or, for IPv6, (host, port, flow, scope)
             except BlockingIOError:
                 return None
             except OSError:
@@ -111,9 +112,13 @@ def _grow_buffers(sock: socket.socket, size: int) -> None:
 
 
 def open_udp(address: str, port: int, offload: bool = False) -> KernelUdp:
-    """The overlay socket, bound to the underlay address; GSO/GRO probed when ``offload``."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    """The overlay socket, bound to the underlay address (IPv4, or IPv6 only: never mapped
+    IPv4, which the IPv4 socket takes); GSO/GRO probed when ``offload``."""
+    ipv6 = ":" in address
+    sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, socket.SOCK_DGRAM)
     try:
+        if ipv6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         _grow_buffers(sock, SOCKET_BUFFER)
         sock.bind((address, port))
