@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from flanneld_py.lab.checks import ping_matrix, wait_until
 from flanneld_py.lab.cluster import Cluster, Node, Pod
 from flanneld_py.lab.netns import Netns
 from flanneld_py.ops.control import query
@@ -53,6 +54,19 @@ def status(node: Node) -> dict:  # type: ignore[type-arg]
 
 def peer_subnets(node: Node) -> set[str]:
     return {peer["subnet"] for peer in status(node)["peers"]}
+
+
+def unreachable(pods: list[Pod], ipv6: bool, timeout: float) -> list[tuple[str, str]]:
+    """Pod pairs whose ping still fails after ``timeout`` s of retries (a first ping may wait
+    for the neighbour entry)."""
+    failed: list[tuple[str, str]] = []
+
+    def check() -> bool:
+        failed[:] = [pair for pair, ok in ping_matrix(pods, ipv6=ipv6).items() if not ok]
+        return not failed
+
+    wait_until(check, timeout, interval=0.5)
+    return failed
 
 
 def alive(node: Node) -> bool:

@@ -18,10 +18,10 @@ from collections.abc import Iterator
 from ipaddress import IPv4Network, IPv6Network
 
 import pytest
-from lab_helpers import start
+from lab_helpers import start, unreachable
 
 from flanneld_py.core.lease import format_subnet_key
-from flanneld_py.lab.checks import dns_check, ping_matrix, tcp_transfer, wait_until
+from flanneld_py.lab.checks import dns_check, tcp_transfer, wait_until
 from flanneld_py.lab.cluster import PREFIX, Cluster, Node, Pod
 from flanneld_py.lab.netns import run
 
@@ -103,17 +103,6 @@ def converged6(kind: str, cluster: Cluster) -> list[str]:
     return problems
 
 
-def unreachable(pods: list[Pod], ipv6: bool) -> list[tuple[str, str]]:
-    """Pairs that still fail after a generous wait (a first ping may wait for the neighbour)."""
-    failed: list[tuple[str, str]] = []
-
-    def check() -> bool:
-        failed[:] = [pair for pair, ok in ping_matrix(pods, ipv6=ipv6).items() if not ok]
-        return not failed
-
-    wait_until(check, WAIT, interval=0.5)
-    return failed
-
 
 @pytest.fixture(scope="module", params=["vxlan", "host-gw"])
 def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
@@ -146,8 +135,8 @@ def test_records_devices_and_ipv6_entries_are_flannels(lab: Lab) -> None:
 
 def test_ping_and_ping6_between_every_pair_of_pods(lab: Lab) -> None:
     _, _, pods = lab
-    assert unreachable(pods, ipv6=False) == []
-    assert unreachable(pods, ipv6=True) == []
+    assert unreachable(pods, ipv6=False, timeout=WAIT) == []
+    assert unreachable(pods, ipv6=True, timeout=WAIT) == []
 
 
 def test_tcp_over_ipv6_arrives_intact(lab: Lab) -> None:
@@ -187,7 +176,7 @@ def test_restart_keeps_both_subnets_and_ipv6_traffic(lab: Lab) -> None:
     assert (after.subnet, after.ipv6_subnet) == (env.subnet, env.ipv6_subnet)
     assert lease_of(cluster, node).get("BackendV6Data") == mac6  # vxlan: flannel-v6.1's MAC reused
     assert converged6(kind, cluster) == []
-    assert unreachable(pods, ipv6=True) == []
+    assert unreachable(pods, ipv6=True, timeout=WAIT) == []
 
 
 def test_a_node_that_leaves_takes_its_ipv6_entries_with_it(lab: Lab) -> None:
@@ -223,7 +212,7 @@ def test_vxlan_ipv6_direct_routing_uses_plain_routes_on_one_segment() -> None:
         assert wait_until(lambda: direct(a, b) and direct(b, a), WAIT), (routes6(a), routes6(b))
         assert neighbours6(a) == {} and fdb6(a) == set()
         pods = [cluster.add_pod(node) for node in cluster.nodes]
-        assert unreachable(pods, ipv6=True) == []
+        assert unreachable(pods, ipv6=True, timeout=WAIT) == []
 
 
 @pytest.mark.parametrize("kind", ["vxlan", "host-gw"])
@@ -242,6 +231,6 @@ def test_an_ipv6_only_cluster_carries_ipv6_pods(kind: str) -> None:
             assert node.netns.ip("link", "show", "flannel.1", check=False).returncode != 0
         pods = [cluster.add_pod(node) for node in cluster.nodes]
         assert all(pod.ip is None and pod.ip6 is not None for pod in pods)
-        assert unreachable(pods, ipv6=True) == []
+        assert unreachable(pods, ipv6=True, timeout=WAIT) == []
         result = tcp_transfer(pods[0], pods[1], 1024 * 1024, port=5208, ipv6=True)
         assert result.intact, f"sent {result.sent!r}, received {result.received!r}"

@@ -19,8 +19,9 @@ import tempfile
 from collections.abc import Iterator
 
 import pytest
+from lab_helpers import unreachable
 
-from flanneld_py.lab.checks import ping_matrix, tcp_transfer, wait_until
+from flanneld_py.lab.checks import tcp_transfer
 from flanneld_py.lab.cluster import Cluster, Pod
 from flanneld_py.lab.flannel import (
     FlannelMissing,
@@ -50,16 +51,6 @@ def pods(request: pytest.FixtureRequest) -> Iterator[list[Pod]]:
             yield [lab.add_pod(node, plugin) for node, plugin in zip(lab.nodes, (None, plugin, plugin), strict=True)]
 
 
-def unreachable(pods: list[Pod], ipv6: bool) -> list[tuple[str, str]]:
-    failed: list[tuple[str, str]] = []
-
-    def check() -> bool:
-        failed[:] = [pair for pair, ok in ping_matrix(pods, ipv6=ipv6).items() if not ok]
-        return not failed
-
-    wait_until(check, WAIT, interval=0.5)
-    return failed
-
 
 def test_every_pod_has_both_families(pods: list[Pod]) -> None:
     for pod in pods:
@@ -69,8 +60,8 @@ def test_every_pod_has_both_families(pods: list[Pod]) -> None:
 
 
 def test_ping_and_ping6_between_flanneld_and_flanneld_py_pods(pods: list[Pod]) -> None:
-    assert unreachable(pods, ipv6=False) == []
-    assert unreachable(pods, ipv6=True) == []
+    assert unreachable(pods, ipv6=False, timeout=WAIT) == []
+    assert unreachable(pods, ipv6=True, timeout=WAIT) == []
 
 
 @pytest.mark.parametrize("ipv6", [False, True], ids=["ipv4", "ipv6"])
