@@ -1,8 +1,8 @@
 """The daemon: wiring from :class:`DaemonOptions` to running parts, with one exit path.
 
-Start-up order: underlay interface -> etcd and the network config -> backend
-(its lease attributes) -> subnet lease -> datapath -> subnet file -> CNI
-socket -> ready. Then two long-lived tasks: the lease (the runner of
+Start-up order: etcd and the network config -> underlay interface (chosen by the
+network's address families, as flanneld does) -> backend (its lease attributes) ->
+subnet lease -> datapath -> subnet file -> CNI socket -> ready. Then two long-lived tasks: the lease (the runner of
 :class:`~flanneld_py.core.lease_policy.LeasePolicy`: renewing ours, following
 everyone's) and the network config's watch. A stop signal or a fatal error ends both and shuts down in order.
 """
