@@ -138,6 +138,9 @@ def test_each_node_chose_eth0_by_ipv6_and_published_flannels_ipv6_only_record(la
             (link,) = ip_json(node, "addr", "show", "dev", "flannel0")
             assert link["mtu"] == 1500 - 48 and link["addr_info"] == []  # neither an IPv4 nor an IPv6 address
             assert status(node)["drops"].get("not_a_peer", 0) == 0
+            for peer in cluster.nodes:
+                if peer is not node:
+                    assert f"peer added: {subnet6(peer)} via {peer.address6}" in node.log_text()
 
 
 def test_ping6_between_every_pair_of_pods(lab: Lab) -> None:

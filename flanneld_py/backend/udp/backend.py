@@ -232,13 +232,17 @@ class UdpBackend:
                 public_ipv6 = lease.attrs.public_ipv6
                 self.engine.set_peer(lease.subnet, str(lease.attrs.public_ip), lease.subnet6,
                                      None if public_ipv6 is None else str(public_ipv6))
-                if lease.subnet6 is not None and self.engine.own_subnet6 is not None:
+                if not self._ipv4:
+                    log.info("peer added: %s via %s", lease.subnet6, public_ipv6)
+                elif lease.subnet6 is not None and self.engine.own_subnet6 is not None:
                     log.info("peer added: %s and %s via %s", lease.subnet, lease.subnet6, lease.attrs.public_ip)
                 else:
                     log.info("peer added: %s via %s", lease.subnet, lease.attrs.public_ip)
             elif isinstance(event, LeaseRemoved):
-                if self.engine.remove_peer(event.lease.subnet, event.lease.subnet6) is not None:
-                    log.info("peer removed: %s (was %s)", event.lease.subnet, event.lease.attrs.public_ip)
+                gone = event.lease
+                if self.engine.remove_peer(gone.subnet, gone.subnet6) is not None:
+                    log.info("peer removed: %s (was %s)", gone.subnet if self._ipv4 else gone.subnet6,
+                             gone.attrs.public_ip if self._ipv4 else gone.attrs.public_ipv6)
 
     def is_up(self) -> bool:
         return self.pump is not None
