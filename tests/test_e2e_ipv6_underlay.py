@@ -9,8 +9,8 @@ backend (vxlan over ``flannel-v6.1``, host-gw via the peers' PublicIPv6, udp ove
 underlay socket), shared by the module's tests in order; the last test removes a node.
 Checked: the lease record byte for byte as flanneld writes an IPv6-only one, the devices and
 MTUs, full-mesh ping6, TCP over IPv6 with matching sha256, drift repair (flannel0's IPv6
-network route for udp), restart and a node leaving. A dual-stack config on this underlay is
-refused in one line, as flannel refuses it.
+network route for udp), restart and a node leaving; vxlan's DirectRouting over the IPv6
+underlay. A dual-stack config on this underlay is refused in one line, as flannel refuses it.
 """
 
 from __future__ import annotations
@@ -210,3 +210,19 @@ def test_a_dual_stack_config_on_an_ipv6_only_underlay_is_refused_in_one_line() -
         assert code == 1 and len(errors) == 1, node.log_text()[-2000:]
         assert "the underlay interface eth0 has no IPv4 address" in errors[0] and "EnableIPv4=false" in errors[0]
         assert "Traceback" not in node.log_text() and cluster.leases() == {}
+
+
+def test_vxlan_direct_routing_on_an_ipv6_only_underlay_uses_plain_ipv6_routes() -> None:
+    config = ipv6_only_config("vxlan")
+    config["Backend"]["DirectRouting"] = True
+    with Cluster(nodes=2, config=config, underlay6_only=True) as cluster:
+        start(cluster, *cluster.nodes)
+        a, b = cluster.nodes
+
+        def direct(node: Node, peer: Node) -> bool:
+            route = routes6(node).get(str(subnet6(peer)))
+            return route is not None and (route.get("gateway"), route.get("dev")) == (peer.address6, "eth0")
+
+        assert wait_until(lambda: direct(a, b) and direct(b, a), WAIT), (routes6(a), routes6(b))
+        pods = [cluster.add_pod(node) for node in cluster.nodes]
+        assert unreachable(pods, ipv6=True, timeout=WAIT) == []
