@@ -1,8 +1,8 @@
 """The daemon: wiring from :class:`DaemonOptions` to running parts, with one exit path.
 
-Start-up order: underlay interface -> etcd and the network config -> backend
-(its lease attributes) -> subnet lease -> datapath -> subnet file -> CNI
-socket -> ready. Then two long-lived tasks: the lease (the runner of
+Start-up order: etcd and the network config -> underlay interface (chosen by the
+network's address families, as flanneld does) -> backend (its lease attributes) ->
+subnet lease -> datapath -> subnet file -> CNI socket -> ready. Then two long-lived tasks: the lease (the runner of
 :class:`~flanneld_py.core.lease_policy.LeasePolicy`: renewing ours, following
 everyone's) and the network config's watch. A stop signal or a fatal error ends both and shuts down in order.
 """
@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Coroutine, Sequence
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, IPv6Interface
 from typing import Any, TypeVar
 
 from .backend.base import Backend, BackendContext, CarriesIPv6, published_attrs
@@ -102,6 +102,7 @@ class Daemon:
         self._extras: list[object] = []  # started services with an async close()
         self._shutdown_step = "stopping the running tasks"
         self._underlay_link: Link | None = None  # the chosen interface, for its IPv6 address
+        self._underlay_address6: IPv6Interface | None = None  # the IPv6 address chosen (IPv6-only network)
         self.on_state_change: list[Callable[[DaemonState], None]] = []  # run on every phase change
 
     # --- lifecycle ---------------------------------------------------------------
@@ -143,7 +144,6 @@ class Daemon:
 
     async def _start(self) -> None:
         self.netlink = await asyncio.to_thread(Netlink)
-        iface, public_ip = await self._choose_underlay()
         self._set_phase("waiting for network config")
         config = await self._until_stopped(wait_for_config(self.store))
         if config is None:
@@ -152,6 +152,7 @@ class Daemon:
         for warning in config.warnings:
             log.warning("%s", warning)
         log.info("network %s, subnets /%d, backend %s", config.network, config.subnet_len, config.backend.type)
+        iface, public_ip = await self._choose_underlay(config)
         public_ipv6 = self._public_ipv6(config)
         backend = self._make_backend(config, iface, public_ip, public_ipv6)
         self._set_phase("acquiring lease")
@@ -177,11 +178,13 @@ class Daemon:
         self.state.ready = True
         self._set_phase("running")
 
-    async def _choose_underlay(self) -> tuple[InterfaceInfo, IPv4Address]:
-        """The underlay from --iface, --iface-regex, --iface-can-reach and --public-ip, as flannel picks it."""
+    async def _choose_underlay(self, config: NetworkConfig) -> tuple[InterfaceInfo, IPv4Address]:
+        """The underlay from --iface, --iface-regex, --iface-can-reach and --public-ip(v6), as flannel
+        picks it once it knows the network's families (by IPv6 on an IPv6-only network)."""
         assert self.netlink is not None
         choice = UnderlayChoice(self.options.iface, self.options.iface_regex, self.options.iface_can_reach,
-                                self.options.public_ip)
+                                self.options.public_ip, self.options.public_ipv6,
+                                ipv6_only=config.enable_ipv6 and not config.enable_ipv4)
         try:
             underlay = await asyncio.to_thread(self.netlink.select_underlay, choice)
         except NoUnderlay as exc:
@@ -189,9 +192,12 @@ class Daemon:
         for skipped in underlay.skipped:
             log.info("interface candidate skipped: %s", skipped)
         iface = underlay_info(underlay)
-        self._underlay_link = underlay.link
-        log.info("using interface %s (%s, mtu %d), public IP %s", iface.name, iface.address, iface.mtu,
-                 underlay.public_ip)
+        self._underlay_link, self._underlay_address6 = underlay.link, underlay.address6
+        if iface.address is None:
+            log.info("using interface %s (%s, mtu %d), IPv6 only", iface.name, iface.address6, iface.mtu)
+        else:
+            log.info("using interface %s (%s, mtu %d), public IP %s", iface.name, iface.address, iface.mtu,
+                     underlay.public_ip)
         return iface, underlay.public_ip
 
     def _public_ipv6(self, config: NetworkConfig) -> IPv6Address | None:
@@ -200,7 +206,7 @@ class Daemon:
             return None
         assert self._underlay_link is not None
         try:
-            address = choose_public_ipv6(self._underlay_link, self.options.public_ipv6)
+            address = choose_public_ipv6(self._underlay_link, self.options.public_ipv6, self._underlay_address6)
         except NoUnderlay as exc:
             raise FatalError(str(exc)) from None
         assert config.ipv6 is not None

@@ -410,9 +410,13 @@ def _validate(options: DaemonOptions) -> None:
         raise UsageError(f"--iptables-resync={options.iptables_resync}: must be at least 1 second")
     if bool(options.etcd_username) != bool(options.etcd_password):
         raise UsageError("--etcd-username and --etcd-password go together")
-    for flag, text in (("--public-ip", options.public_ip), ("--iface-can-reach", options.iface_can_reach)):
-        if text is not None:
-            _require_ipv4(flag, text)
+    if options.public_ip is not None:
+        _require_ipv4("--public-ip", options.public_ip)
+    if options.iface_can_reach is not None:  # either family, as flannel (an IPv6 underlay's peer, say)
+        try:
+            ipaddress.ip_address(options.iface_can_reach)
+        except ValueError:
+            raise UsageError(f"--iface-can-reach={options.iface_can_reach!r}: not an IP address") from None
     if options.public_ipv6:
         _require_ipv6("--public-ipv6", options.public_ipv6)
     for pattern in options.iface_regex:

@@ -13,6 +13,7 @@ from flanneld_py.core.netconfig import parse_network_config
 from flanneld_py.netlink import InterfaceInfo
 
 IFACE = InterfaceInfo("eth0", 2, IPv4Address("192.0.2.1"), 24, 1500)
+IFACE6 = InterfaceInfo("eth0", 2, None, 0, 1500, IPv6Address("2001:db8::1"))  # an IPv6-only underlay
 
 
 def context(doc: dict, public_ipv6: str | None = None) -> BackendContext:
@@ -31,8 +32,12 @@ def test_udp_carries_both_families_and_takes_a_dual_stack_config():
     dual = {"Network": "10.244.0.0/16", "EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"}
     backend = create_backend(context(dual, "2001:db8::1"))
     assert families_of(backend) == {4, 6}
-    assert backend.mtu == 1500 - 48  # room for an IPv6 underlay's header
+    assert backend.mtu == 1500 - 28  # until an IPv6 underlay socket is open, IPv6 crosses the IPv4 underlay
     assert create_backend(context({"Network": "10.244.0.0/16"})).mtu == 1500 - 28
+    only6 = {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"}
+    ipv6_only = BackendContext(parse_network_config(json.dumps(only6)), IFACE6, IPv4Address(0), None,  # type: ignore[arg-type]
+                               public_ipv6=IPv6Address("2001:db8::1"))
+    assert create_backend(ipv6_only).mtu == 1500 - 48  # an IPv6-only network's one socket is on the IPv6 underlay
     attrs = published_attrs(backend, IPv6Address("2001:db8::1"))
     assert attrs.backend_type == "udp" and attrs.backend_v6_data is None
     assert attrs.public_ipv6 == IPv6Address("2001:db8::1")
@@ -77,3 +82,15 @@ def test_an_ipv6_only_node_publishes_flannels_zero_public_ip():
     attrs = published_attrs(backend, IPv6Address("2001:db8::1"), enable_ipv4=False)
     assert attrs.to_json() == b'{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::1","BackendType":"host-gw"}'
     assert attrs.node_address == IPv6Address("2001:db8::1")
+
+
+@pytest.mark.parametrize("kind", ["vxlan", "host-gw", "udp"])
+def test_every_backend_takes_an_ipv6_only_network_on_an_underlay_without_ipv4(kind):
+    v6only = {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:10:244::/56", "Backend": {"Type": kind}}
+    ctx = BackendContext(parse_network_config(json.dumps(v6only)), IFACE6, IPv4Address(0), None,  # type: ignore[arg-type]
+                         public_ipv6=IPv6Address("2001:db8::1"))
+    backend = create_backend(ctx)
+    assert backend.type_name == kind and families_of(backend) == {4, 6}
+    if kind == "host-gw":
+        attrs = published_attrs(backend, IPv6Address("2001:db8::1"), enable_ipv4=False)
+        assert attrs.to_json() == b'{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::1","BackendType":"host-gw"}'

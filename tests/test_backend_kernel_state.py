@@ -147,6 +147,30 @@ def test_udp_own_state_is_address_and_network_route_on_flannel0() -> None:
     assert wanted.scope == Scope(NETWORK, frozenset({11}), frozenset({11}))
 
 
+NETWORK6 = IPv6Network("fd00:10:244::/56")
+
+
+def test_udp_own_state_has_the_ipv6_network_route_with_an_ipv6_subnet() -> None:
+    wanted = udp_own_entries(NETWORK, IPv4Network("10.244.5.0/24"), 11, NETWORK6)
+    assert wanted.entries == {AddrSpec(11, IPv4Interface("10.244.5.0/32")), RouteSpec(NETWORK, 11),
+                              RouteSpec(NETWORK6, 11)}
+    assert wanted.scope == Scope(NETWORK, frozenset({11}), frozenset({11}), network6=NETWORK6)
+    ipv6_only = udp_own_entries(None, None, 11, NETWORK6)
+    assert ipv6_only.entries == {RouteSpec(NETWORK6, 11)}
+    assert ipv6_only.scope == Scope(None, frozenset({11}), frozenset({11}), network6=NETWORK6)
+
+
+@pytest.mark.parametrize("network", [NETWORK, None])
+def test_udp_keeper_restores_the_ipv6_network_route_deleted_by_hand(network: IPv4Network | None) -> None:
+    wanted = udp_own_entries(network, IPv4Network("10.244.5.0/24") if network else None, 11, NETWORK6)
+    kernel = FakeKernel(set(wanted.entries))
+    route6 = RouteSpec(NETWORK6, 11)
+    kernel.entries.discard(route6)
+    result = Reconciler(kernel, lambda: wanted).run_pass()
+    assert result.added == (route6,) and result.removed == ()
+    assert kernel.entries == wanted.entries
+
+
 # --- scope and diff ----------------------------------------------------------------------------
 
 VX_SCOPE = Scope(NETWORK, frozenset({FLANNEL1, ETH0}), frozenset({FLANNEL1}))

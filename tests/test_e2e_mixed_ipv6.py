@@ -15,22 +15,25 @@ module skips with the reason.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Iterator
 
 import pytest
 from lab_helpers import unreachable
 
-from flanneld_py.lab.checks import tcp_transfer
-from flanneld_py.lab.cluster import Cluster, Pod
+from flanneld_py.lab.checks import tcp_transfer, wait_until
+from flanneld_py.lab.cluster import PREFIX, Cluster, Pod
 from flanneld_py.lab.flannel import (
     FlannelMissing,
     flannel_cni_binary,
     flannel_cni_plugin,
     flanneld_argv_builder,
     flanneld_binary,
+    start_flanneld,
     start_nodes,
 )
+from flanneld_py.lab.netns import run
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -70,3 +73,52 @@ def test_tcp_both_ways_between_flanneld_and_flanneld_py(pods: list[Pod], ipv6: b
     for src, dst in ((ours, theirs), (theirs, ours)):
         result = tcp_transfer(src, dst, 2 * 1024 * 1024, port=5207, ipv6=ipv6)
         assert result.intact, f"{src.name} -> {dst.name}: sent {result.sent!r}, received {result.received!r}"
+
+
+def test_ipv6_only_vxlan_on_an_ipv6_only_underlay_flanneld_and_flanneld_py_write_one_record() -> None:
+    """flanneld v0.20.2 on an IPv6-only underlay: it picks eth0 by its IPv6 address, and its lease
+    is byte for byte what flanneld-py writes for an IPv6-only vxlan node; flanneld-py takes that
+    lease (route, neighbour and FDB entry on flannel-v6.1).
+
+    No traffic is checked: in etcd mode flanneld v0.20.2 cannot take a peer's IPv6-only lease. Its
+    etcd parser marks every lease EnableIPv4, so it handles a peer's lease as IPv4 first and
+    calls AddARP on the flannel.1 device it never made (log, with -v=4: "adding subnet: 0.0.0.0/0
+    PublicIP: 0.0.0.0 VtepMAC: " then "calling AddARP: 0.0.0.0, ", and nothing after); and it
+    reuses any lease whose PublicIP equals its own, which on an IPv6-only network is every lease
+    (0.0.0.0): started after another node it takes over that node's subnet ("Found lease (ip:
+    0.0.0.0/0 ipv6: ...) for current IP (0.0.0.0), reusing"). So flanneld starts first here."""
+    with tempfile.TemporaryDirectory(prefix="flannel-bin-") as folder:
+        try:
+            flanneld = flanneld_binary(folder)
+        except FlannelMissing as exc:
+            pytest.skip(f"flannel's binaries: {exc}")
+        config = {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:10:244::/48",
+                  "Backend": {"Type": "vxlan"}}
+        with Cluster(nodes=2, config=config, underlay6_only=True,
+                     node_daemons={1: flanneld_argv_builder(flanneld)}) as lab:
+            theirs, ours = lab.nodes
+            start_flanneld(lab, theirs)
+            assert "Using interface with name eth0 and v6 address 2001:db8::1" in theirs.log_text()
+            lab.start_daemon(ours)
+            assert lab.etcd is not None
+            raw = {}
+            for node in lab.nodes:
+                env = node.subnet_env()
+                assert env.subnet is None and env.ipv6_subnet is not None
+                key = f"{PREFIX}/subnets/0.0.0.0-0&{env.ipv6_subnet.network_address}-{env.ipv6_subnet.prefixlen}"
+                mac = json.loads(node.netns.ip("-j", "link", "show", "flannel-v6.1").stdout)[0]["address"]
+                raw[node.name] = lab.etcd.ctl("get", "--print-value-only", key).stdout.strip()
+                assert raw[node.name] == ('{"PublicIP":"0.0.0.0","PublicIPv6":"' + str(node.address6) + '",'
+                                          '"BackendType":"vxlan","BackendV6Data":{"VNI":1,"VtepMAC":"' + mac + '"}}')
+            sn6 = theirs.subnet_env().ipv6_subnet
+            assert sn6 is not None
+            gateway = str(sn6.network_address)
+
+            def took_their_lease() -> bool:
+                route = ours.netns.ip("-6", "route", "show", str(sn6)).stdout
+                neigh = ours.netns.ip("-6", "neigh", "show", gateway, "dev", "flannel-v6.1").stdout
+                fdb = run(["bridge", "-n", ours.netns.name, "fdb", "show", "dev", "flannel-v6.1"]).stdout
+                return (f"via {gateway} dev flannel-v6.1" in route and "onlink" in route and "PERMANENT" in neigh
+                        and f"dst {theirs.address6}" in fdb)
+
+            assert wait_until(took_their_lease, WAIT), ours.log_text()[-2000:]

@@ -116,3 +116,22 @@ def test_an_unleased_ipv6_address_is_answered_no_route_and_counted(cluster):
     assert "unreachable" in proc.stdout.lower() or "no route" in proc.stdout.lower(), proc.stdout
     assert wait_until(lambda: status(node)["drops"].get("no_route", 0) > before, WAIT)
     assert status(node)["drops"].get("not_a_peer", 0) == 0
+
+
+def test_ipv6_pods_over_the_ipv4_underlay_get_the_ipv4_underlays_mtu():
+    """No IPv6 underlay socket (each node's --public-ipv6 is on no interface of it, as behind NAT):
+    IPv6 pod packets cross the IPv4 underlay, so flannel0 and the pods get interface MTU - 28, not
+    - 48, and a full-size IPv6 packet (1472 bytes, don't fragment) still crosses."""
+    extra = {n: (f"--public-ipv6=2001:db8::99:{n}",) for n in (1, 2)}
+    with Cluster(nodes=2, config=DUAL, node_daemon_args=extra) as lab:
+        start(lab, *lab.nodes)
+        for node in lab.nodes:
+            assert "IPv6 pod traffic crosses the IPv4 underlay" in node.log_text()
+            assert node.subnet_env().mtu == 1500 - 28
+            assert '"mtu":1472' in node.netns.ip("-j", "link", "show", "flannel0").stdout
+        a, b = (lab.add_pod(node) for node in lab.nodes)
+        assert wait_until(lambda: a.sh("ping", "-6", "-c", "1", "-W", "2", ipv6_of(b), check=False).returncode == 0,
+                          WAIT)
+        full = a.sh("ping", "-6", "-c", "2", "-W", "2", "-M", "do", "-s", str(1472 - 48), ipv6_of(b), check=False)
+        assert full.returncode == 0, full.stdout + full.stderr
+        assert status(lab.nodes[1])["drops"].get("not_a_peer", 0) == 0

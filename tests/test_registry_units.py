@@ -9,6 +9,7 @@ from flanneld_py.subnet.store import EtcdAuthError
 def test_endpoints_become_grpc_targets():
     assert parse_endpoints("http://198.51.100.254:2379, https://etcd.example:2381,10.0.0.1") == [
         "198.51.100.254:2379", "etcd.example:2381", "10.0.0.1:2379"]
+    assert parse_endpoints("http://[2001:db8::fe]:2379,[2001:db8::fd]") == ["[2001:db8::fe]:2379", "[2001:db8::fd]:2379"]
     with pytest.raises(ValueError):
         parse_endpoints(" , ")
 

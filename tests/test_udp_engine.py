@@ -246,3 +246,41 @@ def test_without_an_ipv6_subnet_of_ours_ipv6_finds_no_route_and_no_answer():
     e = engine()
     buf = pkt6("fd00:10:244:7::5", "fd00:10:244:8::1")
     assert e.outbound(buf, len(buf)) is None and e.take_replies() == [] and e.drops[Drop.NO_ROUTE] == 1
+
+
+ZERO = IPv4Network("0.0.0.0/0")  # flannel's IPv4 half of an IPv6-only lease
+
+
+def engine_ipv6_only():
+    """An IPv6-only network's engine: every lease's IPv4 half is 0.0.0.0/0, PublicIP 0.0.0.0."""
+    e = Engine(IPv4Network("10.244.0.0/16"), ZERO, 8285, IPv6Network("fd00:10:244::/48"), OWN6, True,
+               Icmp6Budget(rate=10, burst=3, clock=Clock()))
+    for n in (8, 9):
+        e.set_peer(ZERO, "0.0.0.0", IPv6Network(f"fd00:10:244:{n}::/64"), f"2001:db8::{n}")
+    return e
+
+
+def test_ipv6_only_peers_are_apart_and_no_ipv4_finds_them():
+    e = engine_ipv6_only()
+    assert len(e.peers) == 2 and len(e.peers6) == 2
+    for n in (8, 9):
+        buf = pkt6("fd00:10:244:7::5", f"fd00:10:244:{n}::77")
+        peer = e.outbound(buf, len(buf))
+        assert peer is not None and peer.addr6 == (f"2001:db8::{n}", 8285)
+        inbound = pkt6(f"fd00:10:244:{n}::3", "fd00:10:244:7::5")
+        assert e.inbound(inbound, len(inbound), f"2001:db8::{n}") is peer
+    v4 = pkt("10.244.7.5", "10.244.8.1")
+    assert e.outbound(v4, len(v4)) is None and e.drops[Drop.NO_ROUTE] == 1
+    for source in ("0.0.0.0", "198.51.100.8"):  # PublicIP 0.0.0.0 is no peer's address
+        v4_in = pkt("10.244.8.1", "10.244.7.5")
+        assert e.inbound(v4_in, len(v4_in), source) is None
+    assert e.drops[Drop.NOT_A_PEER] == 2
+
+
+def test_ipv6_only_peer_removal_forgets_that_peer_only():
+    e = engine_ipv6_only()
+    gone = e.remove_peer(ZERO, IPv6Network("fd00:10:244:8::/64"))
+    assert gone is not None and gone.public_ipv6 == "2001:db8::8"
+    assert [p.public_ipv6 for p in e.peers.values()] == ["2001:db8::9"]
+    stale = pkt6("fd00:10:244:8::3", "fd00:10:244:7::5")
+    assert e.inbound(stale, len(stale), "2001:db8::8") is None and e.drops[Drop.NOT_A_PEER] == 1

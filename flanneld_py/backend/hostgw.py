@@ -35,8 +35,10 @@ class HostGwBackend(RoutedBackend):
                  interval: float = RECONCILE_INTERVAL) -> None:
         super().__init__(ctx, kernel, interval)
         iface = ctx.iface
-        segment = IPv4Interface(f"{iface.address}/{iface.prefixlen}").network
-        self._local: HostGwLocal | None = HostGwLocal(iface.index, segment, iface.name) if ctx.config.enable_ipv4 else None
+        self._local: HostGwLocal | None = None
+        if ctx.config.enable_ipv4 and iface.address is not None:
+            segment = IPv4Interface((iface.address, iface.prefixlen)).network
+            self._local = HostGwLocal(iface.index, segment, iface.name)
         self._local6: HostGwLocal | None = None
         if ctx.config.enable_ipv6 and ctx.ipv6_segment is not None:
             self._local6 = HostGwLocal(iface.index, ctx.ipv6_segment, iface.name)

@@ -259,14 +259,18 @@ def hostgw_peer_entries(local: HostGwLocal | None, lease: Lease, local6: HostGwL
     return _both(v4, v6)
 
 
-def udp_own_entries(network: IPv4Network, own_subnet: IPv4Network, tun_index: int) -> Wanted:
-    """The udp backend's kernel state: ``<subnet>/32`` on flannel0 and ``<Network> dev flannel0``."""
-    scope = Scope(network, frozenset({tun_index}), frozenset({tun_index}))
-    entries: frozenset[Entry] = frozenset({
-        AddrSpec(tun_index, IPv4Interface((own_subnet.network_address, 32))),
-        RouteSpec(network, tun_index),
-    })
-    return Wanted(scope, entries)
+def udp_own_entries(network: IPv4Network | None, own_subnet: IPv4Network | None, tun_index: int,
+                    network6: IPv6Network | None = None) -> Wanted:
+    """The udp backend's kernel state: ``<subnet>/32`` on flannel0 and ``<Network> dev flannel0``,
+    and with an IPv6 subnet of ours ``<IPv6Network> dev flannel0`` (no IPv6 address); an
+    IPv6-only network (``network`` None) has only the IPv6 route."""
+    scope = Scope(network, frozenset({tun_index}), frozenset({tun_index}), network6=network6)
+    entries: set[Entry] = set()
+    if network is not None and own_subnet is not None:
+        entries |= {AddrSpec(tun_index, IPv4Interface((own_subnet.network_address, 32))), RouteSpec(network, tun_index)}
+    if network6 is not None:
+        entries.add(RouteSpec(network6, tun_index))
+    return Wanted(scope, frozenset(entries))
 
 
 # --- ownership and diff --------------------------------------------------------

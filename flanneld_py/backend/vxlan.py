@@ -69,7 +69,8 @@ class VxlanBackend(RoutedBackend):
         self._macs: dict[str, str] = {}  # device name -> VTEP MAC, once lease_attrs() or start() chose it
         self._local: VxlanLocal | None = None
         self._local6: VxlanLocal | None = None
-        self._underlay = IPv4Interface(f"{ctx.iface.address}/{ctx.iface.prefixlen}").network
+        address = ctx.iface.address
+        self._underlay = None if address is None else IPv4Interface((address, ctx.iface.prefixlen)).network
         self._v4 = ctx.config.enable_ipv4
         self._v6 = ctx.config.enable_ipv6 and ctx.public_ipv6 is not None
 
@@ -115,9 +116,11 @@ class VxlanBackend(RoutedBackend):
         underlay = cfg.underlay_mtu(self.ctx.iface.mtu)
         local: IPv4Address | IPv6Address
         if name == self.device6_name:
-            assert self.ctx.public_ipv6 is not None
-            local, mtu = self.ctx.public_ipv6, underlay - VXLAN_V6_OVERHEAD
+            local6 = self.ctx.iface.address6 or self.ctx.public_ipv6  # the IPv6 underlay's address, as flannel
+            assert local6 is not None
+            local, mtu = local6, underlay - VXLAN_V6_OVERHEAD
         else:
+            assert self.ctx.iface.address is not None, "flannel.<VNI> on an underlay without IPv4"
             local, mtu = self.ctx.iface.address, underlay - VXLAN_OVERHEAD
         return nlvx.VxlanDeviceSpec(
             name=name, vni=self.vni, port=cfg.vxlan_port, underlay_index=self.ctx.iface.index,
@@ -130,6 +133,7 @@ class VxlanBackend(RoutedBackend):
             assert self.ctx.ipv6_segment is not None
             self._local6 = VxlanLocal(index, self.ctx.iface.index, self.ctx.ipv6_segment, direct)
         else:
+            assert self._underlay is not None
             self._local = VxlanLocal(index, self.ctx.iface.index, self._underlay, direct)
 
     def _device_names_wanted(self) -> list[str]:

@@ -8,7 +8,9 @@ Layout (``<tag>`` is unique per run)::
     fp<tag>n1p1 eth0 10.244.x.y        a pod of node 1
 
 With ``underlay6`` every node's eth0 also has ``2001:db8::<index>/64`` (a dual-stack
-underlay, for configs with ``EnableIPv6``) and forwards IPv6.
+underlay, for configs with ``EnableIPv6``) and forwards IPv6. With ``underlay6_only`` it
+has that address alone (no IPv4 address: an IPv6-only underlay, for IPv6-only networks),
+an IPv6 default route via the switch, and etcd listens on ``[2001:db8::fe]:2379``.
 
 A node may run another daemon (``node_daemons``, e.g. flannel's own flanneld) and a pod may be
 wired by another CNI plugin (``CniPlugin``); ``lab/flannel.py`` has flannel's.
@@ -40,6 +42,7 @@ __all__ = ["REFERENCE_CNI", "Cluster", "CniPlugin", "DaemonArgv", "Node", "Pod",
 UNDERLAY = IPv4Network("198.51.100.0/24")
 UNDERLAY6 = IPv6Network("2001:db8::/64")
 ETCD_HOST = "198.51.100.254"
+ETCD_HOST6 = "2001:db8::fe"  # the switch on an IPv6-only underlay
 PREFIX = "/coreos.com/network"
 REFERENCE_CNI = "/usr/lib/cni"  # Debian's containernetworking-plugins: bridge, host-local, portmap
 
@@ -167,6 +170,7 @@ class Cluster:
         wait_for_cni_socket: bool = True,
         node_daemons: Mapping[int, DaemonArgv] | None = None,
         underlay6: bool = False,
+        underlay6_only: bool = False,
     ) -> None:
         self.tag = tag or unique_tag()
         self.node_count = nodes
@@ -183,7 +187,8 @@ class Cluster:
         self.wait_for_cni_socket = wait_for_cni_socket
         self._node_daemons = dict(node_daemons or {})
         self._pod_seq = 0
-        self.underlay6 = underlay6
+        self.underlay6 = underlay6 or underlay6_only
+        self.underlay6_only = underlay6_only
 
     # --- build & tear down ---------------------------------------------------
 
@@ -207,7 +212,10 @@ class Cluster:
         run(["ip", "link", "add", port, "netns", self.switch.name, "type", "veth", "peer", "name", "eth0",
              "netns", ns.name])
         self.switch.ip("link", "set", port, "master", "br0", "up")
-        ns.ip("addr", "add", f"{address}/{UNDERLAY.prefixlen}", "dev", "eth0")
+        if ":" in address:
+            ns.ip("addr", "add", f"{address}/{UNDERLAY6.prefixlen}", "dev", "eth0", "nodad")
+        else:
+            ns.ip("addr", "add", f"{address}/{UNDERLAY.prefixlen}", "dev", "eth0")
         ns.ip("link", "set", "eth0", "up")
 
     def _ns(self, suffix: str) -> Netns:
@@ -221,10 +229,13 @@ class Cluster:
         # port joins later (an outside host, an intruder), and then etcd's address behind
         # br0 stays unreachable until every node's neighbour entry for it expires.
         self.switch.ip("link", "add", "br0", "address", "02:00:5e:00:53:fe", "type", "bridge")
-        self.switch.ip("addr", "add", f"{ETCD_HOST}/24", "dev", "br0")
+        if self.underlay6_only:
+            self.switch.ip("addr", "add", f"{ETCD_HOST6}/{UNDERLAY6.prefixlen}", "dev", "br0", "nodad")
+        else:
+            self.switch.ip("addr", "add", f"{ETCD_HOST}/24", "dev", "br0")
         self.switch.ip("link", "set", "br0", "up")
         if self._start_etcd:
-            self.etcd = EtcdMember("e0", ETCD_HOST, self.workdir, netns=self.switch)
+            self.etcd = EtcdMember("e0", self._etcd_host, self.workdir, netns=self.switch)
             self.etcd.start()
             self.put_config(self.config)
         for index in range(1, self.node_count + 1):
@@ -232,11 +243,15 @@ class Cluster:
 
     def add_node(self, index: int) -> Node:
         ns = self._ns(f"n{index}")
-        address = str(UNDERLAY.network_address + index)
+        address = str((UNDERLAY6 if self.underlay6_only else UNDERLAY).network_address + index)
         self.plug_into_underlay(ns, f"n{index}", address)
         ns.sh("sysctl", "-qw", "net.ipv4.ip_forward=1")
         address6 = None
-        if self.underlay6:
+        if self.underlay6_only:
+            address6 = address
+            ns.sh("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+            ns.ip("-6", "route", "add", "default", "via", ETCD_HOST6, "dev", "eth0")
+        elif self.underlay6:
             address6 = str(UNDERLAY6.network_address + index)
             ns.ip("addr", "add", f"{address6}/{UNDERLAY6.prefixlen}", "dev", "eth0", "nodad")
             ns.sh("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
@@ -260,8 +275,13 @@ class Cluster:
     # --- etcd --------------------------------------------------------------------
 
     @property
+    def _etcd_host(self) -> str:
+        """The etcd host as a URL has it (an IPv6 literal in brackets)."""
+        return f"[{ETCD_HOST6}]" if self.underlay6_only else ETCD_HOST
+
+    @property
     def etcd_endpoint(self) -> str:
-        return f"http://{ETCD_HOST}:2379"
+        return f"http://{self._etcd_host}:2379"
 
     def put_config(self, config: dict) -> None:  # type: ignore[type-arg]
         assert self.etcd is not None

@@ -15,7 +15,7 @@ import errno
 import socket
 import threading
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network, ip_address
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -40,9 +40,10 @@ RTNH_F_ONLINK = 4
 class InterfaceInfo:
     name: str
     index: int
-    address: IPv4Address
+    address: IPv4Address | None  # None on an IPv6-only network (the underlay is chosen by IPv6)
     prefixlen: int
     mtu: int
+    address6: IPv6Address | None = None  # the IPv6 underlay's address on an IPv6-only network
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +152,7 @@ class Netlink:
             "dst_len": route.dst.prefixlen,
             "oif": route.ifindex,
             "proto": proto,
+            "family": socket.AF_INET6 if route.dst.version == 6 else socket.AF_INET,
         }
         if route.gateway is not None:
             kwargs["gateway"] = str(route.gateway)
@@ -211,7 +213,7 @@ class Netlink:
             index = msg.get_attr("RTA_OIF")
             if index:
                 source = msg.get_attr("RTA_PREFSRC")
-                return RouteHint(int(index), IPv4Address(source) if source else None)
+                return RouteHint(int(index), ip_address(source) if source else None)
         return None
 
     def select_underlay(self, choice: UnderlayChoice) -> Underlay:
@@ -221,10 +223,13 @@ class Netlink:
             NoUnderlay: nothing matches the flags.
         """
         hint = self.route_hint(choice.iface_can_reach) if choice.iface_can_reach else None
-        return choose_underlay(self.links(), choice, self._default_route_index(), hint)
+        default = self._default_route_index(socket.AF_INET6 if choice.ipv6_only else socket.AF_INET)
+        return choose_underlay(self.links(), choice, default, hint)
 
-    def _default_route_index(self) -> int | None:
-        for msg in self.call("get_routes", family=2, table=254):
+    def _default_route_index(self, family: int) -> int | None:
+        """The interface of the main table's first default route of ``family`` (flannel's
+        ``GetDefaultGatewayInterface`` / ``GetDefaultV6GatewayInterface``)."""
+        for msg in self.call("get_routes", family=family, table=254):
             if msg["dst_len"] == 0 and msg.get_attr("RTA_OIF"):
                 return int(msg.get_attr("RTA_OIF"))
         return None
@@ -232,5 +237,7 @@ class Netlink:
 
 def underlay_info(underlay: Underlay) -> InterfaceInfo:
     """The backends' view of a chosen underlay."""
-    link, address = underlay.link, underlay.address
+    link, address, address6 = underlay.link, underlay.address, underlay.address6
+    if address is None:
+        return InterfaceInfo(link.name, link.index, None, 0, link.mtu, None if address6 is None else address6.ip)
     return InterfaceInfo(link.name, link.index, address.ip, address.network.prefixlen, link.mtu)

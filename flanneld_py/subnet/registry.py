@@ -329,7 +329,8 @@ def parse_endpoints(text: str) -> list[str]:
         parts = urlsplit(item if "://" in item else f"http://{item}")
         if not parts.hostname:
             raise ValueError(f"etcd endpoint {item!r} has no host")
-        targets.append(f"{parts.hostname}:{parts.port or 2379}")
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname  # an IPv6 literal
+        targets.append(f"{host}:{parts.port or 2379}")
     if not targets:
         raise ValueError("no etcd endpoints given")
     return targets

@@ -6,22 +6,25 @@ with an IPv6 subnet of ours also ``<IPv6Network> dev flannel0`` (no IPv6
 address: flannel0 needs none to carry IPv6, and without a link-local one the
 kernel sends no router solicitations or MLD reports into it). IPv6 pod
 packets go to a peer's PublicIPv6 from a second socket bound to ours (the
-IPv6 underlay), or to its PublicIP when either side has no PublicIPv6; with
-an IPv6 underlay the MTU leaves room for its 40-byte header. Peers live only
-in the engine's table, never in the kernel.
+IPv6 underlay), or to its PublicIP when either side has no PublicIPv6. The
+MTU leaves room for the outer header of the underlay actually used: 48 bytes
+(IPv6 + UDP) once an IPv6 underlay socket is open, else 28. An IPv6-only
+network (``EnableIPv4: false``) has no IPv4 address, route or socket: its one
+socket is on the IPv6 underlay. Peers live only in the engine's table, never
+in the kernel.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import Sequence
 from ipaddress import IPv4Interface, IPv4Network, IPv6Network
 
 from ...core.lease import LeaseAdded, LeaseAttrs, LeaseEvent, LeaseRemoved
 from ...core.packet import Drop
-from ...netlink import RTPROT_FLANNEL, RouteSpec
+from ...errors import FatalError
+from ...netlink import RouteSpec
 from ..base import BackendContext, BatchCount, PeerStats
 from ..kernel import NetlinkKernel
 from ..kernel_state import udp_own_entries
@@ -79,7 +82,7 @@ def _on_off(flag: bool) -> str:
 
 class UdpBackend:
     type_name = "udp"
-    families = frozenset({4, 6})  # dual-stack: IPv6 pod packets over the IPv4 underlay
+    families = frozenset({4, 6})  # IPv6 pod packets over either underlay; IPv6-only networks too
 
     def __init__(self, ctx: BackendContext) -> None:
         self.ctx = ctx
@@ -96,8 +99,17 @@ class UdpBackend:
         return self.ctx.config.ipv6 is not None and self.ctx.public_ipv6 is not None
 
     @property
+    def _ipv4(self) -> bool:
+        """False on an IPv6-only network: no IPv4 address, route or socket."""
+        return self.ctx.config.enable_ipv4
+
+    @property
     def mtu(self) -> int:
-        return self.ctx.iface.mtu - (OVERHEAD6 if self._ipv6_underlay else OVERHEAD)
+        """flannel0's and the pods' MTU: the interface's less the outer headers of the underlay in
+        use, IPv6 (48) when IPv6 pod packets cross an IPv6 socket, else IPv4 (28): IPv6 pods over
+        the IPv4 underlay need no more room than IPv4 ones. Known once :meth:`start` opened the sockets."""
+        ipv6_socket = self._conn6 is not None or not self._ipv4
+        return self.ctx.iface.mtu - (OVERHEAD6 if ipv6_socket else OVERHEAD)
 
     @property
     def pod_gso_max_size(self) -> int | None:
@@ -120,9 +132,12 @@ class UdpBackend:
         if ipv6 is not None and own_subnet6 is None:
             log.warning("EnableIPv6 is set but the daemon gave the udp backend no IPv6 subnet: "
                         "carrying IPv4 only")
-        self._conn = open_udp(str(self.ctx.iface.address), self.port, offload=self.ctx.offload)
-        if network6 is not None and self._ipv6_underlay:
-            self._conn6 = self._open_udp6()
+        if self._ipv4:
+            self._conn = open_udp(str(self.ctx.iface.address), self.port, offload=self.ctx.offload)
+            if network6 is not None and self._ipv6_underlay:
+                self._conn6 = self._open_udp6()
+        else:
+            self._conn6 = self._open_ipv6_only_underlay()
         self.engine = Engine(self.ctx.config.network, own_subnet, self.port, network6,
                              own_subnet6 if network6 is not None else None, underlay6=self._conn6 is not None)
         self._tun = open_tun(TUN_NAME, offload=self.ctx.offload)
@@ -131,13 +146,15 @@ class UdpBackend:
         except Exception:
             self._close_fds()
             raise
-        self.pump = Pump(self.engine, self._tun, self._conn, conn6=self._conn6)
+        conn = self._conn or self._conn6
+        assert conn is not None
+        self.pump = Pump(self.engine, self._tun, conn, conn6=self._conn6 if self._conn is not None else None)
         self.pump.start()
         self._tun.set_persistent(True)
-        self._keep(own_subnet, index)
+        self._keep(own_subnet, network6, index)
         log.info("udp backend up: %s mtu %d, listening on %s:%d (offloads: tun %s, gso %s, gro %s; %s stages)",
-                 TUN_NAME, self.mtu, self.ctx.iface.address, self.port,
-                 _on_off(self._tun.offload), _on_off(self._conn.gso), _on_off(self._conn.gro),
+                 TUN_NAME, self.mtu, self.ctx.iface.address or f"[{self._bind6}]", self.port,
+                 _on_off(self._tun.offload), _on_off(conn.gso), _on_off(conn.gro),
                  "compiled" if offload.IMPL == "c" else "pure-Python")
         if own_subnet6 is not None and self.engine.own_subnet6 is not None:
             log.info("udp backend carries IPv6: %s dev %s, %s", self.engine.network6, TUN_NAME,
@@ -148,10 +165,24 @@ class UdpBackend:
                         "pure-Python reference, several times slower (install gcc and the Python headers, then "
                         "reinstall flanneld-py)")
 
+    @property
+    def _bind6(self) -> str:
+        """The IPv6 underlay socket's address: the interface's IPv6 address chosen on an IPv6-only
+        network, else our PublicIPv6."""
+        return str(self.ctx.iface.address6 or self.ctx.public_ipv6)
+
+    def _open_ipv6_only_underlay(self) -> KernelUdp:
+        """An IPv6-only network's one socket; without it nothing could cross, so failing is fatal."""
+        try:
+            return open_udp(self._bind6, self.port, offload=self.ctx.offload)
+        except OSError as exc:
+            raise FatalError(f"cannot listen on [{self._bind6}]:{self.port} for the IPv6 underlay: "
+                             f"{exc.strerror or exc}") from None
+
     def _open_udp6(self) -> KernelUdp | None:
         """The IPv6 underlay's socket on our PublicIPv6; None (IPv6 pods then cross the IPv4
         underlay) when that address is not one of this node's, e.g. a NATed --public-ipv6."""
-        address = str(self.ctx.public_ipv6)
+        address = self._bind6
         try:
             return open_udp(address, self.port, offload=self.ctx.offload)
         except OSError as exc:
@@ -159,9 +190,10 @@ class UdpBackend:
                         address, self.port, exc.strerror or exc)
             return None
 
-    def _keep(self, own_subnet: IPv4Network, index: int) -> None:
-        """Restore flannel0's address and the Network route if they vanish (checked every 5 s)."""
-        wanted = udp_own_entries(self.ctx.config.network, own_subnet, index)
+    def _keep(self, own_subnet: IPv4Network, network6: IPv6Network | None, index: int) -> None:
+        """Restore flannel0's address and the Network routes if they vanish (checked every 5 s)."""
+        own = own_subnet if self._ipv4 else None
+        wanted = udp_own_entries(self.ctx.config.network if self._ipv4 else None, own, index, network6)
         self._keeper = ReconcileLoop(Reconciler(NetlinkKernel(self.ctx.netlink), lambda: wanted), "udp",
                                      names=lambda: {index: TUN_NAME})
         self._keeper.start()
@@ -177,12 +209,13 @@ class UdpBackend:
             _no_ipv6(TUN_NAME)
         else:
             _ipv6_without_addresses(TUN_NAME)
-        netlink.ensure_address(index, IPv4Interface((own_subnet.network_address, 32)))
+        if self._ipv4:
+            netlink.ensure_address(index, IPv4Interface((own_subnet.network_address, 32)))
         netlink.set_link(index, state="up")
-        netlink.replace_route(RouteSpec(self.ctx.config.network, index))
+        if self._ipv4:
+            netlink.replace_route(RouteSpec(self.ctx.config.network, index))
         if network6 is not None:
-            netlink.call("route", "replace", family=socket.AF_INET6, dst=str(network6.network_address),
-                         dst_len=network6.prefixlen, oif=index, proto=RTPROT_FLANNEL)
+            netlink.replace_route(RouteSpec(network6, index))
         _accept_local_source(TUN_NAME)
         return index
 
@@ -194,18 +227,22 @@ class UdpBackend:
                 if lease.attrs.backend_type != self.type_name:
                     log.warning("peer %s (%s) uses backend %r, not udp; ignoring it",
                                 lease.subnet, lease.attrs.public_ip, lease.attrs.backend_type)
-                    self.engine.remove_peer(lease.subnet)
+                    self.engine.remove_peer(lease.subnet, lease.subnet6)
                     continue
                 public_ipv6 = lease.attrs.public_ipv6
                 self.engine.set_peer(lease.subnet, str(lease.attrs.public_ip), lease.subnet6,
                                      None if public_ipv6 is None else str(public_ipv6))
-                if lease.subnet6 is not None and self.engine.own_subnet6 is not None:
+                if not self._ipv4:
+                    log.info("peer added: %s via %s", lease.subnet6, public_ipv6)
+                elif lease.subnet6 is not None and self.engine.own_subnet6 is not None:
                     log.info("peer added: %s and %s via %s", lease.subnet, lease.subnet6, lease.attrs.public_ip)
                 else:
                     log.info("peer added: %s via %s", lease.subnet, lease.attrs.public_ip)
             elif isinstance(event, LeaseRemoved):
-                if self.engine.remove_peer(event.lease.subnet) is not None:
-                    log.info("peer removed: %s (was %s)", event.lease.subnet, event.lease.attrs.public_ip)
+                gone = event.lease
+                if self.engine.remove_peer(gone.subnet, gone.subnet6) is not None:
+                    log.info("peer removed: %s (was %s)", gone.subnet if self._ipv4 else gone.subnet6,
+                             gone.attrs.public_ip if self._ipv4 else gone.attrs.public_ipv6)
 
     def is_up(self) -> bool:
         return self.pump is not None

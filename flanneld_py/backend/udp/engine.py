@@ -89,6 +89,15 @@ class Icmp6Budget:
         return True
 
 
+def _peer_key(subnet: IPv4Network, subnet6: IPv6Network | None) -> int:
+    """A peer's key in :attr:`Engine.peers`: its IPv4 subnet's address. An IPv6-only peer (flannel's
+    zero IPv4 half, ``0.0.0.0/0``) is keyed by its IPv6 subnet, as a negative number, which no
+    IPv4 lookup (a masked address, never negative) can hit."""
+    if subnet.prefixlen or subnet6 is None:
+        return int(subnet.network_address)
+    return -1 - int(subnet6.network_address)
+
+
 class Engine:
     """Route table, checks and counters for one node's udp backend."""
 
@@ -123,7 +132,7 @@ class Engine:
                  public_ipv6: str | None = None) -> Peer:
         """Add or update the peer that owns ``subnet`` (and ``subnet6``, if it has one);
         counters survive an update."""
-        key = int(subnet.network_address)
+        key = _peer_key(subnet, subnet6)
         old = self.peers.get(key)
         if old is not None:
             self._forget(old)
@@ -138,7 +147,7 @@ class Engine:
         if subnet6 is not None and peer.addr6 is not None:
             self.peers6[int(subnet6.network_address)] = peer
         for address in (public_ip, public_ipv6):
-            if address is not None:
+            if address is not None and address != "0.0.0.0":  # an IPv6-only peer's PublicIP sends nothing
                 self._public_ips[address] = self._public_ips.get(address, 0) + 1
         return peer
 
@@ -151,8 +160,9 @@ class Engine:
             return (public_ip, self.port)
         return None
 
-    def remove_peer(self, subnet: IPv4Network) -> Peer | None:
-        peer = self.peers.pop(int(subnet.network_address), None)
+    def remove_peer(self, subnet: IPv4Network, subnet6: IPv6Network | None = None) -> Peer | None:
+        """Forget the peer of a lease (``subnet6`` names an IPv6-only one)."""
+        peer = self.peers.pop(_peer_key(subnet, subnet6), None)
         if peer is not None:
             self._forget(peer)
         return peer
