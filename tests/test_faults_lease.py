@@ -64,7 +64,10 @@ def test_dead_node_loses_its_lease_and_route_and_its_subnet_comes_free():
               f"{route_gone:.1f}s after SIGKILL; subnet {dead} reused by a new node")
 
 
-RESTART_LOSS_BOUND = 3.0  # seconds of pings lost at 100/s per restart (measured: about 0.5)
+# Pings are lost only while no daemon holds flannel0: from the SIGTERM to the new daemon's
+# readiness (measured in the test itself, so a loaded machine moves both sides) plus this slack
+# for the last in-flight pings. A datapath that came back late after readiness would exceed it.
+RESTART_LOSS_SLACK = 1.0
 
 
 def test_restart_under_ping_keeps_subnet_and_loses_little():
@@ -87,10 +90,10 @@ def test_restart_under_ping_keeps_subnet_and_loses_little():
             assert node.subnet_env().subnet == before
             assert len(lab.leases()) == 2
             results[node.name] = (stats, restart)
-            # the README's "about half a second of loss", bounded with room for a loaded machine: a
-            # restart that took longer than this would be a real regression (the figure is printed)
-            assert stats.lost_seconds <= RESTART_LOSS_BOUND, (
-                f"restart of {node.name} lost {stats.lost} of {stats.sent} pings ({stats.lost_seconds:.2f}s)")
+            # no loss beyond the time the node had no daemon (the figure is printed)
+            assert stats.lost_seconds <= restart + RESTART_LOSS_SLACK, (
+                f"restart of {node.name} lost {stats.lost} of {stats.sent} pings ({stats.lost_seconds:.2f}s) "
+                f"though stop to ready took {restart:.2f}s")
         print("\nFIGURE restart: " + "; ".join(
             f"{name} SIGTERM+start {restart:.2f}s, {stats.lost}/{stats.sent} pings lost at 100/s "
             f"({stats.lost_seconds:.2f}s, longest gap {stats.longest_gap})" for name, (stats, restart) in results.items()))
