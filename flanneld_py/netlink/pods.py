@@ -31,9 +31,8 @@ from ipaddress import (
 )
 from typing import Any, TypeVar
 
-from pyroute2 import IPRoute
-
 from . import Netlink, NetlinkError
+from .batch import RtnlSocket
 
 __all__ = [
     "NamespaceNotFound",
@@ -133,16 +132,25 @@ class NetnsNetlink(Netlink):
     multicast groups: it only asks questions.
     """
 
-    def __init__(self, path: str) -> None:  # pylint: disable=super-init-not-called
-        sock = netns_socket(path, proto=0)  # NETLINK_ROUTE
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self._rtnl = RtnlSocket(self.raw_socket())  # now: a missing namespace is an error here
+
+    def raw_socket(self) -> socket.socket:
+        return netns_socket(self.path, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+
+    def _open_pyroute2(self) -> Any:
+        from pyroute2 import IPRoute
+
+        sock = netns_socket(self.path, proto=NETLINK_ROUTE)
         try:
-            self._ipr = IPRoute(fileno=sock.fileno(), groups=0)
+            ipr = IPRoute(fileno=sock.fileno(), groups=0)
         except BaseException:
             sock.close()
             raise
         sock.detach()  # the IPRoute owns the descriptor now
-        self._lock = threading.Lock()
-        self.path = path
+        return ipr
 
 
 class PodSocket:

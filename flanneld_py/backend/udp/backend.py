@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import Sequence
 from ipaddress import IPv4Interface, IPv4Network, IPv6Network
 
 from ...core.lease import LeaseAdded, LeaseAttrs, LeaseEvent, LeaseRemoved
 from ...core.packet import Drop
-from ...netlink import RTPROT_FLANNEL, RouteSpec
+from ...netlink import RouteSpec
 from ..base import BackendContext, BatchCount, PeerStats
 from ..kernel import NetlinkKernel
 from ..kernel_state import udp_own_entries
@@ -181,8 +180,7 @@ class UdpBackend:
         netlink.set_link(index, state="up")
         netlink.replace_route(RouteSpec(self.ctx.config.network, index))
         if network6 is not None:
-            netlink.call("route", "replace", family=socket.AF_INET6, dst=str(network6.network_address),
-                         dst_len=network6.prefixlen, oif=index, proto=RTPROT_FLANNEL)
+            netlink.replace_route(RouteSpec(network6, index))
         _accept_local_source(TUN_NAME)
         return index
 
