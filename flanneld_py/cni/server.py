@@ -27,13 +27,15 @@ import os
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..firewall import Iptables
 from ..netlink import Netlink
 from ..unixsock import claim_socket_path
 from .models import CniError, ConfigDefaults, ErrorCode, Request, answer_version, parse_request
-from .plugin import CniPlugin, LeaseSource
+
+if TYPE_CHECKING:
+    from ..firewall import Iptables
+    from .plugin import CniPlugin, LeaseSource
 
 __all__ = ["DEFAULT_SOCKET", "CniServer"]
 
@@ -81,6 +83,8 @@ class CniServer:
     async def start(self, path: str = DEFAULT_SOCKET) -> None:
         """Listen on ``path`` (mode 0600); a stale socket file is replaced, a live one is an error."""
         if self._plugin is None:
+            from .plugin import CniPlugin  # here: a daemon that serves no CNI socket never loads the wiring
+
             if self._node is None:
                 # pyroute2's sync API cannot be built on a thread that runs an event loop.
                 self._node = await asyncio.to_thread(Netlink)
