@@ -1,7 +1,7 @@
-"""What the daemon loads for the configuration in use: a node that wires no pods and serves no
-metrics never imports pyroute2, prometheus_client, scapy or the CNI wiring (each costs RSS and
-start-up time). Checked in a fresh interpreter that really starts the backends, in a namespace of
-its own. ssl is not on the list: uvloop imports it unconditionally.
+"""What the daemon loads for the configuration in use: a node that serves no CNI socket and no
+metrics never imports prometheus_client, scapy or the CNI wiring, and no node pyroute2 (each costs
+RSS and start-up time). Checked in a fresh interpreter that really starts the backends, in a
+namespace of its own. ssl is not on the list: uvloop imports it unconditionally.
 """
 
 from __future__ import annotations

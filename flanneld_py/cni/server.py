@@ -86,7 +86,6 @@ class CniServer:
             from .plugin import CniPlugin  # here: a daemon that serves no CNI socket never loads the wiring
 
             if self._node is None:
-                # pyroute2's sync API cannot be built on a thread that runs an event loop.
                 self._node = await asyncio.to_thread(Netlink)
             self._plugin = CniPlugin(self._node, iptables=self._iptables, current_lease=self._current_lease,
                                      background_unplug=self._background_unplug)

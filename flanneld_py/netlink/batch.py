@@ -40,10 +40,13 @@ __all__ = [
     "address_request",
     "attr",
     "fdb_request",
+    "link_attrs",
     "link_delete_request",
+    "link_header",
     "link_request",
     "neigh_request",
     "new_link_request",
+    "parse_attrs",
     "route_request",
 ]
 
@@ -74,7 +77,7 @@ NUD_NOARP, NUD_PERMANENT = 0x40, 0x80
 NTF_SELF = 0x02
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 IFA_F_NODAD = 0x02
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_TXQLEN, IFLA_LINKINFO = 1, 3, 4, 13, 18
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_TXQLEN, IFLA_LINKINFO = 1, 3, 4, 10, 13, 18
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 IFF_UP = 0x1
 
@@ -177,12 +180,30 @@ def link_request(ifindex: int, *, mtu: int | None = None, txqlen: int | None = N
     return Request(RTM_NEWLINK, _CHANGE, body)
 
 
-def new_link_request(name: str, kind: str, data: bytes, *, mtu: int, mac: str) -> Request:
-    """``ip link add <name> address <mac> mtu <mtu> type <kind> <data>``; ``data``: the kind's
+def link_attrs(name: str | None = None, *, mtu: int | None = None, mac: str | None = None, master: int | None = None,
+               extra: bytes = b"") -> bytes:
+    """A link's attributes as RTM_NEWLINK takes them (``extra``: more, already packed)."""
+    out = attr(IFLA_IFNAME, name.encode() + b"\0") if name is not None else b""
+    if mac is not None:
+        out += attr(IFLA_ADDRESS, _mac(mac))
+    if mtu is not None:
+        out += attr(IFLA_MTU, _U32.pack(mtu))
+    if master is not None:
+        out += attr(IFLA_MASTER, _U32.pack(master))
+    return out + extra
+
+
+def link_header(ifindex: int = 0, *, up: bool = False, family: int = socket.AF_UNSPEC) -> bytes:
+    """The ifinfomsg of a link request (``up``: set IFF_UP)."""
+    return _IFINFOMSG.pack(family, 0, ifindex, IFF_UP if up else 0, IFF_UP if up else 0)
+
+
+def new_link_request(name: str, kind: str, data: bytes = b"", *, mtu: int, mac: str | None = None,
+                     up: bool = False, extra: bytes = b"") -> Request:
+    """``ip link add <name> [address <mac>] mtu <mtu> [up] type <kind> <data>``; ``data``: the kind's
     IFLA_INFO_DATA attributes, joined. An existing link of that name is an error (EEXIST)."""
-    info = attr(IFLA_INFO_KIND, kind.encode()) + attr(IFLA_INFO_DATA, data)
-    body = (_IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attr(IFLA_IFNAME, name.encode() + b"\0")
-            + attr(IFLA_ADDRESS, _mac(mac)) + attr(IFLA_MTU, _U32.pack(mtu)) + attr(IFLA_LINKINFO, info))
+    info = attr(IFLA_INFO_KIND, kind.encode()) + (attr(IFLA_INFO_DATA, data) if data else b"")
+    body = link_header(up=up) + link_attrs(name, mtu=mtu, mac=mac, extra=extra + attr(IFLA_LINKINFO, info))
     return Request(RTM_NEWLINK, _CHANGE | NLM_F_CREATE | NLM_F_EXCL, body)
 
 
@@ -191,7 +212,8 @@ def link_delete_request(ifindex: int) -> Request:
     return Request(RTM_DELLINK, _CHANGE, _IFINFOMSG.pack(socket.AF_UNSPEC, 0, ifindex, 0, 0))
 
 
-def _attrs(data: bytes | memoryview, offset: int, end: int) -> dict[int, bytes]:
+def parse_attrs(data: bytes | memoryview, offset: int, end: int) -> dict[int, bytes]:
+    """Attributes by type (nested ones still packed: parse their value again)."""
     out: dict[int, bytes] = {}
     while offset + 4 <= end:
         length, kind = _ATTR.unpack_from(data, offset)
@@ -230,7 +252,7 @@ def _route_record(message: bytes, want: int = AF_INET) -> RouteRecord | None:
     family, dst_len, _src, _tos, table, proto, _scope, _type, flags = _RTMSG.unpack_from(message)
     if family != want:
         return None
-    attrs = _attrs(message, _RTMSG.size, len(message))
+    attrs = parse_attrs(message, _RTMSG.size, len(message))
     table = _U32.unpack(attrs[RTA_TABLE])[0] if RTA_TABLE in attrs else table
     raw_dst = int.from_bytes(attrs.get(RTA_DST, b""), "big")
     dst: IPNetwork = IPv6Network((raw_dst, dst_len)) if family == AF_INET6 else IPv4Network((raw_dst, dst_len))
@@ -250,18 +272,19 @@ class LinkRecord:
     mac: str
     kind: str
     data: dict[int, bytes]
+    master: int = 0  # the bridge (IFLA_MASTER) of a port
 
 
 def _link_record(message: bytes) -> LinkRecord:
     _family, _type, index, flags, _change = _IFINFOMSG.unpack_from(message)
-    attrs = _attrs(message, _IFINFOMSG.size, len(message))
+    attrs = parse_attrs(message, _IFINFOMSG.size, len(message))
     info = attrs.get(IFLA_LINKINFO, b"")
-    info_attrs = _attrs(info, 0, len(info))
+    info_attrs = parse_attrs(info, 0, len(info))
     data = info_attrs.get(IFLA_INFO_DATA, b"")
     return LinkRecord(index, attrs.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(),
                       _U32.unpack(attrs[IFLA_MTU])[0] if IFLA_MTU in attrs else 0, flags,
                       attrs.get(IFLA_ADDRESS, b"").hex(":"), info_attrs.get(IFLA_INFO_KIND, b"").rstrip(b"\0").decode(),
-                      _attrs(data, 0, len(data)))
+                      parse_attrs(data, 0, len(data)), _U32.unpack(attrs[IFLA_MASTER])[0] if IFLA_MASTER in attrs else 0)
 
 
 class NetlinkBatchError(OSError):
@@ -369,7 +392,7 @@ class RtnlSocket:
     def dump(self, request: Request, fixed: int) -> Iterator[tuple[bytes, dict[int, bytes]]]:
         """Every answer to a dump request: its fixed header (``fixed`` bytes) and its attributes."""
         for message in self.dump_raw(request):
-            yield message[:fixed], _attrs(message, fixed, len(message))
+            yield message[:fixed], parse_attrs(message, fixed, len(message))
 
     # --- what the backends read --------------------------------------------------------------
 
@@ -471,14 +494,15 @@ class RtnlSocket:
         request = Request(RTM_GETLINK, 0, _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0))
         return [_link_record(message) for message in self.dump_raw(request)]
 
-    def all_addresses(self, family: int) -> list[tuple[int, bytes, int]]:
-        """(interface index, address bytes, prefix length) of every ``family`` address, any scope, in the
-        kernel's order."""
+    def all_addresses(self, family: int, ifindex: int = 0) -> list[tuple[int, bytes, int]]:
+        """(interface index, address bytes, prefix length) of every ``family`` address (of one
+        interface if ``ifindex``), any scope, in the kernel's order."""
         out = []
-        for head, attrs in self.dump(Request(RTM_GETADDR, 0, _IFADDRMSG.pack(family, 0, 0, 0, 0)), _IFADDRMSG.size):
+        request = Request(RTM_GETADDR, 0, _IFADDRMSG.pack(family, 0, 0, 0, ifindex))
+        for head, attrs in self.dump(request, _IFADDRMSG.size):
             got_family, prefixlen, _flags, _scope, index = _IFADDRMSG.unpack(head)
             address = attrs.get(IFA_ADDRESS) or attrs.get(IFA_LOCAL)
-            if got_family == family and address:
+            if got_family == family and address and ifindex in (0, index):
                 out.append((index, address, prefixlen))
         return out
 
@@ -491,7 +515,7 @@ class RtnlSocket:
         family = family_of(destination)
         body = _RTMSG.pack(family, destination.max_prefixlen, 0, 0, 0, 0, 0, 0, 0) + attr(RTA_DST, destination.packed)
         for message in self._ask(Request(RTM_GETROUTE, 0, body), NLM_F_REQUEST):
-            attrs = _attrs(message, _RTMSG.size, len(message))
+            attrs = parse_attrs(message, _RTMSG.size, len(message))
             if RTA_OIF in attrs:
                 source = attrs.get(RTA_PREFSRC)
                 return _U32.unpack(attrs[RTA_OIF])[0], ip_address(source) if source else None
