@@ -7,6 +7,7 @@ namespace of its own. ssl is not on the list: uvloop imports it unconditionally.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import textwrap
 
@@ -119,3 +120,17 @@ def test_a_node_without_cni_starts_udp_and_vxlan_without_pyroute2(node: Netns) -
                 proc.wait()
     assert proc.returncode == 0, proc.stderr.read().decode() if proc.stderr else ""
     assert "flannel.1" not in node.ip("link").stdout and "flannel0" not in node.ip("link").stdout
+
+
+@pytest.mark.etcd
+def test_an_empty_cni_socket_flag_serves_no_cni_socket() -> None:
+    from flanneld_py.lab.cluster import Cluster
+    from lab_helpers import start
+
+    with Cluster(nodes=1) as lab:
+        (node,) = lab.nodes
+        node.serves_cni = False  # ready = the subnet file alone
+        start(lab, node, extra=["--cni-socket="])
+        assert node.daemon is not None and node.daemon.poll() is None
+        assert not os.path.exists(node.cni_socket)
+        assert "CNI requests served" not in node.log_text()
