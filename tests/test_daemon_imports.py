@@ -15,6 +15,8 @@ import pytest
 
 from flanneld_py.lab.netns import Netns, unique_tag
 
+pytestmark = pytest.mark.netns
+
 NEVER_WITHOUT_CNI = ("pyroute2", "prometheus_client", "scapy", "flanneld_py.cni.plugin", "flanneld_py.cni.wiring")
 
 # Start the udp backend (IPv4 and IPv6 pods) and the vxlan backend on a namespace's underlay, as the
