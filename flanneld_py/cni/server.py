@@ -17,7 +17,6 @@ Standalone, before the daemon exists and for tests::
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -235,6 +234,8 @@ def _config_from_stdin(text: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import argparse  # here: argparse and gettext are ~1.3 MB the daemon's CNI server never needs
+
     parser = argparse.ArgumentParser(prog="python3 -m flanneld_py.cni.server",
                                      description="Serve flannel-py CNI requests without the rest of the daemon.")
     parser.add_argument("--socket", default=DEFAULT_SOCKET, help="unix socket path (default %(default)s)")
