@@ -1,7 +1,7 @@
 """Many rtnetlink requests per system call, and dumps the kernel filters for us.
 
-pyroute2 sends one request and waits for its answer: one round trip, plus
-its message encoding and decoding, per peer entry. For thousands of peers
+One request and a wait for its answer (as netlink libraries do) is one
+round trip, plus the message's encoding and decoding, per peer entry. For thousands of peers
 that is most of a start-up. Here, as iproute2's ``-batch`` and ``tc``'s
 batching do, requests are packed with :mod:`struct` into one buffer, sent
 with one ``sendto``, and the kernel's acknowledgements (one per request,
@@ -12,7 +12,7 @@ Dumps ask the kernel to filter (``NETLINK_GET_STRICT_CHK``: only one
 protocol's routes, only one device's neighbours) and read just the fields a
 backend compares, so a drift pass over thousands of peers stays cheap.
 
-Synchronous, without pyroute2's private event loop. The kernel handles a
+Synchronous, with no event loop of its own. The kernel handles a
 request inside ``sendto``, so reading the answers waits on nothing but the
 kernel's own work: one lookup may run on the event-loop thread; batches and
 dumps of thousands of entries belong in a worker thread.
