@@ -160,18 +160,20 @@ def _build_c_relay(cluster: Cluster) -> Testbed:
     return bed
 
 
-def make_cluster(mode: str, flanneld: str | None = None, tag: str | None = None) -> Cluster:
-    """The (not yet entered) lab for ``mode``."""
+def make_cluster(mode: str, flanneld: str | None = None, tag: str | None = None, *, etcd_tls: bool = False) -> Cluster:
+    """The (not yet entered) lab for ``mode``; ``etcd_tls``: etcd on https with client certificates
+    (for flanneld-py's modes; flannel's daemon and the bare lab keep plain etcd)."""
     tag = tag or unique_tag()
     if mode == "bare":
         return Cluster(nodes=2, tag=tag, start_etcd=False)
     if mode in FLANNELD_PY_MODES:
-        return Cluster(nodes=2, backend={"Type": mode}, tag=tag)
+        return Cluster(nodes=2, backend={"Type": mode}, tag=tag, etcd_tls=etcd_tls)
     base, plugin = split_plugin_mode(mode)
     if plugin in CNI_PLUGINS and base in FLANNELD_PY_MODES:
-        return Cluster(nodes=2, backend={"Type": base}, tag=tag, daemon_args=("--ip-masq",))
+        return Cluster(nodes=2, backend={"Type": base}, tag=tag, daemon_args=("--ip-masq",), etcd_tls=etcd_tls)
     if mode == "c-relay":  # offloads off: the relay reattaches to flannel0 as a plain TUN device
-        return Cluster(nodes=2, backend={"Type": "udp"}, tag=tag, daemon_args=("--offload=false",))
+        return Cluster(nodes=2, backend={"Type": "udp"}, tag=tag, daemon_args=("--offload=false",),
+                       etcd_tls=etcd_tls)
     if mode == "flannel-udp":
         if not flanneld:
             raise ModeError("mode flannel-udp needs --flanneld PATH")
@@ -182,13 +184,13 @@ def make_cluster(mode: str, flanneld: str | None = None, tag: str | None = None)
 
 @contextmanager
 def open_testbed(mode: str, flanneld: str | None = None, tag: str | None = None,
-                 flannel_cni: str | None = None) -> Iterator[Testbed]:
+                 flannel_cni: str | None = None, *, etcd_tls: bool = False) -> Iterator[Testbed]:
     """Build ``mode``'s lab, wait until its endpoints reach each other, yield it, tear it down.
 
     Raises:
         ModeError: the lab could not be built, a daemon failed, or no connectivity.
     """
-    cluster = make_cluster(mode, flanneld, tag)
+    cluster = make_cluster(mode, flanneld, tag, etcd_tls=etcd_tls)
     plugin = split_plugin_mode(mode)[1]
     with cluster:
         try:

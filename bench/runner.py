@@ -43,6 +43,7 @@ class BenchOptions:
     flanneld: str | None = None
     peers: int | None = None
     flannel_cni: str | None = None  # flannel's CNI plugin, for the +flannel-cni modes
+    etcd_tls: bool = False  # etcd on https with client certificates (flanneld-py's modes)
 
 
 def rotate(modes: Sequence[str], round_index: int) -> list[str]:
@@ -127,7 +128,8 @@ class _Run:
                 target = progress.done + STEPS_PER_ROUND
                 try:
                     progress.step("building the lab")
-                    with open_testbed(mode, options.flanneld, self.tag(), options.flannel_cni) as bed:
+                    with open_testbed(mode, options.flanneld, self.tag(), options.flannel_cni,
+                                      etcd_tls=options.etcd_tls) as bed:
                         raw = measure_round(bed, self.plan, progress.step)
                         notes = list(bed.notes)
                     records[mode]["figures"].append(figures_from_round(raw))

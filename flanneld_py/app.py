@@ -23,8 +23,6 @@ from typing import Any, TypeVar
 from .backend.base import Backend, BackendContext, CarriesIPv6, published_attrs
 from .backend.factory import create_backend
 from .cancellation import cancel_and_wait
-from .cni.models import ConfigDefaults
-from .cni.server import CniServer
 from .core.lease import LeaseEvent
 from .core.lease_policy import LeasePolicy
 from .core.netconfig import ConfigError, NetworkConfig
@@ -239,8 +237,13 @@ class Daemon:
             raise FatalError(str(exc)) from None
 
     async def _start_services(self, env: SubnetEnv) -> None:
-        """The CNI socket: pods can be wired once the subnet file exists."""
+        """The CNI socket (unless --cni-socket is empty): pods can be wired once the subnet file exists."""
         self.subnet_env = env
+        if not self.options.cni_socket:
+            return
+        from .cni.models import ConfigDefaults  # here: a node without a CNI socket never loads the CNI side
+        from .cni.server import CniServer
+
         server = CniServer(
             ConfigDefaults(subnet_file=self.options.subnet_file,
                            gso_max_size=self.state.backend.pod_gso_max_size if self.state.backend else None),

@@ -85,6 +85,6 @@ def setup_logging(verbosity: int, environ: Mapping[str, str] | None = None, stre
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbosity > 0 else logging.INFO)
-    # gRPC and pyroute2 are chatty at DEBUG; keep them at WARNING unless -v=2 or more.
-    for noisy in ("grpc", "pyroute2", "aetcd", "asyncio"):
+    # gRPC is chatty at DEBUG; keep it at WARNING unless -v=2 or more.
+    for noisy in ("grpc", "aetcd", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbosity > 1 else logging.WARNING)

@@ -189,7 +189,7 @@ FLAGS: tuple[Flag, ...] = (
     _f("healthz-port", go_int, 0, "port of the health and metrics endpoint (0: off)"),
     _f("subnet-lease-ttl", parse_duration, 24 * 3600.0, "lifetime of the subnet lease in etcd (e.g. 24h, 5s)",
        flannel=False),
-    _f("cni-socket", _string, "/run/flannel/cni.sock", "unix socket the flannel-py CNI plugin talks to",
+    _f("cni-socket", _string, "/run/flannel/cni.sock", "unix socket the flannel-py CNI plugin talks to (empty: off)",
        flannel=False),
     _f("control-socket", _string, DEFAULT_CONTROL_SOCKET, "unix socket `flanneld-py status` reads (empty: off)",
        flannel=False),

@@ -11,7 +11,6 @@ and file to fix, never a hang or a traceback.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -21,7 +20,7 @@ import pytest
 
 from flanneld_py.lab.cluster import ETCD_HOST, PREFIX, Cluster
 from flanneld_py.lab.etcd import EtcdMember
-from flanneld_py.lab.netns import run
+from flanneld_py.lab.pki import make_pki as lab_pki
 
 from flanneld_py.lab.checks import time_until
 from lab_helpers import dump, reachable, start
@@ -35,32 +34,9 @@ pytestmark = [
 FAIL_WITHIN = 10.0  # seconds from start to a clear exit
 
 
-def _openssl(*args: str, cwd: str) -> None:
-    run(["openssl", *args], cwd=cwd)
-
-
 def make_pki(directory: str) -> dict[str, str]:
     """ca, other (a second CA), server (for ETCD_HOST), client (by ca), rogue (by other): .crt and .key each."""
-    def key_and_csr(name: str) -> None:
-        _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                 "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=directory)
-
-    for ca in ("ca", "other"):
-        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                 "-keyout", f"{ca}.key", "-out", f"{ca}.crt", "-days", "2", "-subj", f"/CN=flanneld-test-{ca}",
-                 cwd=directory)
-    leaves = {
-        "server": ("ca", f"subjectAltName=IP:{ETCD_HOST}\nextendedKeyUsage=serverAuth,clientAuth\n"),
-        "client": ("ca", "extendedKeyUsage=clientAuth\n"),
-        "rogue": ("other", "extendedKeyUsage=clientAuth\n"),
-    }
-    for name, (ca, ext) in leaves.items():
-        key_and_csr(name)
-        with open(os.path.join(directory, f"{name}.ext"), "w") as handle:
-            handle.write(ext)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
-                 "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext", cwd=directory)
-    return {name: os.path.join(directory, name) for name in ("ca", "other", "server", "client", "rogue")}
+    return lab_pki(directory, ETCD_HOST)
 
 
 def test_tls_etcd_with_client_certificates_and_clear_errors():

@@ -87,9 +87,9 @@ class VxlanBackend(RoutedBackend):
     def _choose_mac(self, name: str) -> str:
         """A VTEP's MAC: the existing device's on a restart, else a new random one.
 
-        One rtnetlink request on a socket of our own (not pyroute2, which
-        cannot run on the event-loop thread): the kernel answers within the
-        send, so the loop never waits on a thread or a peer.
+        One rtnetlink request on a socket of our own (not the shared
+        ``Netlink``, whose lock a worker thread may hold): the kernel answers
+        within the send, so the loop never waits on a thread or a peer.
         """
         if name not in self._macs:
             rtnl = RtnlSocket(self.ctx.netlink.raw_socket())

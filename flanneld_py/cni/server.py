@@ -17,7 +17,6 @@ Standalone, before the daemon exists and for tests::
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -27,13 +26,15 @@ import os
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..firewall import Iptables
 from ..netlink import Netlink
 from ..unixsock import claim_socket_path
 from .models import CniError, ConfigDefaults, ErrorCode, Request, answer_version, parse_request
-from .plugin import CniPlugin, LeaseSource
+
+if TYPE_CHECKING:
+    from ..firewall import Iptables
+    from .plugin import CniPlugin, LeaseSource
 
 __all__ = ["DEFAULT_SOCKET", "CniServer"]
 
@@ -81,8 +82,9 @@ class CniServer:
     async def start(self, path: str = DEFAULT_SOCKET) -> None:
         """Listen on ``path`` (mode 0600); a stale socket file is replaced, a live one is an error."""
         if self._plugin is None:
+            from .plugin import CniPlugin  # here: a daemon that serves no CNI socket never loads the wiring
+
             if self._node is None:
-                # pyroute2's sync API cannot be built on a thread that runs an event loop.
                 self._node = await asyncio.to_thread(Netlink)
             self._plugin = CniPlugin(self._node, iptables=self._iptables, current_lease=self._current_lease,
                                      background_unplug=self._background_unplug)
@@ -232,6 +234,8 @@ def _config_from_stdin(text: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import argparse  # here: argparse and gettext are ~1.3 MB the daemon's CNI server never needs
+
     parser = argparse.ArgumentParser(prog="python3 -m flanneld_py.cni.server",
                                      description="Serve flannel-py CNI requests without the rest of the daemon.")
     parser.add_argument("--socket", default=DEFAULT_SOCKET, help="unix socket path (default %(default)s)")

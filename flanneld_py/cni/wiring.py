@@ -1,7 +1,7 @@
 """The kernel side of ADD, DEL and CHECK: one veth from the node's bridge into a pod.
 
 Blocking: the server runs it in worker threads. The node's side goes
-through one shared ``Netlink`` (pyroute2); the pod's side through a socket
+through one shared ``Netlink``; the pod's side through a socket
 bound to the pod's namespace for the call (``PodSocket`` for ADD's four
 requests, ``NetnsNetlink`` for CHECK), so no thread ever ``setns``-es. ADD
 registers an undo for each thing it makes on the caller's ``ExitStack``; the
@@ -172,10 +172,8 @@ class PodWiring:
             bridge_index = self.node.link_index(bridge)
             if bridge_index is None:
                 return []
-            stale = [link.get_attr("IFLA_IFNAME") for link in self.node.call("get_links")
-                     if link.get_attr("IFLA_MASTER") == bridge_index
-                     and HOST_VETH.match(link.get_attr("IFLA_IFNAME") or "")
-                     and link.get_attr("IFLA_IFNAME") not in keep]
+            stale = [link.name for link in self.node.link_records()
+                     if link.master == bridge_index and HOST_VETH.match(link.name) and link.name not in keep]
             return [name for name in stale if self.node.delete_link(name)]
         except NetlinkError as exc:
             raise CniError(ErrorCode.KERNEL_SETUP_FAILED, f"cannot sweep bridge {bridge}", str(exc)) from exc

@@ -36,6 +36,7 @@ from ..install import compiled_shim, python_shim
 from ..unixsock import socket_answers
 from .etcd import EtcdMember
 from .netns import Netns, run, unique_tag
+from .pki import make_pki
 
 __all__ = ["REFERENCE_CNI", "Cluster", "CniPlugin", "DaemonArgv", "Node", "Pod", "cni_plugin_argv"]
 
@@ -154,6 +155,7 @@ class Cluster:
     adds flags to single nodes, by node index (node ``n2`` is index 2), also
     when a test restarts them; ``node_daemons`` runs another daemon on single
     nodes (a mixed cluster), which then count as serving no CNI socket.
+    ``etcd_tls`` runs etcd on https with client certificates, and flanneld-py with them.
     """
 
     def __init__(
@@ -171,6 +173,7 @@ class Cluster:
         node_daemons: Mapping[int, DaemonArgv] | None = None,
         underlay6: bool = False,
         underlay6_only: bool = False,
+        etcd_tls: bool = False,
     ) -> None:
         self.tag = tag or unique_tag()
         self.node_count = nodes
@@ -189,6 +192,8 @@ class Cluster:
         self._pod_seq = 0
         self.underlay6 = underlay6 or underlay6_only
         self.underlay6_only = underlay6_only
+        self.etcd_tls = etcd_tls
+        self._client_tls: dict[str, str] = {}  # the daemons' --etcd-cafile/certfile/keyfile, with etcd_tls
 
     # --- build & tear down ---------------------------------------------------
 
@@ -235,11 +240,23 @@ class Cluster:
             self.switch.ip("addr", "add", f"{ETCD_HOST}/24", "dev", "br0")
         self.switch.ip("link", "set", "br0", "up")
         if self._start_etcd:
-            self.etcd = EtcdMember("e0", self._etcd_host, self.workdir, netns=self.switch)
+            self.etcd = self._tls_etcd() if self.etcd_tls else EtcdMember("e0", self._etcd_host, self.workdir,
+                                                                          netns=self.switch)
             self.etcd.start()
             self.put_config(self.config)
         for index in range(1, self.node_count + 1):
             self.add_node(index)
+
+    def _tls_etcd(self) -> EtcdMember:
+        """etcd on https with client-certificate authentication, from a PKI of its own."""
+        pki = make_pki(os.path.join(self.workdir, "pki"), ETCD_HOST6 if self.underlay6_only else ETCD_HOST)
+        self._client_tls = {"cafile": f"{pki['ca']}.crt", "certfile": f"{pki['client']}.crt",
+                            "keyfile": f"{pki['client']}.key"}
+        return EtcdMember("e0", self._etcd_host, self.workdir, netns=self.switch, scheme="https", tls_args=[
+            f"--cert-file={pki['server']}.crt", f"--key-file={pki['server']}.key",
+            "--client-cert-auth", f"--trusted-ca-file={pki['ca']}.crt",
+        ], client_tls={"cacert": self._client_tls["cafile"], "cert": self._client_tls["certfile"],
+                       "key": self._client_tls["keyfile"]})
 
     def add_node(self, index: int) -> Node:
         ns = self._ns(f"n{index}")
@@ -281,7 +298,7 @@ class Cluster:
 
     @property
     def etcd_endpoint(self) -> str:
-        return f"http://{self._etcd_host}:2379"
+        return f"{'https' if self.etcd_tls else 'http'}://{self._etcd_host}:2379"
 
     def put_config(self, config: dict) -> None:  # type: ignore[type-arg]
         assert self.etcd is not None
@@ -315,6 +332,7 @@ class Cluster:
         return [
             sys.executable, "-m", "flanneld_py",
             f"--etcd-endpoints={self.etcd_endpoint}",
+            *(f"--etcd-{flag}={path}" for flag, path in self._client_tls.items()),
             "--iface=eth0",
             f"--subnet-file={node.subnet_file}",
             f"--cni-socket={node.cni_socket}",

@@ -37,6 +37,7 @@ class EtcdMember:
     initial_cluster: str | None = None
     tls_args: list[str] = field(default_factory=list)
     scheme: str = "http"
+    client_tls: dict[str, str] | None = None  # etcdctl's TLS flags when a call gives none
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -75,7 +76,7 @@ class EtcdMember:
             self.wait_ready()
 
     def ctl(self, *args: str, check: bool = True, tls: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        argv = etcdctl_argv(self.client_url, *args, tls=tls)
+        argv = etcdctl_argv(self.client_url, *args, tls=tls or self.client_tls)
         if self.netns is not None:
             argv = self.netns.argv(*argv)
         return run(argv, check=check, env={**os.environ, "ETCDCTL_API": "3"})

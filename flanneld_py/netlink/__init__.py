@@ -1,25 +1,25 @@
-"""The thin netlink layer over pyroute2, shared by the daemon's backends and the CNI side.
+"""The thin netlink layer shared by the daemon's backends and the CNI side.
 
-pyroute2's asyncio API does not work under uvloop, so everything here is
-synchronous: async callers run it with ``asyncio.to_thread``, and must also
-*construct* it there (pyroute2's sync API drives a private event loop, which
-fails on a thread whose loop is running). One ``Netlink``
-object wraps one rtnetlink socket bound to one network namespace; a socket
-made for another namespace stays in it, so nothing here ever calls ``setns``
-on the event-loop thread.
+Raw rtnetlink through :mod:`.batch` (requests packed with :mod:`struct`, the
+answers' few fields read back), not a netlink library: pyroute2, which this
+replaced, cost the daemon ~12 MB of resident memory and ~0.2 s of imports.
+
+Everything here is synchronous: async callers run it with ``asyncio.to_thread``.
+One ``Netlink`` object is bound to one network namespace; a socket made for
+another namespace stays in it, so nothing here ever calls ``setns`` on the
+event-loop thread.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network, ip_address
-from typing import Any
-
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from typing import Any, TypeVar
 
 from ..core.underlay import (
     Link,
@@ -29,11 +29,33 @@ from ..core.underlay import (
     UnderlayChoice,
     choose_underlay,
 )
+from .batch import (
+    AF_INET,
+    AF_INET6,
+    LinkRecord,
+    NetlinkBatchError,
+    Request,
+    RtnlSocket,
+    address_request,
+    link_delete_request,
+    link_request,
+    route_request,
+)
 
 __all__ = ["InterfaceInfo", "Netlink", "NetlinkError", "NoUnderlay", "RouteSpec", "underlay_info"]
 
 RTPROT_FLANNEL = 252  # our routes carry this protocol number, so we know which are ours
 RTNH_F_ONLINK = 4
+IFF_UP = 0x1
+_T = TypeVar("_T")
+
+
+class NetlinkError(Exception):
+    """The kernel refused a netlink request; ``code`` is its errno."""
+
+    def __init__(self, code: int, message: str | None = None) -> None:
+        super().__init__(code, message or os.strerror(code))
+        self.code = code
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,12 +79,13 @@ class RouteSpec:
 
 
 class Netlink:
-    """Synchronous rtnetlink access for one namespace (the current one by default)."""
+    """Synchronous rtnetlink access for one namespace (the current one by default), over one
+    socket opened on first use and shared by threads under a lock."""
 
     def __init__(self, netns: str | None = None) -> None:
-        self._ipr = IPRoute(netns=netns) if netns else IPRoute()
-        self._lock = threading.Lock()
         self.netns = netns
+        self._lock = threading.Lock()
+        self._rtnl: RtnlSocket | None = None
 
     def raw_socket(self) -> socket.socket:
         """A new rtnetlink socket in this object's namespace (for :mod:`.batch`)."""
@@ -76,7 +99,9 @@ class Netlink:
     def close(self) -> None:
         """Close the socket, after any call in flight (never under another thread's request)."""
         with self._lock:
-            self._ipr.close()
+            if self._rtnl is not None:
+                self._rtnl.close()
+                self._rtnl = None
 
     def __enter__(self) -> Netlink:
         return self
@@ -84,16 +109,39 @@ class Netlink:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Run one pyroute2 call under this socket's lock (calls come from worker threads)."""
+    def with_socket(self, work: Callable[[RtnlSocket], _T]) -> _T:
+        """Run ``work`` on the raw socket under this object's lock; a refusal becomes :class:`NetlinkError`."""
         with self._lock:
-            return getattr(self._ipr, method)(*args, **kwargs)
+            if self._rtnl is None:
+                self._rtnl = RtnlSocket(self.raw_socket())
+            try:
+                return work(self._rtnl)
+            except NetlinkBatchError:
+                raise
+            except OSError as exc:
+                if exc.errno is None:
+                    raise
+                raise NetlinkError(exc.errno) from None
+
+    def request(self, request: Request) -> None:
+        """One change (see :mod:`.batch` for the requests); :class:`NetlinkError` if refused."""
+        self.with_socket(lambda rtnl: rtnl.change(request))
 
     # --- links -------------------------------------------------------------
 
+    def link(self, index: int) -> LinkRecord:
+        found = self.with_socket(lambda rtnl: rtnl.link(index=index))
+        if found is None:
+            raise NetlinkError(errno.ENODEV)
+        return found
+
+    def link_records(self) -> list[LinkRecord]:
+        """Every link of the namespace."""
+        return self.with_socket(lambda rtnl: rtnl.links())
+
     def link_index(self, name: str) -> int | None:
-        found = self.call("link_lookup", ifname=name)
-        return found[0] if found else None
+        found = self.with_socket(lambda rtnl: rtnl.link(name=name))
+        return found.index if found is not None else None
 
     def require_index(self, name: str) -> int:
         index = self.link_index(name)
@@ -102,12 +150,14 @@ class Netlink:
         return index
 
     def link_attrs(self, index: int) -> dict[str, Any]:
-        (link,) = self.call("get_links", index)
-        return {"name": link.get_attr("IFLA_IFNAME"), "mtu": link.get_attr("IFLA_MTU"),
-                "flags": link["flags"], "address": link.get_attr("IFLA_ADDRESS")}
+        link = self.link(index)
+        return {"name": link.name, "mtu": link.mtu, "flags": link.flags, "address": link.mac}
 
-    def set_link(self, index: int, **attrs: Any) -> None:
-        self.call("link", "set", index=index, **attrs)
+    def set_link(self, index: int, *, mtu: int | None = None, txqlen: int | None = None, address: str | None = None,
+                 state: str | None = None) -> None:
+        """``ip link set``: any of MTU, queue length, MAC and ``state`` ("up" or "down")."""
+        self.request(link_request(index, mtu=mtu, txqlen=txqlen, mac=address,
+                                  up=None if state is None else state == "up"))
 
     def delete_link(self, name: str) -> bool:
         """Delete a link by name; False if it was already gone."""
@@ -115,7 +165,7 @@ class Netlink:
         if index is None:
             return False
         try:
-            self.call("link", "del", index=index)
+            self.request(link_delete_request(index))
         except NetlinkError as exc:
             if exc.code != errno.ENODEV:
                 raise
@@ -125,10 +175,7 @@ class Netlink:
     # --- addresses ---------------------------------------------------------
 
     def ipv4_addresses(self, index: int) -> list[IPv4Interface]:
-        out = []
-        for msg in self.call("get_addr", family=2, index=index):
-            out.append(IPv4Interface(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}"))
-        return out
+        return self.with_socket(lambda rtnl: rtnl.ipv4_addresses(index))
 
     def ensure_address(self, index: int, address: IPv4Interface, exclusive: bool = True) -> None:
         """Make ``address`` present; with ``exclusive`` remove other IPv4 addresses."""
@@ -136,10 +183,10 @@ class Netlink:
         if exclusive:
             for other in present:
                 if other != address:
-                    self.call("addr", "del", index=index, address=str(other.ip), prefixlen=other.network.prefixlen)
+                    self.request(address_request(index, other, delete=True))
         if address not in present:
             try:
-                self.call("addr", "add", index=index, address=str(address.ip), prefixlen=address.network.prefixlen)
+                self.request(address_request(index, address))
             except NetlinkError as exc:
                 if exc.code != errno.EEXIST:
                     raise
@@ -147,74 +194,34 @@ class Netlink:
     # --- routes ------------------------------------------------------------
 
     def replace_route(self, route: RouteSpec, proto: int = RTPROT_FLANNEL) -> None:
-        kwargs: dict[str, Any] = {
-            "dst": str(route.dst.network_address),
-            "dst_len": route.dst.prefixlen,
-            "oif": route.ifindex,
-            "proto": proto,
-            "family": socket.AF_INET6 if route.dst.version == 6 else socket.AF_INET,
-        }
-        if route.gateway is not None:
-            kwargs["gateway"] = str(route.gateway)
-        if route.onlink:
-            kwargs["flags"] = RTNH_F_ONLINK
-        self.call("route", "replace", **kwargs)
+        self.request(route_request(route.dst, route.ifindex, route.gateway, route.onlink, proto))
 
-    def delete_route(self, dst: IPv4Network) -> bool:
-        try:
-            self.call("route", "del", dst=str(dst.network_address), dst_len=dst.prefixlen)
-        except NetlinkError as exc:
-            if exc.code in (errno.ESRCH, errno.ENOENT):
-                return False
-            raise
-        return True
-
-    def routes(self, proto: int | None = None) -> list[RouteSpec]:
-        """The main table's IPv4 unicast routes (optionally only one protocol's)."""
-        out = []
-        query: dict[str, Any] = {"family": 2, "table": 254}
-        if proto is not None:
-            query["proto"] = proto
-        for msg in self.call("get_routes", **query):
-            dst = msg.get_attr("RTA_DST") or "0.0.0.0"
-            gateway = msg.get_attr("RTA_GATEWAY")
-            out.append(RouteSpec(
-                dst=IPv4Network(f"{dst}/{msg['dst_len']}"),
-                ifindex=msg.get_attr("RTA_OIF") or 0,
-                gateway=IPv4Address(gateway) if gateway else None,
-                onlink=bool(msg["flags"] & RTNH_F_ONLINK),
-            ))
-        return out
-
-    # --- interface choice --------------------------------------------------
+# --- interface choice --------------------------------------------------
 
     def links(self) -> list[Link]:
         """Every interface with its IPv4 and IPv6 addresses, in index order (what flannel's lookups walk)."""
-        addresses: dict[int, list[IPv4Interface]] = {}
-        for msg in self.call("get_addr", family=2):
-            addresses.setdefault(int(msg["index"]), []).append(
-                IPv4Interface(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}"))
-        addresses6: dict[int, list[IPv6Interface]] = {}
-        for msg in self.call("get_addr", family=10):
-            addresses6.setdefault(int(msg["index"]), []).append(
-                IPv6Interface(f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}"))
-        out = [Link(link.get_attr("IFLA_IFNAME"), int(link["index"]), int(link.get_attr("IFLA_MTU") or 0),
-                    tuple(addresses.get(int(link["index"]), ())), tuple(addresses6.get(int(link["index"]), ())))
-               for link in self.call("get_links")]
-        return sorted(out, key=lambda link: link.index)
+        def read(rtnl: RtnlSocket) -> list[Link]:
+            addresses: dict[int, list[IPv4Interface]] = {}
+            for index, raw, prefixlen in rtnl.all_addresses(AF_INET):
+                addresses.setdefault(index, []).append(IPv4Interface((raw, prefixlen)))
+            addresses6: dict[int, list[IPv6Interface]] = {}
+            for index, raw, prefixlen in rtnl.all_addresses(AF_INET6):
+                addresses6.setdefault(index, []).append(IPv6Interface((raw, prefixlen)))
+            return [Link(link.name, link.index, link.mtu, tuple(addresses.get(link.index, ())),
+                         tuple(addresses6.get(link.index, ()))) for link in rtnl.links()]
+
+        return sorted(self.with_socket(read), key=lambda link: link.index)
 
     def route_hint(self, destination: str) -> RouteHint | None:
         """``ip route get <destination>``: the output interface and source, None without a route."""
         try:
-            answer = self.call("route", "get", dst=destination)
-        except NetlinkError:
+            found = self.with_socket(lambda rtnl: rtnl.route_to(ip_address(destination)))
+        except (NetlinkError, ValueError):
             return None
-        for msg in answer:
-            index = msg.get_attr("RTA_OIF")
-            if index:
-                source = msg.get_attr("RTA_PREFSRC")
-                return RouteHint(int(index), ip_address(source) if source else None)
-        return None
+        if found is None:
+            return None
+        index, source = found
+        return RouteHint(index, source)
 
     def select_underlay(self, choice: UnderlayChoice) -> Underlay:
         """flannel's choice of the underlay interface (see :mod:`flanneld_py.core.underlay`).
@@ -229,9 +236,9 @@ class Netlink:
     def _default_route_index(self, family: int) -> int | None:
         """The interface of the main table's first default route of ``family`` (flannel's
         ``GetDefaultGatewayInterface`` / ``GetDefaultV6GatewayInterface``)."""
-        for msg in self.call("get_routes", family=family, table=254):
-            if msg["dst_len"] == 0 and msg.get_attr("RTA_OIF"):
-                return int(msg.get_attr("RTA_OIF"))
+        for route in self.with_socket(lambda rtnl: rtnl.routes(None, family=family)):
+            if route.dst.prefixlen == 0 and route.ifindex:
+                return route.ifindex
         return None
 
 

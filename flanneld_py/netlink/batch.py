@@ -1,7 +1,7 @@
 """Many rtnetlink requests per system call, and dumps the kernel filters for us.
 
-pyroute2 sends one request and waits for its answer: one round trip, plus
-its message encoding and decoding, per peer entry. For thousands of peers
+One request and a wait for its answer (as netlink libraries do) is one
+round trip, plus the message's encoding and decoding, per peer entry. For thousands of peers
 that is most of a start-up. Here, as iproute2's ``-batch`` and ``tc``'s
 batching do, requests are packed with :mod:`struct` into one buffer, sent
 with one ``sendto``, and the kernel's acknowledgements (one per request,
@@ -12,7 +12,7 @@ Dumps ask the kernel to filter (``NETLINK_GET_STRICT_CHK``: only one
 protocol's routes, only one device's neighbours) and read just the fields a
 backend compares, so a drift pass over thousands of peers stays cheap.
 
-Synchronous, without pyroute2's private event loop. The kernel handles a
+Synchronous, with no event loop of its own. The kernel handles a
 request inside ``sendto``, so reading the answers waits on nothing but the
 kernel's own work: one lookup may run on the event-loop thread; batches and
 dumps of thousands of entries belong in a worker thread.
@@ -32,13 +32,21 @@ from typing import NamedTuple
 __all__ = [
     "AF_BRIDGE",
     "AF_INET6",
+    "LinkRecord",
     "NetlinkBatchError",
     "Request",
     "RouteRecord",
     "RtnlSocket",
     "address_request",
+    "attr",
     "fdb_request",
+    "link_attrs",
+    "link_delete_request",
+    "link_header",
+    "link_request",
     "neigh_request",
+    "new_link_request",
+    "parse_attrs",
     "route_request",
 ]
 
@@ -53,8 +61,8 @@ SO_RCVBUFFORCE = 33
 
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
-NLM_F_REPLACE, NLM_F_CREATE, NLM_F_DUMP = 0x100, 0x400, 0x300
-RTM_GETLINK = 18
+NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE, NLM_F_DUMP = 0x100, 0x200, 0x400, 0x300
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
@@ -63,14 +71,15 @@ RT_TABLE_MAIN = 254
 RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_NOWHERE = 0, 253, 255
 RTN_UNICAST = 1
 RTNH_F_ONLINK = 4
-RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PREFSRC, RTA_TABLE = 1, 4, 5, 7, 15
 NDA_DST, NDA_LLADDR, NDA_IFINDEX = 1, 2, 8
 NUD_NOARP, NUD_PERMANENT = 0x40, 0x80
 NTF_SELF = 0x02
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 IFA_F_NODAD = 0x02
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_LINKINFO = 1, 3, 18
-IFLA_INFO_KIND = 1
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER, IFLA_TXQLEN, IFLA_LINKINFO = 1, 3, 4, 10, 13, 18
+IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
+IFF_UP = 0x1
 
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port
 _RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
@@ -105,7 +114,8 @@ class Request:
     body: bytes
 
 
-def _attr(kind: int, value: bytes) -> bytes:
+def attr(kind: int, value: bytes) -> bytes:
+    """One netlink attribute (type, length, value, padding); nest by passing joined attributes as ``value``."""
     length = _ATTR.size + len(value)
     return _ATTR.pack(length, kind) + value + b"\0" * (-length % 4)
 
@@ -128,24 +138,24 @@ def route_request(dst: IPNetwork, ifindex: int, gateway: IPAddress | None, onlin
         scope = RT_SCOPE_LINK if gateway is None else RT_SCOPE_UNIVERSE
         head = _RTMSG.pack(family, dst.prefixlen, 0, 0, RT_TABLE_MAIN, proto, scope, RTN_UNICAST,
                            RTNH_F_ONLINK if onlink else 0)
-    body = head + _attr(RTA_DST, dst.network_address.packed) + _attr(RTA_OIF, _U32.pack(ifindex))
+    body = head + attr(RTA_DST, dst.network_address.packed) + attr(RTA_OIF, _U32.pack(ifindex))
     if gateway is not None and not delete:
-        body += _attr(RTA_GATEWAY, gateway.packed)
+        body += attr(RTA_GATEWAY, gateway.packed)
     return Request(RTM_DELROUTE if delete else RTM_NEWROUTE, _CHANGE if delete else _REPLACE, body)
 
 
 def neigh_request(ifindex: int, ip: IPAddress, mac: str, delete: bool = False) -> Request:
     """``ip neigh replace|del <ip> lladdr <mac> dev <ifindex> nud permanent`` (ARP or NDP by the IP's family)."""
-    body = _NDMSG.pack(family_of(ip), ifindex, NUD_PERMANENT, 0, 0) + _attr(NDA_DST, ip.packed)
+    body = _NDMSG.pack(family_of(ip), ifindex, NUD_PERMANENT, 0, 0) + attr(NDA_DST, ip.packed)
     if delete:
         return Request(RTM_DELNEIGH, _CHANGE, body)
-    return Request(RTM_NEWNEIGH, _REPLACE, body + _attr(NDA_LLADDR, _mac(mac)))
+    return Request(RTM_NEWNEIGH, _REPLACE, body + attr(NDA_LLADDR, _mac(mac)))
 
 
 def fdb_request(ifindex: int, mac: str, dst: IPAddress, delete: bool = False) -> Request:
     """``bridge fdb replace|del <mac> dev <ifindex> dst <dst> self permanent`` (flannel's AddFDB)."""
     body = (_NDMSG.pack(AF_BRIDGE, ifindex, NUD_PERMANENT | NUD_NOARP, NTF_SELF, 0)
-            + _attr(NDA_LLADDR, _mac(mac)) + _attr(NDA_DST, dst.packed))
+            + attr(NDA_LLADDR, _mac(mac)) + attr(NDA_DST, dst.packed))
     return Request(RTM_DELNEIGH if delete else RTM_NEWNEIGH, _CHANGE if delete else _REPLACE, body)
 
 
@@ -154,11 +164,56 @@ def address_request(ifindex: int, address: IPv4Interface | IPv6Interface, delete
     family = family_of(address)
     flags = IFA_F_NODAD if family == AF_INET6 else 0
     body = (_IFADDRMSG.pack(family, address.network.prefixlen, flags, RT_SCOPE_UNIVERSE, ifindex)
-            + _attr(IFA_LOCAL, address.ip.packed) + _attr(IFA_ADDRESS, address.ip.packed))
+            + attr(IFA_LOCAL, address.ip.packed) + attr(IFA_ADDRESS, address.ip.packed))
     return Request(RTM_DELADDR if delete else RTM_NEWADDR, _CHANGE if delete else _CHANGE | NLM_F_CREATE, body)
 
 
-def _attrs(data: bytes | memoryview, offset: int, end: int) -> dict[int, bytes]:
+def link_request(ifindex: int, *, mtu: int | None = None, txqlen: int | None = None, mac: str | None = None,
+                 up: bool | None = None) -> Request:
+    """``ip link set dev <ifindex> [mtu N] [txqueuelen N] [address MAC] [up|down]``."""
+    body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, ifindex, IFF_UP if up else 0, IFF_UP if up is not None else 0)
+    for kind, value in ((IFLA_MTU, mtu), (IFLA_TXQLEN, txqlen)):
+        if value is not None:
+            body += attr(kind, _U32.pack(value))
+    if mac is not None:
+        body += attr(IFLA_ADDRESS, _mac(mac))
+    return Request(RTM_NEWLINK, _CHANGE, body)
+
+
+def link_attrs(name: str | None = None, *, mtu: int | None = None, mac: str | None = None, master: int | None = None,
+               extra: bytes = b"") -> bytes:
+    """A link's attributes as RTM_NEWLINK takes them (``extra``: more, already packed)."""
+    out = attr(IFLA_IFNAME, name.encode() + b"\0") if name is not None else b""
+    if mac is not None:
+        out += attr(IFLA_ADDRESS, _mac(mac))
+    if mtu is not None:
+        out += attr(IFLA_MTU, _U32.pack(mtu))
+    if master is not None:
+        out += attr(IFLA_MASTER, _U32.pack(master))
+    return out + extra
+
+
+def link_header(ifindex: int = 0, *, up: bool = False, family: int = socket.AF_UNSPEC) -> bytes:
+    """The ifinfomsg of a link request (``up``: set IFF_UP)."""
+    return _IFINFOMSG.pack(family, 0, ifindex, IFF_UP if up else 0, IFF_UP if up else 0)
+
+
+def new_link_request(name: str, kind: str, data: bytes = b"", *, mtu: int, mac: str | None = None,
+                     up: bool = False, extra: bytes = b"") -> Request:
+    """``ip link add <name> [address <mac>] mtu <mtu> [up] type <kind> <data>``; ``data``: the kind's
+    IFLA_INFO_DATA attributes, joined. An existing link of that name is an error (EEXIST)."""
+    info = attr(IFLA_INFO_KIND, kind.encode()) + (attr(IFLA_INFO_DATA, data) if data else b"")
+    body = link_header(up=up) + link_attrs(name, mtu=mtu, mac=mac, extra=extra + attr(IFLA_LINKINFO, info))
+    return Request(RTM_NEWLINK, _CHANGE | NLM_F_CREATE | NLM_F_EXCL, body)
+
+
+def link_delete_request(ifindex: int) -> Request:
+    """``ip link del dev <ifindex>``."""
+    return Request(RTM_DELLINK, _CHANGE, _IFINFOMSG.pack(socket.AF_UNSPEC, 0, ifindex, 0, 0))
+
+
+def parse_attrs(data: bytes | memoryview, offset: int, end: int) -> dict[int, bytes]:
+    """Attributes by type (nested ones still packed: parse their value again)."""
     out: dict[int, bytes] = {}
     while offset + 4 <= end:
         length, kind = _ATTR.unpack_from(data, offset)
@@ -197,13 +252,39 @@ def _route_record(message: bytes, want: int = AF_INET) -> RouteRecord | None:
     family, dst_len, _src, _tos, table, proto, _scope, _type, flags = _RTMSG.unpack_from(message)
     if family != want:
         return None
-    attrs = _attrs(message, _RTMSG.size, len(message))
+    attrs = parse_attrs(message, _RTMSG.size, len(message))
     table = _U32.unpack(attrs[RTA_TABLE])[0] if RTA_TABLE in attrs else table
     raw_dst = int.from_bytes(attrs.get(RTA_DST, b""), "big")
     dst: IPNetwork = IPv6Network((raw_dst, dst_len)) if family == AF_INET6 else IPv4Network((raw_dst, dst_len))
     oif = _U32.unpack(attrs[RTA_OIF])[0] if RTA_OIF in attrs else 0
     gateway = ip_address(attrs[RTA_GATEWAY]) if RTA_GATEWAY in attrs else None
     return RouteRecord(dst, oif, gateway, bool(flags & RTNH_F_ONLINK), proto, table)
+
+
+@dataclass(frozen=True, slots=True)
+class LinkRecord:
+    """One link as ``ip -d link show`` has it; ``data``: its kind's IFLA_INFO_DATA attributes, raw."""
+
+    index: int
+    name: str
+    mtu: int
+    flags: int
+    mac: str
+    kind: str
+    data: dict[int, bytes]
+    master: int = 0  # the bridge (IFLA_MASTER) of a port
+
+
+def _link_record(message: bytes) -> LinkRecord:
+    _family, _type, index, flags, _change = _IFINFOMSG.unpack_from(message)
+    attrs = parse_attrs(message, _IFINFOMSG.size, len(message))
+    info = attrs.get(IFLA_LINKINFO, b"")
+    info_attrs = parse_attrs(info, 0, len(info))
+    data = info_attrs.get(IFLA_INFO_DATA, b"")
+    return LinkRecord(index, attrs.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(),
+                      _U32.unpack(attrs[IFLA_MTU])[0] if IFLA_MTU in attrs else 0, flags,
+                      attrs.get(IFLA_ADDRESS, b"").hex(":"), info_attrs.get(IFLA_INFO_KIND, b"").rstrip(b"\0").decode(),
+                      parse_attrs(data, 0, len(data)), _U32.unpack(attrs[IFLA_MASTER])[0] if IFLA_MASTER in attrs else 0)
 
 
 class NetlinkBatchError(OSError):
@@ -311,7 +392,7 @@ class RtnlSocket:
     def dump(self, request: Request, fixed: int) -> Iterator[tuple[bytes, dict[int, bytes]]]:
         """Every answer to a dump request: its fixed header (``fixed`` bytes) and its attributes."""
         for message in self.dump_raw(request):
-            yield message[:fixed], _attrs(message, fixed, len(message))
+            yield message[:fixed], parse_attrs(message, fixed, len(message))
 
     # --- what the backends read --------------------------------------------------------------
 
@@ -337,7 +418,7 @@ class RtnlSocket:
     def _neighbour_dump(family: int, ifindex: int) -> Request:
         if family == AF_BRIDGE:  # the FDB dump takes the device from the header
             return Request(RTM_GETNEIGH, 0, _NDMSG.pack(family, ifindex, 0, 0, 0))
-        return Request(RTM_GETNEIGH, 0, _NDMSG.pack(family, 0, 0, 0, 0) + _attr(NDA_IFINDEX, _U32.pack(ifindex)))
+        return Request(RTM_GETNEIGH, 0, _NDMSG.pack(family, 0, 0, 0, 0) + attr(NDA_IFINDEX, _U32.pack(ifindex)))
 
     def count_neighbours(self, family: int, ifindex: int, state_mask: int = 0) -> int:
         """How many neighbours (AF_INET) or FDB entries (AF_BRIDGE) the device has (in ``state_mask``, if given).
@@ -392,14 +473,60 @@ class RtnlSocket:
 
     def link_kind_and_mac(self, name: str) -> tuple[str, str] | None:
         """The kind (``vxlan``, ``veth``, ...; empty for a plain device) and MAC of link ``name``, or None."""
-        body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + _attr(IFLA_IFNAME, name.encode() + b"\0")
+        link = self.link(name=name)
+        return None if link is None else (link.kind, link.mac)
+
+    def link(self, *, name: str | None = None, index: int = 0) -> LinkRecord | None:
+        """The link called ``name`` or with ``index``; None if there is none."""
+        body = _IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, 0, 0)
+        if name is not None:
+            body += attr(IFLA_IFNAME, name.encode() + b"\0")
         try:
             for message in self._ask(Request(RTM_GETLINK, 0, body), NLM_F_REQUEST):
-                attrs = _attrs(message, _IFINFOMSG.size, len(message))
-                info = attrs.get(IFLA_LINKINFO, b"")
-                link_kind = _attrs(info, 0, len(info)).get(IFLA_INFO_KIND, b"").rstrip(b"\0").decode()
-                return link_kind, attrs.get(IFLA_ADDRESS, b"").hex(":")
+                return _link_record(message)
         except OSError as exc:
             if exc.errno != errno.ENODEV:
                 raise
         return None
+
+    def links(self) -> list[LinkRecord]:
+        """Every link of the namespace."""
+        request = Request(RTM_GETLINK, 0, _IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0))
+        return [_link_record(message) for message in self.dump_raw(request)]
+
+    def all_addresses(self, family: int, ifindex: int = 0) -> list[tuple[int, bytes, int]]:
+        """(interface index, address bytes, prefix length) of every ``family`` address (of one
+        interface if ``ifindex``), any scope, in the kernel's order."""
+        out = []
+        request = Request(RTM_GETADDR, 0, _IFADDRMSG.pack(family, 0, 0, 0, ifindex))
+        for head, attrs in self.dump(request, _IFADDRMSG.size):
+            got_family, prefixlen, _flags, _scope, index = _IFADDRMSG.unpack(head)
+            address = attrs.get(IFA_ADDRESS) or attrs.get(IFA_LOCAL)
+            if got_family == family and address and ifindex in (0, index):
+                out.append((index, address, prefixlen))
+        return out
+
+    def route_to(self, destination: IPAddress) -> tuple[int, IPAddress | None] | None:
+        """``ip route get <destination>``: (output interface, preferred source).
+
+        Raises:
+            OSError: no route (ENETUNREACH and the like).
+        """
+        family = family_of(destination)
+        body = _RTMSG.pack(family, destination.max_prefixlen, 0, 0, 0, 0, 0, 0, 0) + attr(RTA_DST, destination.packed)
+        for message in self._ask(Request(RTM_GETROUTE, 0, body), NLM_F_REQUEST):
+            attrs = parse_attrs(message, _RTMSG.size, len(message))
+            if RTA_OIF in attrs:
+                source = attrs.get(RTA_PREFSRC)
+                return _U32.unpack(attrs[RTA_OIF])[0], ip_address(source) if source else None
+        return None
+
+    def change(self, request: Request) -> None:
+        """Send one request and wait for its acknowledgement.
+
+        Raises:
+            OSError: the kernel refused it (with its errno).
+        """
+        (code,) = self.send([request])
+        if code:
+            raise OSError(code, os.strerror(code))

@@ -10,14 +10,21 @@ from them.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from enum import Enum
-from ipaddress import IPv4Address, IPv6Address, ip_address
-from typing import Any
+from ipaddress import IPv4Address, IPv6Address
 
 from . import Netlink
+from .batch import attr, new_link_request
 
 __all__ = ["DeviceOutcome", "VxlanDeviceSpec", "ensure_vxlan_device"]
+
+# IFLA_VXLAN_* attributes (linux/if_link.h)
+VXLAN_ID, VXLAN_LINK, VXLAN_LOCAL, VXLAN_LEARNING, VXLAN_PORT, VXLAN_LOCAL6, VXLAN_GBP = 1, 3, 4, 7, 15, 17, 23
+_U32 = struct.Struct("=I")
+_PORT = struct.Struct("!H")
+
 
 @dataclass(frozen=True, slots=True)
 class VxlanDeviceSpec:
@@ -39,57 +46,33 @@ class DeviceOutcome(Enum):
     RECREATED = "recreated"  # an existing device with other settings was replaced
 
 
-def _vxlan_data(netlink: Netlink, index: int) -> dict[str, Any] | None:
-    """The device's IFLA_VXLAN_* attributes, or None if it is not a vxlan device."""
-    (link,) = netlink.call("get_links", index)
-    info = link.get_attr("IFLA_LINKINFO")
-    if info is None or info.get_attr("IFLA_INFO_KIND") != "vxlan":
-        return None
-    data = info.get_attr("IFLA_INFO_DATA")
-    out: dict[str, Any] = {"address": link.get_attr("IFLA_ADDRESS")}
-    if data is not None:
-        for name, value in data.get("attrs", []):
-            out[name] = value
-    return out
+def _local_attr(spec: VxlanDeviceSpec) -> int:
+    return VXLAN_LOCAL6 if spec.local.version == 6 else VXLAN_LOCAL
 
 
-def _local_attr(spec: VxlanDeviceSpec) -> str:
-    return "IFLA_VXLAN_LOCAL6" if spec.local.version == 6 else "IFLA_VXLAN_LOCAL"
+def vxlan_data(spec: VxlanDeviceSpec) -> dict[int, bytes]:
+    """The device's IFLA_VXLAN_* attributes as the kernel reports them back (GBP: a flag, present or not)."""
+    data = {
+        VXLAN_ID: _U32.pack(spec.vni),
+        VXLAN_LINK: _U32.pack(spec.underlay_index),
+        _local_attr(spec): spec.local.packed,
+        VXLAN_PORT: _PORT.pack(spec.port),
+        VXLAN_LEARNING: b"\0",
+    }
+    if spec.gbp:
+        data[VXLAN_GBP] = b""
+    return data
 
 
-def _same_address(found: Any, wanted: IPv4Address | IPv6Address) -> bool:
-    try:
-        return found is not None and ip_address(found) == wanted
-    except ValueError:
-        return False
-
-
-def _compatible(data: dict[str, Any], spec: VxlanDeviceSpec) -> bool:
-    return (
-        data.get("IFLA_VXLAN_ID") == spec.vni
-        and data.get("IFLA_VXLAN_LINK") == spec.underlay_index
-        and _same_address(data.get(_local_attr(spec)), spec.local)
-        and data.get("IFLA_VXLAN_PORT") == spec.port
-        and not data.get("IFLA_VXLAN_LEARNING")
-        and bool("IFLA_VXLAN_GBP" in data) == spec.gbp
-    )
+def _compatible(found: dict[int, bytes], spec: VxlanDeviceSpec) -> bool:
+    wanted = vxlan_data(spec)
+    return (all(found.get(kind) == value for kind, value in wanted.items() if kind != VXLAN_LEARNING)
+            and not any(found.get(VXLAN_LEARNING, b"")) and (VXLAN_GBP in found) == spec.gbp)
 
 
 def _create(netlink: Netlink, spec: VxlanDeviceSpec) -> int:
-    attrs: dict[str, Any] = {
-        "ifname": spec.name,
-        "kind": "vxlan",
-        "vxlan_id": spec.vni,
-        "vxlan_link": spec.underlay_index,
-        _local_attr(spec).lower().removeprefix("ifla_"): str(spec.local),
-        "vxlan_port": spec.port,
-        "vxlan_learning": 0,
-        "address": spec.mac,
-        "mtu": spec.mtu,
-    }
-    if spec.gbp:
-        attrs["vxlan_gbp"] = True
-    netlink.call("link", "add", **attrs)
+    data = b"".join(attr(kind, value) for kind, value in vxlan_data(spec).items())
+    netlink.request(new_link_request(spec.name, "vxlan", data, mtu=spec.mtu, mac=spec.mac))
     return netlink.require_index(spec.name)
 
 
@@ -102,8 +85,8 @@ def ensure_vxlan_device(netlink: Netlink, spec: VxlanDeviceSpec) -> tuple[int, D
     index = netlink.link_index(spec.name)
     outcome = DeviceOutcome.CREATED
     if index is not None:
-        data = _vxlan_data(netlink, index)
-        if data is not None and _compatible(data, spec):
+        link = netlink.link(index)
+        if link.kind == "vxlan" and _compatible(link.data, spec):
             outcome = DeviceOutcome.ADOPTED
         else:
             netlink.delete_link(spec.name)
@@ -111,13 +94,7 @@ def ensure_vxlan_device(netlink: Netlink, spec: VxlanDeviceSpec) -> tuple[int, D
             outcome = DeviceOutcome.RECREATED
     if index is None:
         index = _create(netlink, spec)
-    attrs = netlink.link_attrs(index)
-    changes: dict[str, Any] = {}
-    if attrs["mtu"] != spec.mtu:
-        changes["mtu"] = spec.mtu
-    if str(attrs["address"]).lower() != spec.mac:
-        changes["address"] = spec.mac
-    if changes:
-        netlink.set_link(index, **changes)
-    netlink.set_link(index, state="up")
+    link = netlink.link(index)
+    netlink.set_link(index, mtu=spec.mtu if link.mtu != spec.mtu else None,
+                     address=spec.mac if link.mac.lower() != spec.mac else None, state="up")
     return index, outcome

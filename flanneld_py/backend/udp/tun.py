@@ -5,7 +5,7 @@ packet (or, with offloads on, a TCP super-packet with its MSS), finishing
 CHECKSUM_PARTIAL checksums on the way, and writes single packets and merged
 super-packets, adding the header the kernel expects. The kernel edge is two
 raw calls (``_read_raw``/``_write_raw``): :class:`KernelTun` makes them on the
-TUNSETIFF fd (pyroute2 gives no fd), and the tests' fake keeps them in memory.
+TUNSETIFF fd (a netlink request gives no fd), and the tests' fake keeps them in memory.
 """
 
 from __future__ import annotations
