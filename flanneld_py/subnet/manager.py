@@ -10,6 +10,9 @@ With ``EnableIPv6`` the IPv6 subnet is chosen the same way, per family
 (``FLANNEL_IPV6_SUBNET`` from the previous file, else a random free one), and
 both go into the one key (``10.244.1.0-24&fd00:10:244:1::-64``), so they are
 claimed in the same transaction and renewed by the same etcd lease.
+
+The listing a claim was chosen from comes back with it (:class:`Claim`): the
+lease watch starts from it, so a start-up reads every lease once.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from ..core.lease_policy import OwnLease
 from ..core.netconfig import NO_IPV4_SUBNET, NetworkConfig
 from .store import Registry, StoredSubnet
 
-__all__ = ["LeaseLost", "LocalManager", "NoFreeSubnet", "OwnLease"]
+__all__ = ["Claim", "LeaseLost", "LocalManager", "NoFreeSubnet", "OwnLease"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,19 @@ class _Listing:
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Our lease, and the listing (with the revision it was read at) it was chosen from.
+
+    The listing may predate our own key's latest write (a create or an adoption
+    follows it); a watch from ``revision + 1`` sees that write.
+    """
+
+    own: OwnLease
+    records: tuple[StoredSubnet, ...]
+    revision: int
+
+
 def _fits(config: NetworkConfig, subnet: IPv4Network, subnet6: IPv6Network | None) -> bool:
     """Both halves of a key are ones this config hands out (no IPv6 half unless EnableIPv6)."""
     if config.ipv6 is None:
@@ -103,18 +119,25 @@ class LocalManager:
     ) -> OwnLease:
         """Claim a subnet (and an IPv6 one with EnableIPv6) for ``attrs``; raises
         :class:`NoFreeSubnet` when the network is full."""
+        return (await self.claim(config, attrs, previous, previous6)).own
+
+    async def claim(
+        self, config: NetworkConfig, attrs: LeaseAttrs, previous: IPv4Network | None = None,
+        previous6: IPv6Network | None = None,
+    ) -> Claim:
+        """:meth:`acquire`, with the listing the subnet was chosen from."""
         tried: set[IPv4Network] = set()
         tried6: set[IPv6Network] = set()
         spare_lease: int | None = None
         try:
             for _ in range(self.max_attempts):
-                records, _revision = await self.registry.list_subnets()
+                records, revision = await self.registry.list_subnets()
                 listing = _Listing(records)
                 mine = listing.carrying(attrs, config)
                 if mine is not None:
                     adopted = await self._adopt(mine, attrs)
                     if adopted is not None:
-                        return adopted
+                        return Claim(adopted, tuple(records), revision)
                     continue
                 subnet = self._pick4(config, listing, tried, previous)
                 subnet6 = self._pick6(config, listing, tried6, previous6)
@@ -135,7 +158,7 @@ class LocalManager:
                         continue
                     own = OwnLease(subnet, attrs, spare_lease, self.lease_ttl, subnet6)
                     spare_lease = None
-                    return own
+                    return Claim(own, tuple(records), revision)
                 log.info("subnet %s was taken by another node a moment ago; trying another", name)
                 if config.enable_ipv4:
                     tried.add(subnet)
