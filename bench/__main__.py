@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--peers", type=positive, metavar="N",
                         help="also measure with N peer leases in etcd: start-up, idle CPU, lease event to traffic "
                              "(quiet and under churn), bulk delete and add, throughput")
+    parser.add_argument("--scale-only", action="store_true",
+                        help="with --peers: only the scale part (no datapath rounds, no CNI latency)")
     return parser
 
 
@@ -105,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         if not bases:
             parser.error(f"--cni-plugin needs one of the modes {', '.join(FLANNELD_PY_MODES)}")
         modes = (*modes, *(plugin_mode(m, args.cni_plugin) for m in bases))
+    if args.scale_only and not args.peers:
+        parser.error("--scale-only needs --peers N")
     if os.geteuid() != 0:
         parser.error("needs root: it creates network namespaces")
     with tempfile.TemporaryDirectory(prefix="bench-flannel-cni-") as binaries:
@@ -118,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, handler)
         options = BenchOptions(modes=modes, rounds=args.rounds, quick=args.quick, out=os.path.abspath(args.out),
-                               flanneld=args.flanneld, peers=args.peers, flannel_cni=flannel_cni)
+                               flanneld=args.flanneld, peers=args.peers, flannel_cni=flannel_cni,
+                               scale_only=args.scale_only)
         try:
             return run_bench(options, ["python3", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
         except KeyboardInterrupt:
