@@ -461,3 +461,15 @@ def test_an_adopted_lease_seeds_the_watch_too():
         await _stop(task)
 
     run(body)
+
+
+def test_only_a_record_naming_exactly_our_address_is_adopted():
+    store = MemoryRegistry()
+
+    async def body() -> None:
+        store.put_subnet("10.244.3.0-24", b'{"PublicIP":"198.51.100.10","BackendType":"udp"}')  # ours is a prefix of it
+        store.put_subnet("10.244.5.0-24", b'{ "BackendType": "udp",\n  "PublicIP": "198.51.100.1" }')  # ours, spaced
+        own = await LocalManager(store, lease_ttl=3600).acquire(CONFIG, attrs(1))
+        assert own.subnet == IPv4Network("10.244.5.0/24")
+
+    run(body)

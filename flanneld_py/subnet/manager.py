@@ -25,7 +25,6 @@ from ipaddress import IPv4Network, IPv6Network
 from ..core.lease import (
     LeaseAttrs,
     LeaseError,
-    SubnetPair,
     choose_subnet,
     choose_subnet6,
     format_subnet_key,
@@ -48,34 +47,42 @@ class LeaseLost(RuntimeError):
     """Our subnet was taken by another node while we did not hold it."""
 
 
-@dataclass(frozen=True, slots=True)
 class _Listing:
-    records: list[StoredSubnet]
+    """One listing of every subnet record, each key parsed once (a record whose name is no subnet
+    key is left out)."""
 
-    def keys(self) -> list[SubnetPair]:
-        out: list[SubnetPair] = []
-        for record in self.records:
-            try:
-                out.append(parse_lease_key(record.name))
-            except LeaseError:
-                continue
-        return out
-
-    def taken(self) -> set[IPv4Network]:
-        return {subnet for subnet, _ in self.keys()}
-
-    def taken6(self) -> set[IPv6Network]:
-        return {subnet6 for _, subnet6 in self.keys() if subnet6 is not None}
-
-    def carrying(self, attrs: LeaseAttrs, config: NetworkConfig) -> StoredSubnet | None:
-        """A record that already names our node (PublicIP, or PublicIPv6 if IPv6-only) and fits the config."""
-        for record in self.records:
+    def __init__(self, records: list[StoredSubnet]) -> None:
+        self.keyed: list[tuple[StoredSubnet, IPv4Network, IPv6Network | None]] = []
+        for record in records:
             try:
                 subnet, subnet6 = parse_lease_key(record.name)
+            except LeaseError:
+                continue
+            self.keyed.append((record, subnet, subnet6))
+
+    def taken(self) -> set[IPv4Network]:
+        return {subnet for _, subnet, _ in self.keyed}
+
+    def taken6(self) -> set[IPv6Network]:
+        return {subnet6 for _, _, subnet6 in self.keyed if subnet6 is not None}
+
+    def carrying(self, attrs: LeaseAttrs, config: NetworkConfig) -> StoredSubnet | None:
+        """A record that already names our node (PublicIP, or PublicIPv6 if IPv6-only) and fits the config.
+
+        An IPv4 address has one text form, which a lease naming it holds as a JSON string as
+        is, so only the records that hold that string are decoded; an IPv6 address has
+        several, so every record is.
+        """
+        address = attrs.node_address
+        text = f'"{address}"'.encode() if address.version == 4 else b""
+        for record, subnet, subnet6 in self.keyed:
+            if text not in record.value or not _fits(config, subnet, subnet6):
+                continue
+            try:
                 theirs = LeaseAttrs.from_json(record.value)
             except LeaseError:
                 continue
-            if theirs.node_address == attrs.node_address and _fits(config, subnet, subnet6):
+            if theirs.node_address == address:
                 return record
         return None
 
