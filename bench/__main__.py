@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--etcd-tls", action="store_true",
                         help="run etcd on https with client certificates (a throwaway PKI) for flanneld-py's modes, "
                              "so the daemon's figures (peak RSS) are those of a TLS client")
+    parser.add_argument("--scale-only", action="store_true",
+                        help="with --peers: only the scale part (no datapath rounds, no CNI latency)")
     return parser
 
 
@@ -108,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         if not bases:
             parser.error(f"--cni-plugin needs one of the modes {', '.join(FLANNELD_PY_MODES)}")
         modes = (*modes, *(plugin_mode(m, args.cni_plugin) for m in bases))
+    if args.scale_only and not args.peers:
+        parser.error("--scale-only needs --peers N")
     if os.geteuid() != 0:
         parser.error("needs root: it creates network namespaces")
     with tempfile.TemporaryDirectory(prefix="bench-flannel-cni-") as binaries:
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signum, handler)
         options = BenchOptions(modes=modes, rounds=args.rounds, quick=args.quick, out=os.path.abspath(args.out),
                                flanneld=args.flanneld, peers=args.peers, flannel_cni=flannel_cni,
-                               etcd_tls=args.etcd_tls)
+                               etcd_tls=args.etcd_tls, scale_only=args.scale_only)
         try:
             return run_bench(options, ["python3", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
         except KeyboardInterrupt:

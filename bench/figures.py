@@ -56,6 +56,7 @@ CNI_FIGURES: tuple[Figure, ...] = (
 SCALE_FIGURES: tuple[Figure, ...] = (
     Figure("startup_ready_s", "start-up to ready", "s", "lower"),
     Figure("startup_converged_s", "start-up to all peers in place", "s", "lower"),
+    Figure("startup_after_ready_s", "ready to all peers in place", "s", "lower"),
     Figure("idle_cpu_ms_per_pass", "idle CPU per 5 s (drift pass)", "ms", "lower", decimals=1),
     Figure("event_p50_ms", "lease event to traffic, p50", "ms", "lower", decimals=1),
     Figure("event_p99_ms", "lease event to traffic, p99", "ms", "lower", decimals=1),

@@ -204,7 +204,7 @@ def _side_by_side_section(modes: Mapping[str, Any], order: Sequence[str]) -> lis
 
 def cni_lines(cni: Mapping[str, Any] | None) -> list[str]:
     """The CNI section of report.md: like for like first, our answer-first DEL on a line of its own."""
-    if not cni:
+    if not cni or cni.get("status") == "not run":
         return []
     lines = ["", f"## CNI ADD/DEL latency ({cni.get('pods', '?')} pods, ms)", ""]
     if cni.get("status") != "ok":
@@ -317,6 +317,8 @@ def _stacked_cpu_chart(path: str, modes: Sequence[str], data: Mapping[str, Any])
 
 def write_charts(out: str, results: Mapping[str, Any]) -> list[str]:
     modes = [m for m in results["options"]["modes"] if results["modes"].get(m, {}).get("figures")]
+    if not modes:  # --scale-only: no datapath figures to draw
+        return []
     data = results["modes"]
     paths = [os.path.join(out, name) for name in CHARTS]
     _bar_chart(paths[0], "TCP throughput, pod to pod", "Gbit/s", modes,

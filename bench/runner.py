@@ -44,6 +44,7 @@ class BenchOptions:
     peers: int | None = None
     flannel_cni: str | None = None  # flannel's CNI plugin, for the +flannel-cni modes
     etcd_tls: bool = False  # etcd on https with client certificates (flanneld-py's modes)
+    scale_only: bool = False  # skip the datapath rounds and CNI latency
 
 
 def rotate(modes: Sequence[str], round_index: int) -> list[str]:
@@ -96,7 +97,8 @@ class _Run:
         self.tags: list[str] = []
         self.failures: list[dict[str, str]] = []
         scale_modes = self.scale_modes()
-        total = (options.rounds * len(options.modes) * STEPS_PER_ROUND + STEPS_CNI
+        rounds = 0 if options.scale_only else options.rounds * len(options.modes) * STEPS_PER_ROUND + STEPS_CNI
+        total = (rounds
                  + (len(scale_modes) * STEPS_SCALE if options.peers else 0) + 1)
         self.progress = Progress(total)
 
@@ -190,8 +192,11 @@ def run_bench(options: BenchOptions, argv: Sequence[str]) -> int:
     started = time.monotonic()
     machine = describe_machine()
     try:
-        modes = bench.datapath()
-        cni = bench.cni()
+        if options.scale_only:
+            modes: dict[str, Any] = {}
+            cni: dict[str, Any] = {"status": "not run", "why": "--scale-only"}
+        else:
+            modes, cni = bench.datapath(), bench.cni()
         scale = bench.scale()
     finally:
         leaked = reap(bench.tags)

@@ -33,7 +33,7 @@ from .netlink import InterfaceInfo, Netlink, underlay_info
 from .ops import attach_operations
 from .options import DaemonOptions
 from .state import DaemonState
-from .subnet.manager import LeaseLost, LocalManager, NoFreeSubnet
+from .subnet.manager import Claim, LeaseLost, LocalManager, NoFreeSubnet
 from .subnet.registry import EtcdRegistry, EtcdTls, endpoints_use_https, parse_endpoints
 from .subnet.runner import LeaseRunner, acquire_lease, follow_config, wait_for_config
 from .subnet.store import EtcdAuthError
@@ -101,6 +101,7 @@ class Daemon:
         self._shutdown_step = "stopping the running tasks"
         self._underlay_link: Link | None = None  # the chosen interface, for its IPv6 address
         self._underlay_address6: IPv6Interface | None = None  # the IPv6 address chosen (IPv6-only network)
+        self._claim: Claim | None = None  # how the lease was acquired: its listing seeds the lease watch
         self.on_state_change: list[Callable[[DaemonState], None]] = []  # run on every phase change
 
     # --- lifecycle ---------------------------------------------------------------
@@ -156,9 +157,10 @@ class Daemon:
         self._set_phase("acquiring lease")
         previous, previous6 = previous_subnet(self.options.subnet_file), previous_ipv6_subnet(self.options.subnet_file)
         attrs = published_attrs(backend, public_ipv6, config.enable_ipv4)
-        own = await self._until_stopped(acquire_lease(self.manager, config, attrs, previous, previous6))
-        if own is None:
+        claim = await self._until_stopped(acquire_lease(self.manager, config, attrs, previous, previous6))
+        if claim is None:
             return
+        own, self._claim = claim.own, claim
         self.state.hold(own)
         log.info("lease acquired: %s (etcd lease %x, ttl %ds)", own.subnets, own.lease_id, own.ttl)
         self._set_phase("starting datapath")
@@ -294,7 +296,8 @@ class Daemon:
         assert self.state.config is not None and self.state.lease is not None
         margin = self.options.subnet_lease_renew_margin * 60
         policy = LeasePolicy(self.state.config, self.state.lease, margin, asyncio.get_running_loop().time())
-        await LeaseRunner(policy, self.manager, self._apply, self.state.hold).run()
+        claim, self._claim = self._claim, None
+        await LeaseRunner(policy, self.manager, self._apply, self.state.hold, claim).run()
 
     async def _apply(self, events: Sequence[LeaseEvent]) -> None:
         backend = self.state.backend

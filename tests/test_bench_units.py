@@ -485,3 +485,23 @@ def test_python_m_bench_names_a_missing_requirement_in_one_line(monkeypatch) -> 
     assert bench_main.missing_requirement() is None  # the test venv has them all
     monkeypatch.setattr(bench_main, "REQUIREMENTS", (("no_such_module_for_bench", "install the x extra"),))
     assert bench_main.missing_requirement() == "install the x extra"
+
+
+def test_a_scale_only_run_writes_the_report_and_results_without_charts(tmp_path: Any) -> None:
+    results = _results({})
+    results["cni"] = {"status": "not run", "why": "--scale-only"}
+    modes = {"vxlan": {"status": "ok", "figures": {"startup_converged_s": 1.0, "startup_after_ready_s": 0.25}},
+             "flannel-vxlan": {"status": "ok", "figures": {"startup_converged_s": 2.0, "startup_after_ready_s": 1.0}}}
+    results["scale"] = {"status": "ok", "peers": 1000, "modes": modes, "ratios": scale_ratios(modes)}
+    written = sorted(os.path.basename(p) for p in write_outputs(str(tmp_path), results))
+    assert written == ["report.md", "results.json"]
+    text = (tmp_path / "report.md").read_text()
+    assert "## CNI" not in text and "ready to all peers in place 0.25×" in text
+
+
+def test_scale_only_needs_peers(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--scale-only"])
+    assert "--scale-only needs --peers N" in capsys.readouterr().err

@@ -13,7 +13,10 @@ from flanneld_py.core.lease import KeyDeleted, KeyPut, LeaseAttrs
 from flanneld_py.core.netconfig import parse_network_config
 from flanneld_py.subnet.manager import LeaseLost, LocalManager, NoFreeSubnet
 from flanneld_py.subnet.registry import EtcdRegistry
-from flanneld_py.subnet.runner import wait_for_config
+from flanneld_py.core.lease import LeaseAdded, LeaseRemoved
+from flanneld_py.core.lease_policy import LeasePolicy
+from flanneld_py.errors import FatalError
+from flanneld_py.subnet.runner import LeaseRunner, wait_for_config
 from flanneld_py.subnet.store import EtcdUnavailable, WatchCompacted
 
 pytestmark = pytest.mark.etcd
@@ -184,3 +187,107 @@ def test_watch_after_compaction_asks_for_relist(etcd):
         assert len(records) == 3
 
     asyncio.run(asyncio.wait_for(_with(etcd, body), 30))
+
+
+OURS = IPv4Network("10.244.1.0/24")  # our subnet in the tests below, apart from the peers they write
+
+
+class _Counting(EtcdRegistry):
+    lists = 0
+
+    async def list_subnets(self):  # type: ignore[no-untyped-def]
+        self.lists += 1
+        return await super().list_subnets()
+
+
+async def _follow(reg, claim, applied, held):  # type: ignore[no-untyped-def]
+    """The lease runner as the daemon starts it: from the claim's listing."""
+    config = parse_network_config(json.dumps(EIGHT))
+    policy = LeasePolicy(config, claim.own, 0.0, asyncio.get_running_loop().time())
+
+    async def apply(events):  # type: ignore[no-untyped-def]
+        applied.extend(events)
+
+    await LeaseRunner(policy, LocalManager(reg), apply, held.append, claim).run()
+
+
+async def _until(condition, what):  # type: ignore[no-untyped-def]
+    for _ in range(400):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _subnets(applied, kind):  # type: ignore[no-untyped-def]
+    return [str(e.lease.subnet) for e in applied if isinstance(e, kind)]
+
+
+def test_start_lists_once_and_misses_nothing_between_claim_and_watch(etcd):
+    config = parse_network_config(json.dumps(EIGHT))
+    etcd.ctl("put", f"{PREFIX}/subnets/10.244.7.0-24", attrs(7).to_json().decode())
+    etcd.ctl("put", f"{PREFIX}/subnets/10.244.8.0-24", attrs(8).to_json().decode())
+
+    async def body(reg):
+        held: list = []
+        claim = await LocalManager(reg).claim(config, attrs(1), previous=OURS)
+        assert reg.lists == 1
+        etcd.ctl("put", f"{PREFIX}/subnets/10.244.6.0-24", attrs(6).to_json().decode())  # in between
+        etcd.ctl("del", f"{PREFIX}/subnets/10.244.8.0-24")
+        applied_events: list = []
+        task = asyncio.create_task(_follow(reg, claim, applied_events, held))
+        await _until(lambda: "10.244.6.0/24" in _subnets(applied_events, LeaseAdded)
+                     and "10.244.8.0/24" in _subnets(applied_events, LeaseRemoved), "the changes in between")
+        etcd.ctl("put", f"{PREFIX}/subnets/10.244.5.0-24", attrs(5).to_json().decode())
+        await _until(lambda: "10.244.5.0/24" in _subnets(applied_events, LeaseAdded), "a peer after the start")
+        added = _subnets(applied_events, LeaseAdded)
+        assert sorted(added) == ["10.244.5.0/24", "10.244.6.0/24", "10.244.7.0/24", "10.244.8.0/24"], "each once"
+        assert reg.lists == 1 and not held, "one listing in all; our own write seen, no re-claim"
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    reg = _Counting([f"127.0.0.1:{etcd.client_port}"], prefix=PREFIX, timeout=3)
+    etcd.ctl("put", f"{PREFIX}/config", json.dumps(EIGHT))
+
+    async def run():  # type: ignore[no-untyped-def]
+        try:
+            await body(reg)
+        finally:
+            await reg.close()
+
+    asyncio.run(asyncio.wait_for(run(), 60))
+
+
+def test_compaction_or_our_key_changed_between_claim_and_watch(etcd):
+    config = parse_network_config(json.dumps(EIGHT))
+
+    async def body(reg):
+        # compacted past the claim's listing: the runner lists again and finds the peer
+        claim = await LocalManager(reg).claim(config, attrs(1), previous=OURS)
+        etcd.ctl("put", f"{PREFIX}/subnets/10.244.6.0-24", attrs(6).to_json().decode())
+        _, now = await reg.list_subnets()
+        etcd.ctl("compact", str(now))
+        applied: list = []
+        held: list = []
+        task = asyncio.create_task(_follow(reg, claim, applied, held))
+        await _until(lambda: "10.244.6.0/24" in _subnets(applied, LeaseAdded), "the peer after a re-listing")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        # our key deleted in between: re-claimed
+        claim = await LocalManager(reg).claim(config, attrs(1), previous=OURS)
+        key = f"{PREFIX}/subnets/{claim.own.name}"
+        etcd.ctl("del", key)
+        held.clear()
+        task = asyncio.create_task(_follow(reg, claim, [], held))
+        await _until(lambda: bool(held), "the re-claim")
+        assert (await reg.get_subnet(claim.own.name)) is not None
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        # our key rewritten for another node in between: fatal
+        claim = await LocalManager(reg).claim(config, attrs(1), previous=OURS)
+        etcd.ctl("put", key, attrs(9).to_json().decode())
+        with pytest.raises(FatalError, match="rewritten for 198.51.100.9"):
+            await _follow(reg, claim, [], [])
+
+    etcd.ctl("put", f"{PREFIX}/config", json.dumps(EIGHT))
+    asyncio.run(asyncio.wait_for(_with(etcd, body), 60))

@@ -92,6 +92,14 @@ def test_relist_applies_peers_then_watches_from_the_next_revision():
     assert p.relisted([OWN_PUT, PEER_PUT], 7) == [ApplyPeers((LeaseAdded(PEER_LEASE),)), Watch(8)]
 
 
+def test_start_from_the_claims_listing_applies_peers_and_watches_after_it_without_our_key():
+    p = policy()
+    assert p.start_from([PEER_PUT], 7) == [ApplyPeers((LeaseAdded(PEER_LEASE),)), Watch(8)], \
+        "our key was written after the listing: no re-claim"
+    assert p.watched([OWN_PUT], 9) == [], "the watch replays our own write"
+    assert p.watched([KeyDeleted(OURS.name)], 10)[-1] == Reclaim(OURS)
+
+
 def test_relist_without_our_key_reclaims_before_applying():
     p = policy()
     p.start()

@@ -16,7 +16,7 @@ from flanneld_py.core.lease import KeyDeleted, KeyPut, LeaseAdded, LeaseAttrs, L
 from flanneld_py.core.lease_policy import LeasePolicy, OwnLease
 from flanneld_py.core.netconfig import parse_network_config
 from flanneld_py.errors import FatalError
-from flanneld_py.subnet.manager import LeaseLost, LocalManager, NoFreeSubnet
+from flanneld_py.subnet.manager import Claim, LeaseLost, LocalManager, NoFreeSubnet
 from flanneld_py.subnet.memory import MemoryRegistry
 from flanneld_py.subnet.runner import LeaseRunner, acquire_lease, wait_for_config
 from flanneld_py.subnet.store import EtcdUnavailable, WatchCompacted
@@ -220,9 +220,13 @@ class Harness:
     async def apply(self, events: Sequence[LeaseEvent]) -> None:
         self.applied.extend(events)
 
-    def start(self, margin: float = 0.0) -> asyncio.Task[None]:
+    def start(self, margin: float = 0.0, claim: Claim | None = None) -> asyncio.Task[None]:
         policy = LeasePolicy(CONFIG, self.own, margin, asyncio.get_running_loop().time())
-        return asyncio.create_task(LeaseRunner(policy, self.manager, self.apply, self.held.append).run())
+        runner = LeaseRunner(policy, self.manager, self.apply, self.held.append, claim)
+        return asyncio.create_task(runner.run())
+
+    def times_added(self, subnet: IPv4Network) -> int:
+        return sum(1 for e in self.applied if isinstance(e, LeaseAdded) and e.lease.subnet == subnet)
 
     def added(self) -> set[IPv4Network]:
         return {e.lease.subnet for e in self.applied if isinstance(e, LeaseAdded)}
@@ -308,7 +312,7 @@ def test_acquire_retries_while_etcd_is_away():
         await asyncio.sleep(0.1)
         assert not claim.done()
         store.recover()
-        assert (await claim).attrs == attrs(1)
+        assert (await claim).own.attrs == attrs(1)
 
     run(body)
 
@@ -348,5 +352,124 @@ def test_a_watch_that_ends_without_an_error_counts_as_lost_etcd():
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+    run(body)
+
+
+# --- one listing at start: the claim's listing seeds the watch ----------------------------
+
+
+class Listing(MemoryRegistry):
+    """Counts full listings."""
+
+    lists = 0
+
+    async def list_subnets(self):  # type: ignore[no-untyped-def]
+        self.lists += 1
+        return await super().list_subnets()
+
+
+async def _claimed(store: MemoryRegistry, n: int) -> tuple[Harness, Claim]:
+    claim = await LocalManager(store, lease_ttl=3600).claim(CONFIG, attrs(n))
+    return Harness(store, claim.own), claim
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+def test_the_claims_listing_seeds_the_watch_so_nothing_between_is_missed_or_doubled():
+    store = Listing()
+
+    async def body() -> None:
+        early = await LocalManager(store).acquire(CONFIG, attrs(2))
+        gone = await LocalManager(store).acquire(CONFIG, attrs(3))
+        node, claim = await _claimed(store, 1)
+        assert {r.name for r in claim.records} == {early.name, gone.name}, "listed before our key was written"
+        lists = store.lists
+        late = await LocalManager(store).acquire(CONFIG, attrs(4))  # between the listing and the watch
+        await store.revoke(gone.lease_id)
+        task = node.start(claim=claim)
+        await until(lambda: late.subnet in node.added() and gone.subnet in node.removed(), "the changes in between")
+        extra = await LocalManager(store).acquire(CONFIG, attrs(5))
+        await until(lambda: extra.subnet in node.added(), "a peer after the start")
+        assert store.lists == lists + 2, "no listing of our own: only the two later joiners' claims listed"
+        assert [node.times_added(s) for s in (early.subnet, gone.subnet, late.subnet)] == [1, 1, 1]
+        assert node.own.subnet not in node.added() and not node.held, "our own write is no peer, no re-claim"
+        await _stop(task)
+
+    run(body)
+
+
+def test_a_compaction_between_the_claim_and_the_watch_relists():
+    store = Listing()
+
+    async def body() -> None:
+        node, claim = await _claimed(store, 1)
+        late = await LocalManager(store).acquire(CONFIG, attrs(2))
+        store.compact()
+        lists = store.lists
+        task = node.start(claim=claim)
+        await until(lambda: late.subnet in node.added(), "the peer, from a new listing")
+        assert store.lists == lists + 1 and node.times_added(late.subnet) == 1
+        await _stop(task)
+
+    run(body)
+
+
+def test_our_key_deleted_between_the_claim_and_the_watch_is_reclaimed():
+    store = MemoryRegistry()
+
+    async def body() -> None:
+        node, claim = await _claimed(store, 1)
+        store.delete_subnet(claim.own.name)
+        task = node.start(claim=claim)
+        await until(lambda: bool(node.held), "the re-claim")
+        assert (await store.get_subnet(claim.own.name)) is not None
+        await _stop(task)
+
+    run(body)
+
+
+def test_our_key_rewritten_for_another_node_between_the_claim_and_the_watch_is_fatal():
+    store = MemoryRegistry()
+
+    async def body() -> None:
+        node, claim = await _claimed(store, 1)
+        store.put_subnet(claim.own.name, attrs(9).to_json())
+        with pytest.raises(FatalError, match="rewritten for 198.51.100.9"):
+            await node.start(claim=claim)
+
+    run(body)
+
+
+def test_an_adopted_lease_seeds_the_watch_too():
+    store = Listing()
+
+    async def body() -> None:
+        first, _ = await _claimed(store, 1)
+        peer = await LocalManager(store).acquire(CONFIG, attrs(2))
+        node, claim = await _claimed(store, 1)  # a restart: the same PublicIP takes its lease back
+        assert claim.own.subnet == first.own.subnet and any(r.name == claim.own.name for r in claim.records)
+        lists = store.lists
+        task = node.start(claim=claim)
+        await until(lambda: peer.subnet in node.added(), "the listed peer")
+        await asyncio.sleep(0.05)
+        assert store.lists == lists and node.times_added(peer.subnet) == 1 and not node.held
+        await _stop(task)
+
+    run(body)
+
+
+def test_only_a_record_naming_exactly_our_address_is_adopted():
+    store = MemoryRegistry()
+
+    async def body() -> None:
+        store.put_subnet("10.244.3.0-24", b'{"PublicIP":"198.51.100.10","BackendType":"udp"}')  # ours is a prefix of it
+        store.put_subnet("10.244.5.0-24", b'{ "BackendType": "udp",\n  "PublicIP": "198.51.100.1" }')  # ours, spaced
+        own = await LocalManager(store, lease_ttl=3600).acquire(CONFIG, attrs(1))
+        assert own.subnet == IPv4Network("10.244.5.0/24")
 
     run(body)

@@ -155,6 +155,17 @@ class LeasePolicy:
         """The watch lane's first step."""
         return [self._resume()]
 
+    def start_from(self, records: Iterable[KeyPut], revision: int) -> list[Action]:
+        """The watch lane's first steps from the listing our lease was acquired from: its peers,
+        then the watch from the revision after it.
+
+        Unlike :meth:`relisted`, our key's absence means nothing here: the
+        claim wrote it after this listing, and the watch replays that write
+        (and anything that happened to it since).
+        """
+        self._pending = _Pending(tuple(records), revision, relist=True)
+        return self._commit()
+
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` has something to do (None: only after an input)."""
         times = [t for t in (self._renew_at, self._resume_at) if t is not None]

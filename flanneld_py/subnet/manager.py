@@ -10,6 +10,9 @@ With ``EnableIPv6`` the IPv6 subnet is chosen the same way, per family
 (``FLANNEL_IPV6_SUBNET`` from the previous file, else a random free one), and
 both go into the one key (``10.244.1.0-24&fd00:10:244:1::-64``), so they are
 claimed in the same transaction and renewed by the same etcd lease.
+
+The listing a claim was chosen from comes back with it (:class:`Claim`): the
+lease watch starts from it, so a start-up reads every lease once.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from ipaddress import IPv4Network, IPv6Network
 from ..core.lease import (
     LeaseAttrs,
     LeaseError,
-    SubnetPair,
     choose_subnet,
     choose_subnet6,
     format_subnet_key,
@@ -32,7 +34,7 @@ from ..core.lease_policy import OwnLease
 from ..core.netconfig import NO_IPV4_SUBNET, NetworkConfig
 from .store import Registry, StoredSubnet
 
-__all__ = ["LeaseLost", "LocalManager", "NoFreeSubnet", "OwnLease"]
+__all__ = ["Claim", "LeaseLost", "LocalManager", "NoFreeSubnet", "OwnLease"]
 
 log = logging.getLogger(__name__)
 
@@ -45,36 +47,57 @@ class LeaseLost(RuntimeError):
     """Our subnet was taken by another node while we did not hold it."""
 
 
-@dataclass(frozen=True, slots=True)
 class _Listing:
-    records: list[StoredSubnet]
+    """One listing of every subnet record, each key parsed once (a record whose name is no subnet
+    key is left out)."""
 
-    def keys(self) -> list[SubnetPair]:
-        out: list[SubnetPair] = []
-        for record in self.records:
-            try:
-                out.append(parse_lease_key(record.name))
-            except LeaseError:
-                continue
-        return out
-
-    def taken(self) -> set[IPv4Network]:
-        return {subnet for subnet, _ in self.keys()}
-
-    def taken6(self) -> set[IPv6Network]:
-        return {subnet6 for _, subnet6 in self.keys() if subnet6 is not None}
-
-    def carrying(self, attrs: LeaseAttrs, config: NetworkConfig) -> StoredSubnet | None:
-        """A record that already names our node (PublicIP, or PublicIPv6 if IPv6-only) and fits the config."""
-        for record in self.records:
+    def __init__(self, records: list[StoredSubnet]) -> None:
+        self.keyed: list[tuple[StoredSubnet, IPv4Network, IPv6Network | None]] = []
+        for record in records:
             try:
                 subnet, subnet6 = parse_lease_key(record.name)
+            except LeaseError:
+                continue
+            self.keyed.append((record, subnet, subnet6))
+
+    def taken(self) -> set[IPv4Network]:
+        return {subnet for _, subnet, _ in self.keyed}
+
+    def taken6(self) -> set[IPv6Network]:
+        return {subnet6 for _, _, subnet6 in self.keyed if subnet6 is not None}
+
+    def carrying(self, attrs: LeaseAttrs, config: NetworkConfig) -> StoredSubnet | None:
+        """A record that already names our node (PublicIP, or PublicIPv6 if IPv6-only) and fits the config.
+
+        An IPv4 address has one text form, which a lease naming it holds as a JSON string as
+        is, so only the records that hold that string are decoded; an IPv6 address has
+        several, so every record is.
+        """
+        address = attrs.node_address
+        text = f'"{address}"'.encode() if address.version == 4 else b""
+        for record, subnet, subnet6 in self.keyed:
+            if text not in record.value or not _fits(config, subnet, subnet6):
+                continue
+            try:
                 theirs = LeaseAttrs.from_json(record.value)
             except LeaseError:
                 continue
-            if theirs.node_address == attrs.node_address and _fits(config, subnet, subnet6):
+            if theirs.node_address == address:
                 return record
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Our lease, and the listing (with the revision it was read at) it was chosen from.
+
+    The listing may predate our own key's latest write (a create or an adoption
+    follows it); a watch from ``revision + 1`` sees that write.
+    """
+
+    own: OwnLease
+    records: tuple[StoredSubnet, ...]
+    revision: int
 
 
 def _fits(config: NetworkConfig, subnet: IPv4Network, subnet6: IPv6Network | None) -> bool:
@@ -103,18 +126,25 @@ class LocalManager:
     ) -> OwnLease:
         """Claim a subnet (and an IPv6 one with EnableIPv6) for ``attrs``; raises
         :class:`NoFreeSubnet` when the network is full."""
+        return (await self.claim(config, attrs, previous, previous6)).own
+
+    async def claim(
+        self, config: NetworkConfig, attrs: LeaseAttrs, previous: IPv4Network | None = None,
+        previous6: IPv6Network | None = None,
+    ) -> Claim:
+        """:meth:`acquire`, with the listing the subnet was chosen from."""
         tried: set[IPv4Network] = set()
         tried6: set[IPv6Network] = set()
         spare_lease: int | None = None
         try:
             for _ in range(self.max_attempts):
-                records, _revision = await self.registry.list_subnets()
+                records, revision = await self.registry.list_subnets()
                 listing = _Listing(records)
                 mine = listing.carrying(attrs, config)
                 if mine is not None:
                     adopted = await self._adopt(mine, attrs)
                     if adopted is not None:
-                        return adopted
+                        return Claim(adopted, tuple(records), revision)
                     continue
                 subnet = self._pick4(config, listing, tried, previous)
                 subnet6 = self._pick6(config, listing, tried6, previous6)
@@ -135,7 +165,7 @@ class LocalManager:
                         continue
                     own = OwnLease(subnet, attrs, spare_lease, self.lease_ttl, subnet6)
                     spare_lease = None
-                    return own
+                    return Claim(own, tuple(records), revision)
                 log.info("subnet %s was taken by another node a moment ago; trying another", name)
                 if config.enable_ipv4:
                     tried.add(subnet)

@@ -32,7 +32,7 @@ from ..core.lease_policy import (
 from ..core.netconfig import ConfigError, NetworkConfig, parse_network_config
 from ..core.renewal import Backoff
 from ..errors import FatalError
-from .manager import LeaseLost, LocalManager
+from .manager import Claim, LeaseLost, LocalManager
 from .store import EtcdUnavailable, Registry, WatchCompacted
 
 __all__ = ["LeaseRunner", "acquire_lease", "follow_config", "judge_config", "wait_for_config"]
@@ -66,12 +66,12 @@ async def wait_for_config(registry: Registry) -> NetworkConfig:
 
 
 async def acquire_lease(manager: LocalManager, config: NetworkConfig, attrs: LeaseAttrs,
-                        previous: IPv4Network | None, previous6: IPv6Network | None = None) -> OwnLease:
-    """:meth:`LocalManager.acquire`, retried while etcd cannot be reached."""
+                        previous: IPv4Network | None, previous6: IPv6Network | None = None) -> Claim:
+    """:meth:`LocalManager.claim`, retried while etcd cannot be reached."""
     backoff = Backoff()
     while True:
         try:
-            return await manager.acquire(config, attrs, previous, previous6)
+            return await manager.claim(config, attrs, previous, previous6)
         except EtcdUnavailable as exc:
             delay = backoff.next()
             log.warning("cannot reach etcd to acquire a lease (%s); retrying in %.1fs", exc, delay)
@@ -82,7 +82,9 @@ class LeaseRunner:
     """Runs the policy's two lanes (renewal, watch) until a fatal action or cancellation.
 
     ``apply`` gets the peer changes for the datapath; ``hold`` is told every
-    lease we hold after a renewal or a re-claim.
+    lease we hold after a renewal or a re-claim. With ``claim`` (how our lease
+    was acquired), its listing gives the peers and the watch starts right
+    after it, instead of listing every lease again.
     """
 
     def __init__(
@@ -91,17 +93,24 @@ class LeaseRunner:
         manager: LocalManager,
         apply: Callable[[Sequence[LeaseEvent]], Awaitable[None]],
         hold: Callable[[OwnLease], None],
+        claim: Claim | None = None,
     ) -> None:
         self.policy = policy
         self.manager = manager
         self.registry = manager.registry
         self.apply = apply
         self.hold = hold
+        self._claim = claim
         self._loop = asyncio.get_running_loop()
 
     async def run(self) -> None:
         """Raises :class:`FatalError` when the policy says so."""
-        lanes: set[asyncio.Task[None]] = {self._lane(self._watch_lane, self.policy.start())}
+        claim, self._claim = self._claim, None  # only the first start may use it
+        if claim is None:
+            first = self.policy.start()
+        else:
+            first = self.policy.start_from((KeyPut(r.name, r.value) for r in claim.records), claim.revision)
+        lanes: set[asyncio.Task[None]] = {self._lane(self._watch_lane, first)}
         try:
             while True:
                 deadline = self.policy.get_timer()
