@@ -152,19 +152,17 @@ class FastLane:
 
     def _on_handover(self) -> None:
         tun, udp = self._lane.take()
-        if tun is not None:
-            self._handlers[TUN](tun)
-            self._hold(TUN)
-        if udp is not None:
-            self._handlers[UDP](udp)
-            self._hold(UDP)
+        for direction, handed in ((TUN, tun), (UDP, udp)):
+            if handed is not None:
+                self._hold(direction)  # first: a handler that raises must not leave the descriptor unread
+                self._handlers[direction](handed)
 
     def _hold(self, direction: int) -> None:
         assert self._loop is not None
         if not self._held[direction]:
             self._held[direction] = True
             self._loop.add_reader(self._fds[direction], self._readers[direction])
-        self._seen[direction] = self._stats[direction].wakeups
+        self._seen[direction] = self._stats[direction].wakeups + 1  # the handed read's own wakeup
         if self._timer is None:
             self._timer = self._loop.call_later(HOLD, self._release_idle)
 
