@@ -170,12 +170,16 @@ static int forward_in_packet(Lane *l, const uint8_t *pkt, size_t n, uint32_t sou
 
 /* --- the thread ----------------------------------------------------------- */
 
-static void rearm(Lane *l, int dir) {
-    struct epoll_event ev = {.events = EPOLLIN | EPOLLONESHOT, .data.u32 = (uint32_t)dir};
-    epoll_ctl(l->epoll_fd, EPOLL_CTL_MOD, dir == DIR_TUN ? l->tun_fd : l->udp_fd, &ev);
+/* The thread polls a descriptor (level-triggered) from resume until its handover, when it
+ * drops it from its epoll set altogether, so not even an error wakes it for a descriptor
+ * that the Python loop reads. Nothing is re-armed per wakeup. */
+static int watch(Lane *l, int dir) {
+    struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)dir};
+    return epoll_ctl(l->epoll_fd, EPOLL_CTL_ADD, dir == DIR_TUN ? l->tun_fd : l->udp_fd, &ev);
 }
 
-static void signal_python(Lane *l) {
+static void hand_over(Lane *l, int dir) {
+    epoll_ctl(l->epoll_fd, EPOLL_CTL_DEL, dir == DIR_TUN ? l->tun_fd : l->udp_fd, NULL);
     uint64_t one = 1;
     while (write(l->handover_fd, &one, sizeof one) < 0 && errno == EINTR) {
     }
@@ -194,19 +198,15 @@ static void drain_tun(Lane *l) {
     double now = monotonic();
     int count = 0;
     for (;;) {
-        if (count == DRAIN) {
-            rearm(l, DIR_TUN);
+        if (count == DRAIN) /* level-triggered: the next epoll_wait comes back at once */
             break;
-        }
         ssize_t n = read(l->tun_fd, buf, cap);
         if (n <= 0) {
-            if (n == 0 || errno == EAGAIN || errno == EWOULDBLOCK) {
-                rearm(l, DIR_TUN);
-            } else if (errno == EINTR) {
+            if (n < 0 && errno == EINTR)
                 continue;
-            } else { /* Python's own read meets the error and reports it */
+            if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK) { /* Python's own read meets it and reports it */
                 atomic_store(&l->tun_handed, HANDED_UNREAD);
-                signal_python(l);
+                hand_over(l, DIR_TUN);
             }
             break;
         }
@@ -215,7 +215,7 @@ static void drain_tun(Lane *l) {
         int index = forward_out_frame(l, buf, (size_t)n, now, &pkt, &len);
         if (index < 0) {
             atomic_store(&l->tun_handed, (long)n);
-            signal_python(l);
+            hand_over(l, DIR_TUN);
             break;
         }
         count++;
@@ -233,10 +233,8 @@ static void drain_udp(Lane *l) {
     double now = monotonic();
     int count = 0, reads = 0;
     for (;;) {
-        if (reads++ == DRAIN) {
-            rearm(l, DIR_UDP);
+        if (reads++ == DRAIN)
             break;
-        }
         struct sockaddr_in source;
         union {
             char buf[CMSG_SPACE(sizeof(int))];
@@ -247,10 +245,8 @@ static void drain_udp(Lane *l) {
                              .msg_control = l->gro ? control.buf : NULL, .msg_controllen = l->gro ? sizeof control.buf : 0};
         ssize_t n = recvmsg(l->udp_fd, &msg, 0);
         if (n < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                rearm(l, DIR_UDP);
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
                 break;
-            }
             continue; /* as KernelUdp.recv: e.g. a queued ICMP error for an earlier send */
         }
         long seglen = (long)n;
@@ -270,7 +266,7 @@ static void drain_udp(Lane *l) {
             l->udp_seglen = seglen;
             l->udp_source = source;
             atomic_store(&l->udp_handed, 1);
-            signal_python(l);
+            hand_over(l, DIR_UDP);
             break;
         }
         count++;
@@ -381,13 +377,8 @@ static int Lane_init(Lane *l, PyObject *args, PyObject *kwargs) {
         lane_release(l);
         return -1;
     }
-    struct epoll_event ev = {.events = EPOLLIN | EPOLLONESHOT, .data.u32 = DIR_TUN};
-    int failed = epoll_ctl(l->epoll_fd, EPOLL_CTL_ADD, l->tun_fd, &ev);
-    ev.data.u32 = DIR_UDP;
-    failed = failed || epoll_ctl(l->epoll_fd, EPOLL_CTL_ADD, l->udp_fd, &ev);
-    ev.events = EPOLLIN;
-    ev.data.u32 = DIR_STOP;
-    failed = failed || epoll_ctl(l->epoll_fd, EPOLL_CTL_ADD, l->stop_fd, &ev);
+    struct epoll_event ev = {.events = EPOLLIN, .data.u32 = DIR_STOP};
+    int failed = watch(l, DIR_TUN) || watch(l, DIR_UDP) || epoll_ctl(l->epoll_fd, EPOLL_CTL_ADD, l->stop_fd, &ev);
     if (failed) {
         PyErr_SetFromErrno(PyExc_OSError);
         lane_release(l);
@@ -577,7 +568,8 @@ static PyObject *Lane_resume(Lane *l, PyObject *arg) {
             PyErr_SetString(PyExc_ValueError, "resume takes 0 (flannel0) or 1 (the UDP socket)");
         return NULL;
     }
-    rearm(l, (int)dir);
+    if (watch(l, (int)dir) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
     Py_RETURN_NONE;
 }
 
