@@ -28,6 +28,11 @@ packet no larger than flannel0's MTU (IPv6 TCP arrives from flannel0 as MTU-size
 packets: TSO6 is not advertised until the stages segment IPv6), and every packet ends forwarded or counted as a
 drop. Peer changes run as ordinary callbacks on the same loop, so they land
 between batches.
+
+With the fast lane (:mod:`.lane`) a C thread reads flannel0 and the IPv4
+socket while it meets only plain forwards, and hands the first other frame
+to these same handlers (``handed``), which then keep the descriptor while
+traffic flows.
 """
 
 from __future__ import annotations
@@ -170,8 +175,8 @@ class Pump:
             got: TunPacket | None
             try:
                 if handed >= 0:
-                    got = self.tun.parse(handed)
-                    handed = -1
+                    size, handed = handed, -1
+                    got = self.tun.parse(size)
                 else:
                     got = read()
             except OffloadError as exc:
