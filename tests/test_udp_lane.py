@@ -12,6 +12,7 @@ import asyncio
 import os
 import random
 import socket
+import struct
 from collections.abc import Iterator
 from ipaddress import IPv4Network, IPv6Network
 
@@ -335,5 +336,28 @@ def test_stop_joins_the_thread_and_leaves_the_descriptors() -> None:
         assert node.pump.lane is not None
         with pytest.raises(ValueError, match="closed"):
             node.pump.lane._lane.resume(0)
+    finally:
+        node.close()
+
+
+def test_a_handed_frame_with_a_bad_offload_header_is_counted_once() -> None:
+    async def scenario(node: Node) -> None:
+        node.pump.start()
+        try:
+            packet = bytes(IP(src="10.244.1.5", dst="10.244.2.7") / UDP() / b"data")
+            bad = struct.pack("<BBHHHH", 1, 0, 0, 0, 200, 6)  # checksum start beyond the packet
+            node.pod.send(bad + packet)
+            for _ in range(500):
+                if node.engine.drops[Drop.BAD_OFFLOAD_HEADER]:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            assert node.engine.drops[Drop.BAD_OFFLOAD_HEADER] == 1
+        finally:
+            node.pump.stop()
+
+    node = Node(vnet=True)
+    try:
+        asyncio.run(scenario(node))
     finally:
         node.close()
