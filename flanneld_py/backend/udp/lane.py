@@ -64,10 +64,10 @@ class Batches(Protocol):
 class FastLane:
     """The lane's thread and the loop, taking turns on flannel0 and the IPv4 socket.
 
-    ``on_tun(size)`` runs the loop's flannel0 handler on a handed frame (-1: none
-    read); ``on_udp(read)`` its socket handler on a handed read (``(size,
-    segment size, source)`` or None); ``readers`` are the handlers the loop
-    uses while it holds a descriptor.
+    ``handlers``: the loop's flannel0 handler, run on a handed frame's size (-1:
+    none read), and its socket handler, run on a handed read (``(size, segment
+    size, source)``); ``readers``: the handlers the loop polls a descriptor with
+    while it holds it. Pairs are (flannel0, IPv4 socket) throughout.
     """
 
     def __init__(self, module: ModuleType, engine: Engine, fds: tuple[int, int], buffers: tuple[bytearray, Any],
