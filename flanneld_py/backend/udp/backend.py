@@ -88,7 +88,7 @@ class UdpBackend:
         self.engine: Engine | None = None
         self.pump: Pump | None = None
         self._tun: KernelTun | None = None
-        self._lane_module: ModuleType | None = None
+        self._lane_module: ModuleType | None = lane.load()  # a bad FLANNELD_PY_FAST_LANE: one fatal line
         self._conn: KernelUdp | None = None
         self._conn6: KernelUdp | None = None
         self._keeper: ReconcileLoop | None = None
@@ -122,7 +122,6 @@ class UdpBackend:
         if ipv6 is not None and own_subnet6 is None:
             log.warning("EnableIPv6 is set but the daemon gave the udp backend no IPv6 subnet: "
                         "carrying IPv4 only")
-        self._lane_module = lane.load()
         self._conn = open_udp(str(self.ctx.iface.address), self.port, offload=self.ctx.offload)
         if network6 is not None and self._ipv6_underlay:
             self._conn6 = self._open_udp6()
