@@ -1,7 +1,9 @@
-"""The build steps pyproject.toml cannot declare: two compiled parts, both optional.
+"""The build steps pyproject.toml cannot declare: three compiled parts, both optional.
 
 - ``flanneld_py.backend.udp._offload``, the udp hot loop's offload stages (a C extension);
   without it the daemon runs the NumPy build (backend/udp/offload.py).
+- ``flanneld_py.backend.udp._lane``, the udp backend's fast lane (a C thread for lone plain
+  forwards); without it every packet takes the Python loop.
 - ``flanneld_py/cni/bin/flannel-py``, the CNI shim compiled from ``flanneld_py/cni/shim.c``
   (libc only), shipped as package data for ``flanneld-py install-cni``; without it
   install-cni installs the Python shim (``flanneld_py/cni/shim.py``) and says so.
@@ -59,6 +61,8 @@ setup(
     ext_modules=[
         Extension("flanneld_py.backend.udp._offload", sources=["flanneld_py/backend/udp/_offload.c"],
                   extra_compile_args=["-O3"], optional=True),
+        Extension("flanneld_py.backend.udp._lane", sources=["flanneld_py/backend/udp/_lane.c"],
+                  extra_compile_args=["-O2", "-std=gnu11"], optional=True),
     ],
     cmdclass={"build_ext": BuildWithShim},
 )

@@ -20,6 +20,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from ipaddress import IPv4Interface, IPv4Network, IPv6Network
+from types import ModuleType
 
 from ...core.lease import LeaseAdded, LeaseAttrs, LeaseEvent, LeaseRemoved
 from ...core.packet import Drop
@@ -30,7 +31,7 @@ from ..kernel import NetlinkKernel
 from ..kernel_state import udp_own_entries
 from ..reconcile_loop import ReconcileLoop
 from ..reconciler import Reconciler
-from . import offload
+from . import lane, offload
 from .engine import Engine
 from .loop import Pump
 from .tun import KernelTun, open_tun
@@ -90,6 +91,7 @@ class UdpBackend:
         self.engine: Engine | None = None
         self.pump: Pump | None = None
         self._tun: KernelTun | None = None
+        self._lane_module: ModuleType | None = lane.load()  # a bad FLANNELD_PY_FAST_LANE: one fatal line
         self._conn: KernelUdp | None = None
         self._conn6: KernelUdp | None = None
         self._keeper: ReconcileLoop | None = None
@@ -148,7 +150,9 @@ class UdpBackend:
             raise
         conn = self._conn or self._conn6
         assert conn is not None
-        self.pump = Pump(self.engine, self._tun, conn, conn6=self._conn6 if self._conn is not None else None)
+        # the lane forwards IPv4 over the IPv4 socket; an IPv6-only network has neither
+        self.pump = Pump(self.engine, self._tun, conn, conn6=self._conn6 if self._conn is not None else None,
+                         lane=self._lane_module if self._conn is not None else None)
         self.pump.start()
         self._tun.set_persistent(True)
         self._keep(own_subnet, network6, index)
@@ -156,6 +160,8 @@ class UdpBackend:
                  TUN_NAME, self.mtu, self.ctx.iface.address or f"[{self._bind6}]", self.port,
                  _on_off(self._tun.offload), _on_off(conn.gso), _on_off(conn.gro),
                  "compiled" if offload.IMPL == "c" else "pure-Python")
+        log.info("udp fast lane %s", "on: lone plain packets forwarded by a C thread" if self._lane_module is not None
+                 else f"off: every packet through the Python loop ({lane.VARIABLE})")
         if own_subnet6 is not None and self.engine.own_subnet6 is not None:
             log.info("udp backend carries IPv6: %s dev %s, %s", self.engine.network6, TUN_NAME,
                      f"IPv6 underlay on [{self.ctx.public_ipv6}]:{self.port}" if self._conn6 is not None
@@ -250,6 +256,8 @@ class UdpBackend:
     def peers(self) -> list[PeerStats]:
         if self.engine is None:
             return []
+        if self.pump is not None:
+            self.pump.sync_counters()
         return [
             PeerStats(p.subnet, p.public_ip, p.tx_packets, p.tx_bytes, p.rx_packets, p.rx_bytes, p.last_tx, p.last_rx)
             for p in self.engine.peers.values()
@@ -258,12 +266,15 @@ class UdpBackend:
     def batch_counts(self) -> dict[str, BatchCount]:
         if self.pump is None:
             return {}
+        self.pump.sync_counters()
         return {name: BatchCount(stats.wakeups, tuple(stats.buckets))
                 for name, stats in (("tun", self.pump.tun_batches), ("udp", self.pump.udp_batches))}
 
     def drop_counts(self) -> dict[str, int]:
         if self.engine is None:
             return {}
+        if self.pump is not None:
+            self.pump.sync_counters()
         return {reason.label: self.engine.drops[reason] for reason in Drop}
 
     async def stop(self, cleanup: bool) -> None:

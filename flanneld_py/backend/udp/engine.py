@@ -125,6 +125,7 @@ class Engine:
         self.icmp6_source = own_subnet6.network_address.packed if own_subnet6 is not None else b""
         self.peers6: dict[int, Peer] = {}
         self.icmp6_budget = icmp6_budget or Icmp6Budget()
+        self.on_peers_changed: Callable[[], None] | None = None  # e.g. the fast lane's copy of the table
 
     # --- control plane -------------------------------------------------------
 
@@ -149,7 +150,18 @@ class Engine:
         for address in (public_ip, public_ipv6):
             if address is not None and address != "0.0.0.0":  # an IPv6-only peer's PublicIP sends nothing
                 self._public_ips[address] = self._public_ips.get(address, 0) + 1
+        self._changed()
         return peer
+
+    def _changed(self) -> None:
+        if self.on_peers_changed is not None:
+            self.on_peers_changed()
+
+    def forward_routes(self) -> list[tuple[int, Peer]]:
+        """``(subnet key, peer)`` for each peer an IPv4 packet may be forwarded to over the IPv4
+        underlay: the table a compiled copy of :meth:`outbound` and :meth:`inbound` works from
+        (a peer that publishes no PublicIP, 0.0.0.0, stays with this engine)."""
+        return [(key, peer) for key, peer in self.peers.items() if peer.public_ip != "0.0.0.0"]
 
     def _ipv6_route(self, public_ip: str, public_ipv6: str | None) -> tuple[str, int] | None:
         """Where a peer's IPv6 pod traffic goes: its PublicIPv6 over an IPv6 underlay, else its
@@ -165,6 +177,7 @@ class Engine:
         peer = self.peers.pop(_peer_key(subnet, subnet6), None)
         if peer is not None:
             self._forget(peer)
+            self._changed()
         return peer
 
     def _forget(self, peer: Peer) -> None:

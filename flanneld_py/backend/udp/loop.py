@@ -28,17 +28,24 @@ packet no larger than flannel0's MTU (IPv6 TCP arrives from flannel0 as MTU-size
 packets: TSO6 is not advertised until the stages segment IPv6), and every packet ends forwarded or counted as a
 drop. Peer changes run as ordinary callbacks on the same loop, so they land
 between batches.
+
+With the fast lane (:mod:`.lane`) a C thread reads flannel0 and the IPv4
+socket while it meets only plain forwards, and hands the first other frame
+to these same handlers (``handed``), which then keep the descriptor while
+traffic flows.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from types import ModuleType
 
 from ...core.packet import Drop
 from .engine import Engine, Peer
+from .lane import FastLane
 from .offload import extend_tcp4, merge_tcp4, segment_tcp4, tcp_flow_run
-from .tun import HEADROOM, OffloadError, TunDevice
+from .tun import HEADROOM, OffloadError, TunDevice, TunPacket
 from .udpconn import MAX_GSO_BYTES, UdpConn
 
 __all__ = ["BatchStats", "Pump"]
@@ -103,7 +110,7 @@ class Pump:
     """Moves packets between flannel0 and the UDP socket for one :class:`Engine`."""
 
     def __init__(self, engine: Engine, tun: TunDevice, conn: UdpConn, batch: int = 32,
-                 conn6: UdpConn | None = None) -> None:
+                 conn6: UdpConn | None = None, lane: ModuleType | None = None) -> None:
         self.engine = engine
         self.tun = tun
         self.conn = conn
@@ -119,6 +126,10 @@ class Pump:
         self.tun_batches = BatchStats()
         self.udp_batches = BatchStats()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.lane = None if lane is None else FastLane(
+            lane, engine, (tun.fileno(), conn.fileno()), (tun.read_buffer, self._udp_view),
+            tun.offload, getattr(conn, "gro", False), (self._on_tun, self._on_udp_handed),
+            (self._on_tun, self._on_udp), (self.tun_batches, self.udp_batches))
 
     @property
     def offload(self) -> bool:
@@ -126,31 +137,48 @@ class Pump:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self.tun.fileno(), self._on_tun)
-        self._loop.add_reader(self.conn.fileno(), self._on_udp)
+        if self.lane is not None:
+            self.lane.start(self._loop)
+        else:
+            self._loop.add_reader(self.tun.fileno(), self._on_tun)
+            self._loop.add_reader(self.conn.fileno(), self._on_udp)
         if self.conn6 is not None:
             self._loop.add_reader(self.conn6.fileno(), self._on_udp, self.conn6)
 
     def stop(self) -> None:
         if self._loop is not None:
-            self._loop.remove_reader(self.tun.fileno())
-            self._loop.remove_reader(self.conn.fileno())
+            if self.lane is not None:
+                self.lane.stop()
+            else:
+                self._loop.remove_reader(self.tun.fileno())
+                self._loop.remove_reader(self.conn.fileno())
             if self.conn6 is not None:
                 self._loop.remove_reader(self.conn6.fileno())
             self._loop = None
+
+    def sync_counters(self) -> None:
+        """Bring the counters up to date with what the fast lane moved (none without it)."""
+        if self.lane is not None:
+            self.lane.sync_counters()
 
     def _now(self) -> float:
         return self._loop.time() if self._loop is not None else 0.0
 
     # --- flannel0 -> UDP ---------------------------------------------------------
 
-    def _on_tun(self) -> None:
+    def _on_tun(self, handed: int = -1) -> None:
+        """Drain flannel0; ``handed``: the size of a frame the fast lane left in its read buffer."""
         engine, read = self.engine, self.tun.read
         now = self._now()
         count = 0
         while count < self.batch:
+            got: TunPacket | None
             try:
-                got = read()
+                if handed >= 0:
+                    size, handed = handed, -1
+                    got = self.tun.parse(size)
+                else:
+                    got = read()
             except OffloadError as exc:
                 count += 1
                 engine.drops[exc.drop] += 1
@@ -266,12 +294,20 @@ class Pump:
 
     # --- UDP -> flannel0 ---------------------------------------------------------
 
-    def _on_udp(self, conn: UdpConn | None = None) -> None:
+    def _on_udp_handed(self, handed: tuple[int, int, str] | None) -> None:
+        self._on_udp(None, handed)
+
+    def _on_udp(self, conn: UdpConn | None = None, handed: tuple[int, int, str] | None = None) -> None:
+        """Drain a socket; ``handed``: a read the fast lane left in ``_udp_view``."""
         recv, view = (conn or self.conn).recv, self._udp_view
         now = self._now()
         count = 0
+        got: tuple[int, int, str] | None
         for _ in range(self.batch):
-            got = recv(view)
+            if handed is not None:
+                got, handed = handed, None
+            else:
+                got = recv(view)
             if got is None:
                 break
             nbytes, seglen, source = got

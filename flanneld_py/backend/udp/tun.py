@@ -82,6 +82,12 @@ class TunDevice(Protocol):
     def read(self) -> TunPacket | None:
         """The next packet, or None when none is queued. Raises :class:`OffloadError`."""
 
+    def parse(self, size: int) -> TunPacket:
+        """A frame of ``size`` bytes that another reader (the fast lane) left in the read buffer."""
+
+    @property
+    def read_buffer(self) -> bytearray: ...
+
     def write(self, packet: memoryview) -> None:
         """Write one IPv4 packet. Raises OSError."""
 
@@ -114,10 +120,19 @@ class TunQueue:
         """Write one frame made of ``parts``. Raises OSError."""
         raise NotImplementedError
 
+    @property
+    def read_buffer(self) -> bytearray:
+        """Where reads land (the fast lane reads into it too, then hands the frame to :meth:`parse`)."""
+        return self._buf
+
     def read(self) -> TunPacket | None:
         size = self._read_raw(self._buf)
         if not size:
             return None
+        return self.parse(size)
+
+    def parse(self, size: int) -> TunPacket:
+        """The frame of ``size`` bytes in :attr:`read_buffer`. Raises :class:`OffloadError`."""
         read = self._read
         if not self.offload:
             read.length, read.mss = size, 0

@@ -1,0 +1,363 @@
+"""The fast lane (``_lane.c``) held to the engine, and its thread driven through real descriptors.
+
+Differential: the same frames go through the engine alone (the reference) and
+through the lane first, with the engine taking whatever the lane hands over (as
+the loop runs them); both must end with the same bytes, the same verdicts and the
+same counters, and the lane must forward every plain IPv4 packet itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import struct
+from collections.abc import Iterator
+from ipaddress import IPv4Network, IPv6Network
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.packet import Raw
+
+from flanneld_py.backend.udp import _lane
+from flanneld_py.backend.udp import lane as lane_module
+from flanneld_py.backend.udp.engine import Engine, Peer
+from flanneld_py.backend.udp.lane import FastLane
+from flanneld_py.backend.udp.loop import BatchStats, Pump
+from flanneld_py.backend.udp.tun import KernelTun
+from flanneld_py.backend.udp.udpconn import KernelUdp
+from flanneld_py.backend.udp.vnet import VNET_HDR_LEN
+from flanneld_py.core.packet import Drop
+
+NETWORK = IPv4Network("10.244.0.0/16")
+OWN = IPv4Network("10.244.1.0/24")
+PEERS = {IPv4Network("10.244.2.0/24"): "192.0.2.2", IPv4Network("10.244.3.0/24"): "192.0.2.3",
+         IPv4Network("10.244.4.0/24"): "0.0.0.0"}  # the last publishes no PublicIP: it stays with the engine
+PLAIN_VNET = bytes(VNET_HDR_LEN)
+
+
+def make_engine(port: int = 8285) -> Engine:
+    engine = Engine(NETWORK, OWN, port, IPv6Network("fd00:10::/56"), IPv6Network("fd00:10:0:1::/64"))
+    for subnet, public_ip in PEERS.items():
+        engine.set_peer(subnet, public_ip, IPv6Network(f"fd00:10:0:{subnet.network_address.packed[2]}::/64"))
+    return engine
+
+
+@pytest.fixture
+def descriptors() -> Iterator[tuple[int, int]]:
+    """Descriptors the lane can poll (its thread is not started in the differential tests)."""
+    tun, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        yield tun.fileno(), udp.fileno()
+    finally:
+        for sock in (tun, other, udp):
+            sock.close()
+
+
+def make_lane(engine: Engine, fds: tuple[int, int], vnet: bool) -> FastLane:
+    lane = FastLane(_lane, engine, fds, (bytearray(70000), bytearray(70000)), vnet, False,
+                    (lambda _size: None, lambda _read: None), (lambda: None, lambda: None),
+                    (BatchStats(), BatchStats()))
+    lane.push_peers()
+    return lane
+
+
+def counters(engine: Engine) -> tuple[list[int], list[tuple[int, int, int, int]]]:
+    return list(engine.drops), [(p.tx_packets, p.tx_bytes, p.rx_packets, p.rx_bytes) for p in engine.peers.values()]
+
+
+def outbound_packets() -> list[bytes]:
+    """Packets a pod may send into flannel0: plain forwards and every kind the engine treats otherwise."""
+    packets = [bytes(IP(src="10.244.1.5", dst=dst, ttl=ttl) / ICMP() / Raw(b"x" * size))
+               for dst in ("10.244.2.7", "10.244.3.9", "10.244.4.2", "10.244.9.1", "10.244.1.3", "192.0.2.50")
+               for ttl in (0, 1, 2, 64) for size in (0, 56)]
+    packets += [bytes(IP(src="10.244.1.5", dst="10.244.2.7", ihl=6, options=b"\x01\x01\x01\x00") / UDP() / b"hi"),
+                bytes(IP(src="10.244.1.5", dst="10.244.2.7") / TCP(flags="A")),
+                bytes(IPv6(src="fd00:10:0:1::5", dst="fd00:10:0:2::7") / UDP() / b"v6"),
+                bytes(IP(dst="10.244.2.7"))[:19], b"\x45", b"", bytes(40)]
+    return packets
+
+
+def inbound_packets() -> list[tuple[bytes, str]]:
+    """Datagrams a peer (or anyone) may send to the socket, with their outer source."""
+    good = IP(src="10.244.2.7", dst="10.244.1.5") / ICMP() / Raw(b"y" * 20)
+    cases = [(bytes(good), "192.0.2.2"), (bytes(good), "192.0.2.3"), (bytes(good), "198.51.100.9"),
+             (bytes(IP(src="10.244.3.7", dst="10.244.1.5") / UDP() / b"ok"), "192.0.2.3"),
+             (bytes(IP(src="10.244.2.7", dst="10.244.3.5") / UDP()), "192.0.2.2"),
+             (bytes(IP(src="10.244.2.7", dst="10.244.1.5", ihl=7, options=b"\x01" * 8) / UDP()), "192.0.2.2"),
+             (bytes(IPv6(src="fd00:10:0:2::7", dst="fd00:10:0:1::5") / UDP()), "192.0.2.2"),
+             (bytes(good)[:19], "192.0.2.2"), (b"", "192.0.2.2")]
+    bad_sum = bytearray(bytes(good))
+    bad_sum[10] ^= 0xFF
+    long_total = bytearray(bytes(good))
+    long_total[3] += 1
+    bad_ihl = bytearray(bytes(good))
+    bad_ihl[0] = 0x44
+    cases += [(bytes(b), "192.0.2.2") for b in (bad_sum, long_total, bad_ihl)]
+    return cases
+
+
+def through_engine(engine: Engine, frame: bytes, vnet: bool) -> bytes | None:
+    """The reference: the packet the engine forwards (None: dropped or answered)."""
+    packet = bytearray(frame[VNET_HDR_LEN:] if vnet else frame)
+    if vnet and (len(frame) < VNET_HDR_LEN or frame[0] & 1 or frame[1] & 0x7F):
+        return None  # the offload path's (tun.py): not what the engine alone sees
+    return bytes(packet) if engine.outbound(packet, len(packet)) is not None else None
+
+
+def through_lane(lane: FastLane, engine: Engine, frame: bytes, vnet: bool) -> tuple[bytes | None, bool]:
+    """The lane first, the engine for what it hands over: (forwarded packet, forwarded by the lane)."""
+    buf = bytearray(frame)
+    if lane._lane.forward_out(buf, len(buf)) >= 0:
+        return bytes(buf[VNET_HDR_LEN:] if vnet else buf), True
+    assert buf == frame, "a handed-over frame must be untouched"
+    return through_engine(engine, frame, vnet), False
+
+
+@pytest.mark.parametrize("vnet", [False, True], ids=["plain", "vnet"])
+def test_outbound_same_bytes_verdicts_and_counters(descriptors: tuple[int, int], vnet: bool) -> None:
+    reference, engine = make_engine(), make_engine()
+    lane = make_lane(engine, descriptors, vnet)
+    for packet in outbound_packets():
+        for head in ((PLAIN_VNET, b"\x01" + bytes(9), b"\x00\x01" + bytes(8)) if vnet else (b"",)):
+            frame = head + packet
+            expected = through_engine(reference, frame, vnet)
+            got, by_lane = through_lane(lane, engine, frame, vnet)
+            assert got == expected, frame.hex()
+            plain = (expected is not None and not head.strip(b"\x00") and packet[0] >> 4 == 4
+                     and not IP(packet).dst.startswith("10.244.4."))
+            assert by_lane == plain, f"the lane must forward exactly the plain forwards: {frame.hex()}"
+    lane.sync_counters()
+    assert counters(engine) == counters(reference)
+
+
+def test_inbound_same_verdicts_and_counters(descriptors: tuple[int, int]) -> None:
+    reference, engine = make_engine(), make_engine()
+    lane = make_lane(engine, descriptors, vnet=False)
+    for packet, source in inbound_packets():
+        expected = reference.inbound(bytearray(packet), len(packet), source)
+        by_lane = lane._lane.forward_in(packet, len(packet), source)
+        if by_lane >= 0:
+            assert expected is not None and engine.peers[int(expected.subnet.network_address)] is lane._peers[by_lane]
+        else:
+            engine.inbound(bytearray(packet), len(packet), source)
+            assert expected is None or packet[0] >> 4 == 6, f"a plain IPv4 forward handed over: {packet.hex()}"
+    lane.sync_counters()
+    assert counters(engine) == counters(reference)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(min_size=0, max_size=80), ttl=st.integers(0, 255), dst=st.sampled_from([2, 3, 4, 9]),
+       source=st.sampled_from(["192.0.2.2", "192.0.2.3", "192.0.2.9"]))
+def test_random_frames_agree(data: bytes, ttl: int, dst: int, source: str) -> None:
+    """Arbitrary bytes, and IPv4 headers with arbitrary tails: the lane never forwards what the
+    engine would not, and forwards the same bytes when it does."""
+    tun, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        reference, engine = make_engine(), make_engine()
+        lane = make_lane(engine, (tun.fileno(), udp.fileno()), vnet=False)
+        header = bytes(IP(src=f"10.244.{dst}.3", dst=f"10.244.{dst}.7", ttl=ttl, len=20 + len(data)))
+        for frame in (data, header + data, header[:10] + data[:10] + header[20:] + data):
+            assert through_lane(lane, engine, frame, False)[0] == through_engine(reference, frame, False)
+            expected = reference.inbound(bytearray(frame), len(frame), source)
+            if lane._lane.forward_in(frame, len(frame), source) < 0:
+                engine.inbound(bytearray(frame), len(frame), source)
+            else:
+                assert expected is not None
+        lane.sync_counters()
+        assert counters(engine) == counters(reference)
+    finally:
+        for sock in (tun, other, udp):
+            sock.close()
+
+
+def test_peer_changes_reach_the_lane_and_keep_counters(descriptors: tuple[int, int]) -> None:
+    engine = make_engine()
+    lane = make_lane(engine, descriptors, vnet=False)
+    packet = bytes(IP(src="10.244.1.5", dst="10.244.5.7") / ICMP())
+    assert lane._lane.forward_out(bytearray(packet), len(packet)) == -1
+    peer = engine.set_peer(IPv4Network("10.244.5.0/24"), "192.0.2.5")
+    lane.push_peers()  # the loop does this in its next turn (engine.on_peers_changed)
+    assert lane._peers[lane._lane.forward_out(bytearray(packet), len(packet))] is peer
+    engine.remove_peer(IPv4Network("10.244.5.0/24"))
+    lane.push_peers()  # the removed table's count is folded on the swap
+    assert lane._lane.forward_out(bytearray(packet), len(packet)) == -1
+    assert (peer.tx_packets, peer.tx_bytes) == (1, len(packet))
+
+
+def test_switch() -> None:
+    assert lane_module.load("off") is None
+    assert lane_module.load("on") is _lane
+    with pytest.raises(ValueError, match="choose auto, on or off"):
+        lane_module.load("fast")
+
+
+# --- the thread, through real descriptors ---------------------------------------------------
+
+
+class Node:
+    """A pump with the lane on: flannel0 a SEQPACKET pair, the overlay socket on loopback, and one
+    peer, 10.244.2.0/24, whose socket is ``remote``."""
+
+    def __init__(self, vnet: bool) -> None:
+        self.remote = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.remote.bind(("127.0.0.1", 0))
+        self.remote.settimeout(10)
+        self.pod, device = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.pod.settimeout(10)
+        device.setblocking(False)
+        self.tun = KernelTun(os.dup(device.fileno()), "flannel0", offload=vnet)
+        device.close()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+        self.conn = KernelUdp(sock)
+        self.engine = Engine(NETWORK, OWN, self.remote.getsockname()[1])
+        self.peer = self.engine.set_peer(IPv4Network("10.244.2.0/24"), "127.0.0.1")
+        self.pump = Pump(self.engine, self.tun, self.conn, lane=_lane)
+        self.head = PLAIN_VNET if vnet else b""
+
+    def close(self) -> None:
+        self.pump.stop()
+        self.tun.close()
+        for sock in (self.conn.sock, self.remote, self.pod):
+            sock.close()
+
+
+async def receive(sock: socket.socket) -> bytes:
+    return await asyncio.to_thread(sock.recv, 70000)
+
+
+@pytest.mark.parametrize("vnet", [False, True], ids=["plain", "vnet"])
+def test_thread_forwards_and_hands_over(vnet: bool) -> None:
+    async def scenario(node: Node) -> None:
+        node.pump.start()
+        try:
+            await exchange(node)
+        finally:
+            node.pump.stop()
+
+    async def exchange(node: Node) -> None:
+        echo = IP(src="10.244.1.5", dst="10.244.2.7", ttl=64) / ICMP() / Raw(b"ping")
+        node.pod.send(node.head + bytes(echo))
+        sent = IP(await receive(node.remote))
+        assert (sent.dst, sent.ttl, sent[Raw].load) == ("10.244.2.7", 63, b"ping")
+        reply = bytes(IP(src="10.244.2.7", dst="10.244.1.5") / ICMP(type=0) / Raw(b"pong"))
+        node.remote.sendto(reply, node.conn.sock.getsockname())
+        assert await receive(node.pod) == node.head + reply
+        node.pump.sync_counters()
+        assert (node.peer.tx_packets, node.peer.rx_packets) == (1, 1)
+        assert node.pump.tun_batches.wakeups >= 1 and node.pump.udp_batches.wakeups >= 1
+        # anything else goes to the loop: a bad checksum is counted, a packet without a route answered
+        bad = bytearray(reply)
+        bad[10] ^= 0xFF
+        node.remote.sendto(bad, node.conn.sock.getsockname())
+        node.pod.send(node.head + bytes(IP(src="10.244.1.5", dst="10.244.7.7") / ICMP()))
+        answer = IP((await receive(node.pod))[len(node.head):])
+        assert (answer[ICMP].type, answer[ICMP].code) == (3, 0)
+        for _ in range(200):
+            if node.engine.drops[Drop.BAD_CHECKSUM]:
+                break
+            await asyncio.sleep(0.01)
+        assert node.engine.drops[Drop.BAD_CHECKSUM] == 1 and node.engine.drops[Drop.NO_ROUTE] == 1
+        # and once both are idle, the lane has them again
+        await asyncio.sleep(lane_module.HOLD * 4)
+        assert node.pump.lane is not None and not any(node.pump.lane._held)
+        node.pod.send(node.head + bytes(echo))
+        assert IP(await receive(node.remote)).ttl == 63
+        node.pump.sync_counters()
+        assert node.peer.tx_packets == 2
+
+    node = Node(vnet)
+    try:
+        asyncio.run(scenario(node))
+    finally:
+        node.close()
+
+
+def test_random_traffic_through_the_thread_is_counted_like_the_engine() -> None:
+    """A mix of plain and other packets both ways: what leaves and the counters match the engine's."""
+    rng = random.Random(16)
+    out = [packet for packet in outbound_packets() if packet]  # a TUN read is never empty
+    into = [p for p, source in inbound_packets() if source == "192.0.2.2"]
+
+    async def scenario(node: Node) -> None:
+        reference = Engine(NETWORK, OWN, 8285)
+        ref_peer = reference.set_peer(IPv4Network("10.244.2.0/24"), "127.0.0.1")
+        node.pump.start()
+        try:
+            await traffic(node, reference, ref_peer)
+        finally:
+            node.pump.stop()
+
+    async def traffic(node: Node, reference: Engine, ref_peer: Peer) -> None:
+        for _ in range(60):
+            packet = rng.choice(out)
+            reference.outbound(bytearray(packet), len(packet))
+            node.pod.send(node.head + packet)
+            datagram = bytes(IP(src="10.244.2.7", dst="10.244.1.5") / UDP() / b"z") if rng.random() < 0.5 \
+                else rng.choice(into)
+            reference.inbound(bytearray(datagram), len(datagram), "127.0.0.1")
+            node.remote.sendto(datagram, node.conn.sock.getsockname())
+            await asyncio.sleep(rng.choice([0, 0.001, 0.01]))
+        def state(engine: Engine, peer: Peer) -> tuple[object, ...]:
+            return peer.tx_packets, peer.tx_bytes, peer.rx_packets, peer.rx_bytes, list(engine.drops)
+
+        for _ in range(1000):  # the last packets may still be on their way
+            node.pump.sync_counters()
+            if state(node.engine, node.peer) == state(reference, ref_peer):
+                break
+            await asyncio.sleep(0.01)
+        assert state(node.engine, node.peer) == state(reference, ref_peer)
+
+    node = Node(vnet=False)
+    try:
+        asyncio.run(scenario(node))
+    finally:
+        node.close()
+
+
+def test_stop_joins_the_thread_and_leaves_the_descriptors() -> None:
+    node = Node(vnet=False)
+
+    async def scenario() -> None:
+        node.pump.start()
+        node.pump.stop()
+
+    try:
+        asyncio.run(scenario())
+        os.fstat(node.tun.fd)  # still ours to close
+        assert node.pump.lane is not None
+        with pytest.raises(ValueError, match="closed"):
+            node.pump.lane._lane.resume(0)
+    finally:
+        node.close()
+
+
+def test_a_handed_frame_with_a_bad_offload_header_is_counted_once() -> None:
+    async def scenario(node: Node) -> None:
+        node.pump.start()
+        try:
+            packet = bytes(IP(src="10.244.1.5", dst="10.244.2.7") / UDP() / b"data")
+            bad = struct.pack("<BBHHHH", 1, 0, 0, 0, 200, 6)  # checksum start beyond the packet
+            node.pod.send(bad + packet)
+            for _ in range(500):
+                if node.engine.drops[Drop.BAD_OFFLOAD_HEADER]:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            assert node.engine.drops[Drop.BAD_OFFLOAD_HEADER] == 1
+        finally:
+            node.pump.stop()
+
+    node = Node(vnet=True)
+    try:
+        asyncio.run(scenario(node))
+    finally:
+        node.close()
