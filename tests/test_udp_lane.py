@@ -361,3 +361,57 @@ def test_a_handed_frame_with_a_bad_offload_header_is_counted_once() -> None:
         asyncio.run(scenario(node))
     finally:
         node.close()
+
+
+def _epoll_descriptors() -> set[int]:
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "anon_inode:[eventpoll]":
+                found.add(int(name))
+        except OSError:
+            pass
+    return found
+
+
+def test_a_thread_that_fails_leaves_both_descriptors_to_the_loop(caplog: pytest.LogCaptureFixture) -> None:
+    """The thread's epoll descriptor is replaced by /dev/null (its next epoll_wait fails with EINVAL):
+    the loop takes flannel0 and the socket for good, and traffic keeps flowing both ways."""
+    echo = IP(src="10.244.1.5", dst="10.244.2.7", ttl=64) / ICMP() / Raw(b"ping")
+    reply = bytes(IP(src="10.244.2.7", dst="10.244.1.5") / ICMP(type=0) / Raw(b"pong"))
+
+    async def scenario(node: Node, lane_fd: int) -> None:
+        node.pump.start()
+        try:
+            null = os.open("/dev/null", os.O_RDONLY)
+            os.dup2(null, lane_fd)  # the number stays valid: the lane's close closes the copy
+            os.close(null)
+            node.pod.send(bytes(echo))  # the thread forwards it, then its epoll_wait fails
+            assert IP(await receive(node.remote)).ttl == 63
+            assert node.pump.lane is not None
+            for _ in range(500):
+                if node.pump.lane._failed:
+                    break
+                await asyncio.sleep(0.01)
+            assert node.pump.lane._failed and all(node.pump.lane._held)
+            await asyncio.sleep(lane_module.HOLD * 4)  # idle: nothing is given back to a dead thread
+            assert all(node.pump.lane._held)
+            for _ in range(3):
+                node.pod.send(bytes(echo))
+                assert IP(await receive(node.remote)).ttl == 63
+                node.remote.sendto(reply, node.conn.sock.getsockname())
+                assert await receive(node.pod) == reply
+        finally:
+            node.pump.stop()
+
+    before = _epoll_descriptors()
+    node = Node(vnet=False)  # the lane makes its epoll descriptor here
+    try:
+        (lane_fd,) = _epoll_descriptors() - before
+        with caplog.at_level("ERROR"):
+            asyncio.run(scenario(node, lane_fd))
+        node.pump.sync_counters()
+        assert (node.peer.tx_packets, node.peer.rx_packets) == (4, 3)
+        assert "udp fast lane stopped (epoll_wait: Invalid argument)" in caplog.text
+    finally:
+        node.close()

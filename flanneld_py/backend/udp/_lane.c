@@ -76,6 +76,7 @@ typedef struct {
     Table table;
     atomic_long tun_handed;
     atomic_int udp_handed;
+    atomic_int failed; /* the errno that stopped the thread: the loop then keeps both descriptors */
     long udp_nbytes, udp_seglen;
     struct sockaddr_in udp_source;
     unsigned long long send_failed, tun_write_failed;
@@ -290,8 +291,13 @@ static void *run(void *arg) {
     for (;;) {
         struct epoll_event ready[3];
         int n = epoll_wait(l->epoll_fd, ready, 3, -1);
-        if (n < 0 && errno != EINTR)
+        if (n < 0 && errno != EINTR) { /* never leave a descriptor unread: the loop takes both */
+            atomic_store(&l->failed, errno);
+            uint64_t one = 1;
+            while (write(l->handover_fd, &one, sizeof one) < 0 && errno == EINTR) {
+            }
             return NULL;
+        }
         for (int i = 0; i < n; i++) {
             uint32_t dir = ready[i].data.u32;
             if (dir == DIR_STOP)
@@ -559,6 +565,11 @@ static PyObject *Lane_take(Lane *l, PyObject *unused) {
     return Py_BuildValue("(NN)", tun_item, udp_item);
 }
 
+static PyObject *Lane_failure(Lane *l, PyObject *unused) {
+    (void)unused;
+    return PyLong_FromLong(atomic_load(&l->failed));
+}
+
 static PyObject *Lane_resume(Lane *l, PyObject *arg) {
     if (!lane_usable(l))
         return NULL;
@@ -620,6 +631,7 @@ static PyMethodDef lane_methods[] = {
     {"take_counts", (PyCFunction)Lane_take_counts, METH_NOARGS,
      "(peer rows, send failures, TUN write failures, flannel0 batch buckets, UDP batch buckets) since the last call."},
     {"take", (PyCFunction)Lane_take, METH_NOARGS, "(flannel0 handover or None, UDP handover or None)."},
+    {"failure", (PyCFunction)Lane_failure, METH_NOARGS, "0 while the thread runs, else the errno that stopped it."},
     {"resume", (PyCFunction)Lane_resume, METH_O, "Give a descriptor back to the thread (0 flannel0, 1 UDP)."},
     {"forward_out", (PyCFunction)Lane_forward_out, METH_VARARGS, "The thread's flannel0 rule: peer index or -1."},
     {"forward_in", (PyCFunction)Lane_forward_in, METH_VARARGS, "The thread's UDP rule: peer index or -1."},

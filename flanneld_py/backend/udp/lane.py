@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import os
 from collections.abc import Callable
 from types import ModuleType
@@ -26,6 +27,8 @@ from typing import Any, Protocol
 
 from ...core.packet import Drop
 from .engine import Engine, Peer
+
+log = logging.getLogger(__name__)
 
 __all__ = ["HOLD", "FastLane", "load"]
 
@@ -85,6 +88,7 @@ class FastLane:
         self._peers: list[Peer] = []
         self._timer: asyncio.TimerHandle | None = None
         self._push_due = False
+        self._failed = False  # the thread stopped on an error (see _take_over)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -156,6 +160,19 @@ class FastLane:
             if handed is not None:
                 self._hold(direction)  # first: a handler that raises must not leave the descriptor unread
                 self._handlers[direction](handed)
+        failure = self._lane.failure()
+        if failure and not self._failed:
+            self._take_over(failure)
+
+    def _take_over(self, failure: int) -> None:
+        """The thread stopped on an error: the loop reads both descriptors from now on."""
+        assert self._loop is not None
+        log.error("udp fast lane stopped (epoll_wait: %s); flannel0 and the socket stay with the Python loop",
+                  os.strerror(failure))
+        self._failed = True
+        self._loop.remove_reader(self._lane.fileno())
+        for direction in (TUN, UDP):
+            self._hold(direction)
 
     def _hold(self, direction: int) -> None:
         assert self._loop is not None
@@ -170,6 +187,8 @@ class FastLane:
         """Give back each descriptor that had no wakeup for ``HOLD`` seconds."""
         assert self._loop is not None
         self._timer = None
+        if self._failed:
+            return
         for direction in (TUN, UDP):
             if not self._held[direction]:
                 continue
