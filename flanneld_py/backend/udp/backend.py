@@ -45,6 +45,9 @@ TUN_NAME = "flannel0"
 OVERHEAD = 28  # outer IPv4 (20) + UDP (8)
 OVERHEAD6 = 48  # outer IPv6 (40) + UDP (8)
 TXQUEUELEN = 2000
+# a pod TCP super-packet of at most this size is 44 segments at the usual MTU (1472 over a
+# 1500-byte underlay): one UDP GSO send (65507 bytes) carries it whole
+POD_GSO_MAX_SIZE = 63000
 
 
 def _accept_local_source(ifname: str) -> None:
@@ -115,11 +118,11 @@ class UdpBackend:
 
     @property
     def pod_gso_max_size(self) -> int | None:
-        """The kernel's default: the loop carries a pod's 64 KB super-packet (more than one UDP
-        GSO send holds) across sends and GRO reads, so pods wired by any CNI plugin get the
-        same speed, and a lower cap on flannel0 or a pod veth would only make the kernel
-        split super-packets in software."""
-        return None
+        """What flannel-py sets on the veths it wires: a pod's super-packet then leaves as one GSO
+        send, arrives as one GRO read and is written with one TUN write. flannel0 keeps the
+        kernel's default (see :meth:`_configure_tun`), so a pod wired by another CNI plugin
+        (65536: 45-46 segments) keeps the fast path too, carried across two sends and reads."""
+        return POD_GSO_MAX_SIZE if self.ctx.offload else None
 
     def lease_attrs(self) -> LeaseAttrs:
         return LeaseAttrs(self.ctx.public_ip, self.type_name, None)
