@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--peers", type=positive, metavar="N",
                         help="also measure with N peer leases in etcd: start-up, idle CPU, lease event to traffic "
                              "(quiet and under churn), bulk delete and add, throughput")
+    parser.add_argument("--no-ipv6", action="store_true",
+                        help="IPv4-only labs: leave out TCP 1 stream and ping over IPv6 (by default bare, host-gw, "
+                             "vxlan and udp run dual stack and report both families, with the ratio)")
     return parser
 
 
@@ -118,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, handler)
         options = BenchOptions(modes=modes, rounds=args.rounds, quick=args.quick, out=os.path.abspath(args.out),
-                               flanneld=args.flanneld, peers=args.peers, flannel_cni=flannel_cni)
+                               flanneld=args.flanneld, peers=args.peers, flannel_cni=flannel_cni,
+                               ipv6=not args.no_ipv6)
         try:
             return run_bench(options, ["python3", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
         except KeyboardInterrupt:
