@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "so the daemon's figures (peak RSS) are those of a TLS client")
     parser.add_argument("--scale-only", action="store_true",
                         help="with --peers: only the scale part (no datapath rounds, no CNI latency)")
+    parser.add_argument("--no-ipv6", action="store_true",
+                        help="IPv4-only labs: leave out TCP 1 stream and ping over IPv6 (by default bare, host-gw, "
+                             "vxlan and udp run dual stack and report both families, with the ratio)")
     return parser
 
 
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signum, handler)
         options = BenchOptions(modes=modes, rounds=args.rounds, quick=args.quick, out=os.path.abspath(args.out),
                                flanneld=args.flanneld, peers=args.peers, flannel_cni=flannel_cni,
-                               etcd_tls=args.etcd_tls, scale_only=args.scale_only)
+                               etcd_tls=args.etcd_tls, scale_only=args.scale_only, ipv6=not args.no_ipv6)
         try:
             return run_bench(options, ["python3", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
         except KeyboardInterrupt:

@@ -1,7 +1,9 @@
 """One round of one mode: the datapath figures between a testbed's two endpoints.
 
 Order inside a round: TCP 1 stream, TCP 4 streams (CPU sampled tightly around
-both), UDP 64-byte flood, ping. Each figure comes from the tool's own output.
+both), UDP 64-byte flood, ping; then, on a dual-stack testbed, TCP 1 stream and
+ping over IPv6 between the same two pods. Each figure comes from the tool's own
+output.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 from .measure import (
     CpuUsage,
+    TcpResult,
     cpu_sample,
     cpu_usage,
     parse_iperf3_tcp,
@@ -44,10 +47,11 @@ def _tcp(bed: Testbed, streams: int, seconds: float) -> tuple[dict[str, Any], Cp
     before = cpu_sample(bed.daemon_pids)
     doc = run_iperf3(bed.src, bed.dst, args, seconds)
     after = cpu_sample(bed.daemon_pids)
-    result = parse_iperf3_tcp(doc)
-    usage = cpu_usage(before, after)
-    return {"bytes": result.bytes, "seconds": result.seconds, "gbps": result.gbps,
-            "retransmits": result.retransmits}, usage
+    return _tcp_record(parse_iperf3_tcp(doc)), cpu_usage(before, after)
+
+
+def _tcp_record(result: TcpResult) -> dict[str, Any]:
+    return {"bytes": result.bytes, "seconds": result.seconds, "gbps": result.gbps, "retransmits": result.retransmits}
 
 
 def measure_round(bed: Testbed, plan: Plan, step: Callable[[str], None]) -> dict[str, Any]:
@@ -60,6 +64,7 @@ def measure_round(bed: Testbed, plan: Plan, step: Callable[[str], None]) -> dict
     udp = parse_iperf3_udp(run_iperf3(bed.src, bed.dst, ["-u", "-l", "64", "-b", "0"], plan.seconds))
     step("ping")
     ping = run_ping(bed.src, bed.dst, plan.ping_count)
+    ipv6 = _measure_ipv6(bed, plan, step)
     raw: dict[str, Any] = {
         "tcp_1": tcp1,
         "tcp_4": tcp4,
@@ -75,9 +80,25 @@ def measure_round(bed: Testbed, plan: Plan, step: Callable[[str], None]) -> dict
                  "p50_us": ping.p50_us, "p99_us": ping.p99_us,
                  "min_us": min(ping.rtts_ms) * 1000, "max_us": max(ping.rtts_ms) * 1000},
     }
+    raw.update(ipv6)
     if bed.daemon_pids:
         raw["daemon_peak_rss_kib"] = [peak_rss_kib(pid) for pid in bed.daemon_pids]
     return raw
+
+
+def _measure_ipv6(bed: Testbed, plan: Plan, step: Callable[[str], None]) -> dict[str, Any]:
+    """TCP 1 stream and ping over IPv6 on a dual-stack testbed (its CPU is not in the CPU figures)."""
+    if bed.src6 is None or bed.dst6 is None:
+        return {}
+    step("TCP, 1 stream, IPv6")
+    tcp = _tcp_record(parse_iperf3_tcp(run_iperf3(bed.src6, bed.dst6, [], plan.seconds)))
+    step("ping, IPv6")
+    ping = run_ping(bed.src6, bed.dst6, plan.ping_count)
+    return {
+        "tcp_1_v6": tcp,
+        "ping_v6": {"transmitted": ping.transmitted, "received": ping.received, "p50_us": ping.p50_us,
+                    "p99_us": ping.p99_us},
+    }
 
 
 def figures_from_round(raw: dict[str, Any]) -> dict[str, float]:
@@ -93,6 +114,10 @@ def figures_from_round(raw: dict[str, Any]) -> dict[str, float]:
         "cpu_s_per_gb": (raw["cpu"]["daemons_s"] + raw["cpu"]["kernel_s"]) / gigabytes,
         "kernel_cpu_s_per_gb": raw["cpu"]["kernel_s"] / gigabytes,
     }
+    if "tcp_1_v6" in raw:
+        figures["tcp_1_gbps_v6"] = raw["tcp_1_v6"]["gbps"]
+        figures["rtt_p50_us_v6"] = raw["ping_v6"]["p50_us"]
+        figures["rtt_p99_us_v6"] = raw["ping_v6"]["p99_us"]
     if "daemon_peak_rss_kib" in raw:
         figures["daemon_cpu_s_per_gb"] = raw["cpu"]["daemons_s"] / gigabytes
         figures["daemon_peak_rss_mib"] = max(raw["daemon_peak_rss_kib"]) / 1024

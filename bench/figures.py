@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CNI_FIGURES", "DATAPATH_FIGURES", "Figure", "MAY_BE_ZERO", "SCALE_FIGURES", "figure"]
+__all__ = ["CNI_FIGURES", "DATAPATH_FIGURES", "IPV6_PAIRS", "MAY_BE_ZERO", "SCALE_FIGURES", "Figure", "figure"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +18,7 @@ class Figure:
     unit: str
     better: str  # "higher" or "lower"
     daemon_only: bool = False  # no value for ``bare`` (no daemon there)
+    ipv6: bool = False  # measured over IPv6: only for the modes with a dual-stack lab (IPV6_MODES)
     show_scale: float = 1.0  # displayed value = raw * show_scale
     show_unit: str = ""
     decimals: int = 2
@@ -43,6 +44,16 @@ DATAPATH_FIGURES: tuple[Figure, ...] = (
     Figure("kernel_cpu_s_per_gb", "kernel CPU per GB", "s/GB", "lower"),
     Figure("daemon_cpu_s_per_gb", "daemons' CPU per GB", "s/GB", "lower", daemon_only=True, decimals=3),
     Figure("daemon_peak_rss_mib", "daemon peak RSS", "MiB", "lower", daemon_only=True, decimals=0),
+    Figure("tcp_1_gbps_v6", "TCP, 1 stream, IPv6", "Gbit/s", "higher", ipv6=True),
+    Figure("rtt_p50_us_v6", "RTT p50, IPv6", "µs", "lower", ipv6=True, decimals=0),
+    Figure("rtt_p99_us_v6", "RTT p99, IPv6", "µs", "lower", ipv6=True, decimals=0),
+)
+
+# Each IPv6 figure beside the IPv4 figure it is compared with (ratio IPv6 / IPv4, same mode, same run).
+IPV6_PAIRS: tuple[tuple[str, str], ...] = (
+    ("tcp_1_gbps_v6", "tcp_1_gbps"),
+    ("rtt_p50_us_v6", "rtt_p50_us"),
+    ("rtt_p99_us_v6", "rtt_p99_us"),
 )
 
 CNI_FIGURES: tuple[Figure, ...] = (

@@ -18,6 +18,11 @@
   ``c_relay.c``, the smallest C relay, one packet per read and per
   ``sendto``: what any design that wakes a process per packet costs here.
 
+With ``ipv6`` (the default of a run) the labs of :data:`IPV6_MODES` are dual
+stack: the underlay also has ``2001:db8::/64`` and the daemons run with
+``EnableIPv6`` (``fd00:10:244::/56``), so each pod (each node, for ``bare``)
+also has an IPv6 address and the testbed an IPv6 pair of endpoints.
+
 Every testbed is a context manager; leaving it (also by Ctrl-C) kills the
 daemons and deletes every namespace and file the lab made.
 """
@@ -41,6 +46,7 @@ __all__ = [
     "ALL_MODES",
     "DEFAULT_MODES",
     "FLANNELD_PY_MODES",
+    "IPV6_MODES",
     "ModeError",
     "REFERENCE_CNI",
     "Testbed",
@@ -52,6 +58,8 @@ __all__ = [
 DEFAULT_MODES = ("bare", "host-gw", "vxlan", "udp")
 FLANNELD_PY_MODES = ("host-gw", "vxlan", "udp")
 ALL_MODES = (*DEFAULT_MODES, "c-relay", "flannel-udp")
+IPV6_MODES = ("bare", *FLANNELD_PY_MODES)  # measured over IPv6 too (flannel's udp and c-relay carry IPv4 only)
+NETWORK6 = "fd00:10:244::/56"
 CNI_PLUGINS = ("flannel", "bridge")  # --cni-plugin: who else wires the pods of the flanneld-py modes
 C_RELAY_SOURCE = os.path.join(os.path.dirname(__file__), "c_relay.c")
 CONNECT_TIMEOUT = 20.0
@@ -69,6 +77,8 @@ class Testbed:
     daemon_pids: tuple[int, ...]
     cluster: Cluster
     notes: list[str] = field(default_factory=list)
+    src6: Endpoint | None = None  # the same two ends over IPv6, in a dual-stack lab
+    dst6: Endpoint | None = None
 
 
 def plugin_mode(mode: str, plugin: str) -> str:
@@ -118,14 +128,21 @@ def _start_daemons(cluster: Cluster) -> None:
 
 def _build_bare(cluster: Cluster) -> Testbed:
     n1, n2 = cluster.nodes
-    return Testbed("bare", Endpoint(n1.netns, n1.address), Endpoint(n2.netns, n2.address), (), cluster)
+    bed = Testbed("bare", Endpoint(n1.netns, n1.address), Endpoint(n2.netns, n2.address), (), cluster)
+    if n1.address6 is not None and n2.address6 is not None:
+        bed.src6, bed.dst6 = Endpoint(n1.netns, n1.address6), Endpoint(n2.netns, n2.address6)
+    return bed
 
 
 def _build_flanneld_py(cluster: Cluster, mode: str) -> Testbed:
     _start_daemons(cluster)
     pods = [cluster.add_pod(node) for node in cluster.nodes]
     src, dst = (Endpoint(pod.netns, str(pod.ip.ip)) for pod in pods)
-    return Testbed(mode, src, dst, _daemon_pids(cluster), cluster)
+    bed = Testbed(mode, src, dst, _daemon_pids(cluster), cluster)
+    ends6 = [(pod.netns, pod.ip6) for pod in pods]
+    if all(ip6 is not None for _, ip6 in ends6):
+        bed.src6, bed.dst6 = (Endpoint(netns, str(ip6.ip)) for netns, ip6 in ends6 if ip6 is not None)
+    return bed
 
 
 def _build_with_plugin(cluster: Cluster, mode: str, plugin: CniPlugin) -> Testbed:
@@ -160,13 +177,19 @@ def _build_c_relay(cluster: Cluster) -> Testbed:
     return bed
 
 
-def make_cluster(mode: str, flanneld: str | None = None, tag: str | None = None, *, etcd_tls: bool = False) -> Cluster:
+def make_cluster(mode: str, flanneld: str | None = None, tag: str | None = None, *, etcd_tls: bool = False,
+                 ipv6: bool = False) -> Cluster:
     """The (not yet entered) lab for ``mode``; ``etcd_tls``: etcd on https with client certificates
-    (for flanneld-py's modes; flannel's daemon and the bare lab keep plain etcd)."""
+    (for flanneld-py's modes; flannel's daemon and the bare lab keep plain etcd); dual stack with
+    ``ipv6`` for :data:`IPV6_MODES`."""
     tag = tag or unique_tag()
     if mode == "bare":
-        return Cluster(nodes=2, tag=tag, start_etcd=False)
+        return Cluster(nodes=2, tag=tag, start_etcd=False, underlay6=ipv6)
     if mode in FLANNELD_PY_MODES:
+        if ipv6:
+            config = {"Network": "10.244.0.0/16", "EnableIPv6": True, "IPv6Network": NETWORK6,
+                      "Backend": {"Type": mode}}
+            return Cluster(nodes=2, config=config, tag=tag, underlay6=True, etcd_tls=etcd_tls)
         return Cluster(nodes=2, backend={"Type": mode}, tag=tag, etcd_tls=etcd_tls)
     base, plugin = split_plugin_mode(mode)
     if plugin in CNI_PLUGINS and base in FLANNELD_PY_MODES:
@@ -184,13 +207,14 @@ def make_cluster(mode: str, flanneld: str | None = None, tag: str | None = None,
 
 @contextmanager
 def open_testbed(mode: str, flanneld: str | None = None, tag: str | None = None,
-                 flannel_cni: str | None = None, *, etcd_tls: bool = False) -> Iterator[Testbed]:
-    """Build ``mode``'s lab, wait until its endpoints reach each other, yield it, tear it down.
+                 flannel_cni: str | None = None, *, etcd_tls: bool = False, ipv6: bool = False) -> Iterator[Testbed]:
+    """Build ``mode``'s lab, wait until its endpoints reach each other (over IPv6 too, with
+    ``ipv6`` and a mode of :data:`IPV6_MODES`), yield it, tear it down.
 
     Raises:
         ModeError: the lab could not be built, a daemon failed, or no connectivity.
     """
-    cluster = make_cluster(mode, flanneld, tag, etcd_tls=etcd_tls)
+    cluster = make_cluster(mode, flanneld, tag, etcd_tls=etcd_tls, ipv6=ipv6 and mode in IPV6_MODES)
     plugin = split_plugin_mode(mode)[1]
     with cluster:
         try:
@@ -206,6 +230,9 @@ def open_testbed(mode: str, flanneld: str | None = None, tag: str | None = None,
                 bed = _build_flanneld_py(cluster, mode)
             took = wait_reachable(bed.src, bed.dst)
             bed.notes.append(f"reachable {took:.2f}s after the pods were wired")
+            if bed.src6 is not None and bed.dst6 is not None:
+                took = wait_reachable(bed.src6, bed.dst6)
+                bed.notes.append(f"reachable over IPv6 {took:.2f}s after IPv4")
         except (RuntimeError, MeasureError) as exc:
             if isinstance(exc, ModeError):
                 raise

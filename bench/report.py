@@ -13,12 +13,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .cni_latency import OURS
-from .figures import CNI_FIGURES, DATAPATH_FIGURES, SCALE_FIGURES, Figure, figure
+from .figures import CNI_FIGURES, DATAPATH_FIGURES, IPV6_PAIRS, SCALE_FIGURES, Figure, figure
 from .modes import split_plugin_mode
 from .stats import median, ratio
 
 __all__ = [
     "REFERENCE_MODES",
+    "add_ipv6_ratios",
     "add_ratios",
     "cni_lines",
     "render_report",
@@ -71,6 +72,20 @@ def add_ratios(modes: dict[str, dict[str, Any]]) -> None:
                 if value is not None:
                     out[key] = value
             summary["ratios"][f"vs_{ref}"] = out
+
+
+def add_ipv6_ratios(modes: dict[str, dict[str, Any]]) -> None:
+    """Add ``ratios.ipv6_vs_ipv4`` to every mode measured over IPv6: each IPv6 figure's median over
+    the same mode's IPv4 figure (keyed by the IPv4 figure), from the same run."""
+    for summary in modes.values():
+        got = summary["figures"]
+        out = {}
+        for six, four in IPV6_PAIRS:
+            value = ratio(got.get(six, {}).get("median"), got.get(four, {}).get("median"))
+            if value is not None:
+                out[four] = value
+        if out:
+            summary.setdefault("ratios", {})["ipv6_vs_ipv4"] = out
 
 
 # --- report.md -------------------------------------------------------------------------------
@@ -151,6 +166,7 @@ def render_report(results: Mapping[str, Any]) -> str:
             got = modes[mode].get("ratios", {}).get(f"vs_{ref}", {})
             rows.append([mode] + [_ratio_text(got.get(k)) for k in ratio_keys])
         lines += _table(["mode"] + [f"{figure(k).label}" for k in ratio_keys], rows)
+    lines += _ipv6_section(modes, order)
     lines += _side_by_side_section(modes, order)
     lines += cni_lines(results.get("cni"))
     lines += _scale_section(results.get("scale"))
@@ -168,6 +184,29 @@ def render_report(results: Mapping[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _ipv6_section(modes: Mapping[str, Any], order: Sequence[str]) -> list[str]:
+    """Each dual-stack mode's IPv6 figures next to its IPv4 ones, with the ratio IPv6 / IPv4."""
+    shown = [m for m in order if modes[m].get("ratios", {}).get("ipv6_vs_ipv4")]
+    if not shown:
+        return []
+    header = ["mode"]
+    for six, four in IPV6_PAIRS:
+        header += [f"{figure(four).label} ({figure(four).display_unit})",
+                   f"{figure(six).label} ({figure(six).display_unit})", "IPv6 / IPv4"]
+    rows = []
+    for mode in shown:
+        got = modes[mode]["ratios"]["ipv6_vs_ipv4"]
+        row = [mode]
+        for six, four in IPV6_PAIRS:
+            row += [figure(four).show(_median(modes, mode, four)), figure(six).show(_median(modes, mode, six)),
+                    _ratio_text(got.get(four))]
+        rows.append(row)
+    return ["", "## IPv6 next to IPv4", "",
+            "The same two pods (nodes, for bare) over IPv6 in the same dual-stack lab and round: TCP 1 stream and "
+            "ping, and the IPv6 figure over the IPv4 one (>1: more; better for throughput, worse for latency).",
+            ""] + _table(header, rows)
 
 
 def side_by_side_pairs(order: Sequence[str]) -> list[tuple[str, str]]:

@@ -24,14 +24,15 @@ from flanneld_py.lab.netns import Netns, run, unique_tag
 from .cni_latency import measure_cni
 from .datapath import Plan, figures_from_round, measure_round
 from .machine import describe_machine, loadavg
-from .modes import FLANNELD_PY_MODES, open_testbed
+from .modes import FLANNELD_PY_MODES, IPV6_MODES, open_testbed
 from .progress import Progress
-from .report import add_ratios, summarize_mode, write_outputs
+from .report import add_ipv6_ratios, add_ratios, summarize_mode, write_outputs
 from .scale import FLANNEL_SCALE_MODES, ScaleSpec, measure_scale, scale_ratios
 
 __all__ = ["BenchOptions", "rotate", "run_bench"]
 
 STEPS_PER_ROUND = 5  # build, TCP 1, TCP 4, UDP, ping
+STEPS_IPV6 = 2  # TCP 1 and ping over IPv6, in the modes of IPV6_MODES
 STEPS_CNI = 3
 STEPS_SCALE = 5
 
@@ -47,6 +48,7 @@ class BenchOptions:
     flannel_cni: str | None = None  # flannel's CNI plugin, for the +flannel-cni modes
     etcd_tls: bool = False  # etcd on https with client certificates (flanneld-py's modes)
     scale_only: bool = False  # skip the datapath rounds and CNI latency
+    ipv6: bool = True  # dual-stack labs for IPV6_MODES, measured over IPv6 too
 
 
 def rotate(modes: Sequence[str], round_index: int) -> list[str]:
@@ -99,10 +101,13 @@ class _Run:
         self.tags: list[str] = []
         self.failures: list[dict[str, str]] = []
         scale_modes = self.scale_modes()
-        rounds = 0 if options.scale_only else options.rounds * len(options.modes) * STEPS_PER_ROUND + STEPS_CNI
+        rounds = 0 if options.scale_only else options.rounds * sum(self.steps_per_round(m) for m in options.modes) + STEPS_CNI
         total = (rounds
                  + (len(scale_modes) * STEPS_SCALE if options.peers else 0) + 1)
         self.progress = Progress(total)
+
+    def steps_per_round(self, mode: str) -> int:
+        return STEPS_PER_ROUND + (STEPS_IPV6 if self.options.ipv6 and mode in IPV6_MODES else 0)
 
     def scale_modes(self) -> list[str]:
         """flanneld-py's modes of the run, and with ``--flanneld`` flannel's for its kernel backends."""
@@ -129,11 +134,11 @@ class _Run:
         for index in range(options.rounds):
             for mode in rotate(options.modes, index):
                 progress.context = f"round {index + 1}/{options.rounds} · {mode}"
-                target = progress.done + STEPS_PER_ROUND
+                target = progress.done + self.steps_per_round(mode)
                 try:
                     progress.step("building the lab")
                     with open_testbed(mode, options.flanneld, self.tag(), options.flannel_cni,
-                                      etcd_tls=options.etcd_tls) as bed:
+                                      etcd_tls=options.etcd_tls, ipv6=options.ipv6) as bed:
                         raw = measure_round(bed, self.plan, progress.step)
                         notes = list(bed.notes)
                     records[mode]["figures"].append(figures_from_round(raw))
@@ -148,6 +153,7 @@ class _Run:
             summary["raw_rounds"] = record["raw"]
             modes[mode] = summary
         add_ratios(modes)
+        add_ipv6_ratios(modes)
         return modes
 
     def cni(self) -> dict[str, Any]:
@@ -223,7 +229,7 @@ def run_bench(options: BenchOptions, argv: Sequence[str]) -> int:
             "modes": list(options.modes), "rounds": options.rounds, "quick": options.quick,
             "seconds": plan.seconds, "ping_count": plan.ping_count, "cni_pods": plan.cni_pods,
             "peers": options.peers, "scale_events": plan.scale_events if options.peers else None,
-            "flanneld": options.flanneld,
+            "flanneld": options.flanneld, "ipv6": options.ipv6,
         },
         "machine": machine,
         "modes": modes,

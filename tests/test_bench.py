@@ -75,6 +75,9 @@ def test_quick_bench_udp_vxlan_c_relay(tmp_path: Path) -> None:
     for mode, summary in results["modes"].items():
         assert summary["status"] == "ok", summary["errors"]
         for fig in DATAPATH_FIGURES:
+            if fig.ipv6 and mode == "c-relay":  # IPv4 only
+                assert fig.key not in summary["figures"]
+                continue
             assert fig.key in summary["figures"], f"{mode} lacks {fig.key}"
             _check_figure(mode, summary["figures"][fig.key], fig.key)
             assert len(summary["figures"][fig.key]["rounds"]) == 1
@@ -89,6 +92,14 @@ def test_quick_bench_udp_vxlan_c_relay(tmp_path: Path) -> None:
         for key, value in summary["ratios"]["vs_vxlan"].items():
             assert value == pytest.approx(summary["figures"][key]["median"] / vxlan[key]["median"]), (mode, key)
         assert "tcp_1_gbps" in summary["ratios"]["vs_vxlan"], mode
+    # IPv6 next to IPv4: dual-stack labs for udp and vxlan, each IPv6 figure over its own IPv4 one
+    for mode in ("udp", "vxlan"):
+        summary = results["modes"][mode]
+        assert summary["raw_rounds"][0]["ping_v6"]["received"] > 0
+        figures = summary["figures"]
+        assert summary["ratios"]["ipv6_vs_ipv4"]["tcp_1_gbps"] == pytest.approx(
+            figures["tcp_1_gbps_v6"]["median"] / figures["tcp_1_gbps"]["median"])
+    assert "## IPv6 next to IPv4" in (out / "report.md").read_text()
 
     cni = results["cni"]
     assert cni["status"] == "ok" and cni["pods"] == 50

@@ -35,7 +35,7 @@ from bench.measure import (
 )
 from bench.modes import plugin_mode, split_plugin_mode
 from bench.progress import Progress
-from bench.report import add_ratios, render_report, side_by_side_pairs, summarize_mode, write_outputs
+from bench.report import add_ipv6_ratios, add_ratios, render_report, side_by_side_pairs, summarize_mode, write_outputs
 from bench.runner import rotate
 from bench.scale import (
     cpu_seconds,
@@ -210,7 +210,7 @@ def test_cpu_usage_never_negative_and_same_daemons() -> None:
 # --- figures, summaries, ratios ---------------------------------------------------------------------
 
 
-def _raw_round(gbps: float = 2.0, daemons: bool = True) -> dict[str, Any]:
+def _raw_round(gbps: float = 2.0, daemons: bool = True, ipv6: bool = True) -> dict[str, Any]:
     raw: dict[str, Any] = {
         "tcp_1": {"gbps": gbps, "bytes": 750_000_000},
         "tcp_4": {"gbps": gbps * 2, "bytes": 1_250_000_000},
@@ -218,6 +218,9 @@ def _raw_round(gbps: float = 2.0, daemons: bool = True) -> dict[str, Any]:
         "udp64": {"delivered_pps": 50_000.0, "lost_percent": 12.5},
         "ping": {"p50_us": 400.0, "p99_us": 900.0},
     }
+    if ipv6:
+        raw["tcp_1_v6"] = {"gbps": gbps * 0.75, "bytes": 560_000_000}
+        raw["ping_v6"] = {"p50_us": 500.0, "p99_us": 900.0}
     if daemons:
         raw["daemon_peak_rss_kib"] = [70_000, 75_776]
     return raw
@@ -233,6 +236,26 @@ def test_figures_from_round() -> None:
     bare = figures_from_round(_raw_round(daemons=False))
     assert "daemon_cpu_s_per_gb" not in bare and "daemon_peak_rss_mib" not in bare
     assert {f.key for f in DATAPATH_FIGURES if not f.daemon_only} == set(bare)
+    ipv4_only = figures_from_round(_raw_round(ipv6=False))  # a mode without IPv6, or --no-ipv6
+    assert {f.key for f in DATAPATH_FIGURES if not f.ipv6} == set(ipv4_only)
+    assert (figures["tcp_1_gbps_v6"], figures["rtt_p50_us_v6"]) == (1.5, 500.0)
+
+
+def test_ipv6_ratios_are_each_modes_ipv6_figure_over_its_ipv4_one() -> None:
+    modes = {
+        "udp": summarize_mode([figures_from_round(_raw_round(g)) for g in (2.0, 4.0)], [], 2),
+        "c-relay": summarize_mode([figures_from_round(_raw_round(1.0, ipv6=False))], [], 1),
+    }
+    results = _results(modes)  # add_ratios first, as the runner
+    add_ipv6_ratios(modes)
+    assert modes["udp"]["ratios"]["ipv6_vs_ipv4"] == pytest.approx(
+        {"tcp_1_gbps": 0.75, "rtt_p50_us": 1.25, "rtt_p99_us": 1.0})
+    assert "ipv6_vs_ipv4" not in modes["c-relay"]["ratios"]
+    report = render_report(results)
+    assert "## IPv6 next to IPv4" in report and "TCP, 1 stream, IPv6 (Gbit/s)" in report
+    (udp_row,) = [line for line in report.splitlines() if line.startswith("| udp |")]
+    assert "0.75×" in udp_row and "1.25×" in udp_row
+    assert not [line for line in report.splitlines() if line.startswith("| c-relay |")]
 
 
 def test_summarize_mode_medians_and_status() -> None:

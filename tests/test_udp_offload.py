@@ -406,3 +406,291 @@ def test_builds_extend_identically(first, second, mss, mutations, psh):
             grown = -1
         results.append((grown, bytes(merged)))
     assert results[0] == results[1]
+
+
+# --- IPv6: TSO6 segmentation and GRO merging of plain TCP/IPv6 ---------------------------------
+
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt, IPv6ExtHdrHopByHop  # noqa: E402
+
+from flanneld_py.core.packet import check_ipv6  # noqa: E402
+
+
+def super_packet6(payload_len: int, flags: str = "PA", seq: int = 1000, options=None, tc: int = 0,
+                  fl: int = 0x12345) -> bytearray:
+    rng = random.Random(payload_len)
+    tcp = TCP(sport=40000, dport=5201, seq=seq, ack=99, flags=flags, window=500, options=options or [])
+    pkt = IPv6(src="fd00:10:244:7::5", dst="fd00:10:244:9::8", hlim=63, tc=tc, fl=fl) / tcp
+    return bytearray(bytes(pkt / Raw(rng.randbytes(payload_len))))
+
+
+def assert_valid6(segment: bytes) -> IPv6:
+    assert check_ipv6(bytearray(segment), len(segment)) is None  # the payload length matches
+    parsed = IPv6(segment)
+    rebuilt = IPv6(segment)
+    del rebuilt[TCP].chksum
+    assert IPv6(bytes(rebuilt))[TCP].chksum == parsed[TCP].chksum, "TCP checksum wrong"
+    return parsed
+
+
+def coalesce6(build, batch, count: int, seglen: int, total: int, out: bytearray) -> int:
+    hlen, run = build.tcp_flow_run(batch, count, seglen, total)
+    return build.merge_tcp6(batch, count, seglen, total, hlen, out) if run == count >= 2 else 0
+
+
+@pytest.mark.parametrize("payload_len, mss", [(64000, 1428), (1428 * 3, 1428), (5000, 1220), (100, 1428),
+                                              (7001, 1001), (300, 7), (30000, 88)])
+@both_builds
+def test_tso6_segments_are_valid_packets_that_rebuild_the_stream(build, payload_len, mss):
+    original = super_packet6(payload_len, options=[("NOP", None), ("NOP", None), ("Timestamp", (1, 2))])
+    out = bytearray(200_000)
+    total, seglen, count = build.segment_tcp6(original, len(original), mss, out)
+    segments = split(out, total, seglen)
+    assert len(segments) == count == -(-payload_len // mss)
+    parsed = [assert_valid6(s) for s in segments]
+    first = IPv6(bytes(original))
+    assert b"".join(bytes(p[TCP].payload) for p in parsed) == bytes(first[TCP].payload)
+    for index, seg in enumerate(parsed):
+        assert seg[TCP].seq == first[TCP].seq + index * mss
+        assert (seg.hlim, seg.tc, seg.fl, seg.src, seg.dst) == (first.hlim, first.tc, first.fl, first.src, first.dst)
+        assert seg[TCP].options == first[TCP].options and seg[TCP].ack == first[TCP].ack
+        assert ("P" in seg[TCP].flags) == (index == count - 1)
+    assert all(len(s) == seglen for s in segments[:-1])
+
+
+@both_builds
+def test_tso6_fin_and_cwr_flags_follow_the_kernel(build):
+    original = super_packet6(4000, flags="FPAC")
+    out = bytearray(20_000)
+    total, seglen, _count = build.segment_tcp6(original, len(original), 1428, out)
+    flags = [IPv6(s)[TCP].flags for s in split(out, total, seglen)]
+    assert "C" in flags[0] and not any("C" in f for f in flags[1:])
+    assert "F" in flags[-1] and not any("F" in f for f in flags[:-1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(payload_len=st.integers(1, 20000), mss=st.integers(500, 1440), seq=st.integers(0, 2**32 - 1))
+@both_builds
+def test_tso6_segmentation_property(build, payload_len, mss, seq):
+    original = super_packet6(payload_len, seq=seq)
+    out = bytearray(60_000)
+    total, seglen, count = build.segment_tcp6(original, len(original), mss, out)
+    segments = split(out, total, seglen)
+    data = b"".join(bytes(assert_valid6(s)[TCP].payload) for s in segments)
+    assert data == bytes(IPv6(bytes(original))[TCP].payload)
+    assert IPv6(segments[-1])[TCP].seq == (seq + (count - 1) * mss) % 2**32
+
+
+def ipv6_with_extension(payload: int, extension) -> bytearray:
+    pkt = IPv6(src="fd00:10:244:7::5", dst="fd00:10:244:9::8", hlim=63) / extension
+    return bytearray(bytes(pkt / TCP(sport=40000, dport=5201, seq=1, ack=99, flags="A") / Raw(b"x" * payload)))
+
+
+@both_builds
+def test_ipv6_with_extension_headers_is_neither_split_nor_merged(build):
+    """As IPv4 with options is no run, IPv6 with extension headers is neither: segment_tcp6 refuses
+    it (the loop drops and counts it) and a GRO read of such segments goes one by one."""
+    for extension in (IPv6ExtHdrHopByHop(), IPv6ExtHdrDestOpt()):
+        packet = ipv6_with_extension(5000, extension)
+        with pytest.raises(ValueError, match="not a plain TCP/IPv6 packet"):
+            build.segment_tcp6(packet, len(packet), 1400, bytearray(20_000))
+        segment = ipv6_with_extension(1000, extension)
+        assert build.tcp_flow_run(bytes(segment) * 3, 3, len(segment), 3 * len(segment)) == (0, 0)
+    with pytest.raises(ValueError, match="not a plain TCP/IPv6 packet"):
+        ipv4 = super_packet(5000)
+        build.segment_tcp6(ipv4 + bytes(40), len(ipv4) + 40, 1400, bytearray(20_000))
+
+
+@both_builds
+def test_gro6_merge_rebuilds_one_super_packet(build):
+    original = super_packet6(1428 * 10 + 100)
+    out = bytearray(40_000)
+    total, seglen, count = build.segment_tcp6(original, len(original), 1428, out)
+    merged = bytearray(70_000)
+    length = coalesce6(build, out, count, seglen, total, merged)
+    assert length == len(original)
+    packet = bytes(merged[:length])
+    assert check_ipv6(bytearray(packet), len(packet)) is None
+    parsed = IPv6(packet)
+    assert bytes(parsed[TCP].payload) == bytes(IPv6(bytes(original))[TCP].payload)
+    assert parsed[TCP].seq == 1000 and "P" in parsed[TCP].flags and parsed.fl == 0x12345
+    # the checksum field holds the IPv6 pseudo-header sum for the kernel to finish (CHECKSUM_PARTIAL)
+    pseudo = (int.from_bytes(packet[8:40], "big") + 6 + len(packet) - 40) % 0xFFFF
+    assert parsed[TCP].chksum == (pseudo or 0xFFFF)
+    assert packet[:56] == bytes(original[:56]) and packet[58:] == bytes(original[58:])
+
+
+@both_builds
+def test_gro6_refuses_gaps_mixed_flows_and_changed_headers(build):
+    original = super_packet6(1428 * 4, flags="A")
+    out = bytearray(20_000)
+    total, seglen, count = build.segment_tcp6(original, len(original), 1428, out)
+    assert build.tcp_flow_run(out, count, seglen, total) == (60, count)
+    for offset, what in ((seglen + 44, "sequence"), (2 * seglen + 42, "port"), (2 * seglen + 1, "traffic class"),
+                         (3 * seglen + 3, "flow label"), (seglen + 7, "hop limit"), (seglen + 5, "payload length"),
+                         (2 * seglen + 20, "source"), (seglen + 39, "destination"), (seglen + 49, "ack")):
+        broken = bytearray(out)
+        broken[offset] ^= 1
+        assert build.tcp_flow_run(broken, count, seglen, total)[1] < count, what
+    syn = bytearray(out)
+    syn[53] = 0x02
+    assert build.tcp_flow_run(syn, count, seglen, total) == (0, 0)
+
+
+@both_builds
+def test_gro6_run_ends_at_psh_and_extend_continues_a_flow(build):
+    """A flow split over two GRO reads, merged then extended, gives the bytes of one merge."""
+    original = super_packet6(1420 * 46, flags="PA")
+    segmented = bytearray(200_000)
+    total, seglen, count = build.segment_tcp6(original, len(original), 1420, segmented)
+    whole = bytearray(70_000)
+    whole_len = build.merge_tcp6(segmented, count, seglen, total, 60, whole)
+    assert whole_len == len(original)
+    first, second = memoryview(segmented)[: 44 * seglen], memoryview(segmented)[44 * seglen : total]
+    merged = bytearray(70_000)
+    used = build.merge_tcp6(first, 44, seglen, 44 * seglen, 60, merged)
+    assert build.tcp_flow_run(second, 2, seglen, total - 44 * seglen) == (60, 2)
+    grown = build.extend_tcp6(second, 2, seglen, total - 44 * seglen, 60, merged, used)
+    assert grown == whole_len and merged[:grown] == whole[:whole_len]
+    merged[53] = 0x18  # ends with PSH: nothing may follow
+    assert build.extend_tcp6(second, 2, seglen, total - 44 * seglen, 60, merged, used) == 0
+    ipv4 = bytearray(70_000)
+    segmented4 = bytearray(200_000)
+    big4 = super_packet(1420 * 4, flags="A")
+    total4, seglen4, _ = build.segment_tcp4(big4, len(big4), 1420, segmented4)
+    used4 = build.merge_tcp4(segmented4, 3, seglen4, 3 * seglen4, 40, ipv4)
+    before = bytes(ipv4)
+    assert build.extend_tcp6(second, 2, seglen, total - 44 * seglen, 60, ipv4, used4) == 0  # other family
+    assert bytes(ipv4) == before
+
+
+@both_builds
+def test_inbound_flow6_applies_the_one_by_one_rules(build):
+    from ipaddress import IPv6Network
+
+    def engine(own6: str = "fd00:10:244:9::/64"):
+        e = Engine(IPv4Network("10.244.0.0/16"), IPv4Network("10.244.9.0/24"), 8285,
+                   IPv6Network("fd00:10:244::/48"), IPv6Network(own6))
+        e.set_peer(IPv4Network("10.244.7.0/24"), "198.51.100.7", IPv6Network("fd00:10:244:7::/64"), "2001:db8::7")
+        return e
+
+    original = super_packet6(1428 * 6 + 99)
+    out = bytearray(20_000)
+    total, seglen, count = build.segment_tcp6(original, len(original), 1428, out)
+    assert build.tcp_flow_run(out, count, seglen, total) == (60, count)
+    fast, slow = engine(), engine()
+    peer = fast.inbound_flow(out, count, total, "198.51.100.7")
+    assert peer is not None and (peer.rx_packets, peer.rx_bytes) == (count, total)
+    for seg in split(out, total, seglen):
+        assert slow.inbound(bytearray(seg), len(seg), "198.51.100.7") is not None
+    (sp,) = slow.peers.values()
+    assert (sp.rx_packets, sp.rx_bytes) == (count, total)
+    assert fast.inbound_flow(out, count, total, "2001:db8::7") is not None  # its PublicIPv6 too
+    assert fast.inbound_flow(out, count, total, "198.51.100.8") is None  # not a peer
+    assert engine("fd00:10:244:10::/64").inbound_flow(out, count, total, "198.51.100.7") is None  # not ours
+    stranger = bytearray(out)
+    stranger[8 + 7] ^= 0x40  # from fd00:10:244:47::5: no peer's subnet
+    assert fast.inbound_flow(stranger, count, total, "198.51.100.7") is None
+    assert sum(fast.drops) == 0
+
+
+@st.composite
+def super_packets6(draw) -> tuple[bytearray, int]:
+    """A TCP/IPv6 super-packet with any TCP options and flags, sometimes with an extension header."""
+    tcp_options = draw(st.sampled_from([[], [("MSS", 1400)], [("NOP", None), ("NOP", None), ("Timestamp", (1, 2))],
+                                        [("SAckOK", b""), ("WScale", 7), ("NOP", None)]]))
+    payload = draw(st.integers(0, 9000))
+    tcp = TCP(sport=40000, dport=5201, seq=draw(st.integers(0, 2**32 - 1)), ack=99, flags=draw(st.integers(0, 255)),
+              window=500, options=tcp_options)
+    ip = IPv6(src="fd00:10:244:7::5", dst="fd00:10:244:9::8", hlim=63, tc=draw(st.integers(0, 255)))
+    if draw(st.booleans()) and draw(st.booleans()):
+        ip = ip / IPv6ExtHdrDestOpt()
+    packet = bytearray(bytes(ip / tcp / Raw(random.Random(payload).randbytes(payload))))
+    return packet, draw(st.integers(64, 1500))
+
+
+@settings(max_examples=300, deadline=None)
+@given(super_packets6())
+def test_builds_segment_ipv6_identically(case):
+    packet, mss = case
+    outs = []
+    for build in (C, REF):
+        out = bytearray(4 * 65536)
+        try:
+            total, seglen, count = build.segment_tcp6(bytearray(packet), len(packet), mss, out)
+            outs.append(((total, seglen, count), bytes(out[:total])))
+        except ValueError as exc:
+            outs.append(str(exc))
+    assert outs[0] == outs[1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=st.integers(61, 12000), mss=st.sampled_from([1400, 1428, 1447, 1220, 88]),
+       mutations=st.lists(st.tuples(st.integers(0, 65535), st.integers(1, 255)), max_size=3),
+       cut=st.integers(0, 3), psh=st.booleans())
+def test_builds_judge_and_merge_ipv6_gro_batches_identically(payload, mss, mutations, cut, psh):
+    """IPv6 batches as a GRO read holds them, some with bytes changed or the last cut short: the
+    same runs and merged bytes from both builds (the loop's counters: tests/test_udp_loop.py)."""
+    original = super_packet6(payload, flags="PA" if psh else "A")
+    out = bytearray(200_000)
+    total, seglen, count = C.segment_tcp6(original, len(original), mss, out)
+    for offset, flip in mutations:
+        out[offset % total] ^= flip
+    total = max(1, total - cut)
+    batch = memoryview(out)[:total]
+    verdicts = [build.tcp_flow_run(batch, count, seglen, total) for build in (C, REF)]
+    assert verdicts[0] == verdicts[1]
+    hlen, run = verdicts[0]
+    if run >= 2:
+        run_bytes = min(run * seglen, total)
+        merged = [bytearray(70_000), bytearray(70_000)]
+        lengths = [build.merge_tcp6(batch, run, seglen, run_bytes, hlen, into) for build, into in zip((C, REF), merged)]
+        assert lengths[0] == lengths[1] and merged[0][: lengths[0]] == merged[1][: lengths[1]]
+
+
+@settings(max_examples=200, deadline=None)
+@given(first=st.integers(1, 30), second=st.integers(61, 20000), mss=st.sampled_from([1428, 1447, 536]),
+       mutations=st.lists(st.tuples(st.integers(0, 65535), st.integers(1, 255)), max_size=3),
+       psh=st.booleans())
+def test_builds_extend_ipv6_identically(first, second, mss, mutations, psh):
+    original = super_packet6(first * mss, flags="PA" if psh else "A")
+    segmented = bytearray(100_000)
+    total, seglen, count = C.segment_tcp6(original, len(original), mss, segmented)
+    follow = super_packet6(second, seq=1000 + first * mss)
+    tail = bytearray(100_000)
+    tail_total, _, tail_count = C.segment_tcp6(follow, len(follow), mss, tail)
+    for offset, flip in mutations:
+        tail[offset % tail_total] ^= flip
+    if count < 2:
+        return
+    results = []
+    for build in (C, REF):
+        merged = bytearray(70_000)
+        used = build.merge_tcp6(segmented, count, seglen, total, seglen - mss, merged)
+        try:
+            grown = build.extend_tcp6(tail, tail_count, seglen, tail_total, seglen - mss, merged, used)
+        except ValueError:
+            grown = -1
+        results.append((grown, bytes(merged)))
+    assert results[0] == results[1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(min_size=0, max_size=300), n=st.integers(-5, 400), a=st.integers(-5, 400),
+       b=st.integers(-5, 400), c=st.integers(-5, 400), h=st.integers(-5, 120), six=st.booleans())
+def test_compiled_ipv6_stages_stay_inside_their_buffers(data, n, a, b, c, h, six):
+    """As for IPv4: any lengths with any bytes (often starting like an IPv6 TCP packet) give a
+    result or a ValueError, never an access outside the buffers (``.ci/sanitizers`` runs this)."""
+    if six and len(data) > 6:
+        data = bytes([0x60]) + data[1:6] + bytes([6]) + data[7:]
+    out = bytearray(len(data) + 64)
+    calls = [
+        lambda: C.segment_tcp6(bytearray(data), n, a, out),
+        lambda: C.tcp_flow_run(data, a, b, c),
+        lambda: C.merge_tcp6(data, a, b, c, h, out),
+        lambda: C.extend_tcp6(data, a, b, c, h, out, n),
+    ]
+    for call in calls:
+        try:
+            call()
+        except ValueError:
+            pass

@@ -28,6 +28,7 @@ __all__ = [
     "may_answer_with_icmp",
     "may_answer_with_icmp6",
     "pseudo_header_sum",
+    "pseudo_header_sum6",
 ]
 
 _U32 = struct.Struct("!I")
@@ -158,6 +159,12 @@ def pseudo_header_sum(ip_header: bytes | bytearray | memoryview, protocol: int, 
     """The TCP/UDP pseudo-header of an IPv4 packet (addresses, protocol, transport length) as a
     sum for :func:`checksum` or :func:`fold` (words add up to the same value mod 65535)."""
     return int.from_bytes(ip_header[12:20], "big") + protocol + length
+
+
+def pseudo_header_sum6(ip_header: bytes | bytearray | memoryview, protocol: int, length: int) -> int:
+    """The IPv6 pseudo-header (RFC 8200 8.1: addresses, upper-layer length, next header) of a
+    packet with no extension headers, as a sum like :func:`pseudo_header_sum`."""
+    return int.from_bytes(ip_header[8:40], "big") + protocol + length
 
 
 # --- IPv6 -------------------------------------------------------------------------------------------

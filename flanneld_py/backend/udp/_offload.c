@@ -78,9 +78,63 @@ static inline uint64_t pseudo_sum(const uint8_t *ip, uint8_t proto, uint32_t l4_
     return sum_le(pseudo, sizeof pseudo, 0);
 }
 
+/* The IPv6 pseudo-header (addresses, upper-layer length, next header) as a sum. */
+static inline uint64_t pseudo_sum6(const uint8_t *ip, uint8_t proto, uint32_t l4_len) {
+    uint8_t tail[8] = {0};
+    put32(tail, l4_len);
+    tail[7] = proto;
+    return sum_le(ip + 8, 32, sum_le(tail, sizeof tail, 0));
+}
+
 static PyObject *fail(const char *what) {
     PyErr_SetString(PyExc_ValueError, what);
     return NULL;
+}
+
+/* Split packet[:n] (TCP at ip_len, headers of hlen bytes) into mss-sized
+ * segments back to back in out, for both families (six: IPv6, whose
+ * segments get a payload length and no id or header checksum), as
+ * offload_python._segment. Returns (total, segment_len, count) or NULL with
+ * ValueError set. */
+static PyObject *segment(const uint8_t *p, Py_ssize_t n, Py_ssize_t mss, Py_buffer *out, Py_ssize_t ip_len,
+                         Py_ssize_t hlen, int six) {
+    uint8_t *o = out->buf;
+    Py_ssize_t payload = n - hlen;
+    Py_ssize_t count = payload > 0 ? (payload + mss - 1) / mss : 1;
+    Py_ssize_t seglen = hlen + mss;
+    Py_ssize_t full = count - 1;
+    Py_ssize_t last_payload = payload - full * mss;
+    Py_ssize_t total = full * seglen + hlen + last_payload;
+    if (total > out->len || hlen + last_payload > 0xFFFF || (full && seglen > 0xFFFF))
+        return fail(six ? "segment_tcp6: output buffer too small" : "segment_tcp4: output buffer too small");
+    uint8_t flags = p[ip_len + 13];
+    uint32_t ident = get16(p + 4), seq = get32(p + ip_len + 4);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        uint8_t *seg = o + i * seglen;
+        Py_ssize_t length = hlen + (i < full ? mss : last_payload);
+        memcpy(seg, p, hlen);
+        memcpy(seg + hlen, p + hlen + i * mss, length - hlen);
+        uint8_t keep = 0xFF;
+        if (i > 0)
+            keep &= (uint8_t)~TCP_CWR; /* CWR on the first segment only */
+        if (i < full)
+            keep &= (uint8_t)~(TCP_FIN | TCP_PSH); /* FIN and PSH on the last only */
+        seg[ip_len + 13] = flags & keep;
+        if (six) {
+            put16(seg + 4, (uint32_t)(length - 40));
+        } else {
+            put16(seg + 2, (uint32_t)length);
+            put16(seg + 4, (ident + (uint32_t)i) & 0xFFFF);
+            put16(seg + 10, 0);
+            put16(seg + 10, checksum(seg, ip_len, 0));
+        }
+        put32(seg + ip_len + 4, seq + (uint32_t)(i * mss));
+        put16(seg + ip_len + 16, 0);
+        uint32_t l4_len = (uint32_t)(length - ip_len);
+        uint64_t pseudo = six ? pseudo_sum6(seg, 6, l4_len) : pseudo_sum(seg, 6, l4_len);
+        put16(seg + ip_len + 16, checksum(seg + ip_len, length - ip_len, pseudo));
+    }
+    return Py_BuildValue("nnn", total, seglen, count);
 }
 
 /* segment_tcp4(packet, n, mss, out) -> (total, segment_len, count) */
@@ -91,7 +145,6 @@ static PyObject *segment_tcp4(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*nnw*", &in, &n, &mss, &out))
         return NULL;
     const uint8_t *p = in.buf;
-    uint8_t *o = out.buf;
     if (n < 40 || n > in.len || mss < 1 || mss > 0xFFFF) {
         fail("segment_tcp4: packet or MSS out of range");
         goto done;
@@ -107,39 +160,36 @@ static PyObject *segment_tcp4(PyObject *self, PyObject *args) {
         fail("segment_tcp4: bad TCP header length");
         goto done;
     }
-    Py_ssize_t payload = n - hlen;
-    Py_ssize_t count = payload > 0 ? (payload + mss - 1) / mss : 1;
-    Py_ssize_t seglen = hlen + mss;
-    Py_ssize_t full = count - 1;
-    Py_ssize_t last_payload = payload - full * mss;
-    Py_ssize_t total = full * seglen + hlen + last_payload;
-    if (total > out.len || hlen + last_payload > 0xFFFF || (full && seglen > 0xFFFF)) {
-        fail("segment_tcp4: output buffer too small");
+    result = segment(p, n, mss, &out, ip_len, hlen, 0);
+done:
+    PyBuffer_Release(&in);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+/* segment_tcp6(packet, n, mss, out) -> (total, segment_len, count): a plain
+ * TCP/IPv6 super-packet (no extension headers), as offload_python.segment_tcp6. */
+static PyObject *segment_tcp6(PyObject *self, PyObject *args) {
+    Py_buffer in, out;
+    Py_ssize_t n, mss;
+    PyObject *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*nnw*", &in, &n, &mss, &out))
+        return NULL;
+    const uint8_t *p = in.buf;
+    if (n < 60 || n > in.len || mss < 1 || mss > 0xFFFF) {
+        fail("segment_tcp6: packet or MSS out of range");
         goto done;
     }
-    uint8_t flags = p[ip_len + 13];
-    uint32_t ident = get16(p + 4), seq = get32(p + ip_len + 4);
-    for (Py_ssize_t i = 0; i < count; i++) {
-        uint8_t *seg = o + i * seglen;
-        Py_ssize_t length = hlen + (i < full ? mss : last_payload);
-        memcpy(seg, p, hlen);
-        memcpy(seg + hlen, p + hlen + i * mss, length - hlen);
-        uint8_t keep = 0xFF;
-        if (i > 0)
-            keep &= (uint8_t)~TCP_CWR; /* CWR on the first segment only */
-        if (i < full)
-            keep &= (uint8_t)~(TCP_FIN | TCP_PSH); /* FIN and PSH on the last only */
-        seg[ip_len + 13] = flags & keep;
-        put16(seg + 2, (uint32_t)length);
-        put16(seg + 4, (ident + (uint32_t)i) & 0xFFFF);
-        put16(seg + 10, 0);
-        put32(seg + ip_len + 4, seq + (uint32_t)(i * mss));
-        put16(seg + ip_len + 16, 0);
-        put16(seg + 10, checksum(seg, ip_len, 0));
-        uint64_t pseudo = pseudo_sum(seg, 6, (uint32_t)(length - ip_len));
-        put16(seg + ip_len + 16, checksum(seg + ip_len, length - ip_len, pseudo));
+    if (p[0] >> 4 != 6 || p[6] != 6) {
+        fail("segment_tcp6: not a plain TCP/IPv6 packet");
+        goto done;
     }
-    result = Py_BuildValue("nnn", total, seglen, count);
+    Py_ssize_t hlen = 40 + (p[52] >> 4) * 4;
+    if (hlen < 60 || hlen > n) {
+        fail("segment_tcp6: bad TCP header length");
+        goto done;
+    }
+    result = segment(p, n, mss, &out, 40, hlen, 1);
 done:
     PyBuffer_Release(&in);
     PyBuffer_Release(&out);
@@ -148,8 +198,49 @@ done:
 
 /* Byte ranges of a TCP/IPv4 header (no IP options) that every segment of
  * one flow shares: all but length, id, IP checksum, sequence number, flags
- * and TCP checksum (as offload_python._FIXED_RANGES). */
+ * and TCP checksum (as offload_python._FIXED_RANGES); and of a TCP/IPv6
+ * header (no extension headers): all but payload length, sequence number,
+ * flags and TCP checksum (_FIXED_RANGES6). */
 static const int fixed_ranges[][2] = {{0, 2}, {6, 10}, {12, 24}, {28, 33}, {34, 36}};
+static const int fixed_ranges6[][2] = {{0, 4}, {6, 44}, {48, 53}, {54, 56}};
+
+/* Where a plain TCP/IPv4 or TCP/IPv6 header keeps what the ingress stages
+ * read and write (as offload_python._Layout); TCP starts at ip_len. */
+struct layout {
+    const char *merge_error, *extend_error;
+    Py_ssize_t ip_len;
+    const int (*fixed)[2];
+    size_t nfixed;
+    int length_at; /* IPv4's total length, IPv6's payload length */
+    int six;
+};
+static const struct layout V4 = {"merge_tcp4: batch lengths out of range", "extend_tcp4: lengths out of range", 20,
+                                 fixed_ranges, sizeof fixed_ranges / sizeof fixed_ranges[0], 2, 0};
+static const struct layout V6 = {"merge_tcp6: batch lengths out of range", "extend_tcp6: lengths out of range", 40,
+                                 fixed_ranges6, sizeof fixed_ranges6 / sizeof fixed_ranges6[0], 4, 1};
+
+/* What the IP length field holds for a datagram of length bytes. */
+static inline Py_ssize_t length_field(const struct layout *l, Py_ssize_t length) {
+    return l->six ? length - l->ip_len : length;
+}
+
+/* Whether two headers of hlen bytes belong to one flow (the urgent pointer
+ * and TCP options, from ip_len + 18, compared too). */
+static int same_flow(const uint8_t *a, const uint8_t *b, Py_ssize_t hlen, const struct layout *l) {
+    for (size_t r = 0; r < l->nfixed; r++)
+        if (memcmp(a + l->fixed[r][0], b + l->fixed[r][0], l->fixed[r][1] - l->fixed[r][0]))
+            return 0;
+    Py_ssize_t options = l->ip_len + 18;
+    return !memcmp(a + options, b + options, hlen - options);
+}
+
+/* A plain TCP/IPv4 header (no options, not a fragment) or TCP/IPv6 header
+ * (no extension headers): the only ones the stages merge. */
+static int plain_tcp(const uint8_t *b, const struct layout *l) {
+    if (l->six)
+        return b[6] == 6;
+    return b[0] == 0x45 && b[9] == 6 && !(b[6] & 0x3F) && !b[7];
+}
 
 /* Lengths a caller may pass for a batch of count datagrams of seglen bytes
  * (the last shorter) in a buffer of size bytes: small enough not to
@@ -161,8 +252,8 @@ static int batch_fits(Py_ssize_t count, Py_ssize_t seglen, Py_ssize_t total, Py_
 static int ip_header_valid(const uint8_t *h) { return sum_le(h, 20, 0) % 0xFFFF == 0; }
 
 /* tcp_flow_run(batch, count, seglen, total) -> (header length, run) or (0, 0):
- * how many leading datagrams are in-order segments of one plain TCP flow
- * (as offload_python.tcp_flow_run; a PSH ends the run). */
+ * how many leading datagrams are in-order segments of one plain TCP flow,
+ * IPv4 or IPv6 (as offload_python.tcp_flow_run; a PSH ends the run). */
 static PyObject *tcp_flow_run(PyObject *self, PyObject *args) {
     Py_buffer in;
     Py_ssize_t count, seglen, total, hlen = 0, run = 0;
@@ -176,32 +267,29 @@ static PyObject *tcp_flow_run(PyObject *self, PyObject *args) {
     Py_ssize_t full = count - 1, last_len = total - full * seglen;
     if (count < 1 || seglen < 40 || last_len < 40)
         goto done;
-    if (b[0] != 0x45 || b[9] != 6 || (b[6] & 0x3F) || b[7])
+    const struct layout *l = b[0] >> 4 == 6 ? &V6 : &V4;
+    Py_ssize_t tcp = l->ip_len, shortest = tcp + 20;
+    if (seglen < shortest || last_len < shortest || !plain_tcp(b, l))
         goto done;
-    Py_ssize_t data_offset = b[32] >> 4;
+    Py_ssize_t data_offset = b[tcp + 12] >> 4;
     if (data_offset < 5)
         goto done;
-    Py_ssize_t candidate = 20 + data_offset * 4, mss = seglen - candidate;
+    Py_ssize_t candidate = tcp + data_offset * 4, mss = seglen - candidate;
     if (mss <= 0 || last_len <= candidate)
         goto done;
-    uint32_t seq0 = get32(b + 24);
+    uint32_t seq0 = get32(b + tcp + 4);
     for (Py_ssize_t i = 0; i < count; i++) {
         const uint8_t *h = b + i * seglen;
-        if (i > 0) {
-            int same = 1;
-            for (size_t r = 0; same && r < sizeof fixed_ranges / sizeof fixed_ranges[0]; r++)
-                same = !memcmp(h + fixed_ranges[r][0], b + fixed_ranges[r][0], fixed_ranges[r][1] - fixed_ranges[r][0]);
-            if (!same || memcmp(h + 38, b + 38, candidate - 38))
-                break;
-        }
-        uint8_t flags = h[33];
+        if (i > 0 && !same_flow(b, h, candidate, l))
+            break;
+        uint8_t flags = h[tcp + 13];
         if (flags != TCP_ACK && flags != (TCP_ACK | TCP_PSH))
             break;
-        if (get16(h + 2) != (i < full ? seglen : last_len))
+        if (get16(h + l->length_at) != length_field(l, i < full ? seglen : last_len))
             break;
-        if (!ip_header_valid(h))
+        if (!l->six && !ip_header_valid(h))
             break;
-        if (get32(h + 24) != seq0 + (uint32_t)(i * mss))
+        if (get32(h + tcp + 4) != seq0 + (uint32_t)(i * mss))
             break;
         run = i + 1;
         if (flags & TCP_PSH)
@@ -215,14 +303,21 @@ done:
 }
 
 /* The header of a merged super-packet: the last segment's flags (PSH), its
- * length, the IP checksum, and for CHECKSUM_PARTIAL the pseudo-header sum
+ * length, the IPv4 checksum, and for CHECKSUM_PARTIAL the pseudo-header sum
  * that the kernel completes. */
-static void finish_merged(uint8_t *packet, uint8_t flags, Py_ssize_t length) {
-    packet[33] = flags;
-    put16(packet + 2, (uint32_t)length);
-    put16(packet + 10, 0);
-    put16(packet + 10, checksum(packet, 20, 0));
-    put16(packet + 36, fold_be(pseudo_sum(packet, 6, (uint32_t)(length - 20))));
+static void finish_merged(uint8_t *packet, uint8_t flags, Py_ssize_t length, const struct layout *l) {
+    Py_ssize_t tcp = l->ip_len;
+    packet[tcp + 13] = flags;
+    put16(packet + l->length_at, (uint32_t)length_field(l, length));
+    uint64_t pseudo;
+    if (l->six) {
+        pseudo = pseudo_sum6(packet, 6, (uint32_t)(length - tcp));
+    } else {
+        put16(packet + 10, 0);
+        put16(packet + 10, checksum(packet, 20, 0));
+        pseudo = pseudo_sum(packet, 6, (uint32_t)(length - tcp));
+    }
+    put16(packet + tcp + 16, fold_be(pseudo));
 }
 
 /* The payloads of a run's segments, back to back from dest. */
@@ -234,25 +329,24 @@ static void copy_payloads(const uint8_t *b, Py_ssize_t count, Py_ssize_t seglen,
     memcpy(dest, b + full * seglen + hlen, total - full * seglen - hlen);
 }
 
-/* merge_tcp4(batch, count, seglen, total, hlen, out) -> the super-packet's length in out */
-static PyObject *merge_tcp4(PyObject *self, PyObject *args) {
+/* merge(batch, count, seglen, total, hlen, out) -> the super-packet's length in out */
+static PyObject *merge(PyObject *args, const struct layout *l) {
     Py_buffer in, out;
     Py_ssize_t count, seglen, total, hlen;
     PyObject *result = NULL;
-    (void)self;
     if (!PyArg_ParseTuple(args, "y*nnnnw*", &in, &count, &seglen, &total, &hlen, &out))
         return NULL;
     const uint8_t *b = in.buf;
     Py_ssize_t full = count - 1, mss = seglen - hlen, length = total - full * hlen;
-    if (!batch_fits(count, seglen, total, in.len) || count < 2 || hlen < 40 || mss <= 0 || total - full * seglen <= hlen
-        || length > 0xFFFF || length > out.len) {
-        fail("merge_tcp4: batch lengths out of range");
+    if (!batch_fits(count, seglen, total, in.len) || count < 2 || hlen < l->ip_len + 20 || mss <= 0
+        || total - full * seglen <= hlen || length > 0xFFFF || length > out.len) {
+        fail(l->merge_error);
         goto done;
     }
     uint8_t *packet = out.buf;
     memcpy(packet, b, hlen);
     copy_payloads(b, count, seglen, total, hlen, packet + hlen);
-    finish_merged(packet, b[full * seglen + 33], length);
+    finish_merged(packet, b[full * seglen + l->ip_len + 13], length, l);
     result = PyLong_FromSsize_t(length);
 done:
     PyBuffer_Release(&in);
@@ -260,36 +354,35 @@ done:
     return result;
 }
 
-/* extend_tcp4(batch, count, seglen, total, hlen, out, used) -> new length, or 0:
- * append a run (checked by tcp_flow_run) to the super-packet that merge_tcp4
+static PyObject *merge_tcp4(PyObject *self, PyObject *args) { return merge(args, &V4); }
+static PyObject *merge_tcp6(PyObject *self, PyObject *args) { return merge(args, &V6); }
+
+/* extend(batch, count, seglen, total, hlen, out, used) -> new length, or 0:
+ * append a run (checked by tcp_flow_run) to the super-packet that merge
  * or this function left in out[:used], when the run continues it: the same
  * flow header, the next sequence number, whole segments so far, no PSH yet,
- * and room under the IP length limit (as offload_python.extend_tcp4). */
-static PyObject *extend_tcp4(PyObject *self, PyObject *args) {
+ * and room under the IP length limit (as offload_python._extend). */
+static PyObject *extend(PyObject *args, const struct layout *l) {
     Py_buffer in, out;
     Py_ssize_t count, seglen, total, hlen, used, grown = 0;
     PyObject *result = NULL;
-    (void)self;
     if (!PyArg_ParseTuple(args, "y*nnnnw*n", &in, &count, &seglen, &total, &hlen, &out, &used))
         return NULL;
     const uint8_t *b = in.buf;
-    Py_ssize_t full = count - 1, mss = seglen - hlen;
-    if (!batch_fits(count, seglen, total, in.len) || count < 1 || hlen < 40 || hlen > 80 || mss <= 0
+    Py_ssize_t full = count - 1, mss = seglen - hlen, tcp = l->ip_len;
+    if (!batch_fits(count, seglen, total, in.len) || count < 1 || hlen < tcp + 20 || hlen > tcp + 60 || mss <= 0
         || total - full * seglen <= hlen || used < hlen || used > out.len) {
-        fail("extend_tcp4: lengths out of range");
+        fail(l->extend_error);
         goto done;
     }
     uint8_t *packet = out.buf;
     Py_ssize_t merged_payload = used - hlen, grown_length = used + total - count * hlen;
-    if (merged_payload % mss || packet[33] != TCP_ACK || grown_length > 0xFFFF || grown_length > out.len)
+    if (merged_payload % mss || packet[tcp + 13] != TCP_ACK || grown_length > 0xFFFF || grown_length > out.len)
         goto answer;
-    for (size_t r = 0; r < sizeof fixed_ranges / sizeof fixed_ranges[0]; r++)
-        if (memcmp(packet + fixed_ranges[r][0], b + fixed_ranges[r][0], fixed_ranges[r][1] - fixed_ranges[r][0]))
-            goto answer;
-    if (memcmp(packet + 38, b + 38, hlen - 38) || get32(b + 24) != get32(packet + 24) + (uint32_t)merged_payload)
+    if (!same_flow(packet, b, hlen, l) || get32(b + tcp + 4) != get32(packet + tcp + 4) + (uint32_t)merged_payload)
         goto answer;
     copy_payloads(b, count, seglen, total, hlen, packet + used);
-    finish_merged(packet, b[full * seglen + 33], grown_length);
+    finish_merged(packet, b[full * seglen + tcp + 13], grown_length, l);
     grown = grown_length;
 answer:
     result = PyLong_FromSsize_t(grown);
@@ -298,6 +391,9 @@ done:
     PyBuffer_Release(&out);
     return result;
 }
+
+static PyObject *extend_tcp4(PyObject *self, PyObject *args) { return extend(args, &V4); }
+static PyObject *extend_tcp6(PyObject *self, PyObject *args) { return extend(args, &V6); }
 
 /* plain_ipv4_batch(batch, count, seglen, total, src_net, dst_net, mask) -> bool:
  * every datagram a plain IPv4 header (no options) with the right length and
@@ -356,9 +452,12 @@ done:
 
 static PyMethodDef methods[] = {
     {"segment_tcp4", segment_tcp4, METH_VARARGS, "Split a TCP/IPv4 super-packet into MSS-sized packets."},
+    {"segment_tcp6", segment_tcp6, METH_VARARGS, "Split a plain TCP/IPv6 super-packet into MSS-sized packets."},
     {"tcp_flow_run", tcp_flow_run, METH_VARARGS, "(header length, count) of the leading datagrams that form one in-order TCP run."},
     {"merge_tcp4", merge_tcp4, METH_VARARGS, "Write a checked run as one TCP super-packet (CHECKSUM_PARTIAL)."},
     {"extend_tcp4", extend_tcp4, METH_VARARGS, "Append a run to the super-packet it continues; the new length or 0."},
+    {"merge_tcp6", merge_tcp6, METH_VARARGS, "Write a checked TCP/IPv6 run as one super-packet (CHECKSUM_PARTIAL)."},
+    {"extend_tcp6", extend_tcp6, METH_VARARGS, "Append a TCP/IPv6 run to the super-packet it continues; the new length or 0."},
     {"plain_ipv4_batch", plain_ipv4_batch, METH_VARARGS, "True if every datagram is a plain valid IPv4 packet between two subnets."},
     {"complete_checksum", complete_checksum, METH_VARARGS, "Finish a CHECKSUM_PARTIAL packet's TCP or UDP checksum."},
     {NULL, NULL, 0, NULL},

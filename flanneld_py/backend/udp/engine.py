@@ -272,16 +272,27 @@ class Engine:
         if verdict is not None:
             self.drops[verdict] += 1
             return None
-        peer = self.peers6.get(int.from_bytes(buf[8:24], "big") & self.subnet6_mask)
-        if peer is None or (peer.public_ip != source_ip and peer.public_ipv6 != source_ip):
+        peer = self._source_peer6(buf, source_ip)
+        if peer is None:
             self.drops[Drop.SOURCE_NOT_IN_PEER_SUBNET] += 1
             return None
-        if int.from_bytes(buf[24:40], "big") & self.subnet6_mask != self.own_net6:
+        if not self._to_us6(buf):
             self.drops[Drop.DESTINATION_NOT_LOCAL] += 1
             return None
         peer.rx_packets += 1
         peer.rx_bytes += n
         return peer
+
+    def _source_peer6(self, buf: bytearray | memoryview, source_ip: str) -> Peer | None:
+        """The peer whose IPv6 subnet holds the inner source, if ``source_ip`` is one of its addresses."""
+        peer = self.peers6.get(int.from_bytes(buf[8:24], "big") & self.subnet6_mask)
+        if peer is None or (peer.public_ip != source_ip and peer.public_ipv6 != source_ip):
+            return None
+        return peer
+
+    def _to_us6(self, buf: bytearray | memoryview) -> bool:
+        """Whether the inner IPv6 destination is inside our IPv6 subnet."""
+        return int.from_bytes(buf[24:40], "big") & self.subnet6_mask == self.own_net6
 
     def inbound_batch(self, batch: memoryview, count: int, seglen: int, total: int, source_ip: str) -> Peer | None:
         """Accept a whole GRO batch (``count`` datagrams of ``seglen``, the last shorter) at once.
@@ -306,15 +317,21 @@ class Engine:
         return peer
 
     def inbound_flow(self, header: memoryview, count: int, total: int, source_ip: str) -> Peer | None:
-        """Accept ``count`` datagrams of one verified flow (see ``tcp_flow_header_len``),
+        """Accept ``count`` datagrams of one verified flow, IPv4 or IPv6 (see ``tcp_flow_run``),
         whose headers equal ``header`` but for lengths, ids and checksums, by checking
-        the first. None, with no counter touched, sends the batch to the general path."""
+        the first with :meth:`inbound`'s rules. None, with no counter touched, sends the batch
+        to the general path."""
         if source_ip not in self._public_ips:
             return None
-        src, dst = _ADDRS.unpack_from(header, 12)
-        peer = self.peers.get(src & self.subnet_mask)
-        if peer is None or peer.public_ip != source_ip or dst & self.subnet_mask != self.own_net:
-            return None
+        if header[0] >> 4 == 6:
+            peer = self._source_peer6(header, source_ip)
+            if peer is None or not self._to_us6(header):
+                return None
+        else:
+            src, dst = _ADDRS.unpack_from(header, 12)
+            peer = self.peers.get(src & self.subnet_mask)
+            if peer is None or peer.public_ip != source_ip or dst & self.subnet_mask != self.own_net:
+                return None
         peer.rx_packets += count
         peer.rx_bytes += total
         return peer

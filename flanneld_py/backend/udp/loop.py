@@ -11,22 +11,23 @@ header) and :class:`~.udpconn.UdpConn` (runs of equal-size datagrams; the
 GSO/GRO control messages). Stages, in order:
 
 * flannel0 -> UDP: a read is one packet or, with TUN offloads, a TCP
-  super-packet, checked once by the engine, split by ``segment_tcp4`` into
+  super-packet (TSO, TSO6), checked once by the engine, split by
+  ``segment_tcp4`` or ``segment_tcp6`` into
   a run of datagrams; runs to one peer span super-packets and leave in as
   few sends as the connection allows (a pod's 64 KB super-packet is more
   than one UDP GSO send holds, so its tail waits for the next one's
   segments), small packets of one size to one peer too;
 * UDP -> flannel0: a read is one datagram or, with GRO, a run from one
   sender, taken in runs of one TCP flow (``tcp_flow_run``), each checked by
-  its first header and merged (``merge_tcp4``) into a super-packet that the
-  next run of the flow may extend (``extend_tcp4``); other reads are
+  its first header and merged (``merge_tcp4``/``merge_tcp6``) into a
+  super-packet that the next run of the flow may extend (``extend_tcp4``/
+  ``extend_tcp6``); other reads are
   checked as a whole (:meth:`Engine.inbound_batch`) or one by one.
 
 The stages come from :mod:`.offload` (compiled, or the pure-Python
 reference). Every datagram on the wire is one complete inner IPv4 or IPv6
-packet no larger than flannel0's MTU (IPv6 TCP arrives from flannel0 as MTU-sized
-packets: TSO6 is not advertised until the stages segment IPv6), and every packet ends forwarded or counted as a
-drop. Peer changes run as ordinary callbacks on the same loop, so they land
+packet no larger than flannel0's MTU, and every packet ends forwarded or
+counted as a drop. Peer changes run as ordinary callbacks on the same loop, so they land
 between batches.
 
 With the fast lane (:mod:`.lane`) a C thread reads flannel0 and the IPv4
@@ -44,7 +45,7 @@ from types import ModuleType
 from ...core.packet import Drop
 from .engine import Engine, Peer
 from .lane import FastLane
-from .offload import extend_tcp4, merge_tcp4, segment_tcp4, tcp_flow_run
+from .offload import extend_tcp4, extend_tcp6, merge_tcp4, merge_tcp6, segment_tcp4, segment_tcp6, tcp_flow_run
 from .tun import HEADROOM, OffloadError, TunDevice, TunPacket
 from .udpconn import MAX_GSO_BYTES, UdpConn
 
@@ -203,10 +204,12 @@ class Pump:
 
     def _queue_super(self, packet: memoryview, length: int, mss: int, peer: Peer) -> None:
         """Split a TCP super-packet (counted by the engine as one packet) into the run."""
-        addr = peer.addr
+        six = packet[0] >> 4 == 6
+        addr = (peer.addr6 or peer.addr) if six else peer.addr
         run = self._make_room(addr, SEGMENT_ROOM)
         try:
-            total, seglen, segments = segment_tcp4(packet, length, mss, run.view[run.used :])
+            total, seglen, segments = (segment_tcp6 if six else segment_tcp4)(packet, length, mss,
+                                                                              run.view[run.used :])
         except ValueError:
             peer.tx_packets -= 1
             peer.tx_bytes -= length
@@ -361,14 +364,18 @@ class Pump:
 
     def _merge_run(self, run_view: memoryview, run: int, seglen: int, run_bytes: int, hlen: int) -> None:
         """Extend the waiting super-packet with an accepted run, or write that one and start anew."""
+        six = run_view[0] >> 4 == 6
         if self._merged:
-            grown = extend_tcp4(run_view, run, seglen, run_bytes, hlen, self._merge_out, self._merged)
-            if grown:
-                self._merged = grown
-                return
+            if self._merge_out[0] >> 4 == run_view[0] >> 4:  # a super-packet of the other family never grows
+                extend = extend_tcp6 if six else extend_tcp4
+                grown = extend(run_view, run, seglen, run_bytes, hlen, self._merge_out, self._merged)
+                if grown:
+                    self._merged = grown
+                    return
             self._flush_merged()
         if run >= 2:
-            self._merged = merge_tcp4(run_view, run, seglen, run_bytes, hlen, self._merge_out)
+            merge = merge_tcp6 if six else merge_tcp4
+            self._merged = merge(run_view, run, seglen, run_bytes, hlen, self._merge_out)
             self._merged_hlen, self._merged_mss = hlen, seglen - hlen
         else:
             self._tun_write(run_view[:run_bytes])

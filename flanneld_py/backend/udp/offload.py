@@ -18,10 +18,13 @@ __all__ = [
     "IMPL",
     "complete_checksum",
     "extend_tcp4",
+    "extend_tcp6",
     "load",
     "merge_tcp4",
+    "merge_tcp6",
     "plain_ipv4_batch",
     "segment_tcp4",
+    "segment_tcp6",
     "tcp_flow_run",
 ]
 
@@ -56,3 +59,6 @@ merge_tcp4 = _impl.merge_tcp4
 extend_tcp4 = _impl.extend_tcp4
 plain_ipv4_batch = _impl.plain_ipv4_batch
 complete_checksum = _impl.complete_checksum
+segment_tcp6 = _impl.segment_tcp6
+merge_tcp6 = _impl.merge_tcp6
+extend_tcp6 = _impl.extend_tcp6

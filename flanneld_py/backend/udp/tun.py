@@ -20,7 +20,7 @@ from typing import Protocol
 
 from ...core.packet import Drop
 from .offload import complete_checksum
-from .vnet import GSO_NONE, GSO_TCPV4, NEEDS_CSUM, VNET_HDR, VNET_HDR_LEN, ZERO_VNET_HDR
+from .vnet import GSO_NONE, GSO_TCPV4, GSO_TCPV6, NEEDS_CSUM, VNET_HDR, VNET_HDR_LEN, ZERO_VNET_HDR
 
 __all__ = ["HEADROOM", "KernelTun", "OffloadError", "TunDevice", "TunPacket", "TunQueue", "open_tun"]
 
@@ -37,7 +37,7 @@ TUN_F_TSO6 = 0x04
 HEADROOM = VNET_HDR_LEN  # bytes a caller leaves free before a super-packet it hands to write_super
 MAX_READ = 65536 + VNET_HDR_LEN
 _PROTO_UDP = 17
-_TCP_CSUM_START, _TCP_CSUM_OFFSET = 20, 16  # a merged super-packet: plain IPv4 header, TCP checksum
+_TCP_CSUM_OFFSET = 16  # a merged super-packet's TCP checksum, after a plain IPv4 (20) or IPv6 (40) header
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ class OffloadError(Exception):
 class TunPacket:
     """One read from the device, reused for every read (the loop allocates nothing per packet).
 
-    ``packet[:length]`` is an IPv4 packet; ``mss`` is 0, or for a TCP/IPv4
-    super-packet the segment size to split it at. ``packet`` is scratch: the
+    ``packet[:length]`` is an IPv4 or IPv6 packet; ``mss`` is 0, or for a TCP
+    super-packet (TSO or TSO6) the segment size to split it at. ``packet`` is scratch: the
     next read overwrites it.
     """
 
@@ -92,7 +92,8 @@ class TunDevice(Protocol):
         """Write one IPv4 packet. Raises OSError."""
 
     def write_super(self, buf: memoryview, length: int, hlen: int, mss: int) -> None:
-        """Write the TCP/IPv4 super-packet ``buf[HEADROOM:HEADROOM + length]`` (headers of ``hlen``
+        """Write the TCP super-packet ``buf[HEADROOM:HEADROOM + length]``, plain TCP/IPv4 or TCP/IPv6
+        as its version says (headers of ``hlen``
         bytes, segments of ``mss``, the TCP checksum field holding the pseudo-header sum), using
         the ``HEADROOM`` bytes in front for the offload header. Raises OSError."""
 
@@ -150,8 +151,10 @@ class TunQueue:
                     raise OffloadError(Drop.BAD_OFFLOAD_HEADER) from None
             read.length, read.mss = length, 0
             return read
-        if kind != GSO_TCPV4:
+        if kind != GSO_TCPV4 and kind != GSO_TCPV6:
             raise OffloadError(Drop.NOT_IPV4)
+        if not length or (kind == GSO_TCPV6) != (read.packet[0] >> 4 == 6):  # TSO of the other family
+            raise OffloadError(Drop.BAD_OFFLOAD_HEADER)
         read.length, read.mss = length, gso_size
         return read
 
@@ -159,7 +162,10 @@ class TunQueue:
         self._write_raw((ZERO_VNET_HDR, packet) if self.offload else (packet,))
 
     def write_super(self, buf: memoryview, length: int, hlen: int, mss: int) -> None:
-        VNET_HDR.pack_into(buf, 0, NEEDS_CSUM, GSO_TCPV4, hlen, mss, _TCP_CSUM_START, _TCP_CSUM_OFFSET)
+        if buf[HEADROOM] >> 4 == 6:
+            VNET_HDR.pack_into(buf, 0, NEEDS_CSUM, GSO_TCPV6, hlen, mss, 40, _TCP_CSUM_OFFSET)
+        else:
+            VNET_HDR.pack_into(buf, 0, NEEDS_CSUM, GSO_TCPV4, hlen, mss, 20, _TCP_CSUM_OFFSET)
         self._write_raw((buf[: HEADROOM + length],))
 
 
@@ -218,8 +224,7 @@ def _open(name: str, offload: bool) -> KernelTun:
         result = fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
         if offload:
             fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_LEN))
-            # TSO6 stays off until the offload stages segment IPv6: IPv6 TCP then comes as MTU packets
-            fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4)
+            fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
     except OSError:
         os.close(fd)
         raise
