@@ -355,6 +355,19 @@ def test_write_outputs_makes_every_file(tmp_path: Any) -> None:
     assert json.loads((tmp_path / "results.json").read_text())["modes"]["udp"]["figures"]["tcp_1_gbps"]["median"] == 1.5
 
 
+def test_write_outputs_under_sudo_gives_what_it_made_to_the_user(tmp_path: Any, monkeypatch: Any) -> None:
+    pytest.importorskip("matplotlib")
+    if os.geteuid() != 0:
+        pytest.skip("needs root: it changes file owners as a run with sudo does")
+    monkeypatch.setenv("SUDO_UID", "65534")
+    monkeypatch.setenv("SUDO_GID", "65533")
+    results = _results({"udp": summarize_mode([figures_from_round(_raw_round(1.0))], [], 1)})
+    written = write_outputs(str(tmp_path / "out" / "demo"), results)
+    for path in [tmp_path / "out", tmp_path / "out" / "demo", *written]:
+        assert (os.stat(path).st_uid, os.stat(path).st_gid) == (65534, 65533), path
+    assert os.stat(tmp_path).st_uid == 0  # it existed before: left as it was
+
+
 def test_figure_table() -> None:
     assert figure("udp64_pps").show(46119.8) == "46"
     assert figure("tcp_1_gbps").show(None) == "—"
