@@ -23,12 +23,10 @@ from bench.measure import (
     DaemonCpu,
     MeasureError,
     cpu_usage,
-    descendants,
     parse_iperf3_tcp,
     parse_iperf3_udp,
     parse_pid_stat,
     parse_ping,
-    parse_ppid,
     parse_proc_stat,
     parse_schedstat,
     parse_vmhwm_kib,
@@ -157,13 +155,6 @@ def test_parse_pid_stat_with_odd_comm() -> None:
     fields = ["S", "1", "2", "3"] + ["0"] * 7 + ["345", "67"] + ["0"] * 30
     text = "4242 (py (thr) x) " + " ".join(fields) + "\n"
     assert parse_pid_stat(text) == (345, 67)
-
-
-def test_process_tree() -> None:
-    assert parse_ppid("4242 (py (thr) x) S 17 4242 4242 0 -1") == 17
-    parents = {1: 0, 10: 1, 11: 10, 12: 11, 13: 10, 20: 1}
-    assert descendants(10, parents) == [10, 11, 12, 13]
-    assert descendants(12, parents) == [12]
 
 
 def test_parse_proc_stat_and_kernel_share() -> None:
