@@ -236,8 +236,7 @@ class Daemon:
         """The CNI socket: pods can be wired once the subnet file exists."""
         self.subnet_env = env
         server = CniServer(
-            ConfigDefaults(subnet_file=self.options.subnet_file,
-                           gso_max_size=self.state.backend.pod_gso_max_size if self.state.backend else None),
+            ConfigDefaults(subnet_file=self.options.subnet_file),
             current_lease=lambda: self.subnet_env,
             node=self.netlink,
         )

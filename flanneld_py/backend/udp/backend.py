@@ -99,14 +99,6 @@ class UdpBackend:
     def mtu(self) -> int:
         return self.ctx.iface.mtu - (OVERHEAD6 if self._ipv6_underlay else OVERHEAD)
 
-    @property
-    def pod_gso_max_size(self) -> int | None:
-        """The kernel's default: the loop carries a pod's 64 KB super-packet (more than one UDP
-        GSO send holds) across sends and GRO reads, so pods wired by any CNI plugin get the
-        same speed, and a lower cap on flannel0 or a pod veth would only make the kernel
-        split super-packets in software."""
-        return None
-
     def lease_attrs(self) -> LeaseAttrs:
         return LeaseAttrs(self.ctx.public_ip, self.type_name, None)
 
