@@ -103,7 +103,7 @@ from scapy.layers.inet6 import (  # noqa: E402
     IPv6ExtHdrFragment,
 )
 
-from flanneld_py.backend.udp.engine import Icmp6Budget  # noqa: E402
+from flanneld_py.backend.udp.engine import IcmpBudget  # noqa: E402
 
 OWN6 = IPv6Network("fd00:10:244:7::/64")
 
@@ -117,7 +117,7 @@ class Clock:
 
 
 def engine6(underlay6=False, clock=None):
-    budget = Icmp6Budget(rate=10, burst=3, clock=clock or Clock())
+    budget = IcmpBudget(rate=10, burst=3, clock=clock or Clock())
     e = Engine(IPv4Network("10.244.0.0/16"), OWN, 8285, IPv6Network("fd00:10:244::/48"), OWN6, underlay6, budget)
     e.set_peer(IPv4Network("10.244.8.0/24"), "198.51.100.8", IPv6Network("fd00:10:244:8::/64"), "2001:db8::8")
     e.set_peer(IPv4Network("10.244.9.0/24"), "198.51.100.9")  # flannel's own udp backend: IPv4 only
@@ -246,3 +246,55 @@ def test_without_an_ipv6_subnet_of_ours_ipv6_finds_no_route_and_no_answer():
     e = engine()
     buf = pkt6("fd00:10:244:7::5", "fd00:10:244:8::1")
     assert e.outbound(buf, len(buf)) is None and e.take_replies() == [] and e.drops[Drop.NO_ROUTE] == 1
+
+
+# --- the shared ICMP error budget ----------------------------------------------------------------
+
+
+def test_ipv4_errors_are_rate_limited_and_the_rest_counted():
+    clock = Clock()
+    e = engine6(clock=clock)  # a budget of 10 a second, bursts of 3
+    for _ in range(4):
+        buf = pkt("10.244.7.5", "10.244.200.1")
+        assert e.outbound(buf, len(buf)) is None
+    for _ in range(2):
+        buf = pkt("10.244.7.5", "10.244.8.1", ttl=1)
+        assert e.outbound(buf, len(buf)) is None
+    assert [IP(r)[ICMP].type for r in e.take_replies()] == [3, 3, 3]  # the burst
+    assert e.icmp_suppressed == 3
+    assert e.drops[Drop.NO_ROUTE] == 4 and e.drops[Drop.TTL_EXPIRED] == 2  # every packet counted as before
+    clock.now += 0.1  # one token at 10/s
+    buf = pkt("10.244.7.5", "10.244.8.1", ttl=1)
+    e.outbound(buf, len(buf))
+    buf = pkt("10.244.7.5", "10.244.8.1", ttl=1)
+    e.outbound(buf, len(buf))
+    assert [IP(r)[ICMP].type for r in e.take_replies()] == [11]
+    assert e.icmp_suppressed == 4
+
+
+def test_one_budget_for_icmp_and_icmpv6():
+    clock = Clock()
+    e = engine6(clock=clock)
+    for _ in range(3):
+        buf = pkt("10.244.7.5", "10.244.200.1")
+        e.outbound(buf, len(buf))
+    buf6 = pkt6("fd00:10:244:7::5", "fd00:10:244:200::1")
+    assert e.outbound(buf6, len(buf6)) is None
+    assert len(e.take_replies()) == 3 and e.icmp_suppressed == 1  # IPv4 spent the burst IPv6 would have used
+    clock.now += 0.1
+    buf6 = pkt6("fd00:10:244:7::5", "fd00:10:244:200::1")
+    e.outbound(buf6, len(buf6))
+    buf = pkt("10.244.7.5", "10.244.200.1")
+    e.outbound(buf, len(buf))
+    assert [r[0] >> 4 for r in e.take_replies()] == [6] and e.icmp_suppressed == 2
+
+
+def test_packets_not_answered_spend_no_budget():
+    e = engine6(clock=Clock())
+    err = bytearray(bytes(IP(src="10.244.7.5", dst="10.244.200.1") / ICMP(type=3) / Raw(b"x" * 28)))
+    outside = pkt("10.244.7.5", "192.0.2.10")
+    for _ in range(5):
+        e.outbound(bytearray(err), len(err))
+        e.outbound(bytearray(outside), len(outside))
+    assert e.take_replies() == [] and e.icmp_suppressed == 0
+    assert e.icmp_budget.take()  # the burst is still whole

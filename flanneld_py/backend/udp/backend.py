@@ -219,7 +219,9 @@ class UdpBackend:
     def drop_counts(self) -> dict[str, int]:
         if self.engine is None:
             return {}
-        return {reason.label: self.engine.drops[reason] for reason in Drop}
+        counts = {reason.label: self.engine.drops[reason] for reason in Drop}
+        counts["icmp_rate_limited"] = self.engine.icmp_suppressed  # errors we did not send, not packets lost
+        return counts
 
     async def stop(self, cleanup: bool) -> None:
         if self._keeper is not None:
