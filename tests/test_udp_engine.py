@@ -251,23 +251,35 @@ def test_without_an_ipv6_subnet_of_ours_ipv6_finds_no_route_and_no_answer():
 # --- the shared ICMP error budget ----------------------------------------------------------------
 
 
+def send_out(e, make, times=1):
+    """``times`` fresh packets from ``make()`` through ``e.outbound``."""
+    for _ in range(times):
+        buf = make()
+        assert e.outbound(buf, len(buf)) is None
+
+
+def no_route4():
+    return pkt("10.244.7.5", "10.244.200.1")
+
+
+def expired4():
+    return pkt("10.244.7.5", "10.244.8.1", ttl=1)
+
+
+def no_route6():
+    return pkt6("fd00:10:244:7::5", "fd00:10:244:200::1")
+
+
 def test_ipv4_errors_are_rate_limited_and_the_rest_counted():
     clock = Clock()
     e = engine6(clock=clock)  # a budget of 10 a second, bursts of 3
-    for _ in range(4):
-        buf = pkt("10.244.7.5", "10.244.200.1")
-        assert e.outbound(buf, len(buf)) is None
-    for _ in range(2):
-        buf = pkt("10.244.7.5", "10.244.8.1", ttl=1)
-        assert e.outbound(buf, len(buf)) is None
+    send_out(e, no_route4, 4)
+    send_out(e, expired4, 2)
     assert [IP(r)[ICMP].type for r in e.take_replies()] == [3, 3, 3]  # the burst
     assert e.icmp_suppressed == 3
     assert e.drops[Drop.NO_ROUTE] == 4 and e.drops[Drop.TTL_EXPIRED] == 2  # every packet counted as before
     clock.now += 0.1  # one token at 10/s
-    buf = pkt("10.244.7.5", "10.244.8.1", ttl=1)
-    e.outbound(buf, len(buf))
-    buf = pkt("10.244.7.5", "10.244.8.1", ttl=1)
-    e.outbound(buf, len(buf))
+    send_out(e, expired4, 2)
     assert [IP(r)[ICMP].type for r in e.take_replies()] == [11]
     assert e.icmp_suppressed == 4
 
@@ -275,26 +287,18 @@ def test_ipv4_errors_are_rate_limited_and_the_rest_counted():
 def test_one_budget_for_icmp_and_icmpv6():
     clock = Clock()
     e = engine6(clock=clock)
-    for _ in range(3):
-        buf = pkt("10.244.7.5", "10.244.200.1")
-        e.outbound(buf, len(buf))
-    buf6 = pkt6("fd00:10:244:7::5", "fd00:10:244:200::1")
-    assert e.outbound(buf6, len(buf6)) is None
+    send_out(e, no_route4, 3)
+    send_out(e, no_route6)
     assert len(e.take_replies()) == 3 and e.icmp_suppressed == 1  # IPv4 spent the burst IPv6 would have used
     clock.now += 0.1
-    buf6 = pkt6("fd00:10:244:7::5", "fd00:10:244:200::1")
-    e.outbound(buf6, len(buf6))
-    buf = pkt("10.244.7.5", "10.244.200.1")
-    e.outbound(buf, len(buf))
+    send_out(e, no_route6)
+    send_out(e, no_route4)
     assert [r[0] >> 4 for r in e.take_replies()] == [6] and e.icmp_suppressed == 2
 
 
 def test_packets_not_answered_spend_no_budget():
     e = engine6(clock=Clock())
-    err = bytearray(bytes(IP(src="10.244.7.5", dst="10.244.200.1") / ICMP(type=3) / Raw(b"x" * 28)))
-    outside = pkt("10.244.7.5", "192.0.2.10")
-    for _ in range(5):
-        e.outbound(bytearray(err), len(err))
-        e.outbound(bytearray(outside), len(outside))
+    send_out(e, lambda: bytearray(bytes(IP(src="10.244.7.5", dst="10.244.200.1") / ICMP(type=3) / Raw(b"x" * 28))), 5)
+    send_out(e, lambda: pkt("10.244.7.5", "192.0.2.10"), 5)
     assert e.take_replies() == [] and e.icmp_suppressed == 0
     assert e.icmp_budget.take()  # the burst is still whole
