@@ -44,7 +44,6 @@ __all__ = [
     "UdpResult",
     "cpu_sample",
     "cpu_usage",
-    "descendants",
     "parse_iperf3_tcp",
     "parse_iperf3_udp",
     "parse_pid_stat",
@@ -52,9 +51,7 @@ __all__ = [
     "parse_proc_stat",
     "parse_schedstat",
     "parse_vmhwm_kib",
-    "parse_ppid",
     "peak_rss_kib",
-    "process_tree",
     "run_iperf3",
     "run_ping",
 ]
@@ -389,39 +386,3 @@ def peak_rss_kib(pid: int) -> int:
     """The daemon's peak resident set size so far (VmHWM)."""
     return parse_vmhwm_kib(_read(f"/proc/{pid}/status"))
 
-
-def parse_ppid(stat_text: str) -> int:
-    """The parent pid from ``/proc/PID/stat``."""
-    return int(stat_text.rsplit(")", 1)[1].split()[1])
-
-
-def descendants(root: int, parents: Mapping[int, int]) -> list[int]:
-    """``root`` and every process below it, given pid -> parent pid."""
-    children: dict[int, list[int]] = {}
-    for pid, ppid in parents.items():
-        children.setdefault(ppid, []).append(pid)
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, ()))
-    return sorted(out)
-
-
-def process_tree(root: int) -> list[int]:
-    """A daemon's processes: the pid the lab started (``ip netns exec`` execs in
-    place, so that is the daemon itself) and any process it forked.
-
-    Raises:
-        MeasureError: ``root`` is not running.
-    """
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                parents[int(entry)] = parse_ppid(_read(f"/proc/{entry}/stat"))
-            except (OSError, IndexError, ValueError):
-                continue
-    if root not in parents:
-        raise MeasureError(f"daemon {root} is not running")
-    return descendants(root, parents)

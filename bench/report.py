@@ -369,8 +369,28 @@ def write_charts(out: str, results: Mapping[str, Any]) -> list[str]:
     return paths
 
 
+def _missing_dirs(path: str) -> list[str]:
+    """``path`` and those of its parents that do not exist yet, outermost first."""
+    missing = []
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing[::-1]
+
+
+def _give_to_sudo_user(paths: Sequence[str]) -> None:
+    """Run with sudo, what the bench made belongs to the user who ran sudo (who can then
+    move or delete it without sudo); otherwise it stays as made."""
+    uid, gid = os.environ.get("SUDO_UID", ""), os.environ.get("SUDO_GID", "")
+    if os.geteuid() != 0 or not uid.isdigit() or not gid.isdigit():
+        return
+    for path in paths:
+        os.chown(path, int(uid), int(gid))
+
+
 def write_outputs(out: str, results: dict[str, Any]) -> list[str]:
     """Write results.json, report.md and the charts into ``out``; the paths written."""
+    made = _missing_dirs(os.path.abspath(out))
     os.makedirs(out, exist_ok=True)
     written = []
     report_path = os.path.join(out, "report.md")
@@ -384,6 +404,7 @@ def write_outputs(out: str, results: dict[str, Any]) -> list[str]:
         json.dump(results, handle, indent=2, sort_keys=False)
         handle.write("\n")
     written.append(json_path)
+    _give_to_sudo_user(made + written)
     return written
 
 

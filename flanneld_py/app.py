@@ -247,8 +247,7 @@ class Daemon:
         from .cni.server import CniServer
 
         server = CniServer(
-            ConfigDefaults(subnet_file=self.options.subnet_file,
-                           gso_max_size=self.state.backend.pod_gso_max_size if self.state.backend else None),
+            ConfigDefaults(subnet_file=self.options.subnet_file),
             current_lease=lambda: self.subnet_env,
             node=self.netlink,
         )

@@ -71,3 +71,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if "netns" in item.keywords:
                 item.add_marker(skip)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Run with sudo from a user's checkout, the caches written there (pytest's, hypothesis')
+    go back to the checkout's owner, as .ci/setup does with what it makes, so the user can
+    remove them without sudo."""
+    owner = config.rootpath.stat()
+    if os.geteuid() != 0 or owner.st_uid == 0:
+        return
+    for name in (".pytest_cache", ".hypothesis"):
+        path = config.rootpath / name
+        if path.exists():
+            subprocess.run(["chown", "-R", "--from=0", f"{owner.st_uid}:{owner.st_gid}", str(path)], check=False)

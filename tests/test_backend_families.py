@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 
 import pytest
 
 from flanneld_py.backend.base import IPV4_ONLY, BackendContext, families_of, missing_families, published_attrs
 from flanneld_py.backend.factory import create_backend
+from flanneld_py.backend.udp.engine import Engine
 from flanneld_py.core.netconfig import parse_network_config
 from flanneld_py.netlink import InterfaceInfo
 
@@ -94,3 +95,12 @@ def test_every_backend_takes_an_ipv6_only_network_on_an_underlay_without_ipv4(ki
     if kind == "host-gw":
         attrs = published_attrs(backend, IPv6Address("2001:db8::1"), enable_ipv4=False)
         assert attrs.to_json() == b'{"PublicIP":"0.0.0.0","PublicIPv6":"2001:db8::1","BackendType":"host-gw"}'
+
+
+def test_udp_exports_suppressed_icmp_errors_with_its_drop_counters():
+    backend = create_backend(context({"Network": "10.244.0.0/16"}))
+    assert backend.drop_counts() == {}  # not started: no datapath, no counters
+    backend.engine = Engine(IPv4Network("10.244.0.0/16"), IPv4Network("10.244.7.0/24"), 8285)  # type: ignore[attr-defined]
+    backend.engine.icmp_suppressed = 7  # type: ignore[attr-defined]
+    counts = backend.drop_counts()
+    assert counts["icmp_rate_limited"] == 7 and counts["no_route"] == 0

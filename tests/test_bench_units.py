@@ -23,12 +23,10 @@ from bench.measure import (
     DaemonCpu,
     MeasureError,
     cpu_usage,
-    descendants,
     parse_iperf3_tcp,
     parse_iperf3_udp,
     parse_pid_stat,
     parse_ping,
-    parse_ppid,
     parse_proc_stat,
     parse_schedstat,
     parse_vmhwm_kib,
@@ -157,13 +155,6 @@ def test_parse_pid_stat_with_odd_comm() -> None:
     fields = ["S", "1", "2", "3"] + ["0"] * 7 + ["345", "67"] + ["0"] * 30
     text = "4242 (py (thr) x) " + " ".join(fields) + "\n"
     assert parse_pid_stat(text) == (345, 67)
-
-
-def test_process_tree() -> None:
-    assert parse_ppid("4242 (py (thr) x) S 17 4242 4242 0 -1") == 17
-    parents = {1: 0, 10: 1, 11: 10, 12: 11, 13: 10, 20: 1}
-    assert descendants(10, parents) == [10, 11, 12, 13]
-    assert descendants(12, parents) == [12]
 
 
 def test_parse_proc_stat_and_kernel_share() -> None:
@@ -376,6 +367,19 @@ def test_write_outputs_makes_every_file(tmp_path: Any) -> None:
     with open(tmp_path / "throughput.png", "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "results.json").read_text())["modes"]["udp"]["figures"]["tcp_1_gbps"]["median"] == 1.5
+
+
+def test_write_outputs_under_sudo_gives_what_it_made_to_the_user(tmp_path: Any, monkeypatch: Any) -> None:
+    pytest.importorskip("matplotlib")
+    if os.geteuid() != 0:
+        pytest.skip("needs root: it changes file owners as a run with sudo does")
+    monkeypatch.setenv("SUDO_UID", "65534")
+    monkeypatch.setenv("SUDO_GID", "65533")
+    results = _results({"udp": summarize_mode([figures_from_round(_raw_round(1.0))], [], 1)})
+    written = write_outputs(str(tmp_path / "out" / "demo"), results)
+    for path in [tmp_path / "out", tmp_path / "out" / "demo", *written]:
+        assert (os.stat(path).st_uid, os.stat(path).st_gid) == (65534, 65533), path
+    assert os.stat(tmp_path).st_uid == 0  # it existed before: left as it was
 
 
 def test_figure_table() -> None:

@@ -44,6 +44,7 @@ def test_a_full_add_request_parses_with_defaults() -> None:
     conf = request.config
     assert (conf.bridge, conf.subnet_file, conf.data_dir) == ("cni0", "/run/test/subnet.env", "/var/lib/test")
     assert conf.ip_masq is None and conf.is_default_gateway is False and conf.prev_result is None
+    assert conf.gso_max_size is None  # no gsoMaxSize: the kernel's default GSO size on the veths
 
 
 def test_config_keys_override_defaults() -> None:

@@ -134,7 +134,7 @@ def test_pods_on_the_same_bridge_reach_each_other(net: CniNetwork) -> None:
     net.delete(b, "ctr-b")
 
 
-def test_gso_max_size_hook_caps_both_ends(net: CniNetwork, cni_node: CniNode) -> None:
+def test_gso_max_size_caps_both_ends(net: CniNetwork, cni_node: CniNode) -> None:
     pod = net.pod("a")
     result = net.add(pod, "ctr-a", gsoMaxSize=63000)
     host = next(i for i in result["interfaces"] if "sandbox" not in i)["name"]

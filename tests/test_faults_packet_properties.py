@@ -126,7 +126,7 @@ def engine6() -> Engine:
     for subnet, ip in PEERS.items():
         subnet6, ip6 = PEERS6.get(subnet, (None, None))
         e.set_peer(subnet, ip, subnet6, ip6)
-    e.icmp6_budget.burst = e.icmp6_budget.tokens = 10**6  # the property is about the replies, not their rate
+    e.icmp_budget.burst = e.icmp_budget.tokens = 10**6  # the property is about the replies, not their rate
     return e
 
 

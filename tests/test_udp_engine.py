@@ -103,7 +103,7 @@ from scapy.layers.inet6 import (  # noqa: E402
     IPv6ExtHdrFragment,
 )
 
-from flanneld_py.backend.udp.engine import Icmp6Budget  # noqa: E402
+from flanneld_py.backend.udp.engine import IcmpBudget  # noqa: E402
 
 OWN6 = IPv6Network("fd00:10:244:7::/64")
 
@@ -117,7 +117,7 @@ class Clock:
 
 
 def engine6(underlay6=False, clock=None):
-    budget = Icmp6Budget(rate=10, burst=3, clock=clock or Clock())
+    budget = IcmpBudget(rate=10, burst=3, clock=clock or Clock())
     e = Engine(IPv4Network("10.244.0.0/16"), OWN, 8285, IPv6Network("fd00:10:244::/48"), OWN6, underlay6, budget)
     e.set_peer(IPv4Network("10.244.8.0/24"), "198.51.100.8", IPv6Network("fd00:10:244:8::/64"), "2001:db8::8")
     e.set_peer(IPv4Network("10.244.9.0/24"), "198.51.100.9")  # flannel's own udp backend: IPv4 only
@@ -254,7 +254,7 @@ ZERO = IPv4Network("0.0.0.0/0")  # flannel's IPv4 half of an IPv6-only lease
 def engine_ipv6_only():
     """An IPv6-only network's engine: every lease's IPv4 half is 0.0.0.0/0, PublicIP 0.0.0.0."""
     e = Engine(IPv4Network("10.244.0.0/16"), ZERO, 8285, IPv6Network("fd00:10:244::/48"), OWN6, True,
-               Icmp6Budget(rate=10, burst=3, clock=Clock()))
+               IcmpBudget(rate=10, burst=3, clock=Clock()))
     for n in (8, 9):
         e.set_peer(ZERO, "0.0.0.0", IPv6Network(f"fd00:10:244:{n}::/64"), f"2001:db8::{n}")
     return e
@@ -284,3 +284,57 @@ def test_ipv6_only_peer_removal_forgets_that_peer_only():
     assert [p.public_ipv6 for p in e.peers.values()] == ["2001:db8::9"]
     stale = pkt6("fd00:10:244:8::3", "fd00:10:244:7::5")
     assert e.inbound(stale, len(stale), "2001:db8::8") is None and e.drops[Drop.NOT_A_PEER] == 1
+# --- the shared ICMP error budget ----------------------------------------------------------------
+
+
+def send_out(e, make, times=1):
+    """``times`` fresh packets from ``make()`` through ``e.outbound``."""
+    for _ in range(times):
+        buf = make()
+        assert e.outbound(buf, len(buf)) is None
+
+
+def no_route4():
+    return pkt("10.244.7.5", "10.244.200.1")
+
+
+def expired4():
+    return pkt("10.244.7.5", "10.244.8.1", ttl=1)
+
+
+def no_route6():
+    return pkt6("fd00:10:244:7::5", "fd00:10:244:200::1")
+
+
+def test_ipv4_errors_are_rate_limited_and_the_rest_counted():
+    clock = Clock()
+    e = engine6(clock=clock)  # a budget of 10 a second, bursts of 3
+    send_out(e, no_route4, 4)
+    send_out(e, expired4, 2)
+    assert [IP(r)[ICMP].type for r in e.take_replies()] == [3, 3, 3]  # the burst
+    assert e.icmp_suppressed == 3
+    assert e.drops[Drop.NO_ROUTE] == 4 and e.drops[Drop.TTL_EXPIRED] == 2  # every packet counted as before
+    clock.now += 0.1  # one token at 10/s
+    send_out(e, expired4, 2)
+    assert [IP(r)[ICMP].type for r in e.take_replies()] == [11]
+    assert e.icmp_suppressed == 4
+
+
+def test_one_budget_for_icmp_and_icmpv6():
+    clock = Clock()
+    e = engine6(clock=clock)
+    send_out(e, no_route4, 3)
+    send_out(e, no_route6)
+    assert len(e.take_replies()) == 3 and e.icmp_suppressed == 1  # IPv4 spent the burst IPv6 would have used
+    clock.now += 0.1
+    send_out(e, no_route6)
+    send_out(e, no_route4)
+    assert [r[0] >> 4 for r in e.take_replies()] == [6] and e.icmp_suppressed == 2
+
+
+def test_packets_not_answered_spend_no_budget():
+    e = engine6(clock=Clock())
+    send_out(e, lambda: bytearray(bytes(IP(src="10.244.7.5", dst="10.244.200.1") / ICMP(type=3) / Raw(b"x" * 28))), 5)
+    send_out(e, lambda: pkt("10.244.7.5", "192.0.2.10"), 5)
+    assert e.take_replies() == [] and e.icmp_suppressed == 0
+    assert e.icmp_budget.take()  # the burst is still whole

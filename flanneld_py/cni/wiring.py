@@ -67,7 +67,7 @@ class PodLink:
     hairpin: bool = False
     forwarding: bool = False  # the node routes for its pods (isDefaultGateway)
     clusters: tuple[IPv4Network | IPv6Network, ...] = ()  # other node subnets inside them are stale on the bridge
-    gso_max_size: int | None = None  # udp backend hook: cap GSO on both veth ends
+    gso_max_size: int | None = None  # the conflist's gsoMaxSize: cap GSO on both veth ends
 
 
 @dataclass(frozen=True, slots=True)

@@ -278,7 +278,9 @@ class UdpBackend:
             return {}
         if self.pump is not None:
             self.pump.sync_counters()
-        return {reason.label: self.engine.drops[reason] for reason in Drop}
+        counts = {reason.label: self.engine.drops[reason] for reason in Drop}
+        counts["icmp_rate_limited"] = self.engine.icmp_suppressed  # errors we did not send, not packets lost
+        return counts
 
     async def stop(self, cleanup: bool) -> None:
         if self._keeper is not None:

@@ -4,7 +4,8 @@ Stages, in the order packets meet them:
 
 * outbound (flannel0 -> UDP): parse the destination, look up the peer by
   ``dst & subnet_mask`` (one dict probe, O(1) in the number of peers),
-  decrement the TTL, or answer with ICMP net-unreachable / time-exceeded.
+  decrement the TTL, or answer with ICMP net-unreachable / time-exceeded
+  (rate-limited with the ICMPv6 errors below).
 * inbound (UDP -> flannel0): the outer source must be a leased PublicIP, the
   inner packet a well-formed IPv4 packet from that peer's subnet to ours.
 
@@ -69,8 +70,10 @@ class Peer:
     addr6: tuple[str, int] | None = None  # where its IPv6 pod traffic goes; None: it carries none
 
 
-class Icmp6Budget:
-    """A token bucket for ICMPv6 errors (RFC 4443 2.4 f): ``rate`` a second, bursts of ``burst``."""
+class IcmpBudget:
+    """A token bucket for the ICMP and ICMPv6 errors the node sends (RFC 1812 4.3.2.8,
+    RFC 4443 2.4 f): ``rate`` a second, bursts of ``burst``. One bucket serves both
+    families, so no pod or peer can make the daemon send errors without bound."""
 
     def __init__(self, rate: float = 100.0, burst: int = 20, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate
@@ -103,7 +106,7 @@ class Engine:
 
     def __init__(self, network: IPv4Network, own_subnet: IPv4Network, port: int,
                  network6: IPv6Network | None = None, own_subnet6: IPv6Network | None = None,
-                 underlay6: bool = False, icmp6_budget: Icmp6Budget | None = None) -> None:
+                 underlay6: bool = False, icmp_budget: IcmpBudget | None = None) -> None:
         self.network = network
         self.own_subnet = own_subnet
         self.port = port
@@ -116,6 +119,8 @@ class Engine:
         self._public_ips: dict[str, int] = {}
         self.drops = [0] * len(Drop)
         self.replies: list[bytes] = []
+        self.icmp_budget = icmp_budget or IcmpBudget()
+        self.icmp_suppressed = 0  # ICMP / ICMPv6 errors not sent: the budget was spent
         # IPv6: None without an IPv6 subnet of ours, and then IPv6 packets find no route
         self.own_subnet6 = own_subnet6
         self.network6 = network6
@@ -124,7 +129,6 @@ class Engine:
         self.own_net6 = int(own_subnet6.network_address) if own_subnet6 is not None else -1
         self.icmp6_source = own_subnet6.network_address.packed if own_subnet6 is not None else b""
         self.peers6: dict[int, Peer] = {}
-        self.icmp6_budget = icmp6_budget or Icmp6Budget()
         self.on_peers_changed: Callable[[], None] | None = None  # e.g. the fast lane's copy of the table
 
     # --- control plane -------------------------------------------------------
@@ -210,12 +214,12 @@ class Engine:
         if peer is None:
             self.drops[Drop.NO_ROUTE] += 1
             if dst & self.net_mask == self.net and may_answer_with_icmp(buf, n):
-                self.replies.append(icmp_net_unreachable(memoryview(buf)[:n], self.icmp_source))
+                self._answer(icmp_net_unreachable, buf, n, self.icmp_source)
             return None
         if not decrement_ttl(buf):
             self.drops[Drop.TTL_EXPIRED] += 1
             if may_answer_with_icmp(buf, n):
-                self.replies.append(icmp_time_exceeded(memoryview(buf)[:n], self.icmp_source))
+                self._answer(icmp_time_exceeded, buf, n, self.icmp_source)
             return None
         peer.tx_packets += 1
         peer.tx_bytes += n
@@ -242,8 +246,16 @@ class Engine:
         return peer
 
     def _answer6(self, build: Callable[[memoryview, bytes], bytes], buf: bytearray | memoryview, n: int) -> None:
-        if self.icmp6_source and may_answer_with_icmp6(buf, n) and self.icmp6_budget.take():
-            self.replies.append(build(memoryview(buf)[:n], self.icmp6_source))
+        if self.icmp6_source and may_answer_with_icmp6(buf, n):
+            self._answer(build, buf, n, self.icmp6_source)
+
+    def _answer(self, build: Callable[[memoryview, bytes], bytes], buf: bytearray | memoryview, n: int,
+                source: bytes) -> None:
+        """Queue the error ``build`` makes about ``buf[:n]``, if the shared budget allows."""
+        if self.icmp_budget.take():
+            self.replies.append(build(memoryview(buf)[:n], source))
+        else:
+            self.icmp_suppressed += 1
 
     def inbound(self, buf: bytearray | memoryview, n: int, source_ip: str) -> Peer | None:
         """Check one datagram from ``source_ip``; the peer if it may enter flannel0."""
