@@ -247,7 +247,8 @@ class Daemon:
         from .cni.server import CniServer
 
         server = CniServer(
-            ConfigDefaults(subnet_file=self.options.subnet_file),
+            ConfigDefaults(subnet_file=self.options.subnet_file,
+                           gso_max_size=self.state.backend.pod_gso_max_size if self.state.backend else None),
             current_lease=lambda: self.subnet_env,
             node=self.netlink,
         )

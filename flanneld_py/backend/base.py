@@ -90,6 +90,11 @@ class Backend(Protocol):
         """The MTU pods must use (written to the subnet file)."""
         ...
 
+    @property
+    def pod_gso_max_size(self) -> int | None:
+        """A cap for pod veths' GSO size that suits this datapath, or None for the kernel's."""
+        ...
+
     def lease_attrs(self) -> LeaseAttrs:
         """What to publish in our lease (PublicIP, BackendType, BackendData)."""
         ...

@@ -78,6 +78,10 @@ class RoutedBackend:
     def mtu(self) -> int:
         raise NotImplementedError
 
+    @property
+    def pod_gso_max_size(self) -> int | None:
+        return None  # the kernel segments or forwards super-packets itself
+
     def lease_attrs(self) -> LeaseAttrs:
         raise NotImplementedError
 
