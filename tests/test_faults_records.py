@@ -45,10 +45,13 @@ BROKEN_AT_RUN = [
     ("10.244.63.0-24", b"[1, 2, 3]"),
 ]
 VALID_AT_RUN = ("10.244.70.0-24", json.dumps({**GOOD, "PublicIP": "198.51.100.70"}).encode())
+# the nodes lease below every key written above: a node whose random subnet were one of them
+# would have its own lease overwritten by the test
+NODES_BELOW = {"Network": "10.244.0.0/16", "SubnetMax": "10.244.49.0", "Backend": {"Type": "udp"}}
 
 
 def test_broken_records_are_logged_once_and_skipped():
-    with Cluster(nodes=3) as lab:
+    with Cluster(nodes=3, config=NODES_BELOW) as lab:
         assert lab.etcd is not None
 
         def put(name: str, value: bytes) -> None:
