@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -91,3 +91,17 @@ def test_ipv6_info_only_with_ipv6():
     dual = replace(snapshot(), ipv6_network="fd00:10:244::/56", subnet6="fd00:10:244:7::/64", public_ipv6="2001:db8::1")
     info6 = (("ipv6_network", "fd00:10:244::/56"), ("ipv6_subnet", "fd00:10:244:7::/64"), ("public_ipv6", "2001:db8::1"))
     assert samples(dual)[("flanneld_ipv6_info", info6)] == 1
+
+
+def test_peer_labels_name_both_families_and_ipv6_only_peers():
+    snap = replace(snapshot(), peers=(
+        PeerStats(IPv4Network("10.244.8.0/24"), "198.51.100.8", tx_packets=1,
+                  subnet6=IPv6Network("fd00:10:244:8::/64"), public_ipv6="2001:db8::8"),
+        PeerStats(IPv4Network("0.0.0.0/0"), "0.0.0.0", tx_packets=2,  # flannel's IPv6-only lease
+                  subnet6=IPv6Network("fd00:10:244:9::/64"), public_ipv6="2001:db8::9"),
+    ))
+    got = samples(snap)
+    dual = (("peer_ip", "198.51.100.8, 2001:db8::8"), ("peer_subnet", "10.244.8.0/24, fd00:10:244:8::/64"))
+    v6only = (("peer_ip", "2001:db8::9"), ("peer_subnet", "fd00:10:244:9::/64"))
+    assert got[("flanneld_peer_sent_packets_total", dual)] == 1
+    assert got[("flanneld_peer_sent_packets_total", v6only)] == 2

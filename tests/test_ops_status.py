@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 from dataclasses import replace
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 from flanneld_py.backend.base import PeerStats
 from flanneld_py.ops.control import ControlServer, query
@@ -145,3 +145,20 @@ def test_render_shows_both_families_with_ipv6():
     assert "lease     10.244.7.0/24 and fd00:10:244:7::/64 (etcd lease abc), expires in 23h53m" in lines
     assert "ipv6      fd00:10:244::/56, public IPv6 2001:db8::1" in lines
     assert not any(line.startswith("ipv6") for line in render_status(answer()).splitlines())
+
+
+def test_render_shows_both_families_and_ipv6_only_peers():
+    doc = answer()
+    snap = Snapshot(taken_at=1000.0, phase="running", ready=True, peers=(
+        PeerStats(IPv4Network("10.244.8.0/24"), "198.51.100.8",
+                  subnet6=IPv6Network("fd00:10:244:8::/64"), public_ipv6="2001:db8::8"),
+        PeerStats(IPv4Network("0.0.0.0/0"), "0.0.0.0",  # flannel's IPv6-only lease
+                  subnet6=IPv6Network("fd00:10:244:9::/64"), public_ipv6="2001:db8::9"),
+    ))
+    doc["peers"] = snap.to_json()["peers"]
+    lines = render_status(doc).splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("PEER SUBNET"))
+    rows = [line.split() for line in lines[header + 1:header + 3]]
+    assert rows[0][:2] == ["fd00:10:244:9::/64", "2001:db8::9"]  # sorted by the IPv4 half, 0.0.0.0/0 first
+    assert rows[1][:4] == ["10.244.8.0/24,", "fd00:10:244:8::/64", "198.51.100.8,", "2001:db8::8"]
+    assert not any("0.0.0.0" in line for line in lines[header:header + 3])

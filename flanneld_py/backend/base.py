@@ -71,6 +71,17 @@ class PeerStats:
     rx_bytes: int = 0
     last_tx: float = 0.0
     last_rx: float = 0.0
+    subnet6: IPv6Network | None = None
+    public_ipv6: str | None = None
+
+    @property
+    def subnets(self) -> str:
+        """Both families' subnets as operators read them; an IPv6-only lease's IPv4 half (0.0.0.0/0) left out."""
+        return ", ".join(str(net) for net in (self.subnet, self.subnet6) if net is not None and net.prefixlen)
+
+    @property
+    def addresses(self) -> str:
+        return ", ".join(ip for ip in (self.public_ip, self.public_ipv6) if ip and ip != "0.0.0.0")
 
 
 @dataclass(frozen=True, slots=True)

@@ -229,7 +229,9 @@ class RoutedBackend:
         return self._loop is not None and self._loop.running
 
     def peers(self) -> list[PeerStats]:
-        return [PeerStats(lease.subnet, str(lease.attrs.public_ip)) for lease in self._peers.values()]
+        return [PeerStats(lease.subnet, str(lease.attrs.public_ip), subnet6=lease.subnet6,
+                          public_ipv6=str(lease.attrs.public_ipv6) if lease.attrs.public_ipv6 else None)
+                for lease in self._peers.values()]
 
     async def stop(self, cleanup: bool) -> None:
         """Without ``cleanup`` the kernel state stays, so pods keep talking across a restart."""

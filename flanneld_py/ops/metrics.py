@@ -111,7 +111,7 @@ class DaemonCollector(Collector):
                                             "Bytes (inner packets) received from a peer.", labels=labels),
         }
         for peer in snap.peers:
-            values = [str(peer.subnet), peer.public_ip]
+            values = [peer.subnets, peer.addresses]  # both families: "10.244.1.0/24, fd00:10:244:1::/64"
             families["tx_packets"].add_metric(values, peer.tx_packets)
             families["tx_bytes"].add_metric(values, peer.tx_bytes)
             families["rx_packets"].add_metric(values, peer.rx_packets)

@@ -118,6 +118,10 @@ class Snapshot:
                 {
                     "subnet": str(p.subnet),
                     "public_ip": p.public_ip,
+                    "subnet6": str(p.subnet6) if p.subnet6 is not None else None,
+                    "public_ipv6": p.public_ipv6,
+                    "subnets": p.subnets,
+                    "addresses": p.addresses,
                     "tx_packets": p.tx_packets,
                     "tx_bytes": p.tx_bytes,
                     "rx_packets": p.rx_packets,

@@ -86,9 +86,9 @@ def render_status(doc: dict[str, Any]) -> str:
     lines.append("")
     if peers:
         rows = [
-            (p["subnet"], p["public_ip"], p["tx_packets"], p["tx_bytes"], p["rx_packets"], p["rx_bytes"],
+            (p.get("subnets") or p["subnet"], p.get("addresses") or p["public_ip"], p["tx_packets"], p["tx_bytes"], p["rx_packets"], p["rx_bytes"],
              _ago(p.get("last_tx_seconds_ago")), _ago(p.get("last_rx_seconds_ago")))
-            for p in sorted(peers, key=lambda p: p["subnet"])
+            for p in sorted(peers, key=lambda p: (p["subnet"], p.get("subnet6") or ""))
         ]
         header = ("PEER SUBNET", "PUBLIC IP", "TX PKTS", "TX BYTES", "RX PKTS", "RX BYTES", "LAST TX", "LAST RX")
         lines.extend(_table(header, rows, right={2, 3, 4, 5}))

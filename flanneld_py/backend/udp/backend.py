@@ -262,7 +262,8 @@ class UdpBackend:
         if self.pump is not None:
             self.pump.sync_counters()
         return [
-            PeerStats(p.subnet, p.public_ip, p.tx_packets, p.tx_bytes, p.rx_packets, p.rx_bytes, p.last_tx, p.last_rx)
+            PeerStats(p.subnet, p.public_ip, p.tx_packets, p.tx_bytes, p.rx_packets, p.rx_bytes, p.last_tx, p.last_rx,
+                      p.subnet6, p.public_ipv6)
             for p in self.engine.peers.values()
         ]
 
