@@ -86,7 +86,8 @@ def render_status(doc: dict[str, Any]) -> str:
     lines.append("")
     if peers:
         rows = [
-            (p.get("subnets") or p["subnet"], p.get("addresses") or p["public_ip"], p["tx_packets"], p["tx_bytes"], p["rx_packets"], p["rx_bytes"],
+            (p.get("subnets") or p["subnet"], p.get("addresses") or p["public_ip"],
+             p["tx_packets"], p["tx_bytes"], p["rx_packets"], p["rx_bytes"],
              _ago(p.get("last_tx_seconds_ago")), _ago(p.get("last_rx_seconds_ago")))
             for p in sorted(peers, key=lambda p: (p["subnet"], p.get("subnet6") or ""))
         ]
