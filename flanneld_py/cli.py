@@ -22,7 +22,8 @@ def _run_daemon(args: list[str]) -> int:
     from .options import parse_command_line
 
     options, notices = parse_command_line(args)  # exits 2 on bad usage
-    _one_malloc_arena()
+    if options.cni_socket:  # without a CNI server, importing ctypes would cost more than it saves
+        _one_malloc_arena()
 
     import logging
 
@@ -44,7 +45,7 @@ def _one_malloc_arena() -> None:
     """Let every thread share glibc's main malloc arena. glibc gives each thread that allocates an
     arena of its own; the daemon's threads (gRPC's, the executor's) allocate little, so their
     arenas only add resident memory. Before any thread starts; a libc without mallopt is left as is."""
-    import ctypes  # the CNI wiring loads it anyway
+    import ctypes  # the CNI wiring, served when this runs, loads it anyway
 
     try:
         ctypes.CDLL(None).mallopt(M_ARENA_MAX, 1)
