@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from ipaddress import IPv6Network
 
 from flanneld_py.lab.checks import ping_matrix, wait_until
 from flanneld_py.lab.cluster import Cluster, Node, Pod
@@ -50,6 +51,29 @@ def status(node: Node) -> dict:  # type: ignore[type-arg]
         code = None if node.daemon is None else node.daemon.poll()
         raise AssertionError(f"{node.name}: no status ({exc}); daemon exit code {code}\n"
                              f"{node.log_text()[-4000:]}") from None
+
+
+def ip_json(node: Node, *args: str) -> list[dict]:  # type: ignore[type-arg]
+    """``ip -j ARGS`` inside the node, parsed."""
+    return json.loads(node.netns.ip("-j", *args).stdout or "[]")
+
+
+def routes6(node: Node, *where: str) -> dict[str, dict]:  # type: ignore[type-arg]
+    """The node's IPv6 routes installed by flanneld (proto 252), by destination."""
+    return {r["dst"]: r for r in ip_json(node, "-6", "route", "show", "proto", "252", *where)}
+
+
+def subnet6(node: Node) -> IPv6Network:
+    """The IPv6 subnet the node leased, from its subnet file."""
+    found = node.subnet_env().ipv6_subnet
+    assert found is not None
+    return found
+
+
+def routed_directly6(node: Node, peer: Node) -> bool:
+    """``node`` reaches ``peer``'s IPv6 pods by a plain route via its underlay address (DirectRouting)."""
+    route = routes6(node).get(str(subnet6(peer)))
+    return route is not None and (route.get("gateway"), route.get("dev")) == (peer.address6, "eth0")
 
 
 def peer_subnets(node: Node) -> set[str]:

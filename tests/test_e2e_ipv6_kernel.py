@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import signal
 from collections.abc import Iterator
-from ipaddress import IPv4Network, IPv6Network
+from ipaddress import IPv4Network
 
 import pytest
-from lab_helpers import start, unreachable
+from lab_helpers import ip_json, routed_directly6, routes6, start, subnet6, unreachable
 
 from flanneld_py.core.lease import format_subnet_key
 from flanneld_py.lab.checks import dns_check, tcp_transfer, wait_until
@@ -35,20 +35,6 @@ Lab = tuple[str, Cluster, list[Pod]]
 
 def dual_stack_config(backend: dict) -> dict:  # type: ignore[type-arg]
     return {"Network": "10.244.0.0/16", "EnableIPv6": True, "IPv6Network": NETWORK6, "Backend": backend}
-
-
-def ip_json(node: Node, *args: str) -> list[dict]:  # type: ignore[type-arg]
-    return json.loads(node.netns.ip("-j", *args).stdout or "[]")
-
-
-def routes6(node: Node) -> dict[str, dict]:  # type: ignore[type-arg]
-    return {r["dst"]: r for r in ip_json(node, "-6", "route", "show", "proto", "252")}
-
-
-def subnet6(node: Node) -> IPv6Network:
-    found = node.subnet_env().ipv6_subnet
-    assert found is not None
-    return found
 
 
 def lease_of(cluster: Cluster, node: Node) -> dict:  # type: ignore[type-arg]
@@ -205,11 +191,7 @@ def test_vxlan_ipv6_direct_routing_uses_plain_routes_on_one_segment() -> None:
         start(cluster, *cluster.nodes)
         a, b = cluster.nodes
 
-        def direct(node: Node, peer: Node) -> bool:
-            route = routes6(node).get(str(subnet6(peer)))
-            return route is not None and (route.get("gateway"), route.get("dev")) == (peer.address6, "eth0")
-
-        assert wait_until(lambda: direct(a, b) and direct(b, a), WAIT), (routes6(a), routes6(b))
+        assert wait_until(lambda: routed_directly6(a, b) and routed_directly6(b, a), WAIT), (routes6(a), routes6(b))
         assert neighbours6(a) == {} and fdb6(a) == set()
         pods = [cluster.add_pod(node) for node in cluster.nodes]
         assert unreachable(pods, ipv6=True, timeout=WAIT) == []

@@ -15,14 +15,13 @@ underlay. A dual-stack config on this underlay is refused in one line, as flanne
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 from collections.abc import Iterator
-from ipaddress import IPv4Network, IPv6Network
+from ipaddress import IPv4Network
 
 import pytest
-from lab_helpers import start, status, unreachable
+from lab_helpers import ip_json, routed_directly6, routes6, start, status, subnet6, unreachable
 
 from flanneld_py.core.lease import format_subnet_key
 from flanneld_py.lab.checks import tcp_transfer, wait_until
@@ -48,16 +47,6 @@ def without_iface(cluster: Cluster, node: Node, extra: tuple[str, ...]) -> list[
     return [arg for arg in cluster.default_daemon_argv(node, extra) if arg != "--iface=eth0"]
 
 
-def ip_json(node: Node, *args: str) -> list[dict]:  # type: ignore[type-arg]
-    return json.loads(node.netns.ip("-j", *args).stdout or "[]")
-
-
-def subnet6(node: Node) -> IPv6Network:
-    found = node.subnet_env().ipv6_subnet
-    assert found is not None
-    return found
-
-
 def lease_key(node: Node) -> str:
     return format_subnet_key(ZERO, subnet6(node))
 
@@ -65,10 +54,6 @@ def lease_key(node: Node) -> str:
 def raw_lease(cluster: Cluster, node: Node) -> str:
     assert cluster.etcd is not None
     return cluster.etcd.ctl("get", "--print-value-only", f"{PREFIX}/subnets/{lease_key(node)}").stdout.strip()
-
-
-def routes6(node: Node, *where: str) -> dict[str, dict]:  # type: ignore[type-arg]
-    return {r["dst"]: r for r in ip_json(node, "-6", "route", "show", "proto", "252", *where)}
 
 
 def peer_routes_missing(kind: str, cluster: Cluster) -> list[str]:
@@ -219,10 +204,6 @@ def test_vxlan_direct_routing_on_an_ipv6_only_underlay_uses_plain_ipv6_routes() 
         start(cluster, *cluster.nodes)
         a, b = cluster.nodes
 
-        def direct(node: Node, peer: Node) -> bool:
-            route = routes6(node).get(str(subnet6(peer)))
-            return route is not None and (route.get("gateway"), route.get("dev")) == (peer.address6, "eth0")
-
-        assert wait_until(lambda: direct(a, b) and direct(b, a), WAIT), (routes6(a), routes6(b))
+        assert wait_until(lambda: routed_directly6(a, b) and routed_directly6(b, a), WAIT), (routes6(a), routes6(b))
         pods = [cluster.add_pod(node) for node in cluster.nodes]
         assert unreachable(pods, ipv6=True, timeout=WAIT) == []

@@ -15,11 +15,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from lab_helpers import ip_json, start
 
 from flanneld_py.lab.checks import ping_matrix, tcp_transfer, wait_until
 from flanneld_py.lab.cluster import PREFIX, Cluster, Node, Pod
 from flanneld_py.lab.netns import run
-from lab_helpers import start
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -34,10 +34,6 @@ WAIT = 20.0  # seconds: a generous deadline for a condition (the daemons converg
 
 def stop(cluster: Cluster, node: Node, sig: int = signal.SIGTERM) -> int | None:
     return cluster.stop_daemon(node, sig, timeout=10)
-
-
-def ip_json(node: Node, *args: str) -> list[dict]:  # type: ignore[type-arg]
-    return json.loads(node.netns.ip("-j", *args).stdout or "[]")
 
 
 def our_routes(node: Node) -> dict[str, dict]:  # type: ignore[type-arg]
