@@ -283,6 +283,26 @@ def test_runner_reclaims_our_deleted_key_and_dies_when_it_is_taken():
     run(body)
 
 
+def test_runner_dies_when_a_relisting_shows_our_key_taken():
+    """The rewrite happened during an outage and was compacted away: only the re-listing shows it,
+    and it is as fatal as in a watch batch."""
+    store = MemoryRegistry()
+
+    async def body() -> None:
+        node = await _joined(store, 1)
+        peer = await LocalManager(store).acquire(CONFIG, attrs(2))
+        task = node.start()
+        await until(lambda: peer.subnet in node.added(), "the listed peer")
+        store.fail()
+        store.put_subnet(node.own.name, attrs(9).to_json())
+        store.compact()
+        store.recover()
+        with pytest.raises(FatalError, match="rewritten for 198.51.100.9"):
+            await asyncio.wait_for(task, 30)
+
+    run(body)
+
+
 def test_runner_renews_and_retries_renewal_through_an_outage():
     store = MemoryRegistry(clock=Clock())  # the etcd lease never runs out: this is about retries
 

@@ -16,7 +16,8 @@ after an outage :class:`CheckEtcd` first). Rules kept here:
 
 * our key deleted (by hand, or the lease ran out): claim it again before the
   batch that showed it counts as seen, so a failed re-claim is retried;
-* our key rewritten for another node's PublicIP: fatal, the node must be drained;
+* our key rewritten for another node's PublicIP, seen in a listing or a watch
+  batch: fatal, the node must be drained;
 * a compacted watch revision: re-list at once;
 * etcd gone: say so once, keep the routes, retry with a short backoff, and
   ask etcd for a real answer before resuming the watch;
@@ -203,8 +204,11 @@ class LeasePolicy:
 
     def relisted(self, records: Iterable[KeyPut], revision: int) -> list[Action]:
         listing = tuple(records)
+        ours = next((record for record in listing if record.name == self.own.name), None)
+        if ours is not None and (taken := self._taken(ours)) is not None:
+            return [taken]
         self._pending = _Pending(listing, revision, relist=True)
-        if any(record.name == self.own.name for record in listing):
+        if ours is not None:
             return self._commit()
         return [Reclaim(self.own)]
 
@@ -218,9 +222,8 @@ class LeasePolicy:
             elif isinstance(event, KeyDeleted):
                 out.append(Report("warning", f"our lease {self.own.subnets} was deleted from etcd"))
                 deleted = True
-            elif (holder := _holder(event.value)) not in (None, self.own.attrs.node_address):
-                return [Fatal(f"our subnet {self.own.subnets} was rewritten for {holder}; "
-                              "exiting so that this node gets drained")]
+            elif (taken := self._taken(event)) is not None:
+                return [taken]
         self._pending = _Pending(tuple(others), revision, relist=False)
         if deleted:
             return [*out, Reclaim(self.own)]
@@ -255,6 +258,15 @@ class LeasePolicy:
         return [Report("info", f"etcd is back; resuming the watch at revision {where}"), self._resume()]
 
     # --- inside ---------------------------------------------------------------------
+
+    def _taken(self, ours: KeyPut) -> Fatal | None:
+        """Our key naming another node's PublicIP (in a listing or a watch batch): that node
+        holds our subnet now, so two nodes would route it; fatal, the node must be drained.
+        A record that is no valid lease names nobody: not acted on."""
+        holder = _holder(ours.value)
+        if holder is None or holder == self.own.attrs.node_address:
+            return None
+        return Fatal(f"our subnet {self.own.subnets} was rewritten for {holder}; exiting so that this node gets drained")
 
     def _resume(self) -> Action:
         if self._lost:
