@@ -493,3 +493,16 @@ def test_only_a_record_naming_exactly_our_address_is_adopted():
         assert own.subnet == IPv4Network("10.244.5.0/24")
 
     run(body)
+
+
+def test_a_record_naming_our_address_with_json_escapes_is_adopted():
+    """JSON lets a writer escape any character of the address; it is still our record."""
+    store = MemoryRegistry()
+
+    async def body() -> None:
+        store.put_subnet("10.244.3.0-24", b'{"PublicIP":"198.51.100.\\u0031\\u0030","BackendType":"udp"}')  # .10
+        store.put_subnet("10.244.6.0-24", b'{"PublicIP":"198.51.100.\\u0031","BackendType":"udp"}')  # ours
+        own = await LocalManager(store, lease_ttl=3600).acquire(CONFIG, attrs(1))
+        assert own.subnet == IPv4Network("10.244.6.0/24")
+
+    run(body)
