@@ -18,7 +18,8 @@ after an outage :class:`CheckEtcd` first). Rules kept here:
   batch that showed it counts as seen, so a failed re-claim is retried;
 * our key rewritten for another node's PublicIP, seen in a listing or a watch
   batch: fatal, the node must be drained;
-* a compacted watch revision: re-list at once;
+* a compacted watch revision (the watch fell behind a compaction): say so,
+  re-list at once (no backoff: etcd answered);
 * etcd gone: say so once, keep the routes, retry with a short backoff, and
   ask etcd for a real answer before resuming the watch;
 * a renewal that fails: retry with backoff, the datapath keeps forwarding.
@@ -237,11 +238,17 @@ class LeasePolicy:
         """Another node holds our subnet now (a lost create race)."""
         return [Fatal(reason)]
 
-    def compacted(self) -> list[Action]:
+    def compacted(self, oldest: int = 0) -> list[Action]:
+        """The watch fell behind a compaction (``oldest``: the oldest revision etcd keeps, 0 if
+        unknown): re-list at once. etcd answered, so this is no outage and waits for no backoff."""
         self._pending = None
-        out: list[Action] = [Report("info", f"watch revision {self._revision} was compacted; re-listing all leases")]
+        facts = [f"it needed revision {self._revision + 1}"] if self._revision is not None else []
+        facts += [f"etcd keeps revisions from {oldest} on"] if oldest else []
+        why = f" ({', '.join(facts)})" if facts else ""
+        report = Report("info", f"the lease watch fell behind a compaction{why}; "
+                                "re-listing all leases and watching on from there")
         self._revision = None
-        return [*out, Relist()]
+        return [report, Relist()]
 
     def etcd_lost(self, detail: str, now: float) -> list[Action]:
         """The watch lane's request failed: retry after a backoff, keep the routes."""

@@ -297,8 +297,8 @@ class _Member:
                 if reply is grpc.aio.EOF:
                     raise EtcdUnavailable(f"watch on {self.target} ended")
                 created = created or reply.created
-                if reply.compact_revision:
-                    raise WatchCompacted()
+                if reply.compact_revision:  # etcd also marks the watch cancelled: this comes first
+                    raise WatchCompacted(int(reply.compact_revision))
                 if reply.canceled:
                     raise EtcdUnavailable(f"watch on {self.target} cancelled: {reply.cancel_reason}")
                 for event in reply.events:
