@@ -9,6 +9,7 @@ import random
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
+from conftest import ETCD_PASSWORD, ETCD_USER
 
 from flanneld_py.core.lease import KeyDeleted, KeyPut, LeaseAttrs
 from flanneld_py.core.netconfig import parse_network_config
@@ -18,7 +19,7 @@ from flanneld_py.core.lease import LeaseAdded, LeaseRemoved
 from flanneld_py.core.lease_policy import LeasePolicy
 from flanneld_py.errors import FatalError
 from flanneld_py.subnet.runner import LeaseRunner, follow_config, wait_for_config
-from flanneld_py.subnet.store import EtcdUnavailable, WatchCompacted
+from flanneld_py.subnet.store import EtcdAuthError, EtcdUnavailable, WatchCompacted
 
 pytestmark = pytest.mark.etcd
 PREFIX = "/coreos.com/network"
@@ -342,3 +343,62 @@ def test_compaction_under_a_watching_daemon_is_no_outage_and_loses_nothing(etcd,
     lines = [r.getMessage() for r in caplog.records]
     assert not [line for line in lines if "lost etcd" in line], lines
     assert len([line for line in lines if "fell behind a compaction" in line]) == 1, lines
+
+
+# --- etcd with authentication ------------------------------------------------------------------
+
+
+def _auth_registry(etcd, username: str | None, password: str | None) -> EtcdRegistry:
+    return EtcdRegistry([f"127.0.0.1:{etcd.client_port}"], prefix=PREFIX, timeout=3,
+                        username=username, password=password)
+
+
+def test_auth_mistakes_are_one_line_errors_that_name_what_to_fix(etcd_auth):
+    async def attempt(username, password, prefix=PREFIX):  # type: ignore[no-untyped-def]
+        reg = _auth_registry(etcd_auth, username, password)
+        reg.prefix = prefix
+        try:
+            with pytest.raises(EtcdAuthError) as caught:
+                await reg.get_config()
+            return str(caught.value)
+        finally:
+            await reg.close()
+
+    async def body():  # type: ignore[no-untyped-def]
+        return [await attempt(None, None), await attempt(ETCD_USER, "wrong"),
+                await attempt(ETCD_USER, ETCD_PASSWORD, prefix="/elsewhere")]
+
+    no_user, bad_password, no_access = asyncio.run(asyncio.wait_for(body(), 30))
+    assert "requires authentication: give --etcd-username and --etcd-password" in no_user, no_user
+    assert "refused the credentials" in bad_password and "invalid user ID or password" in bad_password
+    assert "permission denied" in no_access
+    assert all("\n" not in text for text in (no_user, bad_password, no_access))
+
+
+def test_an_expired_auth_token_is_renewed_not_fatal(etcd_auth):
+    """etcd forgets a token that went unused for --auth-token-ttl (5 min by default; 2 s here): a
+    quiet node's next renewal or watch must authenticate again, not stop the daemon."""
+    etcd_auth.ctl("--user", "root:root-pw", "put", f"{PREFIX}/config", json.dumps(EIGHT))
+    config = parse_network_config(json.dumps(EIGHT))
+
+    async def body():  # type: ignore[no-untyped-def]
+        reg = _auth_registry(etcd_auth, ETCD_USER, ETCD_PASSWORD)
+        try:
+            own = await LocalManager(reg, lease_ttl=60).acquire(config, attrs(1))
+            await asyncio.sleep(3.5)  # the token lapses
+            assert await reg.keepalive(own.lease_id) > 0, "a renewal after the token lapsed"
+            await asyncio.sleep(3.5)
+            _, revision = await reg.list_subnets()
+            await asyncio.sleep(3.5)
+            watch = reg.watch_subnets(revision + 1)  # a watch created after the token lapsed
+            first = asyncio.ensure_future(anext(watch))
+            await asyncio.sleep(0.5)
+            etcd_auth.ctl("--user", "root:root-pw", "put", f"{PREFIX}/subnets/10.244.2.0-24", attrs(2).to_json().decode())
+            batch, _ = await asyncio.wait_for(first, 10)
+            await watch.aclose()
+            assert batch == [KeyPut("10.244.2.0-24", attrs(2).to_json())]
+            assert reg.reconnects == 0, "no failover: etcd was there all along"
+        finally:
+            await reg.close()
+
+    asyncio.run(asyncio.wait_for(body(), 60))
