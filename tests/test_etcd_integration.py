@@ -371,7 +371,8 @@ def test_auth_mistakes_are_one_line_errors_that_name_what_to_fix(etcd_auth):
     no_user, bad_password, no_access = asyncio.run(asyncio.wait_for(body(), 30))
     assert "requires authentication: give --etcd-username and --etcd-password" in no_user, no_user
     assert "refused the credentials" in bad_password and "invalid user ID or password" in bad_password
-    assert "permission denied" in no_access
+    assert "denied the etcd user access (etcdserver: permission denied): grant it read and write on /elsewhere/" \
+        in no_access, no_access
     assert all("\n" not in text for text in (no_user, bad_password, no_access))
 
 

@@ -174,7 +174,6 @@ _TRANSIENT_CODES = frozenset({
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 })
-_REFUSED_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 
 
 class WatchNotCreated(TimeoutError):
@@ -468,7 +467,10 @@ class EtcdRegistry:
     async def _classify(self, code: grpc.StatusCode, detail: str, member: _Member) -> Exception:
         """Our error for a failed call: fatal when the operator must act, else fail over."""
         self.errors += 1
-        if code in _REFUSED_CODES:
+        if code == grpc.StatusCode.PERMISSION_DENIED:  # the user is known but may not touch these keys
+            return EtcdAuthError(f"etcd at {member.target} denied the etcd user access ({detail}): "
+                                 f"grant it read and write on {self.prefix}/")
+        if code == grpc.StatusCode.UNAUTHENTICATED:
             if _INVALID_TOKEN in detail and self._username is not None:
                 return _TokenExpired(f"etcd at {member.target} refused the credentials: {detail}")
             return EtcdAuthError(f"etcd at {member.target} refused the credentials: {detail}")
@@ -579,8 +581,8 @@ class EtcdRegistry:
             except _WatchRefused as exc:
                 self.errors += 1
                 if fresh_token or self._username is None:
-                    raise EtcdAuthError(f"etcd at {member.target} refused to watch {key.decode(errors='replace')} "
-                                        f"({exc}): grant the etcd user read access to it") from None
+                    raise EtcdAuthError(f"etcd at {member.target} denied the etcd user a watch on "
+                                        f"{key.decode(errors='replace')} ({exc}): grant it read on {self.prefix}/") from None
                 await self._call(member.authenticate(), member)
             except asyncio.CancelledError:
                 task = asyncio.current_task()
