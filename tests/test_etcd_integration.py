@@ -376,6 +376,29 @@ def test_auth_mistakes_are_one_line_errors_that_name_what_to_fix(etcd_auth):
     assert all("\n" not in text for text in (no_user, bad_password, no_access))
 
 
+def test_a_watch_the_user_may_not_make_is_a_one_line_error_not_an_outage(etcd_auth):
+    root = ("--user", "root:root-pw")
+    for args in (("user", "add", "config-only:pw"), ("role", "add", "config-only"),
+                 ("role", "grant-permission", "config-only", "read", f"{PREFIX}/config"),
+                 ("user", "grant-role", "config-only", "config-only")):
+        etcd_auth.ctl(*root, *args)
+
+    async def body():  # type: ignore[no-untyped-def]
+        reg = _auth_registry(etcd_auth, "config-only", "pw")
+        try:
+            await reg.get_config()
+            with pytest.raises(EtcdAuthError) as caught:
+                async for _ in reg.watch_subnets(1):
+                    pass
+            return str(caught.value), reg.reconnects
+        finally:
+            await reg.close()
+
+    text, reconnects = asyncio.run(asyncio.wait_for(body(), 30))
+    assert f"denied the etcd user a watch on {PREFIX}/subnets/" in text and f"grant it read on {PREFIX}/" in text, text
+    assert reconnects == 0, "etcd answered: no failover"
+
+
 def test_an_expired_auth_token_is_renewed_not_fatal(etcd_auth):
     """etcd forgets a token that went unused for --auth-token-ttl (5 min by default; 2 s here): a
     quiet node's next renewal or watch must authenticate again, not stop the daemon."""
