@@ -8,6 +8,7 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -21,16 +22,39 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture
-def etcd() -> Iterator[EtcdMember]:
-    """A fresh single-member etcd on 127.0.0.1 (random ports), removed afterwards."""
+@contextmanager
+def _fresh_etcd(*args: str) -> Iterator[EtcdMember]:
     with tempfile.TemporaryDirectory(prefix="flanneld-etcd-") as workdir:
-        member = EtcdMember("t", "127.0.0.1", workdir, client_port=_free_port(), peer_port=_free_port())
+        member = EtcdMember("t", "127.0.0.1", workdir, client_port=_free_port(), peer_port=_free_port(),
+                            tls_args=list(args))
         member.start()
         try:
             yield member
         finally:
             member.stop()
+
+
+@pytest.fixture
+def etcd() -> Iterator[EtcdMember]:
+    """A fresh single-member etcd on 127.0.0.1 (random ports), removed afterwards."""
+    with _fresh_etcd() as member:
+        yield member
+
+
+ETCD_USER, ETCD_PASSWORD = "flannel", "flannel-pw"
+
+
+@pytest.fixture
+def etcd_auth() -> Iterator[EtcdMember]:
+    """:func:`etcd` with authentication on: ``ETCD_USER`` may read and write flannel's prefix, and an
+    auth token lapses after 2 s without a request (etcd's default is 5 min)."""
+    with _fresh_etcd("--auth-token-ttl=2") as member:
+        for args in (("user", "add", "root:root-pw"), ("user", "add", f"{ETCD_USER}:{ETCD_PASSWORD}"),
+                     ("role", "add", "flannel"),
+                     ("role", "grant-permission", "flannel", "--prefix=true", "readwrite", "/coreos.com/network/"),
+                     ("user", "grant-role", ETCD_USER, "flannel"), ("auth", "enable")):
+            member.ctl(*args)
+        yield member
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,9 @@
 Checks that every output file exists, that every figure is present and
 positive (loss may honestly be zero), that the numbers hang together, and
 that nothing the run made is left behind: no namespace of its tags, no
-iperf3, flanneld-py or etcd process of its labs.
+process it started (iperf3, flanneld-py, etcd, ...). Its processes are told
+from those of other runs on the machine by a token in their environment,
+which every process the bench starts inherits, also one that was orphaned.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,9 @@ def _namespaces() -> set[str]:
     return {line.split()[0] for line in out.splitlines() if line.strip()}
 
 
+RUN_TOKEN = "FLANNELD_BENCH_TEST_RUN"  # in the environment of every process one bench run starts
+
+
 def _processes(names: tuple[str, ...]) -> dict[int, str]:
     found = {}
     for pid in (p for p in os.listdir("/proc") if p.isdigit()):
@@ -38,6 +44,40 @@ def _processes(names: tuple[str, ...]) -> dict[int, str]:
         if any(name in cmdline for name in names):
             found[int(pid)] = cmdline
     return found
+
+
+def _started_by(token: str) -> dict[int, str]:
+    """The live processes whose environment holds ``RUN_TOKEN=token``: those a run started,
+    even orphaned or in a namespace, and no one else's (a zombie's environment reads empty)."""
+    needle = f"{RUN_TOKEN}={token}".encode()
+    found = {}
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            if needle not in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                continue
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        found[int(pid)] = cmdline
+    return found
+
+
+def test_leftover_check_sees_only_the_runs_own_processes_also_orphaned() -> None:
+    """Another run's process (here one without the token) is no leftover; ours is, also after
+    its parent exited (as a server the bench forgot would be)."""
+    token = uuid.uuid4().hex
+    spawn = "sleep 300 </dev/null >/dev/null 2>&1 & echo $!"  # the shell exits: its sleep is an orphan
+    pids: list[int] = []
+    try:
+        for env in ({**os.environ, RUN_TOKEN: token}, {**os.environ, RUN_TOKEN: uuid.uuid4().hex}, dict(os.environ)):
+            out = subprocess.run(["sh", "-c", spawn], env=env, capture_output=True, text=True, check=True).stdout
+            pids.append(int(out))
+        left = _started_by(token)
+        assert list(left) == [pids[0]] and "sleep 300" in left[pids[0]], (left, pids)
+    finally:
+        for pid in pids:
+            os.kill(pid, 9)
+    assert not _started_by(token)  # killed: gone (or a zombie of init's, which reads empty)
 
 
 def _check_figure(where: str, entry: dict[str, Any], key: str) -> None:
@@ -54,10 +94,11 @@ def _check_figure(where: str, entry: dict[str, Any], key: str) -> None:
 @pytest.mark.slow
 def test_quick_bench_udp_vxlan_c_relay(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    iperf_before = set(_processes(("iperf3",)))
+    token = uuid.uuid4().hex
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--modes", "udp,vxlan,c-relay", "--rounds", "1", "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=900,  # a hang guard, not a speed check
+        env={**os.environ, RUN_TOKEN: token},
     )
     assert proc.returncode == 0, f"bench exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert "bench done" in proc.stderr  # the progress output
@@ -123,8 +164,8 @@ def test_quick_bench_udp_vxlan_c_relay(tmp_path: Path) -> None:
     assert not left, f"namespaces left behind: {left}"
     leftover = _processes(tuple(f"flanneld-lab-{tag}-" for tag in tags))
     assert not leftover, f"processes left behind: {leftover}"
-    new_iperf = set(_processes(("iperf3",))) - iperf_before
-    assert not new_iperf, f"iperf3 left behind: {new_iperf}"
+    started = _started_by(token)  # iperf3 servers and clients among them; another bench's are not
+    assert not started, f"processes of this run left behind: {started}"
     dirs = [p.name for p in Path(tempfile.gettempdir()).glob("flanneld-lab-*")
             if any(p.name.startswith(f"flanneld-lab-{tag}-") for tag in tags)]
     assert not dirs, f"work directories left behind: {dirs}"

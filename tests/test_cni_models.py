@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
-from pathlib import Path
 from typing import Any
 
 import pytest

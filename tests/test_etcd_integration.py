@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
+from conftest import ETCD_PASSWORD, ETCD_USER
 
 from flanneld_py.core.lease import KeyDeleted, KeyPut, LeaseAttrs
 from flanneld_py.core.netconfig import parse_network_config
@@ -16,8 +18,8 @@ from flanneld_py.subnet.registry import EtcdRegistry
 from flanneld_py.core.lease import LeaseAdded, LeaseRemoved
 from flanneld_py.core.lease_policy import LeasePolicy
 from flanneld_py.errors import FatalError
-from flanneld_py.subnet.runner import LeaseRunner, wait_for_config
-from flanneld_py.subnet.store import EtcdUnavailable, WatchCompacted
+from flanneld_py.subnet.runner import LeaseRunner, follow_config, wait_for_config
+from flanneld_py.subnet.store import EtcdAuthError, EtcdUnavailable, WatchCompacted
 
 pytestmark = pytest.mark.etcd
 PREFIX = "/coreos.com/network"
@@ -291,3 +293,136 @@ def test_compaction_or_our_key_changed_between_claim_and_watch(etcd):
 
     etcd.ctl("put", f"{PREFIX}/config", json.dumps(EIGHT))
     asyncio.run(asyncio.wait_for(_with(etcd, body), 60))
+
+
+def test_compaction_under_a_watching_daemon_is_no_outage_and_loses_nothing(etcd, caplog):
+    """The lease watch and the config watch share one channel, as in the daemon. The lease watch
+    falls behind a compaction (it starts from a claim's listing that was compacted away), then
+    etcd is compacted again while it follows: it re-lists at once and says why in one line, every
+    later change lands exactly once, and nothing reads as a lost etcd."""
+    config = parse_network_config(json.dumps(EIGHT))
+
+    def put(n: int) -> None:
+        etcd.ctl("put", f"{PREFIX}/subnets/10.244.{n}.0-24", attrs(n).to_json().decode())
+
+    def compact_now() -> None:
+        revision = json.loads(etcd.ctl("get", "x", "-w", "json").stdout)["header"]["revision"]
+        etcd.ctl("compact", str(revision))
+
+    async def body(reg):
+        claim = await LocalManager(reg).claim(config, attrs(1), previous=OURS)
+        put(2)
+        put(3)
+        compact_now()
+        applied: list = []
+        held: list = []
+        tasks = [asyncio.create_task(_follow(reg, claim, applied, held)),
+                 asyncio.create_task(follow_config(reg, config))]
+        try:
+            await _until(lambda: {"10.244.2.0/24", "10.244.3.0/24"} <= set(_subnets(applied, LeaseAdded)),
+                         "the peers, from a re-listing")
+            for round_ in range(3):
+                put(4 + round_)
+                compact_now()  # while the watch follows
+                etcd.ctl("del", f"{PREFIX}/subnets/10.244.{2 + round_}.0-24")
+            await _until(lambda: {"10.244.4.0/24", "10.244.5.0/24", "10.244.6.0/24"} <= set(_subnets(applied, LeaseAdded))
+                         and {"10.244.2.0/24", "10.244.3.0/24", "10.244.4.0/24"} <= set(_subnets(applied, LeaseRemoved)),
+                         "every change after the compactions")
+            await asyncio.sleep(0.5)  # anything doubled or late shows now
+            added = _subnets(applied, LeaseAdded)
+            assert sorted(added) == sorted(set(added)), f"a lease added twice: {added}"
+            assert not held, "our key was never lost"
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    etcd.ctl("put", f"{PREFIX}/config", json.dumps(EIGHT))
+    with caplog.at_level(logging.INFO, logger="flanneld_py"):
+        asyncio.run(asyncio.wait_for(_with(etcd, body), 60))
+    lines = [r.getMessage() for r in caplog.records]
+    assert not [line for line in lines if "lost etcd" in line], lines
+    assert len([line for line in lines if "fell behind a compaction" in line]) == 1, lines
+
+
+# --- etcd with authentication ------------------------------------------------------------------
+
+
+def _auth_registry(etcd, username: str | None, password: str | None) -> EtcdRegistry:
+    return EtcdRegistry([f"127.0.0.1:{etcd.client_port}"], prefix=PREFIX, timeout=3,
+                        username=username, password=password)
+
+
+def test_auth_mistakes_are_one_line_errors_that_name_what_to_fix(etcd_auth):
+    async def attempt(username, password, prefix=PREFIX):  # type: ignore[no-untyped-def]
+        reg = _auth_registry(etcd_auth, username, password)
+        reg.prefix = prefix
+        try:
+            with pytest.raises(EtcdAuthError) as caught:
+                await reg.get_config()
+            return str(caught.value)
+        finally:
+            await reg.close()
+
+    async def body():  # type: ignore[no-untyped-def]
+        return [await attempt(None, None), await attempt(ETCD_USER, "wrong"),
+                await attempt(ETCD_USER, ETCD_PASSWORD, prefix="/elsewhere")]
+
+    no_user, bad_password, no_access = asyncio.run(asyncio.wait_for(body(), 30))
+    assert "requires authentication: give --etcd-username and --etcd-password" in no_user, no_user
+    assert "refused the credentials" in bad_password and "invalid user ID or password" in bad_password
+    assert "denied the etcd user access (etcdserver: permission denied): grant it read and write on /elsewhere/" \
+        in no_access, no_access
+    assert all("\n" not in text for text in (no_user, bad_password, no_access))
+
+
+def test_a_watch_the_user_may_not_make_is_a_one_line_error_not_an_outage(etcd_auth):
+    root = ("--user", "root:root-pw")
+    for args in (("user", "add", "config-only:pw"), ("role", "add", "config-only"),
+                 ("role", "grant-permission", "config-only", "read", f"{PREFIX}/config"),
+                 ("user", "grant-role", "config-only", "config-only")):
+        etcd_auth.ctl(*root, *args)
+
+    async def body():  # type: ignore[no-untyped-def]
+        reg = _auth_registry(etcd_auth, "config-only", "pw")
+        try:
+            await reg.get_config()
+            with pytest.raises(EtcdAuthError) as caught:
+                async for _ in reg.watch_subnets(1):
+                    pass
+            return str(caught.value), reg.reconnects
+        finally:
+            await reg.close()
+
+    text, reconnects = asyncio.run(asyncio.wait_for(body(), 30))
+    assert f"denied the etcd user a watch on {PREFIX}/subnets/" in text and f"grant it read on {PREFIX}/" in text, text
+    assert reconnects == 0, "etcd answered: no failover"
+
+
+def test_an_expired_auth_token_is_renewed_not_fatal(etcd_auth):
+    """etcd forgets a token that went unused for --auth-token-ttl (5 min by default; 2 s here): a
+    quiet node's next renewal or watch must authenticate again, not stop the daemon."""
+    etcd_auth.ctl("--user", "root:root-pw", "put", f"{PREFIX}/config", json.dumps(EIGHT))
+    config = parse_network_config(json.dumps(EIGHT))
+
+    async def body():  # type: ignore[no-untyped-def]
+        reg = _auth_registry(etcd_auth, ETCD_USER, ETCD_PASSWORD)
+        try:
+            own = await LocalManager(reg, lease_ttl=60).acquire(config, attrs(1))
+            await asyncio.sleep(3.5)  # the token lapses
+            assert await reg.keepalive(own.lease_id) > 0, "a renewal after the token lapsed"
+            await asyncio.sleep(3.5)
+            _, revision = await reg.list_subnets()
+            await asyncio.sleep(3.5)
+            watch = reg.watch_subnets(revision + 1)  # a watch created after the token lapsed
+            first = asyncio.ensure_future(anext(watch))
+            await asyncio.sleep(0.5)
+            etcd_auth.ctl("--user", "root:root-pw", "put", f"{PREFIX}/subnets/10.244.2.0-24", attrs(2).to_json().decode())
+            batch, _ = await asyncio.wait_for(first, 10)
+            await watch.aclose()
+            assert batch == [KeyPut("10.244.2.0-24", attrs(2).to_json())]
+            assert reg.reconnects == 0, "no failover: etcd was there all along"
+        finally:
+            await reg.close()
+
+    asyncio.run(asyncio.wait_for(body(), 60))

@@ -151,6 +151,21 @@ def test_our_key_rewritten_for_another_node_is_fatal():
                              "exiting so that this node gets drained")]
 
 
+def test_a_listing_with_our_key_rewritten_for_another_node_is_fatal_too():
+    """One rule for both paths: a re-listing (after start, a compaction or an outage) that shows
+    our key naming another node stops the daemon just as a watch batch does, and applies nothing."""
+    p = watching(policy(), revision=5)
+    p.compacted()
+    actions = p.relisted([put(OURS.name, "198.51.100.9"), PEER_PUT], 9)
+    assert actions == [Fatal("our subnet 10.244.1.0/24 was rewritten for 198.51.100.9; "
+                             "exiting so that this node gets drained")]
+    fresh = policy()
+    fresh.start()
+    assert fresh.relisted([put(OURS.name, "198.51.100.9")], 3) == actions
+    assert fresh.relisted([OWN_PUT, PEER_PUT], 4) == [ApplyPeers((LeaseAdded(PEER_LEASE),)), Watch(5)], \
+        "our own PublicIP is no rewrite"
+
+
 def test_a_lost_create_race_on_reclaim_is_fatal():
     p = watching(policy())
     assert p.reclaim_lost("subnet taken") == [Fatal("subnet taken")]
@@ -158,7 +173,9 @@ def test_a_lost_create_race_on_reclaim_is_fatal():
 
 def test_compaction_relists_at_once():
     p = watching(policy(), revision=5)
-    assert p.compacted() == [Report("info", "watch revision 5 was compacted; re-listing all leases"), Relist()]
+    assert p.compacted(9) == [Report("info", "the lease watch fell behind a compaction (it needed revision 6, etcd "
+                                             "keeps revisions from 9 on); re-listing all leases and watching on from there"),
+                              Relist()]
     assert p.get_timer() == 130.0, "no retry timer (only the renewal): the re-list runs now"
 
 

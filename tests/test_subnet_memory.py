@@ -283,6 +283,26 @@ def test_runner_reclaims_our_deleted_key_and_dies_when_it_is_taken():
     run(body)
 
 
+def test_runner_dies_when_a_relisting_shows_our_key_taken():
+    """The rewrite happened during an outage and was compacted away: only the re-listing shows it,
+    and it is as fatal as in a watch batch."""
+    store = MemoryRegistry()
+
+    async def body() -> None:
+        node = await _joined(store, 1)
+        peer = await LocalManager(store).acquire(CONFIG, attrs(2))
+        task = node.start()
+        await until(lambda: peer.subnet in node.added(), "the listed peer")
+        store.fail()
+        store.put_subnet(node.own.name, attrs(9).to_json())
+        store.compact()
+        store.recover()
+        with pytest.raises(FatalError, match="rewritten for 198.51.100.9"):
+            await asyncio.wait_for(task, 30)
+
+    run(body)
+
+
 def test_runner_renews_and_retries_renewal_through_an_outage():
     store = MemoryRegistry(clock=Clock())  # the etcd lease never runs out: this is about retries
 
@@ -471,5 +491,18 @@ def test_only_a_record_naming_exactly_our_address_is_adopted():
         store.put_subnet("10.244.5.0-24", b'{ "BackendType": "udp",\n  "PublicIP": "198.51.100.1" }')  # ours, spaced
         own = await LocalManager(store, lease_ttl=3600).acquire(CONFIG, attrs(1))
         assert own.subnet == IPv4Network("10.244.5.0/24")
+
+    run(body)
+
+
+def test_a_record_naming_our_address_with_json_escapes_is_adopted():
+    """JSON lets a writer escape any character of the address; it is still our record."""
+    store = MemoryRegistry()
+
+    async def body() -> None:
+        store.put_subnet("10.244.3.0-24", b'{"PublicIP":"198.51.100.\\u0031\\u0030","BackendType":"udp"}')  # .10
+        store.put_subnet("10.244.6.0-24", b'{"PublicIP":"198.51.100.\\u0031","BackendType":"udp"}')  # ours
+        own = await LocalManager(store, lease_ttl=3600).acquire(CONFIG, attrs(1))
+        assert own.subnet == IPv4Network("10.244.6.0/24")
 
     run(body)

@@ -16,8 +16,10 @@ after an outage :class:`CheckEtcd` first). Rules kept here:
 
 * our key deleted (by hand, or the lease ran out): claim it again before the
   batch that showed it counts as seen, so a failed re-claim is retried;
-* our key rewritten for another node's PublicIP: fatal, the node must be drained;
-* a compacted watch revision: re-list at once;
+* our key rewritten for another node's PublicIP, seen in a listing or a watch
+  batch: fatal, the node must be drained;
+* a compacted watch revision (the watch fell behind a compaction): say so,
+  re-list at once (no backoff: etcd answered);
 * etcd gone: say so once, keep the routes, retry with a short backoff, and
   ask etcd for a real answer before resuming the watch;
 * a renewal that fails: retry with backoff, the datapath keeps forwarding.
@@ -203,8 +205,11 @@ class LeasePolicy:
 
     def relisted(self, records: Iterable[KeyPut], revision: int) -> list[Action]:
         listing = tuple(records)
+        ours = next((record for record in listing if record.name == self.own.name), None)
+        if ours is not None and (taken := self._taken(ours)) is not None:
+            return [taken]
         self._pending = _Pending(listing, revision, relist=True)
-        if any(record.name == self.own.name for record in listing):
+        if ours is not None:
             return self._commit()
         return [Reclaim(self.own)]
 
@@ -218,9 +223,8 @@ class LeasePolicy:
             elif isinstance(event, KeyDeleted):
                 out.append(Report("warning", f"our lease {self.own.subnets} was deleted from etcd"))
                 deleted = True
-            elif (holder := _holder(event.value)) not in (None, self.own.attrs.node_address):
-                return [Fatal(f"our subnet {self.own.subnets} was rewritten for {holder}; "
-                              "exiting so that this node gets drained")]
+            elif (taken := self._taken(event)) is not None:
+                return [taken]
         self._pending = _Pending(tuple(others), revision, relist=False)
         if deleted:
             return [*out, Reclaim(self.own)]
@@ -234,11 +238,17 @@ class LeasePolicy:
         """Another node holds our subnet now (a lost create race)."""
         return [Fatal(reason)]
 
-    def compacted(self) -> list[Action]:
+    def compacted(self, oldest: int = 0) -> list[Action]:
+        """The watch fell behind a compaction (``oldest``: the oldest revision etcd keeps, 0 if
+        unknown): re-list at once. etcd answered, so this is no outage and waits for no backoff."""
         self._pending = None
-        out: list[Action] = [Report("info", f"watch revision {self._revision} was compacted; re-listing all leases")]
+        facts = [f"it needed revision {self._revision + 1}"] if self._revision is not None else []
+        facts += [f"etcd keeps revisions from {oldest} on"] if oldest else []
+        why = f" ({', '.join(facts)})" if facts else ""
+        report = Report("info", f"the lease watch fell behind a compaction{why}; "
+                                "re-listing all leases and watching on from there")
         self._revision = None
-        return [*out, Relist()]
+        return [report, Relist()]
 
     def etcd_lost(self, detail: str, now: float) -> list[Action]:
         """The watch lane's request failed: retry after a backoff, keep the routes."""
@@ -255,6 +265,15 @@ class LeasePolicy:
         return [Report("info", f"etcd is back; resuming the watch at revision {where}"), self._resume()]
 
     # --- inside ---------------------------------------------------------------------
+
+    def _taken(self, ours: KeyPut) -> Fatal | None:
+        """Our key naming another node's PublicIP (in a listing or a watch batch): that node
+        holds our subnet now, so two nodes would route it; fatal, the node must be drained.
+        A record that is no valid lease names nobody: not acted on."""
+        holder = _holder(ours.value)
+        if holder is None or holder == self.own.attrs.node_address:
+            return None
+        return Fatal(f"our subnet {self.own.subnets} was rewritten for {holder}; exiting so that this node gets drained")
 
     def _resume(self) -> Action:
         if self._lost:

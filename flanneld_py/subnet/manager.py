@@ -70,13 +70,14 @@ class _Listing:
         """A record that already names our node (PublicIP, or PublicIPv6 if IPv6-only) and fits the config.
 
         An IPv4 address has one text form, which a lease naming it holds as a JSON string as
-        is, so only the records that hold that string are decoded; an IPv6 address has
-        several, so every record is.
+        is unless the writer escaped some of its characters (``\\u0031``), so only the records
+        that hold that string or any backslash are decoded (start-up reads every lease); an
+        IPv6 address has several forms, so every record is.
         """
         address = attrs.node_address
         text = f'"{address}"'.encode() if address.version == 4 else b""
         for record, subnet, subnet6 in self.keyed:
-            if text not in record.value or not _fits(config, subnet, subnet6):
+            if not _fits(config, subnet, subnet6) or (text not in record.value and b"\\" not in record.value):
                 continue
             try:
                 theirs = LeaseAttrs.from_json(record.value)

@@ -197,7 +197,7 @@ class MemoryRegistry:
     async def _watch(self, start_revision: int, wanted: Callable[[str], bool]) -> AsyncIterator[_Change]:
         self._request()
         if start_revision <= self.compacted:
-            raise WatchCompacted()
+            raise WatchCompacted(self.compacted + 1)
         seen = start_revision - 1
         while True:
             for change in [c for c in self._history if c.revision > seen]:
@@ -211,4 +211,4 @@ class MemoryRegistry:
                 self.errors += 1
                 raise EtcdUnavailable("watch on memory broke: failed by the test")
             if self.compacted > seen:
-                raise WatchCompacted()
+                raise WatchCompacted(self.compacted + 1)

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import AsyncGenerator, Awaitable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -174,11 +174,25 @@ _TRANSIENT_CODES = frozenset({
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 })
-_REFUSED_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 
 
 class WatchNotCreated(TimeoutError):
     """A member accepted the watch stream but never confirmed the watch."""
+
+
+class _WatchRefused(PermissionError):
+    """etcd refused to create the watch: our token expired, or the user may not read the keys."""
+
+
+class _TokenExpired(EtcdAuthError):
+    """etcd no longer knows our auth token: authenticate again and retry (fatal only if that fails)."""
+
+
+_REQUIRE_LEADER = (("hasleader", "true"),)
+# etcd's texts (rpctypes) for the cases its status code does not tell apart
+_INVALID_TOKEN = "invalid auth token"
+_NO_USER = "user name is empty"
+_PERMISSION_DENIED = "permission denied"
 
 
 def _prefix_end(prefix: bytes) -> bytes:
@@ -204,12 +218,14 @@ class _Member:
         self.timeout = timeout
         # A member cut off from the leader ends our watch and answers "no leader" (etcd's
         # WithRequireLeader): else a partitioned member would keep a silent watch open.
-        self.metadata: tuple[tuple[str, str], ...] = (("hasleader", "true"),)
+        self.metadata: tuple[tuple[str, str], ...] = _REQUIRE_LEADER
         self._username = username
         self._password = password
 
     async def authenticate(self) -> None:
-        """Trade the username and password for a token (nothing to do without them)."""
+        """Trade the username and password for a token (nothing to do without them); again when
+        etcd says the token expired (a simple token lapses after ``--auth-token-ttl``, 5 min by
+        default, without a request, so a quiet node's next renewal would find it gone)."""
         if self._username is None:
             return
         stub = rpc.AuthStub(self.channel)
@@ -220,7 +236,7 @@ class _Member:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:  # etcd's "authentication failed"
                 raise EtcdAuthError(f"etcd at {self.target} refused the credentials: {exc.details()}") from None
             raise
-        self.metadata = (*self.metadata, ("token", reply.token))
+        self.metadata = (*_REQUIRE_LEADER, ("token", reply.token))
 
     async def close(self) -> None:
         await self.channel.close()
@@ -296,9 +312,12 @@ class _Member:
                         raise WatchNotCreated(f"watch on {self.target} was not confirmed") from None
                 if reply is grpc.aio.EOF:
                     raise EtcdUnavailable(f"watch on {self.target} ended")
+                refusal = (_INVALID_TOKEN, _PERMISSION_DENIED)  # only ever in the reply that creates the watch
+                if not created and reply.canceled and any(text in reply.cancel_reason for text in refusal):
+                    raise _WatchRefused(reply.cancel_reason)
                 created = created or reply.created
-                if reply.compact_revision:
-                    raise WatchCompacted()
+                if reply.compact_revision:  # etcd also marks the watch cancelled: this comes first
+                    raise WatchCompacted(int(reply.compact_revision))
                 if reply.canceled:
                     raise EtcdUnavailable(f"watch on {self.target} cancelled: {reply.cancel_reason}")
                 for event in reply.events:
@@ -416,6 +435,15 @@ class EtcdRegistry:
         if member is not None:
             await _close_quietly(member)
 
+    async def _request(self, make: Callable[[_Member], Awaitable[_T]]) -> _T:
+        """``make``'s request on the current member; once more with a fresh token if ours expired."""
+        member = await self._connected()
+        try:
+            return await self._call(make(member), member)
+        except _TokenExpired:
+            await self._call(member.authenticate(), member)
+            return await self._call(make(member), member)
+
     async def _call(self, awaitable: Awaitable[_T], member: _Member) -> _T:
         """Await one request on ``member``, mapping gRPC's errors onto ours."""
         try:
@@ -439,8 +467,16 @@ class EtcdRegistry:
     async def _classify(self, code: grpc.StatusCode, detail: str, member: _Member) -> Exception:
         """Our error for a failed call: fatal when the operator must act, else fail over."""
         self.errors += 1
-        if code in _REFUSED_CODES:
+        if code == grpc.StatusCode.PERMISSION_DENIED:  # the user is known but may not touch these keys
+            return EtcdAuthError(f"etcd at {member.target} denied the etcd user access ({detail}): "
+                                 f"grant it read and write on {self.prefix}/")
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            if _INVALID_TOKEN in detail and self._username is not None:
+                return _TokenExpired(f"etcd at {member.target} refused the credentials: {detail}")
             return EtcdAuthError(f"etcd at {member.target} refused the credentials: {detail}")
+        if code == grpc.StatusCode.INVALID_ARGUMENT and _NO_USER in detail:
+            return EtcdAuthError(f"etcd at {member.target} requires authentication: give --etcd-username "
+                                 f"and --etcd-password ({detail})")
         if code == grpc.StatusCode.UNAVAILABLE and self._tls is not None:
             problem = await diagnose_tls(self._tls, member.target)
             if problem is not None:
@@ -458,8 +494,7 @@ class EtcdRegistry:
 
     async def get_config_revision(self) -> tuple[bytes | None, int]:
         """The raw network config (None if absent) and the store revision it was read at."""
-        member = await self._connected()
-        reply = await self._call(member.range(self.config_key), member)
+        reply = await self._request(lambda member: member.range(self.config_key))
         value = next((bytes(kv.value) for kv in reply.kvs), None)
         return value, int(reply.header.revision)
 
@@ -478,47 +513,39 @@ class EtcdRegistry:
 
     async def list_subnets(self) -> tuple[list[StoredSubnet], int]:
         """All subnet records and the store revision they were read at."""
-        member = await self._connected()
-        reply = await self._call(member.range(self.subnets_prefix, prefix=True), member)
+        reply = await self._request(lambda member: member.range(self.subnets_prefix, prefix=True))
         return [self._subnet(kv) for kv in reply.kvs], int(reply.header.revision)
 
     async def get_subnet(self, name: str) -> StoredSubnet | None:
-        member = await self._connected()
-        reply = await self._call(member.range(self.subnet_key(name)), member)
+        reply = await self._request(lambda member: member.range(self.subnet_key(name)))
         found: Iterable[Any] = reply.kvs
         return next((self._subnet(kv) for kv in found), None)
 
     async def grant(self, ttl: int) -> int:
-        member = await self._connected()
-        return await self._call(member.grant(ttl), member)
+        return await self._request(lambda member: member.grant(ttl))
 
     async def create_subnet(self, name: str, value: bytes, lease_id: int, unique_prefix: str = "") -> bool:
         """Create the key only if absent (and no key starts with ``unique_prefix``), bound to
         ``lease_id``; False if it exists."""
-        member = await self._connected()
         absent = self.subnet_key(unique_prefix) if unique_prefix else b""
-        return await self._call(member.put_if(self.subnet_key(name), value, lease_id, mod_revision=0,
-                                              absent_prefix=absent), member)
+        return await self._request(lambda member: member.put_if(self.subnet_key(name), value, lease_id,
+                                                                mod_revision=0, absent_prefix=absent))
 
     async def update_subnet(self, name: str, value: bytes, lease_id: int, mod_revision: int) -> bool:
         """Rewrite our own key only if nobody changed it since ``mod_revision``."""
-        member = await self._connected()
         key = self.subnet_key(name)
-        return await self._call(member.put_if(key, value, lease_id, mod_revision=mod_revision), member)
+        return await self._request(lambda member: member.put_if(key, value, lease_id, mod_revision=mod_revision))
 
     async def keepalive(self, lease_id: int) -> int:
         """Refresh the etcd lease; its new TTL in seconds, 0 if it no longer exists."""
-        member = await self._connected()
-        return max(0, await self._call(member.keepalive(lease_id), member))
+        return max(0, await self._request(lambda member: member.keepalive(lease_id)))
 
     async def revoke(self, lease_id: int) -> None:
-        member = await self._connected()
-        await self._call(member.revoke(lease_id), member)
+        await self._request(lambda member: member.revoke(lease_id))
 
     async def lease_ttl(self, lease_id: int) -> int:
         """Remaining TTL of an etcd lease, or -1 if it does not exist."""
-        member = await self._connected()
-        return await self._call(member.time_to_live(lease_id), member)
+        return await self._request(lambda member: member.time_to_live(lease_id))
 
     async def watch_subnets(self, start_revision: int) -> AsyncGenerator[SubnetBatch, None]:
         """Batches of subnet events from ``start_revision`` on, each with its revision.
@@ -538,22 +565,34 @@ class EtcdRegistry:
                 yield [item], int(event.kv.mod_revision)
 
     async def _watch(self, key: bytes, start_revision: int, prefix: bool) -> AsyncGenerator[Any, None]:
-        """etcd's events for ``key`` (or every key under it), with our errors (see watch_subnets)."""
+        """etcd's events for ``key`` (or every key under it), with our errors (see watch_subnets).
+
+        etcd refuses a watch when it is created, before any event, so a refusal is retried once
+        with a fresh token (ours may have expired) without repeating an event.
+        """
         member = await self._connected()
-        try:
-            async with aclosing(member.watch(key, start_revision, prefix)) as events:
-                async for event in events:
-                    self.last_success = time.monotonic()
-                    yield event
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is None or task.cancelling():
-                raise
-            # Not our cancellation: another request failed over and closed the channel.
-            self.errors += 1
-            raise EtcdUnavailable(f"watch on {member.target} cut off by a failover") from None
-        except (grpc.aio.AioRpcError, WatchNotCreated, EtcdUnavailable) as exc:
-            self.errors += 1
-            await self._failover(member)
-            detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
-            raise EtcdUnavailable(f"watch on {member.target} broke: {detail}") from None
+        for fresh_token in (False, True):
+            try:
+                async with aclosing(member.watch(key, start_revision, prefix)) as events:
+                    async for event in events:
+                        self.last_success = time.monotonic()
+                        yield event
+                return
+            except _WatchRefused as exc:
+                self.errors += 1
+                if fresh_token or self._username is None:
+                    raise EtcdAuthError(f"etcd at {member.target} denied the etcd user a watch on "
+                                        f"{key.decode(errors='replace')} ({exc}): grant it read on {self.prefix}/") from None
+                await self._call(member.authenticate(), member)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise
+                # Not our cancellation: another request failed over and closed the channel.
+                self.errors += 1
+                raise EtcdUnavailable(f"watch on {member.target} cut off by a failover") from None
+            except (grpc.aio.AioRpcError, WatchNotCreated, EtcdUnavailable) as exc:
+                self.errors += 1
+                await self._failover(member)
+                detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+                raise EtcdUnavailable(f"watch on {member.target} broke: {detail}") from None

@@ -146,8 +146,8 @@ class LeaseRunner:
             try:
                 await self._perform(actions)
                 return
-            except WatchCompacted:
-                actions = self.policy.compacted()
+            except WatchCompacted as exc:
+                actions = self.policy.compacted(exc.oldest)
             except EtcdUnavailable as exc:
                 actions = self.policy.etcd_lost(str(exc), self._loop.time())
 

@@ -33,7 +33,15 @@ class EtcdAuthError(PermissionError):
 
 
 class WatchCompacted(Exception):
-    """The watch revision was compacted away; the caller must re-list."""
+    """The watch revision was compacted away; the caller must re-list.
+
+    ``oldest`` is the oldest revision the store still keeps (etcd's compact revision; 0 if
+    not told).
+    """
+
+    def __init__(self, oldest: int = 0) -> None:
+        super().__init__(f"revisions before {oldest} were compacted" if oldest else "revision compacted")
+        self.oldest = oldest
 
 
 @dataclass(frozen=True, slots=True)
