@@ -23,68 +23,73 @@ __all__ = ["COMPARE_EQUAL", "EVENT_PUT", "TARGET_CREATE", "TARGET_MOD", "EtcdStu
 _INT64, _BOOL, _STRING, _MESSAGE, _BYTES, _ENUM = 3, 8, 9, 11, 12, 14
 _OPTIONAL, _REPEATED = 1, 3
 
-# name -> fields: (name, number, type, repeated, message or enum type, oneof name or "")
-_Field = tuple[str, int, int, bool, str, str]
+_Field = tuple[str, int, int, str, bool, str]  # name, number, type, message or enum type, repeated, oneof
+
+
+def _f(name: str, number: int, kind: int, type_name: str = "", *, repeated: bool = False, oneof: str = "") -> _Field:
+    return name, number, kind, type_name, repeated, oneof
+
+
 _MESSAGES: dict[str, list[_Field]] = {
-    "ResponseHeader": [("revision", 3, _INT64, False, "", "")],
+    "ResponseHeader": [_f("revision", 3, _INT64)],
     "KeyValue": [
-        ("key", 1, _BYTES, False, "", ""), ("create_revision", 2, _INT64, False, "", ""),
-        ("mod_revision", 3, _INT64, False, "", ""), ("version", 4, _INT64, False, "", ""),
-        ("value", 5, _BYTES, False, "", ""), ("lease", 6, _INT64, False, "", ""),
+        _f("key", 1, _BYTES), _f("create_revision", 2, _INT64),
+        _f("mod_revision", 3, _INT64), _f("version", 4, _INT64),
+        _f("value", 5, _BYTES), _f("lease", 6, _INT64),
     ],
-    "Event": [("type", 1, _ENUM, False, "EventType", ""), ("kv", 2, _MESSAGE, False, "KeyValue", "")],
-    "RangeRequest": [("key", 1, _BYTES, False, "", ""), ("range_end", 2, _BYTES, False, "", "")],
+    "Event": [_f("type", 1, _ENUM, "EventType"), _f("kv", 2, _MESSAGE, "KeyValue")],
+    "RangeRequest": [_f("key", 1, _BYTES), _f("range_end", 2, _BYTES)],
     "RangeResponse": [
-        ("header", 1, _MESSAGE, False, "ResponseHeader", ""), ("kvs", 2, _MESSAGE, True, "KeyValue", ""),
-        ("more", 3, _BOOL, False, "", ""), ("count", 4, _INT64, False, "", ""),
+        _f("header", 1, _MESSAGE, "ResponseHeader"), _f("kvs", 2, _MESSAGE, "KeyValue", repeated=True),
+        _f("more", 3, _BOOL), _f("count", 4, _INT64),
     ],
     "PutRequest": [
-        ("key", 1, _BYTES, False, "", ""), ("value", 2, _BYTES, False, "", ""), ("lease", 3, _INT64, False, "", ""),
+        _f("key", 1, _BYTES), _f("value", 2, _BYTES), _f("lease", 3, _INT64),
     ],
-    "RequestOp": [("request_put", 2, _MESSAGE, False, "PutRequest", "request")],
+    "RequestOp": [_f("request_put", 2, _MESSAGE, "PutRequest", oneof="request")],
     # target_union is a oneof in etcd: a create_revision or mod_revision of 0 is sent, not dropped.
     "Compare": [
-        ("result", 1, _ENUM, False, "CompareResult", ""), ("target", 2, _ENUM, False, "CompareTarget", ""),
-        ("key", 3, _BYTES, False, "", ""),
-        ("create_revision", 5, _INT64, False, "", "target_union"),
-        ("mod_revision", 6, _INT64, False, "", "target_union"),
-        ("range_end", 64, _BYTES, False, "", ""),
+        _f("result", 1, _ENUM, "CompareResult"), _f("target", 2, _ENUM, "CompareTarget"),
+        _f("key", 3, _BYTES),
+        _f("create_revision", 5, _INT64, oneof="target_union"),
+        _f("mod_revision", 6, _INT64, oneof="target_union"),
+        _f("range_end", 64, _BYTES),
     ],
     "TxnRequest": [
-        ("compare", 1, _MESSAGE, True, "Compare", ""), ("success", 2, _MESSAGE, True, "RequestOp", ""),
-        ("failure", 3, _MESSAGE, True, "RequestOp", ""),
+        _f("compare", 1, _MESSAGE, "Compare", repeated=True), _f("success", 2, _MESSAGE, "RequestOp", repeated=True),
+        _f("failure", 3, _MESSAGE, "RequestOp", repeated=True),
     ],
-    "TxnResponse": [("header", 1, _MESSAGE, False, "ResponseHeader", ""), ("succeeded", 2, _BOOL, False, "", "")],
-    "LeaseGrantRequest": [("TTL", 1, _INT64, False, "", ""), ("ID", 2, _INT64, False, "", "")],
+    "TxnResponse": [_f("header", 1, _MESSAGE, "ResponseHeader"), _f("succeeded", 2, _BOOL)],
+    "LeaseGrantRequest": [_f("TTL", 1, _INT64), _f("ID", 2, _INT64)],
     "LeaseGrantResponse": [
-        ("header", 1, _MESSAGE, False, "ResponseHeader", ""), ("ID", 2, _INT64, False, "", ""),
-        ("TTL", 3, _INT64, False, "", ""), ("error", 4, _STRING, False, "", ""),
+        _f("header", 1, _MESSAGE, "ResponseHeader"), _f("ID", 2, _INT64),
+        _f("TTL", 3, _INT64), _f("error", 4, _STRING),
     ],
-    "LeaseRevokeRequest": [("ID", 1, _INT64, False, "", "")],
-    "LeaseRevokeResponse": [("header", 1, _MESSAGE, False, "ResponseHeader", "")],
-    "LeaseKeepAliveRequest": [("ID", 1, _INT64, False, "", "")],
+    "LeaseRevokeRequest": [_f("ID", 1, _INT64)],
+    "LeaseRevokeResponse": [_f("header", 1, _MESSAGE, "ResponseHeader")],
+    "LeaseKeepAliveRequest": [_f("ID", 1, _INT64)],
     "LeaseKeepAliveResponse": [
-        ("header", 1, _MESSAGE, False, "ResponseHeader", ""), ("ID", 2, _INT64, False, "", ""),
-        ("TTL", 3, _INT64, False, "", ""),
+        _f("header", 1, _MESSAGE, "ResponseHeader"), _f("ID", 2, _INT64),
+        _f("TTL", 3, _INT64),
     ],
-    "LeaseTimeToLiveRequest": [("ID", 1, _INT64, False, "", ""), ("keys", 2, _BOOL, False, "", "")],
+    "LeaseTimeToLiveRequest": [_f("ID", 1, _INT64), _f("keys", 2, _BOOL)],
     "LeaseTimeToLiveResponse": [
-        ("header", 1, _MESSAGE, False, "ResponseHeader", ""), ("ID", 2, _INT64, False, "", ""),
-        ("TTL", 3, _INT64, False, "", ""), ("grantedTTL", 4, _INT64, False, "", ""),
+        _f("header", 1, _MESSAGE, "ResponseHeader"), _f("ID", 2, _INT64),
+        _f("TTL", 3, _INT64), _f("grantedTTL", 4, _INT64),
     ],
     "WatchCreateRequest": [
-        ("key", 1, _BYTES, False, "", ""), ("range_end", 2, _BYTES, False, "", ""),
-        ("start_revision", 3, _INT64, False, "", ""),
+        _f("key", 1, _BYTES), _f("range_end", 2, _BYTES),
+        _f("start_revision", 3, _INT64),
     ],
-    "WatchRequest": [("create_request", 1, _MESSAGE, False, "WatchCreateRequest", "request_union")],
+    "WatchRequest": [_f("create_request", 1, _MESSAGE, "WatchCreateRequest", oneof="request_union")],
     "WatchResponse": [
-        ("header", 1, _MESSAGE, False, "ResponseHeader", ""), ("watch_id", 2, _INT64, False, "", ""),
-        ("created", 3, _BOOL, False, "", ""), ("canceled", 4, _BOOL, False, "", ""),
-        ("compact_revision", 5, _INT64, False, "", ""), ("cancel_reason", 6, _STRING, False, "", ""),
-        ("events", 11, _MESSAGE, True, "Event", ""),
+        _f("header", 1, _MESSAGE, "ResponseHeader"), _f("watch_id", 2, _INT64),
+        _f("created", 3, _BOOL), _f("canceled", 4, _BOOL),
+        _f("compact_revision", 5, _INT64), _f("cancel_reason", 6, _STRING),
+        _f("events", 11, _MESSAGE, "Event", repeated=True),
     ],
-    "AuthenticateRequest": [("name", 1, _STRING, False, "", ""), ("password", 2, _STRING, False, "", "")],
-    "AuthenticateResponse": [("header", 1, _MESSAGE, False, "ResponseHeader", ""), ("token", 2, _STRING, False, "", "")],
+    "AuthenticateRequest": [_f("name", 1, _STRING), _f("password", 2, _STRING)],
+    "AuthenticateResponse": [_f("header", 1, _MESSAGE, "ResponseHeader"), _f("token", 2, _STRING)],
 }
 _ENUMS: dict[str, list[tuple[str, int]]] = {
     "EventType": [("PUT", 0), ("DELETE", 1)],
@@ -121,7 +126,7 @@ def _number(number: int, value: int) -> bytes:
 
 
 def _field(field: _Field, oneofs: list[str]) -> bytes:
-    name, number, kind, repeated, type_name, oneof = field
+    name, number, kind, type_name, repeated, oneof = field
     out = _text(1, name) + _number(3, number) + _number(4, _REPEATED if repeated else _OPTIONAL) + _number(5, kind)
     if type_name:
         out += _text(6, f".{_PACKAGE}.{type_name}")
