@@ -3,7 +3,7 @@
 Policy (which subnet, when to renew, what a race means) lives in
 :mod:`flanneld_py.subnet.manager` and :mod:`flanneld_py.core.lease_policy`;
 this module only stores and reads. The channel is ours (TLS, keepalive,
-require-leader, a private subchannel pool); the request and stub classes are
+require-leader, a private subchannel pool); the messages and methods are
 etcd's, declared in :mod:`.etcdpb` (only what flannel needs). Errors are told
 apart by gRPC status code; a TLS failure, which gRPC reports as UNAVAILABLE
 with only a text, is diagnosed by a handshake of our own with :mod:`ssl`.
