@@ -1,6 +1,6 @@
 """Cancelling tasks so that they really end.
 
-Python 3.11's ``asyncio.wait_for`` (and libraries built on it, such as aetcd's
+Python 3.11's ``asyncio.wait_for`` (and libraries built on it, such as etcd clients'
 watch set-up) drops a cancellation that arrives in the same loop iteration as
 the awaited result (CPython gh-86296, fixed in 3.12). The task then goes on,
 say into a watch that never sees an event, and a shutdown awaiting it hangs.

@@ -86,5 +86,5 @@ def setup_logging(verbosity: int, environ: Mapping[str, str] | None = None, stre
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbosity > 0 else logging.INFO)
     # gRPC is chatty at DEBUG; keep it at WARNING unless -v=2 or more.
-    for noisy in ("grpc", "aetcd", "asyncio"):
+    for noisy in ("grpc", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbosity > 1 else logging.WARNING)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from ipaddress import IPv4Network, IPv6Network
 
 from .core.subnetenv import SubnetEnv, SubnetEnvError
@@ -15,13 +14,16 @@ def write_subnet_file(path: str, env: SubnetEnv) -> None:
     """Write ``env`` so that readers see the old file or the new one, never half of one."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".subnet.env.", dir=directory)
+    # A name no other writer picks (O_EXCL makes sure), made without tempfile: the daemon would
+    # load tempfile, shutil and their compression modules for this one call.
+    tmp = os.path.join(directory, f".subnet.env.{os.getpid()}.{os.urandom(6).hex()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(env.render())
             handle.flush()
+            os.fchmod(handle.fileno(), 0o644)
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         try:

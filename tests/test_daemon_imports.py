@@ -1,6 +1,6 @@
 """What the daemon loads for the configuration in use: a node that serves no CNI socket and no
-metrics never imports prometheus_client, scapy or the CNI wiring, and no node pyroute2 (each costs
-RSS and start-up time). Checked in a fresh interpreter that really starts the backends, in a
+metrics never imports prometheus_client, scapy or the CNI wiring, and no node pyroute2, aetcd (the
+daemon declares etcd's messages itself) or tempfile with shutil (each costs RSS and start-up time). Checked in a fresh interpreter that really starts the backends, in a
 namespace of its own. ssl is not on the list: uvloop imports it unconditionally.
 """
 
@@ -17,7 +17,8 @@ from flanneld_py.lab.netns import Netns, unique_tag
 
 pytestmark = pytest.mark.netns
 
-NEVER_WITHOUT_CNI = ("pyroute2", "prometheus_client", "scapy", "flanneld_py.cni.plugin", "flanneld_py.cni.wiring")
+NEVER_WITHOUT_CNI = ("pyroute2", "prometheus_client", "scapy", "flanneld_py.cni.plugin", "flanneld_py.cni.wiring",
+                     "aetcd", "tempfile", "shutil")
 
 # Start the udp backend (IPv4 and IPv6 pods) and the vxlan backend on a namespace's underlay, as the
 # daemon does (its own Netlink, the underlay choice), then report the devices and what was imported.
@@ -95,6 +96,7 @@ def test_a_node_without_cni_starts_udp_and_vxlan_without_pyroute2(node: Netns) -
                   or name in NEVER_WITHOUT_CNI]
         assert loaded == []
         assert "flanneld_py.netlink.batch" in report["modules"]
+        assert "flanneld_py.subnet.etcdpb" in report["modules"]  # the etcd client was imported, without aetcd
 
         vtep = _link(node, "flannel.1")
         data = vtep["linkinfo"]["info_data"]

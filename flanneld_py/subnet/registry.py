@@ -3,8 +3,8 @@
 Policy (which subnet, when to renew, what a race means) lives in
 :mod:`flanneld_py.subnet.manager` and :mod:`flanneld_py.core.lease_policy`;
 this module only stores and reads. The channel is ours (TLS, keepalive,
-require-leader, a private subchannel pool); the request and stub classes are
-the ones aetcd generates from etcd's protos (:mod:`aetcd.rpc`). Errors are told
+require-leader, a private subchannel pool); the messages and methods are
+etcd's, declared in :mod:`.etcdpb` (only what flannel needs). Errors are told
 apart by gRPC status code; a TLS failure, which gRPC reports as UNAVAILABLE
 with only a text, is diagnosed by a handshake of our own with :mod:`ssl`.
 """
@@ -22,9 +22,9 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import grpc
-from aetcd import rpc
 
 from ..core.lease import KeyDeleted, KeyPut
+from .etcdpb import COMPARE_EQUAL, EVENT_PUT, TARGET_CREATE, TARGET_MOD, EtcdStub, message
 from .store import EtcdAuthError, EtcdUnavailable, StoredSubnet, SubnetBatch, WatchCompacted
 
 __all__ = [
@@ -212,9 +212,7 @@ class _Member:
             self.channel = grpc.aio.secure_channel(target, credentials, options=options)
         else:
             self.channel = grpc.aio.insecure_channel(target, options=options)
-        self.kv = rpc.KVStub(self.channel)
-        self.leases = rpc.LeaseStub(self.channel)
-        self.watches = rpc.WatchStub(self.channel)
+        self.etcd = EtcdStub(self.channel)
         self.timeout = timeout
         # A member cut off from the leader ends our watch and answers "no leader" (etcd's
         # WithRequireLeader): else a partitioned member would keep a silent watch open.
@@ -228,10 +226,9 @@ class _Member:
         default, without a request, so a quiet node's next renewal would find it gone)."""
         if self._username is None:
             return
-        stub = rpc.AuthStub(self.channel)
-        request = rpc.AuthenticateRequest(name=self._username, password=self._password or "")
+        request = message("AuthenticateRequest", name=self._username, password=self._password or "")
         try:
-            reply = await stub.Authenticate(request, timeout=self.timeout)
+            reply = await self.etcd.authenticate(request, timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:  # etcd's "authentication failed"
                 raise EtcdAuthError(f"etcd at {self.target} refused the credentials: {exc.details()}") from None
@@ -242,33 +239,33 @@ class _Member:
         await self.channel.close()
 
     async def range(self, key: bytes, prefix: bool = False) -> Any:
-        request = rpc.RangeRequest(key=key, range_end=_prefix_end(key) if prefix else b"")
-        return await self.kv.Range(request, timeout=self.timeout, metadata=self.metadata)
+        request = message("RangeRequest", key=key, range_end=_prefix_end(key) if prefix else b"")
+        return await self.etcd.range(request, timeout=self.timeout, metadata=self.metadata)
 
     async def put_if(self, key: bytes, value: bytes, lease_id: int, *, mod_revision: int,
                      absent_prefix: bytes = b"") -> bool:
         """Put only if the key's mod revision is ``mod_revision`` (0: only if absent) and, with
         ``absent_prefix``, no key starting with it exists (all in one transaction)."""
-        compare = rpc.Compare(key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.MOD, mod_revision=mod_revision)
+        compare = message("Compare", key=key, result=COMPARE_EQUAL, target=TARGET_MOD, mod_revision=mod_revision)
         if mod_revision == 0:
-            compare = rpc.Compare(key=key, result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, create_revision=0)
+            compare = message("Compare", key=key, result=COMPARE_EQUAL, target=TARGET_CREATE, create_revision=0)
         compares = [compare]
         if absent_prefix:  # every key in the range must have create revision 0, i.e. none exists
-            compares.append(rpc.Compare(key=absent_prefix, range_end=_prefix_end(absent_prefix),
-                                        result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, create_revision=0))
-        put = rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value, lease=lease_id))
-        reply = await self.kv.Txn(rpc.TxnRequest(compare=compares, success=[put], failure=[]),
-                                  timeout=self.timeout, metadata=self.metadata)
+            compares.append(message("Compare", key=absent_prefix, range_end=_prefix_end(absent_prefix),
+                                    result=COMPARE_EQUAL, target=TARGET_CREATE, create_revision=0))
+        put = message("RequestOp", request_put=message("PutRequest", key=key, value=value, lease=lease_id))
+        reply = await self.etcd.txn(message("TxnRequest", compare=compares, success=[put], failure=[]),
+                                    timeout=self.timeout, metadata=self.metadata)
         return bool(reply.succeeded)
 
     async def grant(self, ttl: int) -> int:
-        reply = await self.leases.LeaseGrant(rpc.LeaseGrantRequest(TTL=ttl), timeout=self.timeout,
-                                             metadata=self.metadata)
+        reply = await self.etcd.lease_grant(message("LeaseGrantRequest", TTL=ttl), timeout=self.timeout,
+                                            metadata=self.metadata)
         return int(reply.ID)
 
     async def keepalive(self, lease_id: int) -> int:
-        call = self.leases.LeaseKeepAlive(iter([rpc.LeaseKeepAliveRequest(ID=lease_id)]),
-                                          timeout=self.timeout, metadata=self.metadata)
+        call = self.etcd.lease_keepalive(iter([message("LeaseKeepAliveRequest", ID=lease_id)]),
+                                         timeout=self.timeout, metadata=self.metadata)
         try:
             async for reply in call:
                 return int(reply.TTL)
@@ -278,15 +275,15 @@ class _Member:
 
     async def revoke(self, lease_id: int) -> None:
         try:
-            await self.leases.LeaseRevoke(rpc.LeaseRevokeRequest(ID=lease_id), timeout=self.timeout,
-                                          metadata=self.metadata)
+            await self.etcd.lease_revoke(message("LeaseRevokeRequest", ID=lease_id), timeout=self.timeout,
+                                         metadata=self.metadata)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:  # already gone: what we wanted
                 raise
 
     async def time_to_live(self, lease_id: int) -> int:
-        reply = await self.leases.LeaseTimeToLive(rpc.LeaseTimeToLiveRequest(ID=lease_id, keys=False),
-                                                  timeout=self.timeout, metadata=self.metadata)
+        reply = await self.etcd.lease_time_to_live(message("LeaseTimeToLiveRequest", ID=lease_id, keys=False),
+                                                   timeout=self.timeout, metadata=self.metadata)
         return int(reply.TTL)
 
     async def watch(self, key: bytes, start_revision: int, prefix: bool) -> AsyncGenerator[Any, None]:
@@ -295,11 +292,11 @@ class _Member:
         Raises :class:`WatchCompacted`, :class:`WatchNotCreated`, or gRPC's error
         when the stream breaks (a member without a leader ends it so).
         """
-        create = rpc.WatchCreateRequest(key=key, range_end=_prefix_end(key) if prefix else b"",
-                                        start_revision=start_revision)
-        call = self.watches.Watch(metadata=self.metadata)
+        create = message("WatchCreateRequest", key=key, range_end=_prefix_end(key) if prefix else b"",
+                         start_revision=start_revision)
+        call = self.etcd.watch(metadata=self.metadata)
         try:
-            await call.write(rpc.WatchRequest(create_request=create))
+            await call.write(message("WatchRequest", create_request=create))
             created = False
             while True:
                 if created:
@@ -502,7 +499,7 @@ class EtcdRegistry:
         """The raw config at each change from ``start_revision`` on (None: deleted), with its revision."""
         async with aclosing(self._watch(self.config_key, start_revision, prefix=False)) as events:
             async for event in events:
-                value = bytes(event.kv.value) if event.type == rpc.Event.PUT else None
+                value = bytes(event.kv.value) if event.type == EVENT_PUT else None
                 yield value, int(event.kv.mod_revision)
 
     # --- subnets -------------------------------------------------------------
@@ -558,7 +555,7 @@ class EtcdRegistry:
             async for event in events:
                 name = bytes(event.kv.key)[len(self.subnets_prefix):].decode(errors="replace")
                 item: KeyPut | KeyDeleted
-                if event.type == rpc.Event.PUT:
+                if event.type == EVENT_PUT:
                     item = KeyPut(name, bytes(event.kv.value))
                 else:
                     item = KeyDeleted(name)
