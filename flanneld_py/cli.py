@@ -23,7 +23,8 @@ def _run_daemon(args: list[str]) -> int:
     from .residency import one_malloc_arena, unmap_clean_pages
 
     options, notices = parse_command_line(args)  # exits 2 on bad usage
-    one_malloc_arena()
+    if options.cni_socket:  # without a CNI server, importing ctypes would cost more than it saves
+        one_malloc_arena()
 
     import logging
 

@@ -18,7 +18,7 @@ def one_malloc_arena() -> None:
     """Let every thread share glibc's main malloc arena. glibc gives each thread that allocates an
     arena of its own; the daemon's threads (gRPC's, the executor's) allocate little, so their
     arenas only add resident memory. Before any thread starts; a libc without mallopt is left as is."""
-    import ctypes  # unmap_clean_pages needs it too (and the CNI wiring, when served)
+    import ctypes  # the CNI wiring, served when this runs, loads it anyway
 
     try:
         ctypes.CDLL(None).mallopt(M_ARENA_MAX, 1)
@@ -37,7 +37,7 @@ def unmap_clean_pages(module_name: str) -> None:
     faults back in from there, without I/O. Mappings that hold a written page (the relocated data
     the loader protects read-only afterwards) are left alone: unmapping would lose those pages.
     """
-    import ctypes
+    import ctypes  # the CNI wiring loads it anyway; without a CNI socket the pages unmapped outweigh it
 
     path = getattr(sys.modules.get(module_name), "__file__", None)
     if not path:
