@@ -20,11 +20,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_daemon(args: list[str]) -> int:
     from .options import parse_command_line
-    from .residency import one_malloc_arena, unmap_clean_pages
 
     options, notices = parse_command_line(args)  # exits 2 on bad usage
     if options.cni_socket:  # without a CNI server, importing ctypes would cost more than it saves
-        one_malloc_arena()
+        _one_malloc_arena()
 
     import logging
 
@@ -33,12 +32,25 @@ def _run_daemon(args: list[str]) -> int:
     from .app import Daemon
     from .logs import setup_logging
 
-    unmap_clean_pages("grpc._cython.cygrpc")  # imported with the etcd client
-
     setup_logging(options.verbosity)
     for notice in notices:
         logging.getLogger("flanneld_py").log(notice.level, "%s", notice.message)
     return uvloop.run(Daemon(options).run())
+
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def _one_malloc_arena() -> None:
+    """Let every thread share glibc's main malloc arena. glibc gives each thread that allocates an
+    arena of its own; the daemon's threads (gRPC's, the executor's) allocate little, so their
+    arenas only add resident memory. Before any thread starts; a libc without mallopt is left as is."""
+    import ctypes  # the CNI wiring, served when this runs, loads it anyway
+
+    try:
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, 1)
+    except (OSError, AttributeError):
+        pass
 
 
 def _run_subcommand(name: str, args: list[str]) -> int:
