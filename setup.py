@@ -63,7 +63,7 @@ setup(
         Extension("flanneld_py.backend.udp._offload", sources=["flanneld_py/backend/udp/_offload.c"],
                   depends=[STAGES_HEADER], extra_compile_args=["-O3"], optional=True),
         Extension("flanneld_py.backend.udp._lane", sources=["flanneld_py/backend/udp/_lane.c"],
-                  depends=[STAGES_HEADER], extra_compile_args=["-O2", "-std=gnu11"], optional=True),
+                  depends=[STAGES_HEADER], extra_compile_args=["-O3", "-std=gnu11"], optional=True),
     ],
     cmdclass={"build_ext": BuildWithShim},
 )

@@ -113,7 +113,7 @@ def through_engine(engine: Engine, frame: bytes, vnet: bool) -> bytes | None:
 def through_lane(lane: FastLane, engine: Engine, frame: bytes, vnet: bool) -> tuple[bytes | None, bool]:
     """The lane first, the engine for what it hands over: (forwarded packet, forwarded by the lane)."""
     buf = bytearray(frame)
-    if lane._lane.forward_out(buf, len(buf)) >= 0:
+    if lane._lane.forward_out(buf, len(buf))[0] >= 0:
         return bytes(buf[VNET_HDR_LEN:] if vnet else buf), True
     assert buf == frame, "a handed-over frame must be untouched"
     return through_engine(engine, frame, vnet), False
@@ -181,20 +181,22 @@ def test_peer_changes_reach_the_lane_and_keep_counters(descriptors: tuple[int, i
     engine = make_engine()
     lane = make_lane(engine, descriptors, vnet=False)
     packet = bytes(IP(src="10.244.1.5", dst="10.244.5.7") / ICMP())
-    assert lane._lane.forward_out(bytearray(packet), len(packet)) == -1
+    assert lane._lane.forward_out(bytearray(packet), len(packet))[0] == -1
     peer = engine.set_peer(IPv4Network("10.244.5.0/24"), "192.0.2.5")
     lane.push_peers()  # the loop does this in its next turn (engine.on_peers_changed)
-    assert lane._peers[lane._lane.forward_out(bytearray(packet), len(packet))] is peer
+    assert lane._peers[lane._lane.forward_out(bytearray(packet), len(packet))[0]] is peer
     engine.remove_peer(IPv4Network("10.244.5.0/24"))
     lane.push_peers()  # the removed table's count is folded on the swap
-    assert lane._lane.forward_out(bytearray(packet), len(packet)) == -1
+    assert lane._lane.forward_out(bytearray(packet), len(packet))[0] == -1
     assert (peer.tx_packets, peer.tx_bytes) == (1, len(packet))
 
 
 def test_switch() -> None:
     assert lane_module.load("off") is None
     assert lane_module.load("on") is _lane
-    with pytest.raises(ValueError, match="choose auto, on or off"):
+    assert lane_module.load("lone") is _lane and not lane_module.bulk_path_on("lone")
+    assert lane_module.bulk_path_on("auto") and lane_module.bulk_path_on("on")
+    with pytest.raises(ValueError, match="choose auto, on, off or lone"):
         lane_module.load("fast")
 
 
