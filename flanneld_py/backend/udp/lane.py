@@ -28,8 +28,8 @@ import importlib
 import logging
 import os
 from collections.abc import Callable
-from types import ModuleType
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, Protocol
 
 from ...core.packet import Drop
