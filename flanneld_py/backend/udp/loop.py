@@ -128,8 +128,13 @@ class Pump:
         self.tun_batches = BatchStats()
         self.udp_batches = BatchStats()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # the lane's receive and merge buffers: this loop's own, unless the IPv6 socket's reads
+        # (conn6, on this loop, while the lane's thread reads the IPv4 socket) use those meanwhile
+        shared = conn6 is None or lane is None
+        self._lane_udp_view = self._udp_view if shared else memoryview(bytearray(MAX_PACKET))
+        self._lane_merge_view = self._merge_view if shared else memoryview(bytearray(HEADROOM + MAX_PACKET))
         self.lane = None if lane is None else FastLane(
-            lane, engine, (tun.fileno(), conn.fileno()), (tun.read_buffer, self._udp_view),
+            lane, engine, (tun.fileno(), conn.fileno()), (tun.read_buffer, self._lane_udp_view),
             tun.offload, getattr(conn, "gro", False), (self._on_tun, self._on_udp_handed),
             (self._on_tun, self._on_udp), (self.tun_batches, self.udp_batches),
             self._bulk_path() if tun.offload and bulk_path_on() else None)
@@ -142,7 +147,7 @@ class Pump:
         """The fast lane's share of the bulk path: this loop's send-run and merge buffers, which
         hold nothing between this loop's wakeups, and the socket's GSO limits."""
         gso = getattr(self.conn, "gso", False)
-        return BulkPath(self._run.view, self._merge_view, MAX_GSO_SEGMENTS if gso else 0, MAX_GSO_BYTES,
+        return BulkPath(self._run.view, self._lane_merge_view, MAX_GSO_SEGMENTS if gso else 0, MAX_GSO_BYTES,
                         SEGMENT_ROOM)
 
     def start(self) -> None:
@@ -307,6 +312,8 @@ class Pump:
     # --- UDP -> flannel0 ---------------------------------------------------------
 
     def _on_udp_handed(self, handed: tuple[int, int, str, int] | None) -> None:
+        if handed is not None and self._lane_udp_view is not self._udp_view:
+            self._udp_view[: handed[0]] = self._lane_udp_view[: handed[0]]
         self._on_udp(None, handed)
 
     def _on_udp(self, conn: UdpConn | None = None, handed: tuple[int, int, str, int] | None = None) -> None:
