@@ -717,7 +717,11 @@ def test_the_thread_moves_a_tcp_transfer_both_ways_without_the_loop() -> None:
     """Over real descriptors with UDP GSO and GRO: a pod's super-packet leaves as MSS-sized datagrams
     and a peer's GSO send reaches the pod as one merged super-packet, all in the lane's thread
     (nothing handed over), counted as the loop counts them."""
+    flood = [bytes(IP(src="10.244.1.5", dst="10.244.2.7") / UDP(sport=9, dport=9) / (bytes([i]) * 3)) for i in range(6)]
+
     async def scenario(node: Node) -> None:
+        for packet in flood:  # queued before the thread's first wakeup: gathered into one GSO send
+            node.pod.send(partial(packet))
         node.pump.start()
         try:
             await transfer(node)
@@ -725,6 +729,12 @@ def test_the_thread_moves_a_tcp_transfer_both_ways_without_the_loop() -> None:
             node.pump.stop()
 
     async def transfer(node: Node) -> None:
+        got = [await receive(node.remote) for _ in flood]
+        assert [IP(d)[UDP].load for d in got] == [IP(p)[UDP].load for p in flood]
+        for datagram in got:
+            fresh = IP(datagram)
+            del fresh[UDP].chksum
+            assert IP(bytes(fresh))[UDP].chksum == IP(datagram)[UDP].chksum
         packet = bytearray(pod_tcp(10 * 1448, flags="PA"))
         node.pod.send(tso_frame(bytes(packet), 1448))
         datagrams = [IP(await receive(node.remote)) for _ in range(10)]
@@ -736,7 +746,7 @@ def test_the_thread_moves_a_tcp_transfer_both_ways_without_the_loop() -> None:
         assert bytes(IP(frame[VNET_HDR_LEN:])[TCP].payload) == b"q" * (20 * 1400)
         assert node.pump.lane is not None and not any(node.pump.lane._held)
         node.pump.sync_counters()
-        assert (node.peer.tx_packets, node.peer.rx_packets, node.peer.rx_bytes) == (10, 20, len(flow))
+        assert (node.peer.tx_packets, node.peer.rx_packets, node.peer.rx_bytes) == (16, 20, len(flow))
         assert sum(node.engine.drops) == 0
 
     node = Node(vnet=True, gso_gro=True)

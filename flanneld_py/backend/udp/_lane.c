@@ -309,14 +309,16 @@ static int send_failed_as_gso_refused(int err) { return err == EIO || err == EIN
 /* Send datagrams of seglen bytes back to back (the last may be shorter) to addr, as
  * many per sendmsg as UDP_SEGMENT carries; a device that refuses GSO gets one datagram
  * per call from then on (as KernelUdp.send). Unsent datagrams count as send failures. */
+/* How many datagrams of seglen one send carries (as KernelUdp.per_send). */
+static size_t per_send(const Lane *l, size_t seglen) {
+    if (!l->gso_segments)
+        return 1;
+    size_t per = (size_t)l->gso_bytes / seglen;
+    return per > (size_t)l->gso_segments ? (size_t)l->gso_segments : per;
+}
+
 static void send_datagrams(Lane *l, const uint8_t *data, size_t length, size_t seglen, const struct sockaddr_in *addr) {
-    size_t per = 1;
-    if (l->gso_segments) {
-        per = (size_t)l->gso_bytes / seglen;
-        if (per > (size_t)l->gso_segments)
-            per = (size_t)l->gso_segments;
-    }
-    size_t chunk = per * seglen;
+    size_t chunk = per_send(l, seglen) * seglen;
     for (size_t at = 0; at < length; at += chunk) {
         size_t size = length - at < chunk ? length - at : chunk;
         if (size <= seglen) {
@@ -439,11 +441,47 @@ static void record(Lane *l, int dir, long count) {
     l->buckets[dir][bucket]++;
 }
 
+/* Packets of one size to one peer, gathered for GSO sends as Pump._queue_small does (a UDP
+ * flood, a run of ACKs), in the send buffer past the room that splits use. */
+typedef struct {
+    uint8_t *at;
+    size_t room, used, seglen;
+    int peer;
+} SmallRun;
+
+static void send_small(Lane *l, SmallRun *run) {
+    if (run->used)
+        send_datagrams(l, run->at, run->used, run->seglen, &l->table.peers[run->peer].addr);
+    run->used = 0;
+}
+
+/* Send one forwarded frame's datagrams, or gather a packet into the run. */
+static void send_out(Lane *l, SmallRun *run, const Outgoing *out, int peer) {
+    size_t per = out->length == out->seglen && run->at != NULL ? per_send(l, out->length) : 1;
+    if (run->used && (per == 1 || peer != run->peer || out->length != run->seglen))
+        send_small(l, run);
+    if (per == 1 || per * out->length > run->room) {
+        send_datagrams(l, out->data, out->length, out->seglen, &l->table.peers[peer].addr);
+        return;
+    }
+    memcpy(run->at + run->used, out->data, out->length);
+    run->used += out->length;
+    run->seglen = out->length;
+    run->peer = peer;
+    if (run->used == per * out->length)
+        send_small(l, run);
+}
+
 static void drain_tun(Lane *l) {
     uint8_t *buf = l->tun_buf.buf;
     size_t cap = (size_t)l->tun_buf.len;
     double now = monotonic();
     int count = 0;
+    SmallRun run = {0};
+    if (l->seg_buf.obj != NULL && l->gso_segments) {
+        run.at = (uint8_t *)l->seg_buf.buf + l->segment_room;
+        run.room = (size_t)(l->seg_buf.len - l->segment_room);
+    }
     for (;;) {
         if (count == DRAIN) /* level-triggered: the next epoll_wait comes back at once */
             break;
@@ -452,6 +490,7 @@ static void drain_tun(Lane *l) {
             if (n < 0 && errno == EINTR)
                 continue;
             if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK) { /* Python's own read meets it and reports it */
+                send_small(l, &run);
                 atomic_store(&l->tun_handed, HANDED_UNREAD);
                 hand_over(l, DIR_TUN);
             }
@@ -460,13 +499,15 @@ static void drain_tun(Lane *l) {
         Outgoing out;
         int index = forward_out_frame(l, buf, (size_t)n, now, &out);
         if (index < 0) {
+            send_small(l, &run); /* before the loop sends what comes after */
             atomic_store(&l->tun_handed, (long)n);
             hand_over(l, DIR_TUN);
             break;
         }
         count++;
-        send_datagrams(l, out.data, out.length, out.seglen, &l->table.peers[index].addr);
+        send_out(l, &run, &out, index);
     }
+    send_small(l, &run); /* within the same wakeup: gathering adds no delay */
     if (count)
         record(l, DIR_TUN, count);
 }
