@@ -14,7 +14,8 @@
  * written one by one). Everything else is handed to the Python loop unchanged,
  * with the descriptor: an IPv6 packet, an offload the lane does not take, a
  * datagram to drop, answer with ICMP or count as a drop. The handover
- * leaves the frame in the Python loop's own read buffer, signals an eventfd,
+ * leaves the frame in the read buffer Python gave the lane (for a GRO read,
+ * with the first datagram the lane did not forward), signals an eventfd,
  * and the lane stops reading that descriptor until Python gives it back
  * (resume), so one reader owns each descriptor at any time.
  *
