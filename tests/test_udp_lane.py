@@ -788,3 +788,17 @@ def test_with_an_ipv6_socket_the_lane_reads_into_buffers_of_its_own() -> None:
         assert node.peer.rx_packets == 1
     finally:
         node.close()
+
+
+def test_the_bulk_path_asks_for_all_its_buffers_and_a_virtio_net_header(descriptors: tuple[int, int]) -> None:
+    base = (*descriptors, bytearray(70000), bytearray(70000))
+    with pytest.raises(ValueError, match="the bulk path takes"):
+        _lane.Lane(*base, True, True, 0xFFFFFF00, 0x0AF40100, send_buffer=bytearray(1000))
+    with pytest.raises(ValueError, match="the bulk path takes"):
+        _lane.Lane(*base, False, True, 0xFFFFFF00, 0x0AF40100, send_buffer=bytearray(1000),
+                   merge_buffer=bytearray(70000), segment_room=1000)
+    with pytest.raises(ValueError, match="the bulk path takes"):  # a room larger than the buffer
+        _lane.Lane(*base, True, True, 0xFFFFFF00, 0x0AF40100, send_buffer=bytearray(1000),
+                   merge_buffer=bytearray(70000), segment_room=2000)
+    _lane.Lane(*base, True, True, 0xFFFFFF00, 0x0AF40100, send_buffer=bytearray(1000),
+               merge_buffer=bytearray(70000), segment_room=1000).close()
