@@ -3,7 +3,10 @@
 Differential: the same frames go through the engine alone (the reference) and
 through the lane first, with the engine taking whatever the lane hands over (as
 the loop runs them); both must end with the same bytes, the same verdicts and the
-same counters, and the lane must forward every plain IPv4 packet itself.
+same counters, and the lane must forward every plain IPv4 packet itself. The bulk
+path (super-packets, checksums to complete, GRO reads) is held the same way to the
+loop (:class:`Pump` on in-memory edges): same datagrams to the same peers, same
+flannel0 frames, same counters.
 """
 
 from __future__ import annotations
