@@ -24,6 +24,7 @@ from setuptools.command.build_ext import build_ext
 
 SHIM_SOURCE = os.path.join("flanneld_py", "cni", "shim.c")
 SHIM_TARGET = os.path.join("flanneld_py", "cni", "bin", "flannel-py")
+STAGES_HEADER = os.path.join("flanneld_py", "backend", "udp", "offload_stages.h")  # the C stages both extensions share
 SHIM_CFLAGS = ["-O2", "-Wall", "-Wextra", "-std=c11"]
 
 
@@ -60,9 +61,9 @@ class BuildWithShim(build_ext):
 setup(
     ext_modules=[
         Extension("flanneld_py.backend.udp._offload", sources=["flanneld_py/backend/udp/_offload.c"],
-                  extra_compile_args=["-O3"], optional=True),
+                  depends=[STAGES_HEADER], extra_compile_args=["-O3"], optional=True),
         Extension("flanneld_py.backend.udp._lane", sources=["flanneld_py/backend/udp/_lane.c"],
-                  extra_compile_args=["-O2", "-std=gnu11"], optional=True),
+                  depends=[STAGES_HEADER], extra_compile_args=["-O3", "-std=gnu11"], optional=True),
     ],
     cmdclass={"build_ext": BuildWithShim},
 )

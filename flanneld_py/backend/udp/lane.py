@@ -1,18 +1,24 @@
-"""The fast lane: lone packets that are plain forwards move in a C thread, not through Python.
+"""The fast lane: plain forwards move in a C thread, not through Python.
 
 At low load a packet is alone in its wakeup, and waking the interpreter for it
-costs more than the relay's system calls (see bench/results/hotloop.md). The
-compiled lane (``_lane``) owns flannel0 and the IPv4 socket while it sees only
-plain forwards under a copy of the engine's IPv4 table; the first frame that is
-anything else (an offload to honour, IPv6, a GRO batch, a packet to drop or
-answer with ICMP) is handed, unread by anyone else, to the Python loop with
-the descriptor. The loop keeps the descriptor while traffic keeps coming (so
-bulk transfers run exactly as without the lane) and gives it back after
-``HOLD`` seconds without a wakeup. The engine stays the one place of the rules;
-the lane's copy of "plain forward" is held to it by the differential tests.
+costs more than the relay's system calls; in a bulk transfer each super-packet
+and each ACK cost the interpreter more than the C stages that do the work (see
+bench/results/hotloop.md). The compiled lane (``_lane``) owns flannel0 and the
+IPv4 socket while it sees only plain forwards under a copy of the engine's IPv4
+table: lone packets and, with TUN offloads on (the bulk path), also what the
+loop's offload stages do for TCP over IPv4: checksums to complete, super-packets
+split and sent with UDP GSO, GRO reads merged by flow, with the same C stages
+(``offload_stages.h``). The first frame that is anything else (IPv6, a packet to
+drop or answer with ICMP, an offload the lane does not take) is handed, unread
+by anyone else, to the Python loop with the descriptor (for a GRO read, from its
+first datagram the lane did not forward). The loop keeps the descriptor while
+traffic keeps coming and gives it back after ``HOLD`` seconds without a wakeup.
+The engine and the loop stay the one place of the rules; the lane's copy is
+held to them by the differential tests.
 
-``FLANNELD_PY_FAST_LANE``: ``auto`` (default: on where built), ``off``, or
-``on`` (fail if not built).
+``FLANNELD_PY_FAST_LANE``: ``auto`` (default: on where built), ``off``, ``on``
+(fail if not built), or ``lone`` (lone packets only: the bulk path stays with the
+Python loop).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import importlib
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Protocol
 
@@ -30,22 +37,32 @@ from .engine import Engine, Peer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HOLD", "FastLane", "load"]
+__all__ = ["HOLD", "BulkPath", "FastLane", "bulk_path_on", "load"]
 
 VARIABLE = "FLANNELD_PY_FAST_LANE"
 HOLD = 0.005  # seconds without a wakeup before the loop gives a descriptor back to the lane
 TUN, UDP = 0, 1
 
 
+def _choice(choice: str | None) -> str:
+    choice = (choice if choice is not None else os.environ.get(VARIABLE, "")).strip().lower() or "auto"
+    if choice not in ("auto", "on", "off", "lone"):
+        raise ValueError(f"{VARIABLE}={choice!r}: choose auto, on, off or lone")
+    return choice
+
+
+def bulk_path_on(choice: str | None = None) -> bool:
+    """Whether the lane also takes the bulk path (all but ``lone``)."""
+    return _choice(choice) != "lone"
+
+
 def load(choice: str | None = None) -> ModuleType | None:
-    """The compiled lane, or None (off, or not built under ``auto``).
+    """The compiled lane, or None (off, or not built under ``auto``/``lone``).
 
     Raises:
         ValueError: an unknown choice, or ``on`` and the lane was not built.
     """
-    choice = (choice if choice is not None else os.environ.get(VARIABLE, "")).strip().lower() or "auto"
-    if choice not in ("auto", "on", "off"):
-        raise ValueError(f"{VARIABLE}={choice!r}: choose auto, on or off")
+    choice = _choice(choice)
     if choice == "off":
         return None
     try:
@@ -64,21 +81,39 @@ class Batches(Protocol):
     wakeups: int
 
 
+@dataclass(frozen=True)
+class BulkPath:
+    """What the lane needs for the bulk path: the loop's own send-run and merge buffers
+    (free while the lane holds the descriptor that fills them), the socket's UDP GSO
+    limits (``gso_segments`` 0: no GSO) and the largest split the loop always takes."""
+
+    send_buffer: Any
+    merge_buffer: Any
+    gso_segments: int
+    gso_bytes: int
+    segment_room: int
+
+
 class FastLane:
     """The lane's thread and the loop, taking turns on flannel0 and the IPv4 socket.
 
     ``handlers``: the loop's flannel0 handler, run on a handed frame's size (-1:
     none read), and its socket handler, run on a handed read (``(size, segment
-    size, source)``); ``readers``: the handlers the loop polls a descriptor with
-    while it holds it. Pairs are (flannel0, IPv4 socket) throughout.
+    size, source, first datagram left to the loop)``); ``readers``: the handlers
+    the loop polls a descriptor with while it holds it. Pairs are (flannel0, IPv4
+    socket) throughout. ``bulk``: None for lone packets only.
     """
 
     def __init__(self, module: ModuleType, engine: Engine, fds: tuple[int, int], buffers: tuple[bytearray, Any],
                  vnet: bool, gro: bool, handlers: tuple[Callable[[int], None], Callable[[Any], None]],
-                 readers: tuple[Callable[[], None], Callable[[], None]], stats: tuple[Batches, Batches]) -> None:
+                 readers: tuple[Callable[[], None], Callable[[], None]], stats: tuple[Batches, Batches],
+                 bulk: BulkPath | None = None) -> None:
         self.engine = engine
+        extra = {} if bulk is None else {
+            "send_buffer": bulk.send_buffer, "merge_buffer": bulk.merge_buffer, "gso_segments": bulk.gso_segments,
+            "gso_bytes": bulk.gso_bytes, "segment_room": bulk.segment_room}
         self._lane = module.Lane(fds[TUN], fds[UDP], buffers[TUN], buffers[UDP], vnet, gro,
-                                 engine.subnet_mask, engine.own_net)
+                                 engine.subnet_mask, engine.own_net, **extra)
         self._fds = fds
         self._handlers = handlers
         self._readers = readers

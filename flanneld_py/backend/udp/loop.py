@@ -31,9 +31,10 @@ counted as a drop. Peer changes run as ordinary callbacks on the same loop, so t
 between batches.
 
 With the fast lane (:mod:`.lane`) a C thread reads flannel0 and the IPv4
-socket while it meets only plain forwards, and hands the first other frame
-to these same handlers (``handed``), which then keep the descriptor while
-traffic flows.
+socket while it meets only plain forwards (with TUN offloads also the IPv4 TCP
+bulk path above, with the same C stages and into these same buffers), and hands
+the first other frame to these same handlers (``handed``), which then keep the
+descriptor while traffic flows.
 """
 
 from __future__ import annotations
@@ -44,10 +45,10 @@ from types import ModuleType
 
 from ...core.packet import Drop
 from .engine import Engine, Peer
-from .lane import FastLane
+from .lane import BulkPath, FastLane, bulk_path_on
 from .offload import extend_tcp4, extend_tcp6, merge_tcp4, merge_tcp6, segment_tcp4, segment_tcp6, tcp_flow_run
 from .tun import HEADROOM, OffloadError, TunDevice, TunPacket
-from .udpconn import MAX_GSO_BYTES, UdpConn
+from .udpconn import MAX_GSO_BYTES, MAX_GSO_SEGMENTS, UdpConn
 
 __all__ = ["BatchStats", "Pump"]
 
@@ -127,14 +128,27 @@ class Pump:
         self.tun_batches = BatchStats()
         self.udp_batches = BatchStats()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # the lane's receive and merge buffers: this loop's own, unless the IPv6 socket's reads
+        # (conn6, on this loop, while the lane's thread reads the IPv4 socket) use those meanwhile
+        shared = conn6 is None or lane is None
+        self._lane_udp_view = self._udp_view if shared else memoryview(bytearray(MAX_PACKET))
+        self._lane_merge_view = self._merge_view if shared else memoryview(bytearray(HEADROOM + MAX_PACKET))
         self.lane = None if lane is None else FastLane(
-            lane, engine, (tun.fileno(), conn.fileno()), (tun.read_buffer, self._udp_view),
+            lane, engine, (tun.fileno(), conn.fileno()), (tun.read_buffer, self._lane_udp_view),
             tun.offload, getattr(conn, "gro", False), (self._on_tun, self._on_udp_handed),
-            (self._on_tun, self._on_udp), (self.tun_batches, self.udp_batches))
+            (self._on_tun, self._on_udp), (self.tun_batches, self.udp_batches),
+            self._bulk_path() if tun.offload and bulk_path_on() else None)
 
     @property
     def offload(self) -> bool:
         return self.tun.offload
+
+    def _bulk_path(self) -> BulkPath:
+        """The fast lane's share of the bulk path: this loop's send-run and merge buffers, which
+        hold nothing between this loop's wakeups, and the socket's GSO limits."""
+        gso = getattr(self.conn, "gso", False)
+        return BulkPath(self._run.view, self._lane_merge_view, MAX_GSO_SEGMENTS if gso else 0, MAX_GSO_BYTES,
+                        SEGMENT_ROOM)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -297,28 +311,33 @@ class Pump:
 
     # --- UDP -> flannel0 ---------------------------------------------------------
 
-    def _on_udp_handed(self, handed: tuple[int, int, str] | None) -> None:
+    def _on_udp_handed(self, handed: tuple[int, int, str, int] | None) -> None:
+        if handed is not None and self._lane_udp_view is not self._udp_view:
+            self._udp_view[: handed[0]] = self._lane_udp_view[: handed[0]]
         self._on_udp(None, handed)
 
-    def _on_udp(self, conn: UdpConn | None = None, handed: tuple[int, int, str] | None = None) -> None:
-        """Drain a socket; ``handed``: a read the fast lane left in ``_udp_view``."""
+    def _on_udp(self, conn: UdpConn | None = None, handed: tuple[int, int, str, int] | None = None) -> None:
+        """Drain a socket; ``handed``: a read the fast lane left in ``_udp_view``, with the
+        first datagram it did not forward."""
         recv, view = (conn or self.conn).recv, self._udp_view
         now = self._now()
         count = 0
         got: tuple[int, int, str] | None
         for _ in range(self.batch):
+            start = 0
             if handed is not None:
-                got, handed = handed, None
+                nbytes, seglen, source, start = handed
+                handed = None
             else:
                 got = recv(view)
-            if got is None:
-                break
-            nbytes, seglen, source = got
-            if nbytes <= seglen and (not self._merged or not nbytes):
+                if got is None:
+                    break
+                nbytes, seglen, source = got
+            if not start and nbytes <= seglen and (not self._merged or not nbytes):
                 count += 1
                 self._ingress_one(0, nbytes, source, now)
             else:
-                count += self._ingress_batch(nbytes, seglen, source, now)
+                count += self._ingress_batch(nbytes, seglen, source, now, start)
         self._flush_merged()  # within the same wakeup: merging adds no delay
         self.udp_batches.record(count)
 
@@ -330,15 +349,17 @@ class Pump:
             peer.last_rx = now
             self._tun_write(packet)
 
-    def _ingress_batch(self, nbytes: int, seglen: int, source: str, now: float) -> int:
+    def _ingress_batch(self, nbytes: int, seglen: int, source: str, now: float, start: int = 0) -> int:
         """A GRO read, as runs: each run of in-order segments of one TCP flow is checked by its
         first header and merged into one super-packet, which the next run of the same flow
         (in this read or the next) may extend, so a sender's 64 KB super-packet that crossed
         two GSO sends is written with one TUN write; a read that starts with no such run
         (ACKs, a UDP flood) is checked as a whole and written one by one; anything else, and
-        any doubt, goes through the one-by-one checks, so drops count exactly."""
+        any doubt, goes through the one-by-one checks, so drops count exactly. ``start``: the
+        first datagram to take (the fast lane forwarded those before it). Returns how many
+        datagrams it took."""
         segments = -(-nbytes // seglen)
-        index = 0
+        index = start
         while index < segments:
             offset = index * seglen
             rest = self._udp_view[offset:nbytes]
@@ -360,7 +381,7 @@ class Pump:
                 return segments
             self._ingress_one(offset, min(seglen, nbytes - offset), source, now)
             index += 1
-        return segments
+        return segments - start
 
     def _merge_run(self, run_view: memoryview, run: int, seglen: int, run_bytes: int, hlen: int) -> None:
         """Extend the waiting super-packet with an accepted run, or write that one and start anew."""
