@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CNI_FIGURES", "DATAPATH_FIGURES", "IPV6_PAIRS", "MAY_BE_ZERO", "SCALE_CROSS_RATIOS", "SCALE_FIGURES", "Figure", "figure"]
+__all__ = ["CNI_FIGURES", "DATAPATH_FIGURES", "IPV6_PAIRS", "MAY_BE_ZERO", "SCALE_CROSS_RATIOS", "SCALE_FIGURES",
+           "Figure", "figure"]
 
 
 @dataclass(frozen=True, slots=True)
