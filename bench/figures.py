@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CNI_FIGURES", "DATAPATH_FIGURES", "IPV6_PAIRS", "MAY_BE_ZERO", "SCALE_FIGURES", "Figure", "figure"]
+__all__ = ["CNI_FIGURES", "DATAPATH_FIGURES", "IPV6_PAIRS", "MAY_BE_ZERO", "SCALE_CROSS_RATIOS", "SCALE_FIGURES",
+           "Figure", "figure"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +78,17 @@ SCALE_FIGURES: tuple[Figure, ...] = (
     Figure("bulk_delete_s", "all leases deleted to every entry gone", "s", "lower"),
     Figure("tcp_1_gbps_2_peers", "TCP 1 stream, 2 nodes only", "Gbit/s", "higher"),
     Figure("bulk_add_s", "N leases added at once to all in place", "s", "lower"),
+    Figure("bulk_add_commit_s", "of which etcd commits them all", "s", "lower"),
+    Figure("bulk_add_after_commit_s", "last commit to all in place", "s", "lower"),
 )
+
+# Ratios of one figure of ours over a different one of flanneld's, same backend, same run:
+# key -> (our figure, flanneld's figure, label). Issue 18's bound on the bulk add is half of
+# flanneld's start-up.
+SCALE_CROSS_RATIOS: dict[str, tuple[str, str, str]] = {
+    "bulk_add_over_flanneld_startup": ("bulk_add_s", "startup_converged_s",
+                                       "N leases added at once over flanneld's start-up to all peers in place"),
+}
 
 # Figures whose honest value can be exactly zero (a lossless run).
 MAY_BE_ZERO: frozenset[str] = frozenset({"udp64_loss_pct"})

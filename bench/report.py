@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .cni_latency import OURS
-from .figures import CNI_FIGURES, DATAPATH_FIGURES, IPV6_PAIRS, SCALE_FIGURES, Figure, figure
+from .figures import CNI_FIGURES, DATAPATH_FIGURES, IPV6_PAIRS, SCALE_CROSS_RATIOS, SCALE_FIGURES, Figure, figure
 from .modes import split_plugin_mode
 from .stats import median, ratio
 
@@ -285,8 +285,12 @@ def _scale_section(scale: Mapping[str, Any] | None) -> list[str]:
     lines += _table(["mode"] + [f"{fig.label} ({fig.display_unit})" for fig in SCALE_FIGURES], rows)
     for backend, ratios in scale.get("ratios", {}).items():
         lines += ["", f"{backend} over flannel-{backend}: " + ", ".join(
-            f"{figure(k).label} {_ratio_text(v)}" for k, v in ratios.items()) + "."]
+            f"{_scale_ratio_label(k)} {_ratio_text(v)}" for k, v in ratios.items()) + "."]
     return lines
+
+
+def _scale_ratio_label(key: str) -> str:
+    return SCALE_CROSS_RATIOS[key][2] if key in SCALE_CROSS_RATIOS else figure(key).label
 
 
 # --- files -------------------------------------------------------------------------------------

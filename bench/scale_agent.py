@@ -3,9 +3,10 @@
 ``python3 -m bench.scale_agent HOST:PORT PREFIX COMMAND FILE [options]``
 
 * ``fill FILE``: put every ``[name, value]`` of FILE under ``PREFIX/subnets/``
-  (transactions of 100 puts). ``--print-time``: print the wall-clock time the
-  first put was sent.
-* ``clear FILE``: delete every name of FILE (same; ``--print-time`` too).
+  (transactions of 100 puts, one after the other). Prints the wall-clock
+  times the first transaction was sent (``started``) and the last one's
+  commit was acknowledged (``committed``: every key exists from then on).
+* ``clear FILE``: delete every name of FILE (same, and the same times).
 * ``count --kind vxlan|host-gw --subnet-len L --want N``: wait until the node's
   kernel holds exactly N peer routes (every protocol but the kernel's own,
   destinations of length L inside the network) and, for vxlan, N permanent
@@ -105,7 +106,7 @@ async def _client(endpoint: str) -> Any:
     return client
 
 
-async def fill(endpoint: str, prefix: str, leases: list[list[str]]) -> float:
+async def fill(endpoint: str, prefix: str, leases: list[list[str]]) -> dict[str, float]:
     client = await _client(endpoint)
     started = time.time()
     try:
@@ -113,12 +114,13 @@ async def fill(endpoint: str, prefix: str, leases: list[list[str]]) -> float:
             puts = [client.transactions.put(f"{prefix}/subnets/{name}".encode(), value.encode())
                     for name, value in leases[start:start + BATCH]]
             await client.transaction(compare=[], success=puts, failure=[])
+        committed = time.time()
     finally:
         await client.close()
-    return started
+    return {"started": started, "committed": committed}
 
 
-async def clear(endpoint: str, prefix: str, names: list[str]) -> float:
+async def clear(endpoint: str, prefix: str, names: list[str]) -> dict[str, float]:
     client = await _client(endpoint)
     started = time.time()
     try:
@@ -126,9 +128,10 @@ async def clear(endpoint: str, prefix: str, names: list[str]) -> float:
             deletes = [client.transactions.delete(f"{prefix}/subnets/{name}".encode())
                        for name in names[start:start + BATCH]]
             await client.transaction(compare=[], success=deletes, failure=[])
+        committed = time.time()
     finally:
         await client.close()
-    return started
+    return {"started": started, "committed": committed}
 
 
 # --- the kernel's peer entries, counted the same for every daemon ---------------------------------
@@ -318,9 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     data = json.loads(Path(args.file).read_text()) if args.file else []
     if args.command == "fill":
-        print(json.dumps({"started": asyncio.run(fill(args.endpoint, args.prefix, data))}))
+        print(json.dumps(asyncio.run(fill(args.endpoint, args.prefix, data))))
     elif args.command == "clear":
-        print(json.dumps({"started": asyncio.run(clear(args.endpoint, args.prefix, [n for n, *_ in data]))}))
+        print(json.dumps(asyncio.run(clear(args.endpoint, args.prefix, [n for n, *_ in data]))))
     elif args.command == "count":
         print(json.dumps({"ready": True}), flush=True)  # the caller starts its clock after this line
         print(json.dumps({"at": wait_count(args.kind, args.subnet_len, args.want, args.timeout)}))

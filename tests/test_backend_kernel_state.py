@@ -707,3 +707,41 @@ def test_an_ipv6_only_host_gw_node_owns_and_wants_ipv6_routes_only() -> None:
         assert kernel.entries == {foreign4}
 
     asyncio.run(scenario())
+
+
+def test_bursts_as_the_watch_coalesces_them_leave_the_kernel_equal_to_the_plan_also_past_failures() -> None:
+    """Hundreds of adds, changes and removes per apply (a burst of lease writes arrives so), with
+    entries the kernel refuses: each apply changes just the delta, and the retry pass completes it."""
+    kernel = FakeKernel()
+    backend = vx_backend(kernel)
+    peers = [vx_lease(f"10.244.{i // 4}.{i % 4 * 64}/26", f"198.51.100.{10 + i % 200}",
+                      "02:fb:00:00:" + f"{i >> 8:02x}:{i & 0xFF:02x}") for i in range(8, 308)]
+
+    def converged() -> bool:
+        return kernel.entries == backend._wanted().entries
+
+    async def scenario() -> None:
+        await backend.start(IPv4Network("10.244.0.0/26"))
+        await backend.apply([])  # the (empty) listing
+        refused = {e for lease in peers[:3] for e in backend._peer_entries(lease).entries if isinstance(e, RouteSpec)}
+        kernel.fail = dict.fromkeys(refused, errno.ENOBUFS)
+        await backend.apply([LeaseAdded(lease) for lease in peers])
+        assert not refused & kernel.entries and kernel.entries | refused == backend._wanted().entries
+        kernel.fail.clear()
+        assert backend._loop is not None
+        await backend._loop.sync("retry")
+        assert converged(), "the refused entries are retried, nothing else is lost"
+
+        moved = [vx_lease(str(lease.subnet), "198.51.100.250", lease.attrs.backend_data["VtepMAC"])
+                 for lease in peers[100:150]]
+        burst = ([LeaseRemoved(lease) for lease in peers[:100]] + [LeaseAdded(lease) for lease in moved]
+                 + [LeaseAdded(peers[0]), LeaseRemoved(peers[0])])  # one subnet back and gone within the burst
+        kernel.calls.clear()
+        await backend.apply(burst)
+        assert converged()
+        assert len(kernel.calls) == 100 * 3 + 50 * 2  # the removed peers; per moved one its FDB entry out, new one in
+        await backend.apply([LeaseRemoved(lease) for lease in peers[100:]])
+        assert kernel.entries == backend._wanted().entries == backend._own_entries()
+        await backend.stop(cleanup=False)
+
+    asyncio.run(scenario())

@@ -320,13 +320,14 @@ def test_render_report_shows_every_mode_and_failures() -> None:
 
 def test_render_report_puts_flannels_scale_modes_beside_ours_with_ratios() -> None:
     results = _results({"udp": summarize_mode([figures_from_round(_raw_round(2.0))], [], 1)})
-    modes = {"vxlan": {"status": "ok", "figures": {"startup_converged_s": 1.0, "event_p50_ms": 5.0}},
+    modes = {"vxlan": {"status": "ok", "figures": {"startup_converged_s": 1.0, "event_p50_ms": 5.0, "bulk_add_s": 0.8}},
              "flannel-vxlan": {"status": "partial", "figures": {"startup_converged_s": 2.0, "event_p50_ms": 5.0}}}
     results["scale"] = {"status": "partial", "peers": 1000, "modes": modes, "ratios": scale_ratios(modes)}
     text = render_report(results)
     assert "## Scale: 1000 peer leases" in text
     assert "| flannel-vxlan (partial) | — | 2.00 |" in text
-    assert "vxlan over flannel-vxlan: start-up to all peers in place 0.50×, lease event to traffic, p50 1.00×." in text
+    assert ("vxlan over flannel-vxlan: start-up to all peers in place 0.50×, lease event to traffic, p50 1.00×, "
+            "N leases added at once over flanneld's start-up to all peers in place 0.40×.") in text
 def test_plugin_modes_name_their_backend_and_plugin() -> None:
     assert plugin_mode("udp", "flannel") == "udp+flannel-cni"
     assert split_plugin_mode("udp+flannel-cni") == ("udp", "flannel")
@@ -495,8 +496,10 @@ def test_cpu_seconds_and_scale_ratios() -> None:
     assert cpu_seconds(stat) == 4.0
     modes = {"vxlan": {"figures": {"startup_converged_s": 1.0, "event_p50_ms": 2.0}},
              "flannel-vxlan": {"figures": {"startup_converged_s": 4.0, "event_p50_ms": 8.0, "bulk_add_s": 1.0}},
-             "host-gw": {"figures": {"startup_converged_s": 1.0}}}
+             "host-gw": {"figures": {"startup_converged_s": 1.0, "bulk_add_s": 0.5}}}
     assert scale_ratios(modes) == {"vxlan": {"startup_converged_s": 0.25, "event_p50_ms": 0.25}}
+    modes["vxlan"]["figures"]["bulk_add_s"] = 3.0  # the bulk add is held against flanneld's start-up
+    assert scale_ratios(modes)["vxlan"]["bulk_add_over_flanneld_startup"] == 0.75
 
 
 def test_machine_parsers() -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -504,5 +504,80 @@ def test_a_record_naming_our_address_with_json_escapes_is_adopted():
         store.put_subnet("10.244.6.0-24", b'{"PublicIP":"198.51.100.\\u0031","BackendType":"udp"}')  # ours
         own = await LocalManager(store, lease_ttl=3600).acquire(CONFIG, attrs(1))
         assert own.subnet == IPv4Network("10.244.6.0/24")
+
+    run(body)
+
+
+# --- coalescing: events that arrive while the datapath applies a batch ---------------------
+
+
+class Gated(Harness):
+    """Holds each apply (after the first, the listing) until the test opens the gate; records call sizes."""
+
+    def __init__(self, store: MemoryRegistry, own: OwnLease) -> None:
+        super().__init__(store, own)
+        self.calls: list[int] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def apply(self, events: Sequence[LeaseEvent]) -> None:
+        self.calls.append(len(events))
+        await self.gate.wait()
+        await super().apply(events)
+
+
+def test_events_arriving_during_an_apply_all_land_in_the_next_one():
+    store = MemoryRegistry()
+    wide = {**EIGHT, "SubnetMax": "10.244.200.0"}
+    config = parse_network_config(json.dumps(wide))
+    store.put_config(json.dumps(wide).encode())
+
+    async def body() -> None:
+        own = await LocalManager(store, lease_ttl=3600).acquire(config, attrs(1))
+        store.put_subnet("10.244.99.0-24", attrs(99).to_json())
+        node = Gated(store, own)
+        task = node.start()
+        await until(lambda: len(node.calls) == 1, "the listing applied")
+        node.gate.clear()
+        store.put_subnet("10.244.100.0-24", attrs(2).to_json())
+        await until(lambda: len(node.calls) == 2, "the first event's apply under way")
+        names = [f"10.244.{n}.0-24" for n in range(101, 151)]
+        for n, name in enumerate(names):  # all while that apply is held
+            store.put_subnet(name, attrs(3 + n).to_json())
+        store.delete_subnet(names[0])  # changed twice meanwhile: the last word wins
+        await asyncio.sleep(0.05)
+        assert len(node.calls) == 2, "no second apply while one is running"
+        node.gate.set()
+        await until(lambda: len(node.calls) == 3 and len(node.applied) == 2 + 51, "the rest in one apply")
+        assert node.calls[2] == 51, "every event that arrived during the apply, in the next one"
+        assert node.added() == {IPv4Network(n.replace("-", "/")) for n in ["10.244.99.0-24", "10.244.100.0-24", *names]}
+        assert isinstance(node.applied[-1], LeaseRemoved), "in order: the delete after its put"
+        assert node.applied[-1].lease.subnet == IPv4Network("10.244.101.0/24")
+        await _stop(task)
+
+    run(body)
+
+
+def test_coalesced_hands_over_what_it_read_before_the_watch_broke():
+    from flanneld_py.subnet.runner import coalesced
+    from flanneld_py.subnet.store import SubnetBatch
+
+    first_taken = asyncio.Event()
+
+    async def watch() -> AsyncIterator[SubnetBatch]:
+        yield [KeyPut("n1", b"v")], 1
+        await first_taken.wait()
+        for revision in range(2, 6):
+            yield [KeyPut(f"n{revision}", b"v")], revision
+        raise EtcdUnavailable("watch broke")
+
+    async def body() -> None:
+        seen: list[tuple[list[str], int]] = []
+        with pytest.raises(EtcdUnavailable, match="watch broke"):
+            async for batch, revision in coalesced(watch()):
+                seen.append(([e.name for e in batch], revision))
+                first_taken.set()
+                await asyncio.sleep(0.01)  # busy applying: the rest is read meanwhile
+        assert seen == [(["n1"], 1), (["n2", "n3", "n4", "n5"], 5)]
 
     run(body)

@@ -119,6 +119,8 @@ class ReconcileLoop:
 
         A full pass knows every failing entry; a delta only those it touched.
         """
+        if not result.failed and not self._failing:
+            return  # the common case, without hashing every entry a big batch changed
         now = set(result.failed)
         new = now - self._failing
         for entry, error in new:

@@ -122,6 +122,8 @@ class Reconciler:
         except (NetlinkError, OSError) as exc:
             # the socket failed, not one entry: nothing is known to be done
             return PassResult(failed=tuple((e, str(exc)) for e in changes.remove + changes.add))
+        if not failed:
+            return PassResult(changes.add, changes.remove)
         refused = {entry for entry, _ in failed}
         return PassResult(tuple(e for e in changes.add if e not in refused),
                           tuple(e for e in changes.remove if e not in refused),

@@ -180,17 +180,24 @@ class RoutedBackend:
                 changes.append((self._wants.pop(key, frozenset()), new))
                 if new:
                     self._wants[key] = new
+            if not self._listed:  # the full pass that follows plans it all
+                self._tally(changes)
+                return Plan((), ())
             touched: set[Entry] = set().union(*(old | new for old, new in changes))
             before = frozenset(e for e in touched if self._counts[e] > 0)
-            for old, new in changes:
-                self._counts.subtract(old)
-                self._counts.update(new)
+            self._tally(changes)
             after = frozenset(e for e in touched if self._counts[e] > 0)
-            for entry in touched - after:
-                del self._counts[entry]
-        if not self._listed:
-            return Plan((), ())  # the full pass that follows does it all
         return plan(Wanted(self._scope(), after), before)
+
+    def _tally(self, changes: Sequence[tuple[frozenset[Entry], frozenset[Entry]]]) -> None:
+        """Move each change's count from its old entries to its new ones; drop entries no peer wants."""
+        for old, new in changes:
+            self._counts.subtract(old)
+            self._counts.update(new)
+        for old, _ in changes:  # only an old entry can have dropped to zero
+            for entry in old:
+                if self._counts.get(entry, 1) <= 0:
+                    del self._counts[entry]
 
     def _recount(self) -> None:
         """After a device was recreated (new ifindex), every peer's entries are new ones."""

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import aclosing
 from ipaddress import IPv4Network, IPv6Network
 
 from ..cancellation import cancel_and_wait
-from ..core.lease import KeyPut, LeaseAttrs, LeaseEvent
+from ..core.lease import KeyDeleted, KeyPut, LeaseAttrs, LeaseEvent
 from ..core.lease_policy import (
     Action,
     ApplyPeers,
@@ -33,9 +34,9 @@ from ..core.netconfig import ConfigError, NetworkConfig, parse_network_config
 from ..core.renewal import Backoff
 from ..errors import FatalError
 from .manager import Claim, LeaseLost, LocalManager
-from .store import EtcdUnavailable, Registry, WatchCompacted
+from .store import EtcdUnavailable, Registry, SubnetBatch, WatchCompacted
 
-__all__ = ["LeaseRunner", "acquire_lease", "follow_config", "judge_config", "wait_for_config"]
+__all__ = ["LeaseRunner", "acquire_lease", "coalesced", "follow_config", "judge_config", "wait_for_config"]
 
 log = logging.getLogger("flanneld_py")
 
@@ -188,10 +189,57 @@ class LeaseRunner:
                 await self.registry.get_config()  # a real answer, not just a reconnect
                 return policy.etcd_back()
             case Watch(start):
-                async for batch, revision in self.registry.watch_subnets(start):
-                    await self._perform(policy.watched(batch, revision))
+                async with aclosing(coalesced(self.registry.watch_subnets(start))) as batches:
+                    async for batch, revision in batches:
+                        await self._perform(policy.watched(batch, revision))
                 raise EtcdUnavailable("the watch ended")  # a store's watch ends only by an error; never wait on nothing
         return []
+
+
+_ENDED = object()  # the store's watch returned (it does so only by an error; see the Watch step)
+
+
+async def coalesced(batches: AsyncIterator[SubnetBatch]) -> AsyncGenerator[SubnetBatch, None]:
+    """The store's watch batches, with those that arrived while the caller was busy merged into one.
+
+    A reader task goes on reading while the datapath applies the last batch;
+    the next batch is everything read meanwhile, in order, at the last
+    revision. So a burst of lease writes costs one plan and one kernel batch
+    per apply, not one per event. The watch's error is raised after the
+    events read before it.
+    """
+    queue: asyncio.Queue[SubnetBatch | BaseException | object] = asyncio.Queue()
+
+    async def read() -> None:
+        try:
+            async for batch in batches:
+                queue.put_nowait(batch)
+        except Exception as exc:  # handed to the consumer, which raises it in its own task
+            queue.put_nowait(exc)
+            return
+        queue.put_nowait(_ENDED)
+
+    reader = asyncio.create_task(read(), name="watch-reader")
+    try:
+        while True:
+            items = [await queue.get()]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            events: list[KeyPut | KeyDeleted] = []
+            revision = None
+            for item in items:
+                if isinstance(item, tuple):
+                    events += item[0]
+                    revision = item[1]
+            if revision is not None:
+                yield events, revision
+            last = items[-1]
+            if isinstance(last, BaseException):
+                raise last
+            if last is _ENDED:
+                return
+    finally:
+        await cancel_and_wait([reader])
 
 
 async def follow_config(registry: Registry, running: NetworkConfig) -> None:
