@@ -195,6 +195,13 @@ _NO_USER = "user name is empty"
 _PERMISSION_DENIED = "permission denied"
 
 
+def _cancelled_here() -> bool:
+    """Whether a CancelledError is this task's own cancellation, not grpc ending the calls of a
+    channel that another request closed when it failed over."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
 def _prefix_end(prefix: bytes) -> bytes:
     """The end of etcd's key range that holds every key starting with ``prefix``."""
     trimmed = prefix.rstrip(b"\xff")
@@ -451,8 +458,7 @@ class EtcdRegistry:
         except TimeoutError:
             raise await self._classify(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer in time", member) from None
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is None or task.cancelling():
+            if _cancelled_here():
                 raise
             # Not our cancellation: grpc ends the calls of a channel that another
             # request closed when it failed over, and this was one of them.
@@ -582,8 +588,7 @@ class EtcdRegistry:
                                         f"{key.decode(errors='replace')} ({exc}): grant it read on {self.prefix}/") from None
                 await self._call(member.authenticate(), member)
             except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is None or task.cancelling():
+                if _cancelled_here():
                     raise
                 # Not our cancellation: another request failed over and closed the channel.
                 self.errors += 1
