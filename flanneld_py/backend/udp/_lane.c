@@ -213,10 +213,7 @@ static int forward_in_packet(Lane *l, const uint8_t *pkt, size_t n, uint32_t sou
     size_t hlen = (size_t)(pkt[0] & 0x0F) * 4;
     if (hlen < 20 || hlen > n || get16(pkt + 2) != n)
         return -1;
-    uint32_t sum = 0;
-    for (size_t i = 0; i < hlen; i += 2)
-        sum += get16(pkt + i);
-    if (sum % 0xFFFF)
+    if (sum_le(pkt, hlen, 0) % 0xFFFF) /* the header checksum, as ip_header_valid with options */
         return -1;
     int index = table_find(&l->table, get32(pkt + 12) & l->mask);
     if (index < 0 || ntohl(l->table.peers[index].addr.sin_addr.s_addr) != source
@@ -307,9 +304,6 @@ static void merge_in(Lane *l, const uint8_t *run_start, ssize_t run, ssize_t seg
 
 static int send_failed_as_gso_refused(int err) { return err == EIO || err == EINVAL || err == ENOPROTOOPT; }
 
-/* Send datagrams of seglen bytes back to back (the last may be shorter) to addr, as
- * many per sendmsg as UDP_SEGMENT carries; a device that refuses GSO gets one datagram
- * per call from then on (as KernelUdp.send). Unsent datagrams count as send failures. */
 /* How many datagrams of seglen one send carries (as KernelUdp.per_send). */
 static size_t per_send(const Lane *l, size_t seglen) {
     if (!l->gso_segments)
@@ -318,6 +312,9 @@ static size_t per_send(const Lane *l, size_t seglen) {
     return per > (size_t)l->gso_segments ? (size_t)l->gso_segments : per;
 }
 
+/* Send datagrams of seglen bytes back to back (the last may be shorter) to addr, as
+ * many per sendmsg as UDP_SEGMENT carries; a device that refuses GSO gets one datagram
+ * per call from then on (as KernelUdp.send). Unsent datagrams count as send failures. */
 static void send_datagrams(Lane *l, const uint8_t *data, size_t length, size_t seglen, const struct sockaddr_in *addr) {
     size_t chunk = per_send(l, seglen) * seglen;
     for (size_t at = 0; at < length; at += chunk) {
