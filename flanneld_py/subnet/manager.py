@@ -77,7 +77,7 @@ class _Listing:
         address = attrs.node_address
         text = f'"{address}"'.encode() if address.version == 4 else b""
         for record, subnet, subnet6 in self.keyed:
-            if not _fits(config, subnet, subnet6) or (text not in record.value and b"\\" not in record.value):
+            if (text not in record.value and b"\\" not in record.value) or not _fits(config, subnet, subnet6):
                 continue
             try:
                 theirs = LeaseAttrs.from_json(record.value)
