@@ -528,7 +528,7 @@ class Gated(Harness):
 
 def test_events_arriving_during_an_apply_all_land_in_the_next_one():
     store = MemoryRegistry()
-    wide = {**EIGHT, "SubnetMax": "10.244.200.0"}
+    wide = {**EIGHT, "SubnetMin": "10.244.160.0", "SubnetMax": "10.244.200.0"}  # our lease: above every key written below
     config = parse_network_config(json.dumps(wide))
     store.put_config(json.dumps(wide).encode())
 
