@@ -7,14 +7,11 @@ transfer over IPv6 whose sha256 both ends agree on, IPv4 unchanged next to it, a
 IPv6 underlay (each node's socket on its PublicIPv6); the IPv4 underlay's turn for IPv6 is
 covered by tests/test_udp_engine.py.
 
-Pending: it needs the daemon hook that hands the backend our IPv6 subnet at start (branch
-v6kern: ``start(own_subnet, own_subnet6)``), which this branch may not change. With that
-hook's files applied (app.py, backend/base.py, core/underlay.py, ops/__init__.py) all five
-tests passed; rename this file to ``test_e2e_udp_ipv6.py`` when merging.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from ipaddress import IPv6Interface
@@ -22,7 +19,7 @@ from ipaddress import IPv6Interface
 import pytest
 
 from flanneld_py.lab.checks import ping_matrix, wait_until
-from flanneld_py.lab.cluster import Cluster, Node, Pod
+from flanneld_py.lab.cluster import PREFIX, Cluster, Node, Pod
 from lab_helpers import start, status
 
 pytestmark = [pytest.mark.netns, pytest.mark.etcd, pytest.mark.slow]
@@ -106,6 +103,28 @@ def test_tcp_over_ipv6_arrives_intact(cluster, ends):
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_a_racing_key_that_repeats_a_nodes_ipv6_subnet_and_goes_leaves_that_node_reachable(cluster):
+    """Two nodes racing for one IPv6 subnet both write a key for a moment; the later one deletes
+    its key and claims another. Written here by hand, as the losing racer writes it: the
+    other nodes must keep routing the subnet to its holder, through the key and after it."""
+    holder, observer = cluster.nodes[0], cluster.nodes[2]
+    assert cluster.etcd is not None
+    subnet6 = holder.subnet_env().ipv6_subnet
+    key = f"{PREFIX}/subnets/10.244.250.0-24&{subnet6.network_address}-{subnet6.prefixlen}"
+    value = {"PublicIP": "198.51.100.250", "PublicIPv6": "2001:db8::fa", "BackendType": "udp"}
+    cluster.etcd.ctl("put", key, json.dumps(value))
+    try:
+        assert wait_until(lambda: "peer added: 10.244.250.0/24" in observer.log_text(), WAIT), observer.log_text()[-3000:]
+        assert observer.pods[0].sh("ping", "-6", "-c", "2", "-W", "2", "-i", "0.2", ipv6_of(holder.pods[0]),
+                                   check=False).returncode == 0
+    finally:
+        cluster.etcd.ctl("del", key)
+    assert wait_until(lambda: "peer removed: 10.244.250.0/24" in observer.log_text(), WAIT)
+    for src, dst in ((observer.pods[0], holder.pods[0]), (holder.pods[1], observer.pods[1])):
+        ping = src.sh("ping", "-6", "-c", "2", "-W", "2", "-i", "0.2", ipv6_of(dst), check=False)
+        assert ping.returncode == 0, f"{src.name} -> {dst.name}: {ping.stdout}\n{observer.log_text()[-3000:]}"
 
 
 def test_an_unleased_ipv6_address_is_answered_no_route_and_counted(cluster):

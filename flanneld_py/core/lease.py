@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
-from .netconfig import NetworkConfig
+from .netconfig import NO_IPV4_SUBNET, NetworkConfig
 
 __all__ = [
     "UNTYPED_BACKEND",
@@ -179,10 +179,11 @@ class LeaseRemoved:
 
 @dataclass(frozen=True, slots=True)
 class BadRecord:
-    """A record that was skipped; reported once per distinct (key, reason)."""
+    """A record that was skipped (or, ``partly``, passed on in part); reported once per distinct (key, reason)."""
 
     name: str
     reason: str
+    partly: bool = False
 
 
 LeaseEvent = LeaseAdded | LeaseRemoved | BadRecord
@@ -196,13 +197,27 @@ class LeaseWatcher:
     full listing (after start or compaction) and ``update`` takes watch events;
     both return the adds/removes needed to converge, skipping our own subnet
     and records that are broken or outside the network.
+
+    One IPv6 subnet goes to one node. A key is unique, its IPv6 half alone is
+    not: two nodes racing for one IPv6 subnet both write a key for a moment (the
+    later one then gives it up), and a hand-written record can repeat one. The
+    first lease seen with an IPv6 subnet holds it (ours always holds our own);
+    a later one is passed on with its IPv4 subnet only, and gets its IPv6 subnet
+    back when the holder goes. Without this, the loser's key going away would
+    take the winner's IPv6 route with it.
     """
 
     config: NetworkConfig
     own_subnet: IPv4Network | None = None
     own_subnet6: IPv6Network | None = None
-    leases: dict[SubnetPair, Lease] = field(default_factory=dict)
+    leases: dict[SubnetPair, Lease] = field(default_factory=dict)  # by key, as passed on to the backends
     _reported: set[tuple[str, str]] = field(default_factory=set)
+    _holders6: dict[IPv6Network, SubnetPair] = field(default_factory=dict)
+    _waiting6: dict[IPv6Network, dict[SubnetPair, None]] = field(default_factory=dict)  # in the order seen
+
+    def __post_init__(self) -> None:
+        if self.config.ipv6 is not None and self.own_subnet6 is not None:
+            self._holders6[self.own_subnet6] = (self.own_subnet or NO_IPV4_SUBNET, self.own_subnet6)
 
     def reset(self, snapshot: Iterable[KeyPut]) -> list[LeaseEvent]:
         wanted: dict[SubnetPair, Lease] = {}
@@ -211,38 +226,70 @@ class LeaseWatcher:
             lease = self._decode(put, out)
             if lease is not None:
                 wanted[lease.key] = lease
-        for key, old in list(self.leases.items()):
-            if key not in wanted:
-                del self.leases[key]
-                out.append(LeaseRemoved(old))
-        for key, lease in wanted.items():
-            if self.leases.get(key) != lease:
-                self.leases[key] = lease
-                out.append(LeaseAdded(lease))
+        for key in [key for key in self.leases if key not in wanted]:
+            self._drop(key, out)
+        for lease in wanted.values():
+            self._put(lease, out)
         return out
 
     def update(self, events: Iterable[KeyPut | KeyDeleted]) -> list[LeaseEvent]:
         out: list[LeaseEvent] = []
         for event in events:
-            if isinstance(event, KeyPut):
-                lease = self._decode(event, out)
-                if lease is None:
-                    self._drop_key(event.name, out)
-                elif self.leases.get(lease.key) != lease:
-                    self.leases[lease.key] = lease
-                    out.append(LeaseAdded(lease))
+            lease = self._decode(event, out) if isinstance(event, KeyPut) else None
+            if lease is not None:
+                self._put(lease, out)
             else:
                 self._drop_key(event.name, out)
         return out
+
+    def _put(self, lease: Lease, out: list[LeaseEvent]) -> None:
+        passed = self._routable(lease, out)
+        if self.leases.get(lease.key) != passed:
+            self.leases[lease.key] = passed
+            out.append(LeaseAdded(passed))
+
+    def _routable(self, lease: Lease, out: list[LeaseEvent]) -> Lease:
+        """``lease``, or ``lease`` without its IPv6 subnet while another lease holds that."""
+        six = lease.subnet6
+        if six is None or self.config.ipv6 is None:
+            return lease
+        holder = self._holders6.setdefault(six, lease.key)
+        if holder == lease.key:
+            return lease
+        self._waiting6.setdefault(six, {})[lease.key] = None
+        ours = " (this node's)" if six == self.own_subnet6 else ""
+        self._report(lease.name, f"its IPv6 subnet {six} is leased by {format_subnet_key(*holder)}{ours} too, "
+                                 "so only its IPv4 subnet is routed until one of the two goes", out, partly=True)
+        return Lease(lease.subnet, lease.attrs)
 
     def _drop_key(self, name: str, out: list[LeaseEvent]) -> None:
         try:
             key = parse_lease_key(name)
         except LeaseError:
             return
+        self._drop(key, out)
+
+    def _drop(self, key: SubnetPair, out: list[LeaseEvent]) -> None:
         old = self.leases.pop(key, None)
-        if old is not None:
-            out.append(LeaseRemoved(old))
+        if old is None:
+            return
+        out.append(LeaseRemoved(old))
+        six = key[1]
+        if six is None:
+            return
+        waiting = self._waiting6.get(six, {})
+        waiting.pop(key, None)
+        if self._holders6.get(six) == key:
+            del self._holders6[six]
+            if waiting:  # the next lease seen with it gets its IPv6 subnet back
+                heir = next(iter(waiting))
+                del waiting[heir]
+                out.append(LeaseRemoved(self.leases[heir]))
+                self._holders6[six] = heir
+                self.leases[heir] = Lease(heir[0], self.leases[heir].attrs, six)
+                out.append(LeaseAdded(self.leases[heir]))
+        if not waiting:
+            self._waiting6.pop(six, None)
 
     def _decode(self, put: KeyPut, out: list[LeaseEvent]) -> Lease | None:
         try:
@@ -278,10 +325,10 @@ class LeaseWatcher:
             return f"subnet {subnet6} is outside IPv6Network {config.ipv6.network}"
         return ""
 
-    def _report(self, name: str, reason: str, out: list[LeaseEvent]) -> None:
+    def _report(self, name: str, reason: str, out: list[LeaseEvent], partly: bool = False) -> None:
         if (name, reason) not in self._reported:
             self._reported.add((name, reason))
-            out.append(BadRecord(name, reason))
+            out.append(BadRecord(name, reason, partly))
 
 
 def iter_subnets(config: NetworkConfig) -> Iterator[IPv4Network]:

@@ -296,7 +296,8 @@ class LeasePolicy:
         real: list[LeaseEvent] = []
         for event in events:
             if isinstance(event, BadRecord):
-                out.append(Report("warning", f"skipping lease record {event.name!r}: {event.reason}"))
+                verb = "lease record" if event.partly else "skipping lease record"
+                out.append(Report("warning", f"{verb} {event.name!r}: {event.reason}"))
             else:
                 real.append(event)
         if real:
