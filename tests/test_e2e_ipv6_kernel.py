@@ -165,6 +165,27 @@ def test_restart_keeps_both_subnets_and_ipv6_traffic(lab: Lab) -> None:
     assert unreachable(pods, ipv6=True, timeout=WAIT) == []
 
 
+def test_a_racing_key_that_repeats_a_nodes_ipv6_subnet_and_goes_leaves_that_nodes_entries(lab: Lab) -> None:
+    """Two nodes racing for one IPv6 subnet both write a key for a moment, and the later one
+    deletes its key. Written here by hand: through the key and after it, every node keeps the
+    holder's IPv6 entries, without waiting for a drift pass to put them back."""
+    kind, cluster, pods = lab
+    assert cluster.etcd is not None
+    holder, observer = cluster.nodes[0], cluster.nodes[2]
+    key = f"{PREFIX}/subnets/{format_subnet_key(IPv4Network('10.244.250.0/24'), subnet6(holder))}"
+    data = {"VNI": 1, "VtepMAC": "02:00:00:00:00:fa"}
+    cluster.etcd.ctl("put", key, json.dumps({"PublicIP": "198.51.100.250", "PublicIPv6": "2001:db8::fa",
+                                             "BackendType": kind, "BackendData": data, "BackendV6Data": data}))
+    try:
+        assert wait_until(lambda: "10.244.250.0/24" in observer.log_text(), WAIT), observer.log_text()[-2000:]
+        assert missing6(kind, cluster, observer) == []
+    finally:
+        cluster.etcd.ctl("del", key)
+    assert wait_until(lambda: "peer removed: 10.244.250.0/24" in observer.log_text(), WAIT)
+    assert missing6(kind, cluster, observer) == []
+    assert unreachable(pods, ipv6=True, timeout=WAIT) == []
+
+
 def test_a_node_that_leaves_takes_its_ipv6_entries_with_it(lab: Lab) -> None:
     kind, cluster, _ = lab
     assert cluster.etcd is not None
