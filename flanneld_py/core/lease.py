@@ -251,8 +251,8 @@ class LeaseWatcher:
     def _routable(self, lease: Lease, out: list[LeaseEvent]) -> Lease:
         """``lease``, or ``lease`` without its IPv6 subnet while another lease holds that."""
         six = lease.subnet6
-        if six is None or self.config.ipv6 is None:
-            return lease
+        if six is None or self.config.ipv6 is None or not self.config.enable_ipv4:
+            return lease  # IPv6-only: the key is the IPv6 subnet (flannel's zero IPv4 half), unique as it is
         holder = self._holders6.setdefault(six, lease.key)
         if holder == lease.key:
             return lease
