@@ -581,3 +581,29 @@ def test_coalesced_hands_over_what_it_read_before_the_watch_broke():
         assert seen == [(["n1"], 1), (["n2", "n3", "n4", "n5"], 5)]
 
     run(body)
+
+
+def test_coalesced_reads_ahead_a_bounded_number_of_batches_while_the_datapath_stalls():
+    from flanneld_py.subnet.runner import coalesced
+    from flanneld_py.subnet.store import SubnetBatch
+
+    read = 0
+
+    async def endless() -> AsyncIterator[SubnetBatch]:
+        nonlocal read
+        while True:
+            read += 1
+            yield [KeyPut(f"n{read}", b"v")], read
+            await asyncio.sleep(0)
+
+    async def body() -> None:
+        batches = coalesced(endless(), read_ahead=4)
+        first, _ = await anext(batches)
+        assert [e.name for e in first] == ["n1"]
+        await asyncio.sleep(0.05)  # the datapath is stuck in an apply: the reader may not run away
+        assert read <= 1 + 4 + 1, f"{read} batches read while one apply stalled"
+        second, revision = await anext(batches)
+        assert [e.name for e in second] == [f"n{n}" for n in range(2, revision + 1)]  # none lost, in order
+        await batches.aclose()
+
+    run(body)

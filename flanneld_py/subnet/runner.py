@@ -197,27 +197,29 @@ class LeaseRunner:
 
 
 _ENDED = object()  # the store's watch returned (it does so only by an error; see the Watch step)
+READ_AHEAD = 8192  # watch batches read ahead at most; then the reader waits and etcd's stream pushes back
 
 
-async def coalesced(batches: AsyncIterator[SubnetBatch]) -> AsyncGenerator[SubnetBatch, None]:
+async def coalesced(batches: AsyncIterator[SubnetBatch], read_ahead: int = READ_AHEAD) -> AsyncGenerator[SubnetBatch, None]:
     """The store's watch batches, with those that arrived while the caller was busy merged into one.
 
     A reader task goes on reading while the datapath applies the last batch;
     the next batch is everything read meanwhile, in order, at the last
     revision. So a burst of lease writes costs one plan and one kernel batch
     per apply, not one per event. The watch's error is raised after the
-    events read before it.
+    events read before it. At most ``read_ahead`` batches wait: a datapath
+    that stalls leaves the rest to gRPC's flow control, not to our memory.
     """
-    queue: asyncio.Queue[SubnetBatch | BaseException | object] = asyncio.Queue()
+    queue: asyncio.Queue[SubnetBatch | BaseException | object] = asyncio.Queue(read_ahead)
 
     async def read() -> None:
         try:
             async for batch in batches:
-                queue.put_nowait(batch)
+                await queue.put(batch)
         except Exception as exc:  # handed to the consumer, which raises it in its own task
-            queue.put_nowait(exc)
+            await queue.put(exc)
             return
-        queue.put_nowait(_ENDED)
+        await queue.put(_ENDED)
 
     reader = asyncio.create_task(read(), name="watch-reader")
     try:
