@@ -596,5 +596,7 @@ class EtcdRegistry:
             except (grpc.aio.AioRpcError, WatchNotCreated, EtcdUnavailable) as exc:
                 self.errors += 1
                 await self._failover(member)
+                if isinstance(exc, EtcdUnavailable):  # ended or cancelled: its text names the endpoint already
+                    raise EtcdUnavailable(str(exc)) from None
                 detail = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
                 raise EtcdUnavailable(f"watch on {member.target} broke: {detail}") from None
