@@ -890,21 +890,32 @@ static PyObject *Lane_forward_out(Lane *l, PyObject *args) {
     return Py_BuildValue("(inn)", index, (Py_ssize_t)out.length, (Py_ssize_t)out.seglen);
 }
 
+/* The arguments of what arrived from the underlay, checked: ``n`` bytes inside ``buf``, sent by
+ * the dotted IPv4 ``source`` (host order into ``source_ip``). On a bad one ``buf`` is released and
+ * ValueError set. */
+static int received_args(Py_buffer *buf, Py_ssize_t n, const char *source, uint32_t *source_ip) {
+    struct in_addr addr;
+    if (n < 0 || n > buf->len || inet_pton(AF_INET, source, &addr) != 1) {
+        PyBuffer_Release(buf);
+        PyErr_SetString(PyExc_ValueError, "length outside the buffer, or not an IPv4 source");
+        return 0;
+    }
+    *source_ip = ntohl(addr.s_addr);
+    return 1;
+}
+
 /* The thread's rules on one read (given, not received), writes to flannel0 included. */
 static PyObject *Lane_forward_read(Lane *l, PyObject *args) {
     Py_buffer data;
     Py_ssize_t n, seglen, taken;
     const char *source;
-    struct in_addr addr;
+    uint32_t source_ip;
     if (!lane_usable(l) || !PyArg_ParseTuple(args, "y*nns", &data, &n, &seglen, &source))
         return NULL;
-    if (n < 0 || n > data.len || inet_pton(AF_INET, source, &addr) != 1) {
-        PyBuffer_Release(&data);
-        PyErr_SetString(PyExc_ValueError, "length outside the buffer, or not an IPv4 source");
+    if (!received_args(&data, n, source, &source_ip))
         return NULL;
-    }
     lock(l);
-    Py_ssize_t start = take_read(l, data.buf, data.len, n, seglen, ntohl(addr.s_addr), monotonic(), &taken);
+    Py_ssize_t start = take_read(l, data.buf, data.len, n, seglen, source_ip, monotonic(), &taken);
     pthread_mutex_unlock(&l->lock);
     PyBuffer_Release(&data);
     return Py_BuildValue("(nn)", start, taken);
@@ -925,16 +936,13 @@ static PyObject *Lane_forward_in(Lane *l, PyObject *args) {
     Py_buffer packet;
     Py_ssize_t n;
     const char *source;
-    struct in_addr addr;
+    uint32_t source_ip;
     if (!lane_usable(l) || !PyArg_ParseTuple(args, "y*ns", &packet, &n, &source))
         return NULL;
-    if (n < 0 || n > packet.len || inet_pton(AF_INET, source, &addr) != 1) {
-        PyBuffer_Release(&packet);
-        PyErr_SetString(PyExc_ValueError, "length outside the buffer, or not an IPv4 source");
+    if (!received_args(&packet, n, source, &source_ip))
         return NULL;
-    }
     lock(l);
-    int index = forward_in_packet(l, packet.buf, (size_t)n, ntohl(addr.s_addr), monotonic());
+    int index = forward_in_packet(l, packet.buf, (size_t)n, source_ip, monotonic());
     pthread_mutex_unlock(&l->lock);
     PyBuffer_Release(&packet);
     return PyLong_FromLong(index);
