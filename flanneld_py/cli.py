@@ -3,8 +3,10 @@ install steps ``install-cni`` and ``install-systemd``."""
 
 from __future__ import annotations
 
+import gc
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 __all__ = ["main"]
 
@@ -18,7 +20,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _run_daemon(args)
 
 
+START_WITHOUT_GC = 3.0  # seconds from launch with Python's cyclic collector off (see _collect_after_start)
+
+
 def _run_daemon(args: list[str]) -> int:
+    gc.disable()  # from here, through the imports, until _collect_after_start turns it back on
+    try:
+        return _start_daemon(args)
+    finally:
+        gc.enable()  # also after a usage error, for a caller in the same process
+
+
+def _start_daemon(args: list[str]) -> int:
     from .options import parse_command_line
 
     options, notices = parse_command_line(args)  # exits 2 on bad usage
@@ -35,7 +48,21 @@ def _run_daemon(args: list[str]) -> int:
     setup_logging(options.verbosity)
     for notice in notices:
         logging.getLogger("flanneld_py").log(notice.level, "%s", notice.message)
-    return uvloop.run(Daemon(options).run())
+    return uvloop.run(_collect_after_start(Daemon(options).run()))
+
+
+async def _collect_after_start(run: Coroutine[Any, Any, int]) -> int:
+    """Run ``run`` with the cyclic collector off for its first :data:`START_WITHOUT_GC` seconds.
+
+    Start-up allocates much and frees little (modules, classes, a listing of every lease),
+    so the young-generation passes it would trigger traverse survivors for nothing, on the
+    way to the first peers in the kernel. The cycles of a slow start (an etcd that does not
+    answer yet) wait those few seconds, then the collector takes them as usual.
+    """
+    import asyncio
+
+    asyncio.get_running_loop().call_later(START_WITHOUT_GC, gc.enable)
+    return await run
 
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter
