@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["CNI_FIGURES", "DATAPATH_FIGURES", "IPV6_PAIRS", "MAY_BE_ZERO", "SCALE_CROSS_RATIOS", "SCALE_FIGURES",
-           "Figure", "figure"]
+           "SCALE_IN_TURN_RATIOS", "Figure", "figure"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +69,8 @@ SCALE_FIGURES: tuple[Figure, ...] = (
     Figure("startup_ready_s", "start-up to ready", "s", "lower"),
     Figure("startup_converged_s", "start-up to all peers in place", "s", "lower"),
     Figure("startup_after_ready_s", "ready to all peers in place", "s", "lower"),
+    Figure("flanneld_startup_converged_s", "flanneld's start-up to all peers in place, in turn in this lab", "s",
+           "lower"),
     Figure("idle_cpu_ms_per_pass", "idle CPU per 5 s (drift pass)", "ms", "lower", decimals=1),
     Figure("event_p50_ms", "lease event to traffic, p50", "ms", "lower", decimals=1),
     Figure("event_p99_ms", "lease event to traffic, p99", "ms", "lower", decimals=1),
@@ -88,6 +90,14 @@ SCALE_FIGURES: tuple[Figure, ...] = (
 SCALE_CROSS_RATIOS: dict[str, tuple[str, str, str]] = {
     "bulk_add_over_flanneld_startup": ("bulk_add_s", "startup_converged_s",
                                        "N leases added at once over flanneld's start-up to all peers in place"),
+}
+
+# Ratios one of our modes measures in its own lab, where flanneld starts in turn with ours
+# (bench.scale._Lab.start_ups): key -> label. Each is the median of the ratios of neighbouring
+# start-ups, so that a machine that changes speed during the run changes both sides of each.
+SCALE_IN_TURN_RATIOS: dict[str, str] = {
+    "startup_over_flanneld_in_turn": "start-up to all peers in place over flanneld's, each start-up over "
+                                     "flanneld's just before it in the same lab (median)",
 }
 
 # Figures whose honest value can be exactly zero (a lossless run).

@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .cni_latency import OURS
-from .figures import CNI_FIGURES, DATAPATH_FIGURES, IPV6_PAIRS, SCALE_CROSS_RATIOS, SCALE_FIGURES, Figure, figure
+from .figures import (CNI_FIGURES, DATAPATH_FIGURES, IPV6_PAIRS, SCALE_CROSS_RATIOS, SCALE_FIGURES,
+                      SCALE_IN_TURN_RATIOS, Figure, figure)
 from .modes import split_plugin_mode
 from .stats import median, ratio
 
@@ -290,6 +291,8 @@ def _scale_section(scale: Mapping[str, Any] | None) -> list[str]:
 
 
 def _scale_ratio_label(key: str) -> str:
+    if key in SCALE_IN_TURN_RATIOS:
+        return SCALE_IN_TURN_RATIOS[key]
     return SCALE_CROSS_RATIOS[key][2] if key in SCALE_CROSS_RATIOS else figure(key).label
 
 

@@ -44,7 +44,7 @@ from flanneld_py.core.lease import format_subnet_key
 from flanneld_py.lab.cluster import ETCD_HOST, PREFIX, Cluster, Node
 from flanneld_py.lab.flannel import bridge_plugin, flanneld_argv_builder
 
-from .figures import SCALE_CROSS_RATIOS
+from .figures import SCALE_CROSS_RATIOS, SCALE_IN_TURN_RATIOS
 from .measure import Endpoint, MeasureError, parse_iperf3_tcp, run_iperf3
 from .modes import ModeError, wait_reachable
 from .stats import median, percentile, ratio
@@ -128,7 +128,7 @@ def cpu_seconds(stat: str) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-STARTUPS = 3  # one start-up swings with the machine and with flanneld's start-up panics; the median does not
+STARTUPS = 5  # one start-up swings with the machine and with flanneld's start-up panics; the median does not
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +150,7 @@ class _Lab:
         self.subnet_len = subnet_len
         self.notes: list[str] = []
         self.restarts_left = 1  # flanneld restarts allowed in the current start-up
+        self._flanneld_nodes: set[int] = set()  # nodes of a flanneld-py lab running flanneld for now
 
     def _argv(self, node: Node, command: str, payload: object, extra: Sequence[str]) -> list[str]:
         path = Path(self.cluster.workdir) / f"scale-{node.name}-{command}-{time.monotonic_ns()}.json"
@@ -203,11 +204,36 @@ class _Lab:
     def _restart_once(self, node: Node) -> None:
         """flanneld v0.20.2 sometimes panics in its etcd watch at start-up: one restart per start-up, noted."""
         assert node.daemon is not None
-        if not self.mode.startswith("flannel-") or self.restarts_left == 0:
+        if not self.runs_flanneld(node) or self.restarts_left == 0:
             raise ModeError(f"the daemon on {node.name} exited {node.daemon.returncode}: {node.log_text()[-2000:]}")
         self.restarts_left -= 1
         self.notes.append(f"flanneld on {node.name} exited {node.daemon.returncode} at start-up; restarted once")
         self.cluster.start_daemon(node, wait=False)
+
+    def runs_flanneld(self, node: Node) -> bool:
+        return self.mode.startswith("flannel-") or node.index in self._flanneld_nodes
+
+    def start_ups(self, node: Node, peers: int, timeout: float, count: int,
+                  flanneld: str | None = None) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+        """``count`` start-ups of ``node``'s daemon (:meth:`start_up`), the node fresh each time
+        but the first; with ``flanneld``, each after one of flanneld's on the same node.
+
+        In turn and in one lab, so that a machine that speeds up or slows down (a shared
+        host does, by a factor of two over hours) weighs on both daemons alike, and the
+        ratio of the medians holds. flanneld goes first, so the daemon left running is
+        the lab's own. Returns (the lab daemon's start-ups, flanneld's).
+        """
+        ours: list[tuple[float, float]] = []
+        theirs: list[tuple[float, float]] = []
+        for _ in range(count):
+            if flanneld is not None:
+                self.cluster.set_node_daemon(node, flanneld_argv_builder(flanneld, "--ip-masq=false"))
+                self._flanneld_nodes.add(node.index)
+                theirs.append(self.start_up(node, peers, timeout, fresh=bool(ours or theirs)))
+                self.cluster.set_node_daemon(node, None)
+                self._flanneld_nodes.discard(node.index)
+            ours.append(self.start_up(node, peers, timeout, fresh=bool(ours or theirs)))
+        return ours, theirs
 
     def start_up(self, node: Node, peers: int, timeout: float, fresh: bool) -> tuple[float, float]:
         """Start ``node``'s daemon; seconds from launch to ready and to all ``peers`` in place.
@@ -305,7 +331,10 @@ def measure_scale(mode: str, spec: ScaleSpec, tag: str, step: Callable[[str], No
     backend = mode.removeprefix("flannel-")
     subnet_len = scale_subnet_len(peers + 2 * events + 8)
     config = {"Network": str(NETWORK), "SubnetLen": subnet_len, "Backend": {"Type": backend}}
-    step(f"scale {mode}: etcd with {peers} peer leases, node 0 starts")
+    # flanneld's start-ups, in turn with ours in our lab: the start-up ratio to trust (see start_ups)
+    in_turn = flanneld if backend in ("vxlan", "host-gw") and not mode.startswith("flannel-") else None
+    step(f"scale {mode}: etcd with {peers} peer leases, node 0 starts"
+         + (", in turn with flanneld" if in_turn else ""))
     limit = 120 + peers * 0.1
     raw: dict[str, Any] = {}
     figures: dict[str, float] = {}
@@ -315,11 +344,17 @@ def measure_scale(mode: str, spec: ScaleSpec, tag: str, step: Callable[[str], No
         fakes = fake_leases(backend, subnet_len, peers)
         lab.agent("fill", fakes)
         first, second = cluster.nodes
-        starts = [lab.start_up(first, peers, limit, fresh=n > 0) for n in range(spec.startups)]
+        starts, flanneld_starts = lab.start_ups(first, peers, limit, spec.startups, in_turn)
         raw["startups_s"] = [{"ready": ready, "converged": converged} for ready, converged in starts]
         figures["startup_ready_s"] = median([ready for ready, _ in starts])
         figures["startup_converged_s"] = median([converged for _, converged in starts])
         figures["startup_after_ready_s"] = median([max(0.0, converged - ready) for ready, converged in starts])
+        if flanneld_starts:
+            raw["flanneld_startups_s"] = [{"ready": ready, "converged": converged}
+                                          for ready, converged in flanneld_starts]
+            figures["flanneld_startup_converged_s"] = median([converged for _, converged in flanneld_starts])
+            figures["startup_over_flanneld_in_turn"] = median(
+                [ours / theirs for (_, ours), (_, theirs) in zip(starts, flanneld_starts)])
         step(f"scale {mode}: node 1 starts, idle CPU")
         cluster.start_daemon(second, wait=False)
         lab.wait_peers(peers + 1, limit)
@@ -391,14 +426,16 @@ RATIO_FIGURES = ("startup_converged_s", "startup_after_ready_s", "event_p50_ms",
 
 
 def scale_ratios(modes: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """Per kernel backend run beside flannel's: each figure ours / flannel's (below 1: ours is faster)."""
+    """Per kernel backend run with flanneld: our figures over flanneld's (below 1: ours is faster),
+    from flannel's own lab for that backend, and the start-ups taken in turn in ours."""
     out: dict[str, dict[str, float | None]] = {}
     for theirs in FLANNEL_SCALE_MODES:
         ours = theirs.removeprefix("flannel-")
-        if ours not in modes or theirs not in modes:
+        if ours not in modes:
             continue
-        mine, ref = modes[ours].get("figures", {}), modes[theirs].get("figures", {})
-        ratios = {k: ratio(mine[k], ref[k]) for k in RATIO_FIGURES if k in mine and k in ref}
+        mine, ref = modes[ours].get("figures", {}), modes.get(theirs, {}).get("figures", {})
+        ratios = {k: mine[k] for k in SCALE_IN_TURN_RATIOS if k in mine}
+        ratios |= {k: ratio(mine[k], ref[k]) for k in RATIO_FIGURES if k in mine and k in ref}
         ratios |= {k: ratio(mine[a], ref[b]) for k, (a, b, _) in SCALE_CROSS_RATIOS.items() if a in mine and b in ref}
         if ratios:
             out[ours] = ratios

@@ -502,6 +502,21 @@ def test_cpu_seconds_and_scale_ratios() -> None:
     assert scale_ratios(modes)["vxlan"]["bulk_add_over_flanneld_startup"] == 0.75
 
 
+def test_scale_ratios_take_the_start_ups_in_turn_from_our_own_lab() -> None:
+    """flanneld's start-ups in turn with ours, in our lab: their ratio needs no flannel lab beside it."""
+    modes = {"vxlan": {"figures": {"startup_converged_s": 0.4, "flanneld_startup_converged_s": 1.0,
+                                   "startup_over_flanneld_in_turn": 0.4}},
+             "host-gw": {"figures": {"startup_converged_s": 0.2}}}
+    assert scale_ratios(modes) == {"vxlan": {"startup_over_flanneld_in_turn": 0.4}}
+    modes["flannel-vxlan"] = {"figures": {"startup_converged_s": 0.8}}
+    assert scale_ratios(modes)["vxlan"] == {"startup_over_flanneld_in_turn": 0.4, "startup_converged_s": 0.5}
+    results = _results({})
+    results["scale"] = {"status": "ok", "peers": 1000, "modes": modes, "ratios": scale_ratios(modes)}
+    assert ("vxlan over flannel-vxlan: start-up to all peers in place over flanneld's, each start-up over "
+            "flanneld's just before it in the same lab (median) 0.40×, start-up to all peers in place 0.50×."
+            ) in render_report(results)
+
+
 def test_machine_parsers() -> None:
     assert parse_cpuinfo_model("processor\t: 0\nmodel name\t: Intel(R) Xeon(R)\n") == "Intel(R) Xeon(R)"
     assert parse_meminfo_gib("MemTotal:       24683520 kB\n") == 23.5
