@@ -262,7 +262,20 @@ class CniNetwork:
     def close(self) -> None:
         for pod in self.pods:
             pod.delete()
+        self._wait_for_ports_gone()
         self.lab.node.ip("link", "del", self.bridge, check=False)
+
+    def _wait_for_ports_gone(self, timeout: float = 10.0) -> None:
+        """The kernel tears a deleted pod namespace down later, and its veth's host end with it. A
+        port still on the bridge would make the module's next test, on the same node with the same
+        container ID (so the same host veth name), find that pod "already attached"."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ports = self.lab.node.ip("-j", "link", "show", "master", self.bridge, check=False)
+            if ports.returncode != 0 or not json.loads(ports.stdout or "[]"):
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"{self.bridge} still has ports {timeout:g}s after its pods' namespaces were deleted")
 
 
 def pod_state(pod: Netns, ifname: str = "eth0") -> dict[str, Any]:
