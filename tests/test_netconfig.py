@@ -2,8 +2,10 @@ import json
 from ipaddress import IPv4Network, IPv6Network
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from flanneld_py.core.netconfig import NO_IPV4_SUBNET, ConfigError, IPv6Range, parse_network_config
+from flanneld_py.core.netconfig import NO_IPV4_SUBNET, ConfigError, IPv6Range, parse_network_config, subnet_inside
 
 V6 = {"EnableIPv4": False, "EnableIPv6": True}  # IPv6-only: the IPv6 keys are checked first
 
@@ -190,3 +192,26 @@ def test_mtu_is_unknown_to_flannels_udp_and_host_gw(kind):
 
 def test_warnings_do_not_change_what_the_config_means():
     assert cfg(Network="10.244.0.0/16", Extra=1) == cfg(Network="10.244.0.0/16")
+
+
+def _networks(bits: int, cls: type) -> st.SearchStrategy:
+    return st.tuples(st.integers(0, 2**bits - 1), st.integers(0, bits)).map(
+        lambda t: cls((t[0] >> (bits - t[1]) << (bits - t[1]) if t[1] else 0, t[1])))
+
+
+@given(st.one_of(st.tuples(_networks(32, IPv4Network), _networks(32, IPv4Network)),
+                 st.tuples(_networks(128, IPv6Network), _networks(128, IPv6Network))))
+def test_subnet_inside_is_ipaddress_subnet_of(pair):
+    """The integer form (leases and reconcile passes use it) answers as ipaddress does."""
+    subnet, network = pair
+    assert subnet_inside(subnet, network) == subnet.subnet_of(network)
+
+
+@pytest.mark.parametrize(("subnet", "network", "inside"), [
+    ("10.244.7.0/24", "10.244.0.0/16", True), ("10.244.0.0/16", "10.244.0.0/16", True),
+    ("10.0.0.0/8", "10.244.0.0/16", False), ("10.245.7.0/24", "10.244.0.0/16", False),
+    ("fd00:10:244:7::/64", "fd00:10:244::/56", True), ("fd00:10:245::/64", "fd00:10:244::/56", False),
+])
+def test_subnet_inside_cases(subnet, network, inside):
+    make = IPv4Network if "." in subnet else IPv6Network
+    assert subnet_inside(make(subnet), make(network)) is inside

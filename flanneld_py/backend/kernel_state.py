@@ -21,6 +21,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6
 from typing import Any
 
 from ..core.lease import Lease
+from ..core.netconfig import subnet_inside
 from ..netlink import RouteSpec
 
 __all__ = [
@@ -200,6 +201,8 @@ def _both(v4: PeerEntries | None, v6: PeerEntries | None) -> PeerEntries:
     if v6 is not None and v6.refused is not None:
         return PeerEntries(refused=f"IPv6: {v6.refused}")
     parts = [p for p in (v4, v6) if p is not None]
+    if len(parts) == 1:
+        return parts[0]  # one family: already the answer (a start-up takes this path for every peer)
     for part in parts:
         if part.refused is not None:
             return part
@@ -282,14 +285,8 @@ def in_scope(scope: Scope, entry: Entry) -> bool:
         if entry.ifindex not in scope.route_ifindexes:
             return False
         network = scope.network if entry.dst.version == 4 else scope.network6
-        return network is not None and _inside(entry.dst, network)
+        return network is not None and subnet_inside(entry.dst, network)
     return entry.ifindex in scope.device_ifindexes
-
-
-def _inside(subnet: IPv4Network | IPv6Network, network: IPv4Network | IPv6Network) -> bool:
-    """``subnet.subnet_of(network)`` in integer arithmetic, one family (run for every entry of every pass)."""
-    return (subnet.prefixlen >= network.prefixlen
-            and int(subnet.network_address) & int(network.netmask) == int(network.network_address))
 
 
 def identity(entry: Entry) -> tuple[object, ...]:

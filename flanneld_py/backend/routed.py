@@ -208,21 +208,22 @@ class RoutedBackend:
 
     def _accept(self, lease: Lease, level: int, verbs: Counter[str]) -> frozenset[Entry]:
         """Record a new or changed peer; the entries it wants (none if it is ignored or refused)."""
-        name, key, address = _subnets(lease), lease.key, lease.attrs.node_address
+        key = lease.key
         if lease.attrs.backend_type != self.type_name:
             log.warning("peer %s (%s) uses backend %r, not %s; ignoring it",
-                        name, address, lease.attrs.backend_type, self.type_name)
+                        _subnets(lease), lease.attrs.node_address, lease.attrs.backend_type, self.type_name)
             self._peers.pop(key, None)
             return frozenset()
         wants = self._peer_entries(lease)
         if wants.refused is not None:
-            log.error("peer %s (%s) refused: %s", name, address, wants.refused)
+            log.error("peer %s (%s) refused: %s", _subnets(lease), lease.attrs.node_address, wants.refused)
             self._peers.pop(key, None)
             return frozenset()
         verb = "updated" if key in self._peers else "added"
         self._peers[key] = lease
         verbs[verb] += 1
-        log.log(level, "peer %s: %s %s", verb, name, wants.summary)
+        if log.isEnabledFor(level):  # a start-up's thousands of peers are logged only at -v
+            log.log(level, "peer %s: %s %s", verb, _subnets(lease), wants.summary)
         return wants.entries
 
     def _forget(self, lease: Lease, level: int, verbs: Counter[str]) -> frozenset[Entry]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
-from .netconfig import NO_IPV4_SUBNET, NetworkConfig
+from .netconfig import NO_IPV4_SUBNET, NetworkConfig, subnet_inside
 
 __all__ = [
     "UNTYPED_BACKEND",
@@ -315,13 +315,13 @@ class LeaseWatcher:
         """Why a record does not fit the config ("" if it does). A dual-stack network takes
         IPv4-only peers (they get no IPv6 routes), as flannel does."""
         config = self.config
-        if config.enable_ipv4 and (not config.network.supernet_of(subnet) or subnet.prefixlen != config.subnet_len):
+        if config.enable_ipv4 and (subnet.prefixlen != config.subnet_len or not subnet_inside(subnet, config.network)):
             return f"subnet {subnet} is outside Network {config.network}"
         if config.ipv6 is None or (subnet6 is None and config.enable_ipv4):
             return ""
         if subnet6 is None:
             return "no IPv6 subnet in an IPv6-only network"
-        if not config.ipv6.network.supernet_of(subnet6) or subnet6.prefixlen != config.ipv6.subnet_len:
+        if subnet6.prefixlen != config.ipv6.subnet_len or not subnet_inside(subnet6, config.ipv6.network):
             return f"subnet {subnet6} is outside IPv6Network {config.ipv6.network}"
         return ""
 

@@ -43,6 +43,7 @@ __all__ = [
     "IPv6Range",
     "NetworkConfig",
     "parse_network_config",
+    "subnet_inside",
 ]
 
 BACKEND_TYPES = ("udp", "vxlan", "host-gw")
@@ -98,11 +99,19 @@ class BackendConfig:
         return self.mtu or interface_mtu
 
 
+def subnet_inside(subnet: IPv4Network | IPv6Network, network: IPv4Network | IPv6Network) -> bool:
+    """``subnet.subnet_of(network)`` in integer arithmetic, for one family: ``ipaddress``'s own
+    compares broadcast addresses, which it builds (and caches) per network, and this runs
+    for every lease of a listing and every entry of every reconcile pass."""
+    return (subnet.prefixlen >= network.prefixlen
+            and int(subnet.network_address) & int(network.netmask) == int(network.network_address))
+
+
 def _holds(network: _Net, subnet_len: int, first: _Net, last: _Net, subnet: _Net) -> bool:
     """``subnet`` is a ``/subnet_len`` of ``network`` from ``first`` to ``last``."""
     return (
         subnet.prefixlen == subnet_len
-        and subnet.subnet_of(network)
+        and subnet_inside(subnet, network)
         and int(first.network_address) <= int(subnet.network_address) <= int(last.network_address)
     )
 
