@@ -240,6 +240,8 @@ def _is_boolean(name: str) -> bool | None:
 
 @dataclass(frozen=True, slots=True)
 class DaemonOptions:
+    """The daemon's settings, from flanneld's flags and ``FLANNELD_*`` variables."""
+
     etcd_endpoints: str = "http://127.0.0.1:4001,http://127.0.0.1:2379"
     etcd_prefix: str = "/coreos.com/network"
     etcd_keyfile: str | None = None
@@ -273,6 +275,8 @@ class DaemonOptions:
 
 @dataclass
 class _Reading:
+    """What parsing the command line has found so far."""
+
     values: dict[str, object] = field(default_factory=dict)
     from_cli: set[str] = field(default_factory=set)
     ignored_klog: list[str] = field(default_factory=list)

@@ -103,6 +103,8 @@ class Scope:
 
 @dataclass(frozen=True, slots=True)
 class Wanted:
+    """Every entry a backend wants, within the scope of what it owns."""
+
     scope: Scope
     entries: frozenset[Entry]
 
@@ -139,6 +141,8 @@ class VxlanLocal:
 
 @dataclass(frozen=True, slots=True)
 class HostGwLocal:
+    """Our side of host-gw for one family: the underlay and its segment."""
+
     underlay_index: int
     underlay: IPv4Network | IPv6Network  # the segment of this family's next hops
     iface_name: str

@@ -26,6 +26,8 @@ def _same_objects(a: list[Entry], b: list[Entry]) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class PassResult:
+    """What one pass or delta did: entries added and removed, and those the kernel refused."""
+
     added: tuple[Entry, ...] = ()
     removed: tuple[Entry, ...] = ()
     failed: tuple[Failure, ...] = ()

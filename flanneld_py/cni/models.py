@@ -326,6 +326,8 @@ def parse_cni_args(text: str) -> dict[str, str]:
 
 @dataclass(frozen=True, slots=True)
 class Interface:
+    """One interface of a CNI result."""
+
     name: str
     mac: str = ""
     sandbox: str = ""
@@ -334,6 +336,8 @@ class Interface:
 
 @dataclass(frozen=True, slots=True)
 class IPConfig:
+    """One address of a CNI result, on the interface at index ``interface``."""
+
     address: IPv4Interface | IPv6Interface
     gateway: IPv4Address | IPv6Address | None = None
     interface: int | None = None
@@ -341,6 +345,8 @@ class IPConfig:
 
 @dataclass(frozen=True, slots=True)
 class Route:
+    """One route of a CNI result."""
+
     dst: IPv4Network | IPv6Network
     gw: IPv4Address | IPv6Address | None = None
 

@@ -157,23 +157,31 @@ class Lease:
 # Raw store events, as the registry reports them (already stripped of the prefix).
 @dataclass(frozen=True, slots=True)
 class KeyPut:
+    """A record written (or listed): its key under ``<prefix>/subnets/`` and its value."""
+
     name: str
     value: bytes
 
 
 @dataclass(frozen=True, slots=True)
 class KeyDeleted:
+    """A record deleted (or expired with its etcd lease)."""
+
     name: str
 
 
 # Reduced events, what backends act on.
 @dataclass(frozen=True, slots=True)
 class LeaseAdded:
+    """A peer lease to route: new, or changed (it replaces the one with the same key)."""
+
     lease: Lease
 
 
 @dataclass(frozen=True, slots=True)
 class LeaseRemoved:
+    """A peer lease gone: its routes go with it."""
+
     lease: Lease
 
 

@@ -60,6 +60,8 @@ class NetlinkError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class InterfaceInfo:
+    """The underlay interface as the backends use it: name, index, address and MTU."""
+
     name: str
     index: int
     address: IPv4Address | None  # None on an IPv6-only network (the underlay is chosen by IPv6)

@@ -46,6 +46,8 @@ class DaemonView(Protocol):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Snapshot:
+    """The daemon's state at one moment, as ``status`` and ``/healthz`` report it."""
+
     taken_at: float  # wall clock
     phase: str
     ready: bool

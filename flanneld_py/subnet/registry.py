@@ -44,6 +44,8 @@ _T = TypeVar("_T")
 
 @dataclass(frozen=True, slots=True)
 class EtcdTls:
+    """How to reach etcd over TLS (all None and ``https`` False: plain TCP)."""
+
     cafile: str | None = None
     certfile: str | None = None
     keyfile: str | None = None
