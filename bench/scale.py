@@ -219,9 +219,9 @@ class _Lab:
         but the first; with ``flanneld``, each after one of flanneld's on the same node.
 
         In turn and in one lab, so that a machine that speeds up or slows down (a shared
-        host does, by a factor of two over hours) weighs on both daemons alike, and the
-        ratio of the medians holds. flanneld goes first, so the daemon left running is
-        the lab's own. Returns (the lab daemon's start-ups, flanneld's).
+        host does, by a factor of two over hours) weighs on both sides of each pair alike:
+        the ratio reported is the median of the pairs' ratios. flanneld goes first, so the
+        daemon left running is the lab's own. Returns (the lab daemon's start-ups, flanneld's).
         """
         ours: list[tuple[float, float]] = []
         theirs: list[tuple[float, float]] = []
@@ -332,7 +332,7 @@ def measure_scale(mode: str, spec: ScaleSpec, tag: str, step: Callable[[str], No
     subnet_len = scale_subnet_len(peers + 2 * events + 8)
     config = {"Network": str(NETWORK), "SubnetLen": subnet_len, "Backend": {"Type": backend}}
     # flanneld's start-ups, in turn with ours in our lab: the start-up ratio to trust (see start_ups)
-    in_turn = flanneld if backend in ("vxlan", "host-gw") and not mode.startswith("flannel-") else None
+    in_turn = flanneld if f"flannel-{backend}" in FLANNEL_SCALE_MODES and not mode.startswith("flannel-") else None
     step(f"scale {mode}: etcd with {peers} peer leases, node 0 starts"
          + (", in turn with flanneld" if in_turn else ""))
     limit = 120 + peers * 0.1

@@ -6,7 +6,6 @@ transfer over IPv6 whose sha256 both ends agree on, IPv4 unchanged next to it, a
 "no route" for an address of the IPv6 network that no node holds. IPv6 pod packets cross the
 IPv6 underlay (each node's socket on its PublicIPv6); the IPv4 underlay's turn for IPv6 is
 covered by tests/test_udp_engine.py.
-
 """
 
 from __future__ import annotations
@@ -14,10 +13,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from ipaddress import IPv6Interface
+from ipaddress import IPv4Network, IPv6Interface
 
 import pytest
 
+from flanneld_py.core.lease import format_subnet_key
 from flanneld_py.lab.checks import ping_matrix, wait_until
 from flanneld_py.lab.cluster import PREFIX, Cluster, Node, Pod
 from lab_helpers import start, status
@@ -112,7 +112,7 @@ def test_a_racing_key_that_repeats_a_nodes_ipv6_subnet_and_goes_leaves_that_node
     holder, observer = cluster.nodes[0], cluster.nodes[2]
     assert cluster.etcd is not None
     subnet6 = holder.subnet_env().ipv6_subnet
-    key = f"{PREFIX}/subnets/10.244.250.0-24&{subnet6.network_address}-{subnet6.prefixlen}"
+    key = f"{PREFIX}/subnets/{format_subnet_key(IPv4Network('10.244.250.0/24'), subnet6)}"
     value = {"PublicIP": "198.51.100.250", "PublicIPv6": "2001:db8::fa", "BackendType": "udp"}
     cluster.etcd.ctl("put", key, json.dumps(value))
     try:
